@@ -1,0 +1,14 @@
+"""trio_dht: a pure-Python OpenDHT node, REST proxy and push gateway on Trio.
+
+``async with trio_dht.open_node(port=4222, bootstrap=[("host", 4222)]) as node:`` then ``await node.put(key,
+value)``, ``await node.get(key)`` and ``async with node.listen(key) as events: async for ev in events: ...``.
+"""
+
+from trio_dht.api import Dht, NodeInfo, ValueEvent
+from trio_dht.infohash import InfoHash
+from trio_dht.node import DhtNode, open_node
+from trio_dht.value import Query, Value
+
+__version__ = "0.1.0"
+
+__all__ = ["Dht", "DhtNode", "InfoHash", "NodeInfo", "Query", "Value", "ValueEvent", "__version__", "open_node"]

@@ -1,0 +1,964 @@
+"""The DHT node: a thin Trio shell that owns the UDP sockets and the clock around the sans-IO cores.
+
+One :class:`DhtNode` runs per process family pair (IPv4 socket, optional IPv6 socket). Its nursery supervises
+the receive loops, maintenance, value expiry, outgoing requests (each with OpenDHT's retransmission schedule),
+and the background work of listens and permanent puts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import socket
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
+from trio_dht.infohash import InfoHash
+from trio_dht.node.listeners import ListenerBook
+from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.routing import K, Node, RoutingTable
+from trio_dht.node.search import SearchNode, SearchState
+from trio_dht.node.storage import PutOutcome, Storage
+from trio_dht.node.tokens import TokenIssuer
+from trio_dht.value import Query, Value, random_value_id, type_expiration
+from trio_dht.wire.compact import (
+    Address,
+    NodeRecord,
+    is_ipv6,
+    is_loopback,
+    is_martian,
+    normalize,
+    pack_ip,
+    unpack_ip,
+    want_families,
+)
+from trio_dht.wire.message import Encoder, ErrorCode, Kind, MalformedMessage, Message, decode
+from trio_dht.wire.reassembly import Reassembler
+
+log = logging.getLogger("trio_dht.node")
+
+DEFAULT_PORT = 4222
+RECV_BUFFER = 64 * 1024
+# Retransmission (OpenDHT): sends at 0, ~1 and ~3 s; the request fails ~8 s after the first send.
+RESEND_AT = (1.0, 3.0)
+FAIL_AFTER = 8.0
+SLOW_AFTER = 1.0
+LISTEN_NODES = 4
+LISTEN_REFRESH = 20.0
+LISTEN_RESYNC = 10 * 60.0
+LISTENER_EXPIRE = 10 * 60.0
+STORE_CLOSENESS = 14
+ERROR_TEXTS = {
+    "put_token": "Put with incorrect token",
+    "put_id": "Put with invalid ID",
+    "put_hash": "Put with no info_hash",
+    "get_hash": "Get_values with no info_hash",
+    "listen_token": "Listen with incorrect token",
+    "listen_hash": "Listen with no info_hash",
+    "refresh_unknown": "Access operation for unknown storage",
+}
+
+
+class RequestFailed(Exception):
+    """A request got no reply after every retransmission, or got an error reply."""
+
+    def __init__(self, message: str, error: Message | None = None):
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    addr: Address
+    node_id: InfoHash | None
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Message | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _LocalListener:
+    """One ``node.listen(...)``: its query, the events channel and the values it has seen."""
+
+    key: InfoHash
+    query: Query | None
+    send: trio.MemorySendChannel[ValueEvent]
+    seen: dict[int, tuple[Value, float]] = field(default_factory=dict)
+    sockets: dict[tuple[InfoHash, int], Node] = field(default_factory=dict)
+    wake: trio.Event = field(default_factory=trio.Event)
+
+    def deliver(self, value: Value, expires: float) -> None:
+        if self.query is not None and not self.query.matches(value):
+            return
+        old = self.seen.get(value.id)
+        self.seen[value.id] = (value, expires)
+        if old is None or not old[0].same_content(value):
+            self.send.send_nowait(ValueEvent(value))
+            self.wake.set()
+
+    def refresh(self, vid: int, expires: float) -> None:
+        old = self.seen.get(vid)
+        if old is not None:
+            self.seen[vid] = (old[0], max(old[1], expires))
+
+    def expire(self, vid: int) -> None:
+        old = self.seen.pop(vid, None)
+        if old is not None:
+            self.send.send_nowait(ValueEvent(old[0], expired=True))
+
+
+@dataclass(slots=True)
+class Counters:
+    """Per-node figures for stats and tests."""
+
+    received: int = 0
+    sent: int = 0
+    dropped_malformed: int = 0
+    dropped_network: int = 0
+    dropped_rate: int = 0
+    dropped_self: int = 0
+    dropped_martian: int = 0
+    requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class DhtNode:
+    """A running node. Create it with :func:`open_node`."""
+
+    def __init__(
+        self,
+        *,
+        node_id: InfoHash | None = None,
+        network: int = 0,
+        is_client: bool = False,
+        storage: Storage | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self._id = node_id or InfoHash.random()
+        self.network = network
+        self.encoder = Encoder(self._id, network, is_client)
+        self.storage = storage or Storage()
+        self.remote_listeners = ListenerBook()
+        self.rate_limiter = rate_limiter or RateLimiter()
+        self.counters = Counters()
+        self.tables = {False: RoutingTable(self._id), True: RoutingTable(self._id)}
+        self._socks: dict[bool, trio.socket.SocketType] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._tid = random.randrange(1, 1 << 32)
+        self._reassembler = Reassembler()
+        self._tokens = TokenIssuer(trio.current_time())
+        self._local_listeners: dict[InfoHash, set[_LocalListener]] = defaultdict(set)
+        self._listen_sockets: dict[tuple[InfoHash, int], _LocalListener] = {}
+        self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
+        self._expiry_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._bootstrap: list[tuple[str, int]] = []
+        self._to_confirm: set[Node] = set()
+        self._remote_tokens: dict[tuple[InfoHash, Address], bytes] = {}
+        self._confirm_wake = trio.Event()
+        self.public_address: Address | None = None
+        self.bound_port = 0
+        self.bound: dict[bool, Address] = {}
+
+    # -- properties -----------------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> InfoHash:
+        return self._id
+
+    def info(self) -> NodeInfo:
+        now = trio.current_time()
+        fams = {}
+        for v6, table in self.tables.items():
+            good, dubious = table.counts(now)
+            fams[v6] = FamilyStats(good=good, dubious=dubious, cached=0, incoming=0, searches=0)
+        st = self.storage
+        return NodeInfo(
+            node_id=self._id,
+            ipv4=fams[False],
+            ipv6=fams[True],
+            storage_size=st.total_bytes + st.local_bytes,
+            storage_values=st.value_count,
+            storage_keys=st.key_count,
+            listeners=self.remote_listeners.count(),
+            public_address=self.public_address,
+            bound_port=self.bound_port,
+            extra={
+                "received": self.counters.received,
+                "sent": self.counters.sent,
+                "dropped_malformed": self.counters.dropped_malformed,
+                "dropped_rate": self.counters.dropped_rate,
+                "dropped_network": self.counters.dropped_network,
+            },
+        )
+
+    def is_connected(self) -> bool:
+        now = trio.current_time()
+        return any(t.is_connected(now) for fam, t in self.tables.items() if fam in self._socks)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def _bind(self, host: str, port: int, host6: str | None) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind((host, port))
+        self._socks[False] = sock
+        self.bound[False] = normalize(sock.getsockname())
+        self.bound_port = self.bound[False][1]
+        if host6 is not None:
+            try:
+                sock6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock6.bind((host6, self.bound_port))
+            except OSError as exc:
+                log.info("no IPv6 socket on [%s]:%d: %s", host6, self.bound_port, exc)
+            else:
+                self._socks[True] = sock6
+                self.bound[True] = normalize(sock6.getsockname()[:2])
+
+    async def _run(
+        self,
+        bootstrap: Iterable[tuple[str, int]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for v6, sock in self._socks.items():
+                nursery.start_soon(self._receive_loop, v6, sock)
+            nursery.start_soon(self._expiry_loop)
+            nursery.start_soon(self._maintenance_loop)
+            nursery.start_soon(self._confirm_loop)
+            self._bootstrap = list(bootstrap)
+            if self._bootstrap:
+                nursery.start_soon(self._bootstrap_loop)
+            task_status.started()
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+
+    # -- sending --------------------------------------------------------------------------------------------
+
+    async def _send(self, data: bytes, addr: Address) -> None:
+        sock = self._socks.get(is_ipv6(addr[0]))
+        if sock is None:
+            return
+        try:
+            await sock.sendto(data, addr)
+            self.counters.sent += 1
+        except OSError as exc:
+            log.debug("send to %s failed: %s", addr, exc)
+
+    def _next_tid(self) -> int:
+        self._tid = (self._tid + 1) & 0xFFFFFFFF or 1
+        return self._tid
+
+    async def request(
+        self,
+        addr: Address,
+        method: str,
+        args: dict[str, Any],
+        *,
+        node_id: InfoHash | None = None,
+        values: list[Value] | None = None,
+        on_slow: Callable[[], None] | None = None,
+    ) -> Message:
+        """Send a request with OpenDHT's retransmissions; return the reply, or raise :class:`RequestFailed`."""
+        tid = self._next_tid()
+        datagrams = (
+            self.encoder.request_with_values(tid, method, args, values)
+            if values is not None
+            else [self.encoder.request(tid, method, args)]
+        )
+        pending = self._pending[tid] = _Pending(addr, node_id)
+        start = trio.current_time()
+        try:
+            for attempt, deadline in enumerate((*RESEND_AT, FAIL_AFTER)):
+                for d in datagrams:
+                    await self._send(d, addr)
+                jitter = random.uniform(0, 0.25) if attempt < len(RESEND_AT) else 0
+                with trio.move_on_at(start + deadline + jitter):
+                    if attempt == 0 and on_slow is not None:
+                        with trio.move_on_at(start + SLOW_AFTER):
+                            await pending.done.wait()
+                        if not pending.done.is_set():
+                            on_slow()
+                    await pending.done.wait()
+                if pending.done.is_set():
+                    break
+        finally:
+            del self._pending[tid]
+        reply = pending.reply
+        if reply is None:
+            if node_id is not None:
+                self.tables[is_ipv6(addr[0])].request_failed(node_id)
+            raise RequestFailed(f"{method} to {addr[0]}:{addr[1]} timed out")
+        if reply.kind is Kind.ERROR:
+            raise RequestFailed(f"{method} to {addr[0]}:{addr[1]}: error {reply.error_code}", reply)
+        return reply
+
+    # -- receiving ------------------------------------------------------------------------------------------
+
+    async def _receive_loop(self, v6: bool, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, raw_addr = await sock.recvfrom(RECV_BUFFER)
+            except OSError as exc:  # e.g. ICMP port unreachable surfaced on Linux
+                log.debug("recvfrom: %s", exc)
+                continue
+            self.counters.received += 1
+            addr = normalize(raw_addr)
+            try:
+                await self.handle_datagram(data, addr)
+            except MalformedMessage:
+                self.counters.dropped_malformed += 1
+            except Exception:  # one bad datagram must never take the node down
+                self.counters.dropped_malformed += 1
+                log.exception("error handling a datagram from %s", addr)
+
+    async def handle_datagram(self, data: bytes, addr: Address) -> None:
+        """Process one datagram (public for tests that drive the node without sockets)."""
+        if is_martian(addr):
+            self.counters.dropped_martian += 1
+            return
+        msg = decode(data)
+        if msg.network != self.network:
+            self.counters.dropped_network += 1
+            return
+        now = trio.current_time()
+        if msg.kind is Kind.FRAGMENT:
+            done = self._reassembler.fragment((addr, msg.tid), msg, now)
+            if done is None:
+                return
+            msg = done
+        elif msg.fragmented and msg.kind in (Kind.REQUEST, Kind.REPLY):
+            if msg.kind is Kind.REQUEST and not self.rate_limiter.allow(addr, now):
+                self.counters.dropped_rate += 1
+                return
+            done = self._reassembler.header((addr, msg.tid), msg, now)
+            if done is None:
+                return
+            msg = done
+        if msg.sender is None or not msg.sender or msg.sender == self._id:
+            self.counters.dropped_self += 1
+            return
+        if msg.kind is Kind.REQUEST:
+            if not msg.fragmented and not msg.has_values and not self.rate_limiter.allow(addr, now):
+                self.counters.dropped_rate += 1
+                return
+            await self._on_request(msg, addr, now)
+        elif msg.kind in (Kind.REPLY, Kind.ERROR):
+            self._on_reply(msg, addr, now)
+
+    def _on_reply(self, msg: Message, addr: Address, now: float) -> None:
+        pending = self._pending.get(msg.tid)
+        if pending is None or pending.done.is_set():
+            return
+        if pending.node_id is not None and pending.node_id != msg.sender:
+            return
+        if pending.node_id is None and pending.addr != addr:
+            return
+        assert msg.sender is not None
+        table = self.tables[is_ipv6(addr[0])]
+        if msg.kind is Kind.REPLY:
+            if not msg.is_client:
+                node, to_ping = table.heard(msg.sender, addr, now, replied=True)
+                if to_ping is not None:
+                    self._confirm(to_ping)
+            if msg.requester_ip is not None:
+                ip = unpack_ip(msg.requester_ip)
+                if ip is not None and not is_loopback(ip):
+                    self.public_address = (ip, self.bound_port)
+            self._learn(msg, addr, now)
+        else:
+            node = table.get(msg.sender)
+            if node is not None and msg.error_code == ErrorCode.UNAUTHORIZED:
+                node.auth_error()
+        pending.reply = msg
+        pending.done.set()
+
+    def _learn(self, msg: Message, source: Address, now: float) -> None:
+        """Offer the nodes listed in a reply to the routing tables (as unconfirmed)."""
+        for v6, records in ((False, msg.nodes4), (True, msg.nodes6)):
+            if v6 not in self._socks:
+                continue
+            table = self.tables[v6]
+            for nid, addr in self._usable_records(records, source):
+                if table.get(nid) is None:
+                    node, _ = table.heard(nid, addr, now, replied=False)
+                    node.last_heard = -math.inf
+                    self._confirm(node)
+
+    def _usable_records(self, records: list[NodeRecord], source: Address) -> list[NodeRecord]:
+        out = []
+        for nid, addr in records:
+            if nid == self._id or not nid:
+                continue
+            if is_loopback(addr[0]) and is_ipv6(addr[0]) == is_ipv6(source[0]):
+                addr = (source[0], addr[1])
+            if is_martian(addr):
+                continue
+            out.append((nid, addr))
+        return out
+
+    def _confirm(self, node: Node) -> None:
+        """Queue a ping so that a node we only heard of (or from) can become good."""
+        self._to_confirm.add(node)
+        self._confirm_wake.set()
+
+    # -- request handlers -----------------------------------------------------------------------------------
+
+    async def _on_request(self, msg: Message, addr: Address, now: float) -> None:
+        assert msg.sender is not None
+        self.counters.requests[msg.method] += 1
+        v6 = is_ipv6(addr[0])
+        if not msg.is_client:
+            node, to_ping = self.tables[v6].heard(msg.sender, addr, now, replied=False)
+            if to_ping is not None:
+                self._confirm(to_ping)
+            if not node.is_good(now) and node.last_replied == -math.inf:
+                self._confirm(node)
+        sa = pack_ip(addr[0])
+        handler = getattr(self, "_handle_" + msg.method)
+        for datagram in handler(msg, addr, sa, now):
+            await self._send(datagram, addr)
+
+    def _closest_records(self, target: bytes, want: list[int] | None, requester_v6: bool, now: float):
+        v4, v6 = want_families(want, requester_v6)
+        out = []
+        for fam, wanted in ((False, v4), (True, v6)):
+            if wanted and fam in self._socks:
+                out.append([(n.id, n.addr) for n in self.tables[fam].closest(target, K, now=now)])
+            else:
+                out.append([])
+        return out
+
+    def _handle_ping(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        return [self.encoder.reply(msg.tid, {"sa": sa})]
+
+    def _handle_find(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        target = msg.target or msg.info_hash
+        if target is None:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, "Find with no target")]
+        n4, n6 = self._closest_records(target, msg.want, is_ipv6(addr[0]), now)
+        return [self.encoder.reply(msg.tid, Encoder.nodes_body(sa, n4, n6, self._tokens.issue(addr)))]
+
+    def _handle_get(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        if msg.info_hash is None:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["get_hash"])]
+        n4, n6 = self._closest_records(msg.info_hash, msg.want, is_ipv6(addr[0]), now)
+        body = Encoder.nodes_body(sa, n4, n6, self._tokens.issue(addr))
+        values = self.storage.get(msg.info_hash, msg.query)
+        if not values:
+            return [self.encoder.reply(msg.tid, body)]
+        query = msg.query
+        if query is not None and query.select:
+            flat = [item for v in values for item in query.field_items(v)]
+            body["fileds"] = {"f": list(query.select), "v": flat}
+            return [self.encoder.reply(msg.tid, body)]
+        return self.encoder.reply_with_values(msg.tid, body, values)
+
+    def _handle_put(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        if msg.info_hash is None:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_hash"])]
+        if not self._tokens.check(msg.token, addr):
+            return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["put_token"])]
+        if any(v.id == 0 for v in msg.values):
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_id"])]
+        created = self._created_from_wire(msg.created, now)
+        store_here = self._is_close_enough(msg.info_hash, is_ipv6(addr[0]), now)
+        out = []
+        for value in msg.values:
+            if store_here:
+                self._store(msg.info_hash, value, now, created=created, source=addr[0])
+            out.append(self.encoder.reply(msg.tid, {"vid": value.id, "sa": sa}))
+        return out
+
+    def _handle_refresh(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        if msg.info_hash is None:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_hash"])]
+        if not self._tokens.check(msg.token, addr):
+            return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["put_token"])]
+        vid = msg.value_id or 0
+        if self.storage.refresh(msg.info_hash, vid, now) is None:
+            return [self.encoder.error(msg.tid, ErrorCode.NOT_FOUND, ERROR_TEXTS["refresh_unknown"])]
+        self._push_ids(msg.info_hash, "re", [vid])
+        return [self.encoder.reply(msg.tid, {"vid": vid, "sa": sa})]
+
+    def _handle_listen(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        if msg.info_hash is None:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["listen_hash"])]
+        if not self._tokens.check(msg.token, addr):
+            return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["listen_token"])]
+        assert msg.sender is not None
+        sid = msg.sid if msg.sid is not None else msg.tid
+        new = self.remote_listeners.listen(msg.info_hash, msg.sender, sid, addr, msg.query, now)
+        if new:
+            values = self.storage.get(msg.info_hash, msg.query)
+            if values:
+                self._spawn_update(addr, msg.sender, sid, {"ve": 1, "h": msg.info_hash}, values)
+        return [self.encoder.reply(msg.tid, {"sa": sa, "token": self._tokens.issue(addr)})]
+
+    def _handle_update(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
+        assert msg.sender is not None
+        listener = self._listen_sockets.get((msg.sender, msg.sid if msg.sid is not None else -1))
+        if listener is not None:
+            node = listener.sockets.get((msg.sender, msg.sid or 0))
+            if node is not None and msg.token is not None:
+                self._remote_tokens[(node.id, node.addr)] = msg.token
+            for value in msg.values:
+                listener.deliver(value, now + type_expiration(value.type))
+            for vid in msg.refreshed:
+                old = listener.seen.get(vid)
+                if old is not None:
+                    listener.refresh(vid, now + type_expiration(old[0].type))
+            for vid in msg.expired:
+                listener.expire(vid)
+        return [self.encoder.reply(msg.tid, {"sa": sa})]
+
+    # -- storage and push to listeners ----------------------------------------------------------------------
+
+    @staticmethod
+    def _created_from_wire(created: int | None, now: float) -> float | None:
+        if created is None:
+            return None
+        return now - max(0.0, time.time() - created)
+
+    def _is_close_enough(self, key: InfoHash, v6: bool, now: float) -> bool:
+        """OpenDHT stores only if fewer than 14 known good nodes are closer to ``key`` than itself."""
+        closest = self.tables[v6].closest(key, STORE_CLOSENESS, now=now)
+        if len(closest) < STORE_CLOSENESS:
+            return True
+        return closest[-1].id.distance(key) >= self._id.distance(key)
+
+    def _store(
+        self,
+        key: InfoHash,
+        value: Value,
+        now: float,
+        *,
+        created: float | None = None,
+        source: str | None = None,
+        local: bool = False,
+        permanent: bool = False,
+    ) -> None:
+        result = self.storage.put(
+            key, value, now, created=created, source=source, local=local, permanent=permanent
+        )
+        for ekey, vid in result.evicted:
+            self._on_expired(ekey, [vid])
+        if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):
+            expires = now + type_expiration(value.type)
+            for listener in list(self._local_listeners.get(key, ())):
+                listener.deliver(value, expires)
+            for rl in self.remote_listeners.for_new_value(key, value):
+                self._spawn_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
+        elif result.outcome is PutOutcome.REFRESHED:
+            self._push_ids(key, "re", [value.id])
+
+    def _push_ids(self, key: InfoHash, field_name: str, vids: list[int]) -> None:
+        for rl in self.remote_listeners.for_key(key):
+            self._spawn_update(rl.addr, rl.node_id, rl.sid, {field_name: vids}, None)
+
+    def _on_expired(self, key: InfoHash, vids: list[int]) -> None:
+        for listener in list(self._local_listeners.get(key, ())):
+            for vid in vids:
+                listener.expire(vid)
+        self._push_ids(key, "exp", vids)
+
+    def _spawn_update(
+        self, addr: Address, node_id: InfoHash, sid: int, args: dict[str, Any], values: list[Value] | None
+    ) -> None:
+        assert self._nursery is not None
+        full = {**args, "sid": sid, "token": self._tokens.issue(addr)}
+        if values is not None:
+            full = {"ve": 1, "h": args.get("h"), "sid": sid, "token": full["token"]}
+        self._nursery.start_soon(self._send_update, addr, node_id, full, values)
+
+    async def _send_update(
+        self, addr: Address, node_id: InfoHash, args: dict[str, Any], values: list[Value] | None
+    ) -> None:
+        try:
+            await self.request(addr, "update", args, node_id=node_id, values=values)
+        except RequestFailed:
+            self.remote_listeners.remove_node(node_id)
+
+    async def _expiry_loop(self) -> None:
+        """Expire stored values at their exact time, and tell listeners."""
+        while True:
+            nxt = self.storage.next_expiration()
+            self._expiry_wake = trio.Event()
+            with trio.move_on_at(nxt if nxt is not None else math.inf):
+                await self._expiry_wake.wait()
+            for key, vids in self.storage.expire(trio.current_time()):
+                self._on_expired(key, vids)
+
+    # -- maintenance ----------------------------------------------------------------------------------------
+
+    async def _confirm_loop(self) -> None:
+        """Ping nodes we heard of, so the routing table fills with good nodes."""
+        async with trio.open_nursery() as nursery:
+            limiter = trio.CapacityLimiter(16)
+            while True:
+                await self._confirm_wake.wait()
+                self._confirm_wake = trio.Event()
+                batch, self._to_confirm = self._to_confirm, set()
+                for node in batch:
+                    nursery.start_soon(self._ping_node, node, limiter)
+
+    async def _ping_node(self, node: Node, limiter: trio.CapacityLimiter | None = None) -> bool:
+        if limiter is not None:
+            async with limiter:
+                return await self._ping_node(node)
+        try:
+            await self.request(node.addr, "ping", {}, node_id=node.id)
+            return True
+        except RequestFailed:
+            return False
+
+    async def _maintenance_loop(self) -> None:
+        await trio.sleep(random.uniform(3, 5))
+        while True:
+            now = trio.current_time()
+            self._tokens.maybe_rotate(now)
+            self._reassembler.expire(now)
+            self.remote_listeners.expire(now, LISTENER_EXPIRE)
+            worked = False
+            for v6, table in self.tables.items():
+                if v6 not in self._socks:
+                    continue
+                for node in table.remove_expired():
+                    self._confirm(node)
+                for target, node in table.stale_buckets(now):
+                    if node is not None:
+                        worked = True
+                        self._spawn_find(node, target)
+                if now - table.grown_at < 60:
+                    nodes = table.closest(self._id, 1, now=now)
+                    if nodes:
+                        worked = True
+                        self._spawn_find(nodes[0], InfoHash(self._id[:-1] + bytes([random.randrange(256)])))
+            await trio.sleep(random.uniform(5, 25) if worked else random.uniform(60, 180))
+
+    def _spawn_find(self, node: Node, target: InfoHash) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._maintenance_find, node, target)
+
+    async def _maintenance_find(self, node: Node, target: InfoHash) -> None:
+        with trio.move_on_after(FAIL_AFTER + 1):
+            with contextlib.suppress(RequestFailed):
+                await self.request(node.addr, "find", {"target": target, "w": [2, 10]}, node_id=node.id)
+
+    async def _bootstrap_loop(self) -> None:
+        """Ping the bootstrap nodes until connected (retrying after 10 s, doubling), then search our own id."""
+        delay = 10.0
+        while True:
+            addrs = await self._resolve(self._bootstrap)
+            async with trio.open_nursery() as nursery:
+                for addr in addrs:
+                    nursery.start_soon(self._bootstrap_ping, addr)
+            if self.is_connected():
+                break
+            await trio.sleep(delay)
+            delay = min(delay * 2, 24 * 3600)
+        for v6 in self._socks:
+            await self._search(self._id, v6, "find", {"target": self._id})
+
+    async def _bootstrap_ping(self, addr: Address) -> None:
+        try:
+            await self.request(addr, "ping", {})
+        except RequestFailed:
+            log.info("bootstrap node %s:%d did not answer", *addr)
+
+    async def _resolve(self, hosts: list[tuple[str, int]]) -> list[Address]:
+        out: list[Address] = []
+        for host, port in hosts:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                log.warning("cannot resolve bootstrap host %s: %s", host, exc)
+                continue
+            for *_, sockaddr in infos:
+                addr = normalize(sockaddr)
+                if is_ipv6(addr[0]) in self._socks and addr not in out:
+                    out.append(addr)
+        return out
+
+    # -- searches -------------------------------------------------------------------------------------------
+
+    def _search_start(self, target: InfoHash, v6: bool) -> SearchState:
+        state = SearchState(target)
+        now = trio.current_time()
+        for node in self.tables[v6].closest(target, 2 * K, now=now, good_only=False):
+            if not node.expired:
+                state.add(node)
+        return state
+
+    async def _search(
+        self,
+        target: InfoHash,
+        v6: bool,
+        method: str,
+        args: dict[str, Any],
+        on_reply: Callable[[SearchNode, Message], None] | None = None,
+    ) -> SearchState:
+        """Iterative lookup: ask the closest nodes (4 in flight) until the 8 closest answered with a token."""
+        state = self._search_start(target, v6)
+        wake = trio.Event()
+
+        async def ask(sn: SearchNode) -> None:
+            nonlocal wake
+
+            def slow() -> None:
+                state.on_slow(sn.node.id)
+                wake.set()
+
+            try:
+                reply = await self.request(sn.node.addr, method, args, node_id=sn.node.id, on_slow=slow)
+            except RequestFailed:
+                state.on_failure(sn.node.id)
+            else:
+                state.on_reply(sn.node.id, reply.token)
+                now = trio.current_time()
+                for nid, addr in self._usable_records(reply.nodes6 if v6 else reply.nodes4, sn.node.addr):
+                    node = self.tables[v6].get(nid) or Node(nid, addr)
+                    state.add(node)
+                self._learn(reply, sn.node.addr, now)
+                if on_reply is not None:
+                    on_reply(sn, reply)
+            wake.set()
+
+        async with trio.open_nursery() as nursery:
+            while not state.done:
+                for sn in state.next_nodes():
+                    nursery.start_soon(ask, sn)
+                if state.done or not state.waiting:
+                    break
+                await wake.wait()
+                wake = trio.Event()
+            nursery.cancel_scope.cancel()
+        return state
+
+    def _families(self) -> list[bool]:
+        now = trio.current_time()
+        fams = [
+            v6
+            for v6 in self._socks
+            if len(self.tables[v6]) and self.tables[v6].closest(self._id, 1, now=now, good_only=False)
+        ]
+        return fams
+
+    # -- public operations ----------------------------------------------------------------------------------
+
+    async def get(
+        self, key: InfoHash, query: Query | None = None, *, on_values: GetCallback | None = None
+    ) -> list[Value]:
+        """All values found under ``key`` (local storage and the closest nodes), merged by id."""
+        found: dict[int, Value] = {}
+
+        def add(values: Iterable[Value]) -> None:
+            new = []
+            for v in values:
+                if (query is None or query.matches(v)) and v.id not in found:
+                    found[v.id] = v
+                    new.append(v)
+            if new and on_values is not None:
+                on_values(new)
+
+        add(self.storage.get(key, query))
+        args: dict[str, Any] = {"h": key}
+        if query is not None and query.where:
+            args["q"] = Query((), query.where).to_wire()
+
+        def on_reply(sn: SearchNode, reply: Message) -> None:
+            add(reply.values)
+
+        async with trio.open_nursery() as nursery:
+            for v6 in self._families():
+                nursery.start_soon(self._search, key, v6, "get", args, on_reply)
+        return list(found.values())
+
+    async def put(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        """Store locally, then announce to the 8 closest nodes; True if stored anywhere."""
+        if not value.id:
+            value.id = random_value_id()
+        now = trio.current_time()
+        self._store(key, value, now, local=True, permanent=permanent)
+        ok = await self._announce(key, value)
+        if permanent:
+            assert self._nursery is not None
+            scope = trio.CancelScope()
+            old = self._permanent.pop((key, value.id), None)
+            if old is not None:
+                old.cancel()
+            self._permanent[(key, value.id)] = scope
+            self._nursery.start_soon(self._reannounce, key, value, scope)
+        return ok or self.storage.get_value(key, value.id) is not None
+
+    async def _announce(self, key: InfoHash, value: Value) -> bool:
+        acked = 0
+
+        async def put_to(sn: SearchNode) -> None:
+            nonlocal acked
+            created = int(time.time())
+            try:
+                reply = await self.request(
+                    sn.node.addr,
+                    "put",
+                    {"h": key, "c": created, "token": sn.token},
+                    node_id=sn.node.id,
+                    values=[value],
+                )
+            except RequestFailed:
+                return
+            if reply.value_id == value.id:
+                acked += 1
+
+        async def announce_family(v6: bool) -> None:
+            state = await self._search(key, v6, "find", {"target": key})
+            async with trio.open_nursery() as nursery:
+                for sn in state.synced(K):
+                    nursery.start_soon(put_to, sn)
+
+        async with trio.open_nursery() as nursery:
+            for v6 in self._families():
+                nursery.start_soon(announce_family, v6)
+        return acked > 0
+
+    async def _reannounce(self, key: InfoHash, value: Value, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.sleep(max(1.0, type_expiration(value.type) - 10))
+                await self._announce(key, value)
+
+    def cancel_put(self, key: InfoHash, value_id: int) -> bool:
+        scope = self._permanent.pop((key, value_id), None)
+        if scope is None:
+            return False
+        scope.cancel()
+        self.storage.remove(key, value_id)
+        return True
+
+    @asynccontextmanager
+    async def listen(
+        self, key: InfoHash, query: Query | None = None
+    ) -> AsyncIterator[AsyncIterator[ValueEvent]]:
+        """Values under ``key`` as they appear (current ones first) and expire, until the block exits."""
+        send, recv = trio.open_memory_channel[ValueEvent](math.inf)
+        listener = _LocalListener(key, query, send)
+        now = trio.current_time()
+        for v in self.storage.get(key, query):
+            listener.deliver(v, now + type_expiration(v.type))
+        self._local_listeners[key].add(listener)
+        try:
+            async with trio.open_nursery() as nursery:
+                for v6 in self._socks:
+                    nursery.start_soon(self._remote_listen, listener, v6)
+                nursery.start_soon(self._listener_expiry, listener)
+                try:
+                    yield recv
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._local_listeners[key].discard(listener)
+            if not self._local_listeners[key]:
+                del self._local_listeners[key]
+            for sock in listener.sockets:
+                self._listen_sockets.pop(sock, None)
+            send.close()
+
+    async def _listener_expiry(self, listener: _LocalListener) -> None:
+        """Expire values a listener saw once their lifetime passes without a refresh."""
+        while True:
+            listener.wake = trio.Event()
+            nxt = min((exp for _, exp in listener.seen.values()), default=math.inf)
+            with trio.move_on_at(nxt):
+                await listener.wake.wait()
+            now = trio.current_time()
+            for vid in [vid for vid, (_, exp) in listener.seen.items() if exp <= now]:
+                listener.expire(vid)
+
+    async def _remote_listen(self, listener: _LocalListener, v6: bool) -> None:
+        """Keep ``listen`` open on the 4 closest synced nodes: refresh every 20 s, re-search every 10 min."""
+        key = listener.key
+        while True:
+            if not self.tables[v6].closest(key, 1, now=trio.current_time(), good_only=False):
+                await trio.sleep(1.0)
+                continue
+            state = await self._search(key, v6, "find", {"target": key})
+            targets = state.synced(LISTEN_NODES)
+            if not targets:
+                await trio.sleep(5.0)
+                continue
+            with trio.move_on_after(LISTEN_RESYNC):
+                await self._hold_listens(listener, targets)
+
+    async def _hold_listens(self, listener: _LocalListener, targets: list[SearchNode]) -> None:
+        async with trio.open_nursery() as nursery:
+            for sn in targets:
+                nursery.start_soon(self._hold_listen, listener, sn)
+
+    async def _hold_listen(self, listener: _LocalListener, sn: SearchNode) -> None:
+        node = sn.node
+        sid = self._next_tid()
+        sock = (node.id, sid)
+        listener.sockets[sock] = node
+        self._listen_sockets[sock] = listener
+        token = sn.token
+        try:
+            while True:
+                args: dict[str, Any] = {"ve": 1, "h": listener.key, "token": token, "sid": sid}
+                if listener.query is not None and listener.query.where:
+                    args["q"] = Query((), listener.query.where).to_wire()
+                try:
+                    reply = await self.request(node.addr, "listen", args, node_id=node.id)
+                except RequestFailed:
+                    return  # the node is gone or refused us: the next search picks new nodes
+                if reply.token:
+                    token = reply.token
+                token = self._remote_tokens.pop((node.id, node.addr), token)
+                await trio.sleep(LISTEN_REFRESH)
+        finally:
+            listener.sockets.pop(sock, None)
+            self._listen_sockets.pop(sock, None)
+
+
+
+@asynccontextmanager
+async def open_node(
+    *,
+    port: int = DEFAULT_PORT,
+    host: str = "0.0.0.0",
+    host6: str | None = "::",
+    bootstrap: Iterable[tuple[str, int]] = (),
+    network: int = 0,
+    node_id: InfoHash | None = None,
+    is_client: bool = False,
+    storage: Storage | None = None,
+    rate_limiter: RateLimiter | None = None,
+) -> AsyncIterator[DhtNode]:
+    """Run a DHT node for the duration of the block.
+
+    ``async with open_node(port=4222, bootstrap=[("bootstrap.jami.net", 4222)]) as node:``. It binds UDP on
+    ``host`` (and ``host6`` for IPv6, when given and available) and pings the bootstrap nodes in the background.
+    """
+    node = DhtNode(
+        node_id=node_id, network=network, is_client=is_client, storage=storage, rate_limiter=rate_limiter
+    )
+    await node._bind(host, port, host6)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node._run, bootstrap)
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        node.close()

@@ -1,0 +1,44 @@
+"""Write tokens (OpenDHT's scheme): SHA-256(secret || IP || port), bound to the requester's exact address.
+
+The secret is replaced every 15-45 min and the previous one stays valid, so a token lives 15-90 min.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+
+from trio_dht.wire.compact import Address, pack_ip
+
+TOKEN_LEN = 32
+ROTATE_MIN = 15 * 60.0
+ROTATE_MAX = 45 * 60.0
+
+
+class TokenIssuer:
+    """Issues and checks tokens; sans-IO (call :meth:`maybe_rotate` with the time)."""
+
+    def __init__(self, now: float) -> None:
+        self._current = secrets.token_bytes(8)
+        self._previous = self._current
+        self._rotate_at = now + random.uniform(ROTATE_MIN, ROTATE_MAX)
+
+    @staticmethod
+    def _make(secret: bytes, addr: Address) -> bytes:
+        return hashlib.sha256(secret + pack_ip(addr[0]) + addr[1].to_bytes(2, "big")).digest()
+
+    def issue(self, addr: Address) -> bytes:
+        return self._make(self._current, addr)
+
+    def check(self, token: bytes | None, addr: Address) -> bool:
+        if token is None or len(token) != TOKEN_LEN:
+            return False
+        return token in (self._make(self._current, addr), self._make(self._previous, addr))
+
+    def maybe_rotate(self, now: float) -> bool:
+        if now < self._rotate_at:
+            return False
+        self._previous, self._current = self._current, secrets.token_bytes(8)
+        self._rotate_at = now + random.uniform(ROTATE_MIN, ROTATE_MAX)
+        return True
