@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from trio_dht import signature
 from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.node.listeners import ListenerBook
@@ -144,7 +145,7 @@ class DhtNode:
         self._id = node_id or InfoHash.random()
         self.network = network
         self.encoder = Encoder(self._id, network, is_client)
-        self.storage = storage or Storage()
+        self.storage = storage or Storage(verify=signature.verify)
         self.remote_listeners = ListenerBook()
         self.rate_limiter = rate_limiter or RateLimiter()
         self.counters = Counters()
@@ -270,7 +271,7 @@ class DhtNode:
         values: list[Value] | None = None,
         on_slow: Callable[[], None] | None = None,
     ) -> Message:
-        """Send a request with OpenDHT's retransmissions; return the reply, or raise :class:`RequestFailed`."""
+        """Send a request with OpenDHT's retransmissions; return the reply or raise :class:`RequestFailed`."""
         tid = self._next_tid()
         datagrams = (
             self.encoder.request_with_values(tid, method, args, values)
@@ -657,7 +658,7 @@ class DhtNode:
                 await self.request(node.addr, "find", {"target": target, "w": [2, 10]}, node_id=node.id)
 
     async def _bootstrap_loop(self) -> None:
-        """Ping the bootstrap nodes until connected (retrying after 10 s, doubling), then search our own id."""
+        """Ping the bootstrap nodes until connected (retry after 10 s, doubling), then search our own id."""
         delay = 10.0
         while True:
             addrs = await self._resolve(self._bootstrap)
@@ -947,7 +948,8 @@ async def open_node(
     """Run a DHT node for the duration of the block.
 
     ``async with open_node(port=4222, bootstrap=[("bootstrap.jami.net", 4222)]) as node:``. It binds UDP on
-    ``host`` (and ``host6`` for IPv6, when given and available) and pings the bootstrap nodes in the background.
+    ``host`` (and ``host6`` for IPv6, when given and available) and pings the bootstrap nodes in the
+    background.
     """
     node = DhtNode(
         node_id=node_id, network=network, is_client=is_client, storage=storage, rate_limiter=rate_limiter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from trio_dht.infohash import HASH_LEN, InfoHash
@@ -44,6 +45,7 @@ def want_families(want: list[int] | None, requester_is_v6: bool) -> tuple[bool, 
     return (WANT_INET in want, any(w in _WANT_INET6_ALIASES for w in want))
 
 
+@lru_cache(maxsize=65536)
 def pack_ip(ip: str) -> bytes:
     """The raw 4 or 16 bytes of an IP address (as ``sa`` carries it)."""
     return socket.inet_pton(socket.AF_INET6 if is_ipv6(ip) else socket.AF_INET, ip)
@@ -77,6 +79,7 @@ def unpack_nodes(blob: bytes, v6: bool) -> list[NodeRecord]:
     return out
 
 
+@lru_cache(maxsize=65536)
 def is_martian(addr: Address, *, allow_link_local: bool = True) -> bool:
     """Addresses OpenDHT never talks to: port 0, IPv4 0/8 and >= 224, IPv6 multicast, unspecified, mapped."""
     ip, port = addr
@@ -95,6 +98,7 @@ def is_martian(addr: Address, *, allow_link_local: bool = True) -> bool:
     return a.is_link_local and not allow_link_local
 
 
+@lru_cache(maxsize=65536)
 def is_loopback(ip: str) -> bool:
     try:
         return ip_address(ip).is_loopback
