@@ -19,22 +19,38 @@ ID = os.urandom(20)
 
 
 def request(tid: int, method: str, args: dict) -> bytes:
-    return msgpack.packb({"a": {"id": ID, **args}, "q": method, "t": tid, "y": "q", "v": "bench"}, use_bin_type=True)
+    return msgpack.packb(
+        {"a": {"id": ID, **args}, "q": method, "t": tid, "y": "q", "v": "bench"}, use_bin_type=True
+    )
 
 
-def run(host: str, port: int, method: str, seconds: float, window: int, key: bytes) -> dict:
+def _socket(source_ip: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    addr = (host, port)
-    token = None
-    if method in ("put",):
-        sock.setblocking(True)
-        sock.settimeout(2)
+    sock.bind((source_ip, 0))
+    return sock
+
+
+def _token(sock: socket.socket, addr: tuple[str, int], key: bytes) -> bytes:
+    """A write token for this socket (tokens are bound to the requester's IP and port)."""
+    sock.settimeout(1)
+    for _ in range(5):  # the server may still be dropping requests of a previous run (rate limits)
         sock.sendto(request(1, "get", {"h": key}), addr)
-        reply = msgpack.unpackb(sock.recv(65536), raw=False, strict_map_key=False)
-        token = reply["r"]["token"]
-        sock.setblocking(False)
+        try:
+            reply = msgpack.unpackb(sock.recv(65536), raw=False, strict_map_key=False)
+        except TimeoutError:
+            continue
+        return reply["r"]["token"]
+    raise TimeoutError(f"no token from {addr}")
+
+
+def run(host: str, port: int, method: str, seconds: float, window: int, key: bytes, sources: int = 1) -> dict:
+    """Load from ``sources`` sockets, each on its own loopback IP (127.0.0.2, ...), as distinct peers."""
+    addr = (host, port)
+    socks = [_socket(f"127.0.0.{2 + i}") for i in range(sources)]
+    tokens = {s: (_token(s, addr, key) if method == "put" else None) for s in socks}
+    for s in socks:
+        s.setblocking(False)
     sent_at: dict[int, float] = {}
     tid = 100
     latencies: list[float] = []
@@ -43,7 +59,7 @@ def run(host: str, port: int, method: str, seconds: float, window: int, key: byt
     start = time.perf_counter()
     end = start + seconds
 
-    def make(t: int) -> bytes:
+    def make(t: int, token: bytes | None) -> bytes:
         if method == "ping":
             return request(t, "ping", {})
         if method == "get":
@@ -61,16 +77,11 @@ def run(host: str, port: int, method: str, seconds: float, window: int, key: byt
             lost += 1
         while len(sent_at) < window:
             tid += 1
+            sock = socks[tid % len(socks)]
             sent_at[tid] = time.perf_counter()
-            sock.sendto(make(tid), addr)
-        r, _, _ = select.select([sock], [], [], 0.05)
-        if not r:
-            continue
-        while True:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                break
+            sock.sendto(make(tid, tokens[sock]), addr)
+        readable, _, _ = select.select(socks, [], [], 0.05)
+        for data in _drain(readable):
             try:
                 t = msgpack.unpackb(data, raw=False, strict_map_key=False).get("t")
             except Exception:
@@ -81,9 +92,29 @@ def run(host: str, port: int, method: str, seconds: float, window: int, key: byt
                 latencies.append(time.perf_counter() - at)
     elapsed = time.perf_counter() - start
     latencies.sort()
-    pct = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3) if latencies else (lambda q: 0)
-    return {"method": method, "replies": done, "lost": lost, "seconds": elapsed, "rps": done / elapsed,
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+    pct = (
+        (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3)
+        if latencies
+        else (lambda q: 0)
+    )
+    return {
+        "method": method,
+        "replies": done,
+        "lost": lost,
+        "seconds": elapsed,
+        "rps": done / elapsed,
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+    }
+
+
+def _drain(socks: list[socket.socket]):
+    for sock in socks:
+        while True:
+            try:
+                yield sock.recv(65536)
+            except BlockingIOError:
+                break
 
 
 def main() -> None:
@@ -93,9 +124,22 @@ def main() -> None:
     ap.add_argument("--method", choices=["ping", "get", "put"], default="ping")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--sources", type=int, default=1, help="client sockets, each on its own 127.0.0.x")
     ap.add_argument("--key", default="62656e63682d6b6579" + "00" * 11)
     args = ap.parse_args()
-    print(json.dumps(run(args.host, args.port, args.method, args.seconds, args.window, bytes.fromhex(args.key))))
+    print(
+        json.dumps(
+            run(
+                args.host,
+                args.port,
+                args.method,
+                args.seconds,
+                args.window,
+                bytes.fromhex(args.key),
+                args.sources,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

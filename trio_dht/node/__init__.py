@@ -1,4 +1,4 @@
-"""The DHT node: sans-IO cores (routing, search, storage, listeners, tokens, rate limits) and its Trio shell."""
+"""The DHT node: sans-IO cores (routing, search, storage, listeners, tokens, rate limits); Trio shell."""
 
 from trio_dht.node.dht import DEFAULT_PORT, DhtNode, RequestFailed, open_node
 

@@ -30,6 +30,7 @@ from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.search import SearchNode, SearchState
 from trio_dht.node.storage import PutOutcome, Storage
 from trio_dht.node.tokens import TokenIssuer
+from trio_dht.node.udp import UdpEndpoint
 from trio_dht.value import Query, Value, random_value_id, type_expiration
 from trio_dht.wire.compact import (
     Address,
@@ -48,7 +49,6 @@ from trio_dht.wire.reassembly import Reassembler
 log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
-RECV_BUFFER = 64 * 1024
 # Retransmission (OpenDHT): sends at 0, ~1 and ~3 s; the request fails ~8 s after the first send.
 RESEND_AT = (1.0, 3.0)
 FAIL_AFTER = 8.0
@@ -150,7 +150,7 @@ class DhtNode:
         self.rate_limiter = rate_limiter or RateLimiter()
         self.counters = Counters()
         self.tables = {False: RoutingTable(self._id), True: RoutingTable(self._id)}
-        self._socks: dict[bool, trio.socket.SocketType] = {}
+        self._socks: dict[bool, UdpEndpoint] = {}
         self._pending: dict[int, _Pending] = {}
         self._tid = random.randrange(1, 1 << 32)
         self._reassembler = Reassembler()
@@ -206,22 +206,18 @@ class DhtNode:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
-    async def _bind(self, host: str, port: int, host6: str | None) -> None:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        await sock.bind((host, port))
-        self._socks[False] = sock
-        self.bound[False] = normalize(sock.getsockname())
+    def _bind(self, host: str, port: int, host6: str | None) -> None:
+        """Bind IPv4 on ``host`` and, when ``host6`` is given and IPv6 works, the same port on ``host6``."""
+        self._socks[False] = UdpEndpoint(socket.AF_INET, host, port)
+        self.bound[False] = self._socks[False].address
         self.bound_port = self.bound[False][1]
         if host6 is not None:
             try:
-                sock6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-                sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await sock6.bind((host6, self.bound_port))
+                self._socks[True] = UdpEndpoint(socket.AF_INET6, host6, self.bound_port)
             except OSError as exc:
                 log.info("no IPv6 socket on [%s]:%d: %s", host6, self.bound_port, exc)
             else:
-                self._socks[True] = sock6
-                self.bound[True] = normalize(sock6.getsockname()[:2])
+                self.bound[True] = self._socks[True].address
 
     async def _run(
         self,
@@ -231,8 +227,8 @@ class DhtNode:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for v6, sock in self._socks.items():
-                nursery.start_soon(self._receive_loop, v6, sock)
+            for endpoint in self._socks.values():
+                nursery.start_soon(endpoint.serve, self._datagram_received)
             nursery.start_soon(self._expiry_loop)
             nursery.start_soon(self._maintenance_loop)
             nursery.start_soon(self._confirm_loop)
@@ -247,15 +243,11 @@ class DhtNode:
 
     # -- sending --------------------------------------------------------------------------------------------
 
-    async def _send(self, data: bytes, addr: Address) -> None:
-        sock = self._socks.get(is_ipv6(addr[0]))
-        if sock is None:
-            return
-        try:
-            await sock.sendto(data, addr)
+    def _send(self, data: bytes, addr: Address) -> None:
+        endpoint = self._socks.get(is_ipv6(addr[0]))
+        if endpoint is not None:
+            endpoint.send(data, addr)
             self.counters.sent += 1
-        except OSError as exc:
-            log.debug("send to %s failed: %s", addr, exc)
 
     def _next_tid(self) -> int:
         self._tid = (self._tid + 1) & 0xFFFFFFFF or 1
@@ -283,7 +275,7 @@ class DhtNode:
         try:
             for attempt, deadline in enumerate((*RESEND_AT, FAIL_AFTER)):
                 for d in datagrams:
-                    await self._send(d, addr)
+                    self._send(d, addr)
                 jitter = random.uniform(0, 0.25) if attempt < len(RESEND_AT) else 0
                 with trio.move_on_at(start + deadline + jitter):
                     if attempt == 0 and on_slow is not None:
@@ -307,29 +299,28 @@ class DhtNode:
 
     # -- receiving ------------------------------------------------------------------------------------------
 
-    async def _receive_loop(self, v6: bool, sock: trio.socket.SocketType) -> None:
-        while True:
-            try:
-                data, raw_addr = await sock.recvfrom(RECV_BUFFER)
-            except OSError as exc:  # e.g. ICMP port unreachable surfaced on Linux
-                log.debug("recvfrom: %s", exc)
-                continue
-            self.counters.received += 1
-            addr = normalize(raw_addr)
-            try:
-                await self.handle_datagram(data, addr)
-            except MalformedMessage:
-                self.counters.dropped_malformed += 1
-            except Exception:  # one bad datagram must never take the node down
-                self.counters.dropped_malformed += 1
-                log.exception("error handling a datagram from %s", addr)
+    def _datagram_received(self, data: bytes, addr: Address) -> None:
+        self.counters.received += 1
+        try:
+            self._process(data, addr)
+        except Exception:  # one bad datagram must never take the node down
+            self.counters.dropped_malformed += 1
+            log.exception("error handling a datagram from %s", addr)
 
     async def handle_datagram(self, data: bytes, addr: Address) -> None:
-        """Process one datagram (public for tests that drive the node without sockets)."""
+        """Process a datagram as if received from ``addr`` (for tests that drive the node without sockets)."""
+        self._datagram_received(data, addr)
+        await trio.lowlevel.checkpoint()
+
+    def _process(self, data: bytes, addr: Address) -> None:
         if is_martian(addr):
             self.counters.dropped_martian += 1
             return
-        msg = decode(data)
+        try:
+            msg = decode(data)
+        except MalformedMessage:
+            self.counters.dropped_malformed += 1
+            return
         if msg.network != self.network:
             self.counters.dropped_network += 1
             return
@@ -354,7 +345,7 @@ class DhtNode:
             if not msg.fragmented and not msg.has_values and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
                 return
-            await self._on_request(msg, addr, now)
+            self._on_request(msg, addr, now)
         elif msg.kind in (Kind.REPLY, Kind.ERROR):
             self._on_reply(msg, addr, now)
 
@@ -416,7 +407,7 @@ class DhtNode:
 
     # -- request handlers -----------------------------------------------------------------------------------
 
-    async def _on_request(self, msg: Message, addr: Address, now: float) -> None:
+    def _on_request(self, msg: Message, addr: Address, now: float) -> None:
         assert msg.sender is not None
         self.counters.requests[msg.method] += 1
         v6 = is_ipv6(addr[0])
@@ -429,7 +420,7 @@ class DhtNode:
         sa = pack_ip(addr[0])
         handler = getattr(self, "_handle_" + msg.method)
         for datagram in handler(msg, addr, sa, now):
-            await self._send(datagram, addr)
+            self._send(datagram, addr)
 
     def _closest_records(self, target: bytes, want: list[int] | None, requester_v6: bool, now: float):
         v4, v6 = want_families(want, requester_v6)
@@ -931,7 +922,6 @@ class DhtNode:
             self._listen_sockets.pop(sock, None)
 
 
-
 @asynccontextmanager
 async def open_node(
     *,
@@ -954,7 +944,7 @@ async def open_node(
     node = DhtNode(
         node_id=node_id, network=network, is_client=is_client, storage=storage, rate_limiter=rate_limiter
     )
-    await node._bind(host, port, host6)
+    node._bind(host, port, host6)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(node._run, bootstrap)

@@ -121,7 +121,9 @@ class RoutingTable:
 
     # -- updates --------------------------------------------------------------------------------------------
 
-    def heard(self, node_id: InfoHash, addr: Address, now: float, *, replied: bool) -> tuple[Node, Node | None]:
+    def heard(
+        self, node_id: InfoHash, addr: Address, now: float, *, replied: bool
+    ) -> tuple[Node, Node | None]:
         """Record a packet from a node. Returns (its record, a dubious node the caller should ping or None).
 
         A node new to a full bucket replaces an expired node, splits our own bucket, or waits as the bucket's
@@ -153,9 +155,8 @@ class RoutingTable:
                     return None
             mine = b.first <= self._own < self._end(i)
             dubious = [n for n in b.nodes if not n.is_good(now)]
-            if (mine and not dubious) or len(self.buckets) == 1:
-                if self._split(i):
-                    continue
+            if ((mine and not dubious) or len(self.buckets) == 1) and self._split(i):
+                continue
             b.cached = node
             return dubious[0] if dubious else None
 

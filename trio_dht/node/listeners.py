@@ -1,0 +1,142 @@
+"""The storing side's book of remote listeners: nodes that sent us ``listen`` (wire spec §1.5.6, §2.7).
+
+Sans-IO. A listener is keyed by (node id, ``sid``) under a key. A new one gets the stored matching values
+pushed at once (the caller does that when :meth:`ListenerBook.listen` returns True); a known one only has its
+timer refreshed and its query replaced. Listeners not refreshed for 10 minutes are dropped by
+:meth:`ListenerBook.expire`. The node's own (local) listeners live in the node engine, not here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trio_dht.infohash import InfoHash
+from trio_dht.value import Query, Value
+
+LISTENER_EXPIRE_TIME = 10 * 60.0
+"""A listener without a ``listen`` for this long is dropped (OpenDHT's ``NODE_EXPIRE_TIME``)."""
+
+
+@dataclass(slots=True)
+class RemoteListener:
+    """A remote node listening on ``key`` through its socket ``sid``, reached at ``addr``."""
+
+    key: InfoHash
+    node_id: bytes
+    sid: int
+    addr: tuple[str, int]
+    query: Query | None
+    last_refresh: float
+
+    def wants(self, value: Value) -> bool:
+        """Whether a new or edited value is pushed to this listener (its Where; its Select is ignored)."""
+        return self.query is None or self.query.matches(value)
+
+
+class ListenerBook:
+    """Remote listeners per key, with an index by node id for :meth:`remove_node`."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[InfoHash, dict[tuple[bytes, int], RemoteListener]] = {}
+        self._by_node: dict[bytes, set[tuple[InfoHash, int]]] = {}
+        self._count = 0
+
+    def listen(
+        self,
+        key: InfoHash,
+        node_id: bytes,
+        sid: int,
+        addr: tuple[str, int],
+        query: Query | None,
+        now: float,
+    ) -> bool:
+        """Record a ``listen``. True for a new (node, sid) on this key: push the current values to it.
+
+        A known one gets its timer refreshed, its query replaced and its address updated.
+        """
+        listeners = self._by_key.setdefault(key, {})
+        known = listeners.get((node_id, sid))
+        if known is not None:
+            known.addr = addr
+            known.query = query
+            known.last_refresh = now
+            return False
+        listeners[(node_id, sid)] = RemoteListener(key, node_id, sid, addr, query, now)
+        self._by_node.setdefault(node_id, set()).add((key, sid))
+        self._count += 1
+        return True
+
+    def get(self, key: InfoHash, node_id: bytes, sid: int) -> RemoteListener | None:
+        listeners = self._by_key.get(key)
+        return listeners.get((node_id, sid)) if listeners is not None else None
+
+    def listeners(self, key: InfoHash) -> list[RemoteListener]:
+        """Every listener of ``key`` (a copy)."""
+        listeners = self._by_key.get(key)
+        return list(listeners.values()) if listeners else []
+
+    def for_key(self, key: InfoHash) -> list[RemoteListener]:
+        """Where ``re`` and ``exp`` pushes go: every listener of ``key``, whatever its Where."""
+        return self.listeners(key)
+
+    def for_new_value(self, key: InfoHash, value: Value) -> list[RemoteListener]:
+        """Where a new or edited value is pushed: the listeners of ``key`` whose Where matches it."""
+        listeners = self._by_key.get(key)
+        if not listeners:
+            return []
+        return [listener for listener in listeners.values() if listener.wants(value)]
+
+    def keys(self) -> list[InfoHash]:
+        """Keys with at least one listener (a copy)."""
+        return list(self._by_key)
+
+    def remove(self, key: InfoHash, node_id: bytes, sid: int) -> bool:
+        """Drop one listener; False if unknown."""
+        listeners = self._by_key.get(key)
+        if listeners is None or (node_id, sid) not in listeners:
+            return False
+        self._drop(listeners, key, node_id, sid)
+        return True
+
+    def remove_node(self, node_id: bytes) -> int:
+        """Drop every listener of a node (it was found expired); returns how many."""
+        entries = self._by_node.pop(node_id, None)
+        if not entries:
+            return 0
+        for key, sid in entries:
+            listeners = self._by_key[key]
+            del listeners[(node_id, sid)]
+            if not listeners:
+                del self._by_key[key]
+        self._count -= len(entries)
+        return len(entries)
+
+    def expire(self, now: float, max_age: float = LISTENER_EXPIRE_TIME) -> int:
+        """Drop the listeners whose last ``listen`` is more than ``max_age`` seconds old; returns how many."""
+        stale = [
+            (listeners, key, listener.node_id, listener.sid)
+            for key, listeners in self._by_key.items()
+            for listener in listeners.values()
+            if now - listener.last_refresh > max_age
+        ]
+        for listeners, key, node_id, sid in stale:
+            self._drop(listeners, key, node_id, sid)
+        return len(stale)
+
+    def count(self) -> int:
+        """Number of listeners, all keys together."""
+        return self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _drop(
+        self, listeners: dict[tuple[bytes, int], RemoteListener], key: InfoHash, node_id: bytes, sid: int
+    ) -> None:
+        del listeners[(node_id, sid)]
+        if not listeners:
+            del self._by_key[key]
+        entries = self._by_node[node_id]
+        entries.discard((key, sid))
+        if not entries:
+            del self._by_node[node_id]
+        self._count -= 1
