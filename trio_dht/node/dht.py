@@ -547,13 +547,18 @@ class DhtNode:
         for ekey, vid in result.evicted:
             self._on_expired(ekey, [vid])
         if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):
-            expires = now + type_expiration(value.type)
+            expires = self._expiration(key, value, now)
             for listener in list(self._local_listeners.get(key, ())):
                 listener.deliver(value, expires)
             for rl in self.remote_listeners.for_new_value(key, value):
                 self._spawn_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
         elif result.outcome is PutOutcome.REFRESHED:
             self._push_ids(key, "re", [value.id])
+
+    def _expiration(self, key: InfoHash, value: Value, now: float) -> float:
+        """When a value we store expires (never, for our permanent puts)."""
+        stored = self.storage.stored(key, value.id)
+        return stored.expiration if stored is not None else now + type_expiration(value.type)
 
     def _push_ids(self, key: InfoHash, field_name: str, vids: list[int]) -> None:
         for rl in self.remote_listeners.for_key(key):
@@ -847,7 +852,7 @@ class DhtNode:
         listener = _LocalListener(key, query, send)
         now = trio.current_time()
         for v in self.storage.get(key, query):
-            listener.deliver(v, now + type_expiration(v.type))
+            listener.deliver(v, self._expiration(key, v, now))
         self._local_listeners[key].add(listener)
         try:
             async with trio.open_nursery() as nursery:

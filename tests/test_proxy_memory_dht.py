@@ -1,0 +1,120 @@
+"""MemoryDht (trio_dht.testing) and the proxy's permanent-put timers, on the mock clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from trio_dht.api import ValueEvent
+from trio_dht.infohash import InfoHash
+from trio_dht.proxy import ProxyConfig, create_app
+from trio_dht.proxy.handlers import put
+from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPut
+from trio_dht.testing.memory_dht import MemoryDht
+from trio_dht.value import Query, Value
+
+KEY = InfoHash.get("k")
+
+
+async def test_put_get_and_ids() -> None:
+    dht = MemoryDht()
+    v = Value(data=b"a")
+    assert await dht.put(KEY, v)
+    assert v.id != 0
+    batches: list[list[Value]] = []
+    assert await dht.get(KEY, on_values=batches.append) == [v]
+    assert batches == [[v]]
+    assert await dht.get(InfoHash.get("other")) == []
+    assert not await dht.put(KEY, Value(data=b"x" * 70_000))  # over OpenDHT's 64 KiB
+    info = dht.info()
+    assert info.good == 8 and info.storage_values == 1 and info.storage_size == 1
+
+
+async def test_failed_puts_still_store_locally() -> None:
+    dht = MemoryDht(fail_puts=True)
+    assert not await dht.put(KEY, Value(data=b"a", id=1))
+    assert [v.id for v in dht.values(KEY)] == [1]
+
+
+async def test_values_expire_by_type(autojump_clock: trio.testing.MockClock) -> None:
+    dht = MemoryDht()
+    await dht.put(KEY, Value(data=b"ice", id=1, type=5))  # 60 s
+    await dht.put(KEY, Value(data=b"user", id=2, type=0))  # 10 min
+    await trio.sleep(61)
+    assert [v.id for v in await dht.get(KEY)] == [2]
+    await trio.sleep(600)
+    assert await dht.get(KEY) == []
+
+
+async def test_listen_current_then_new_then_expired(autojump_clock: trio.testing.MockClock) -> None:
+    dht = MemoryDht()
+    await dht.put(KEY, Value(data=b"old", id=1))
+    events: list[tuple[int, bool, float]] = []
+    async with dht.listen(KEY) as stream:
+        async with trio.open_nursery() as nursery:
+
+            async def putter() -> None:
+                await trio.sleep(5)
+                await dht.put(KEY, Value(data=b"new", id=2, type=5))
+                await dht.put(KEY, Value(data=b"new", id=2, type=5))  # same content: no event
+
+            nursery.start_soon(putter)
+            async for ev in stream:
+                events.append((ev.value.id, ev.expired, trio.current_time()))
+                if len(events) == 3:
+                    break
+        assert dht.listener_count(KEY) == 1
+    assert dht.listener_count(KEY) == 0
+    assert [(i, e) for i, e, _ in events] == [(1, False), (2, False), (2, True)]
+    assert events[2][2] - events[1][2] == 60.0
+
+
+async def test_listen_with_query(autojump_clock: trio.testing.MockClock) -> None:
+    dht = MemoryDht()
+    async with dht.listen(KEY, Query(where=((1, 7),))) as stream:
+        await dht.put(KEY, Value(data=b"a", id=6))
+        await dht.put(KEY, Value(data=b"b", id=7))
+        with trio.fail_after(1):
+            ev: ValueEvent = await stream.__anext__()
+    assert ev.value.id == 7
+
+
+async def test_permanent_until_cancelled(autojump_clock: trio.testing.MockClock) -> None:
+    dht = MemoryDht()
+    await dht.put(KEY, Value(data=b"p", id=1, type=5), permanent=True)
+    await trio.sleep(3600)
+    assert len(dht.values(KEY)) == 1
+    assert dht.cancel_put(KEY, 1) and not dht.cancel_put(KEY, 1)
+    await trio.sleep(61)
+    assert dht.values(KEY) == []
+
+
+async def test_proxy_cancels_lapsed_permanent_puts(autojump_clock: trio.testing.MockClock) -> None:
+    dht = MemoryDht()
+    warned: list[PermanentPut] = []
+
+    class Hooks:
+        async def ping(self, target: Any) -> None:
+            pass
+
+        def permanent_put_due(self, held: PermanentPut) -> None:
+            warned.append(held)
+
+        def stats(self) -> dict[str, Any]:
+            return {}
+
+    app = create_app(dht, ProxyConfig(), push=Hooks())
+    state = app.state
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(state.run)
+        body = b'{"data":"cA==","id":5,"permanent":{"key":"tok","client_id":"c"}}'
+        assert (await put(state, KEY, body)).status == 200
+        await trio.sleep(LIFETIME - REFRESH_MARGIN + 1)
+        assert [h.value.id for h in warned] == [5] and state.permanent.total == 1
+        await trio.sleep(REFRESH_MARGIN)
+        assert state.permanent.total == 0  # lapsed: cancelled on the node, then it expires by type
+        await trio.sleep(601)
+        assert dht.values(KEY) == []
+        nursery.cancel_scope.cancel()

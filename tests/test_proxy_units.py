@@ -1,0 +1,259 @@
+"""Sans-IO parts of the proxy: the {hash} rule, path matching, value JSON, rate limits, permanent puts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from trio_dht.infohash import InfoHash
+from trio_dht.proxy.config import ProxyConfig, RateLimit
+from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
+from trio_dht.proxy.paths import canonical_path
+from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
+from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.value_json import (
+    PushTarget,
+    ValueJsonError,
+    owner_pem,
+    put_request_from_json,
+    value_from_json,
+    value_line,
+    value_to_json,
+)
+from trio_dht.value import Value
+
+HEX = "03b4fb47d3a9e3a5c6fa8e9b6e2b9d4c1a2f3e4d"
+
+
+def sha1(data: bytes) -> InfoHash:
+    return InfoHash(hashlib.sha1(data).digest())
+
+
+# -- {hash} --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segment", "key"),
+    [
+        (HEX.encode(), InfoHash.from_hex(HEX)),
+        (HEX.upper().encode(), InfoHash.from_hex(HEX)),
+        (HEX.encode() + b"zzz", InfoHash.from_hex(HEX)),  # first 40 used
+        (HEX.encode() + b"0", InfoHash.from_hex(HEX)),
+        (HEX[:39].encode(), sha1(HEX[:39].encode())),  # too short: hashed
+        (b"hello", sha1(b"hello")),
+        (b"hello%20world", sha1(b"hello%20world")),  # reserved escapes stay
+        (b"0" * 40, sha1(b"0" * 40)),  # all zeroes: hashed
+        (b"g" + HEX[1:].encode(), sha1(b"g" + HEX[1:].encode())),
+    ],
+)
+def test_hash_rule(segment: bytes, key: InfoHash) -> None:
+    assert hash_from_segment(segment) == key
+
+
+def test_hello_is_sha1_of_hello() -> None:
+    assert hash_from_segment(b"hello").hex() == "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"
+
+
+def test_decode_unreserved_only() -> None:
+    assert decode_unreserved(b"a%7Eb%7ec%20d%2Fe%41") == b"a~b~c%20d%2FeA"
+    assert decode_unreserved(b"%zz%4") == b"%zz%4"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"/", "/"),
+        (b"/node/info", "/node/info"),
+        (b"/NODE/Info/", "/node/info"),
+        (b"/node/stats", "/node/stats"),
+        (b"/node/pingpush", "/node/pingPush"),
+        (b"/key/hello", "/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
+        (b"/KEY/hello/?where=x", "/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
+        (b"/key/hello/Listen", "/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d/listen"),
+        (b"/key/hello/options", "/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d/options"),
+        (b"/hello", "/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
+        (b"/h%65llo", "/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"),
+        (b"/key", "/" + sha1(b"key").hex()),  # legacy route on "key", as RESTinio
+        (b"/key/", "/" + sha1(b"key").hex()),
+        (b"/stats", "/" + sha1(b"stats").hex()),
+        (b"/node/unknown", None),
+        (b"/key/h/unknown", None),
+        (b"/h/listen", None),
+        (b"//x", None),
+        (b"/a/b/c/d", None),
+        (b"relative", None),
+    ],
+)
+def test_canonical_path(raw: bytes, expected: str | None) -> None:
+    match = canonical_path(raw)
+    assert (match[0] if match else None) == expected
+
+
+# -- value JSON ----------------------------------------------------------------------------------------------
+
+
+def test_value_json_matches_opendht() -> None:
+    v = Value(data=b"hello", id=12345)
+    assert value_line(v) == b'{"data":"aGVsbG8=","id":"12345","type":0}\n'
+    v = Value(data=b"x", id=42, prio=1, utype="text/plain")
+    assert value_line(v) == b'{"data":"eA==","id":"42","prio":1,"type":0,"utype":"text/plain"}\n'
+    assert value_line(Value(data=b"exp", id=900), expired=True) == (
+        b'{"data":"ZXhw","expired":true,"id":"900","type":0}\n'
+    )
+
+
+def test_encrypted_value_carries_only_cypher() -> None:
+    v = Value(cypher=b"\x01\x02", id=7, type=3, prio=1, push_type="audioCall")
+    assert value_to_json(v) == {"cypher": "AQI=", "id": "7", "prio": 1, "pt": "audioCall"}
+    back = value_from_json(json.loads(value_line(v)))
+    assert back.cypher == b"\x01\x02" and back.id == 7 and back.prio == 1 and back.push_type == "audioCall"
+
+
+def test_signed_value_round_trip() -> None:
+    owner = bytes(range(200))
+    v = Value(data=b"d", type=4, id=1, seq=3, owner=owner, signature=b"s" * 64, recipient=b"\x09" * 20)
+    obj = value_to_json(v)
+    assert obj["owner"].startswith("-----BEGIN PUBLIC KEY-----\n") and obj["owner"].endswith("-----\n")
+    assert obj["to"] == "09" * 20 and obj["seq"] == 3
+    back = value_from_json(obj)
+    assert back.same_content(v) and back.signed_bytes() == v.signed_bytes()
+    assert owner_pem(back.owner or b"") == obj["owner"]
+
+
+@pytest.mark.parametrize(
+    ("obj", "vid"),
+    [
+        ({"id": "12345"}, 12345),
+        ({"id": 42}, 42),
+        ({}, 0),
+        ({"id": "abc"}, 0),
+        ({"id": -1}, 0),
+        ({"id": 2**64}, 0),
+    ],
+)
+def test_value_id_forms(obj: dict, vid: int) -> None:
+    assert value_from_json(obj).id == vid
+
+
+def test_base64_padding_optional() -> None:
+    assert value_from_json({"data": "aGVsbG8"}).data == b"hello"
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [],
+        "x",
+        {"data": "!!!not base64***"},
+        {"data": 5},
+        {"type": "0"},
+        {"type": 1.5},
+        {"type": True},
+        {"type": 70000},
+        {"owner": "not pem"},
+        {"owner": "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n"},
+        {"owner": owner_pem(b"k"), "to": "zz"},
+        {"prio": -1},
+        {"utype": {}},
+    ],
+)
+def test_bad_values_refused(obj: object) -> None:
+    with pytest.raises(ValueJsonError):
+        put_request_from_json(obj)
+
+
+def test_permanent_member() -> None:
+    assert not put_request_from_json({"data": ""}).permanent
+    assert not put_request_from_json({"data": "", "permanent": False}).permanent  # unlike OpenDHT
+    plain = put_request_from_json({"data": "", "permanent": True})
+    assert plain.permanent and plain.push is None
+    pushed = put_request_from_json(
+        {"permanent": {"key": 123, "client_id": "c", "platform": "android", "session_id": "s"}}
+    )
+    assert pushed.push == PushTarget("123", "c", "android", "s", "")
+    assert put_request_from_json({"permanent": {"key": ""}}).push is None
+
+
+# -- rate limit ----------------------------------------------------------------------------------------------
+
+
+def test_rate_limit_bucket() -> None:
+    limiter = RateLimiter(RateLimit(per_second=10, burst=3))
+    assert [limiter.allow("192.0.2.1", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("192.0.2.2", 0.0)  # another client
+    assert not limiter.allow("::ffff:192.0.2.1", 0.0)  # same client, mapped
+    assert limiter.allow("192.0.2.1", 0.1)  # refilled one token
+    assert limiter.refused == 2
+
+
+def test_rate_limit_loopback_and_prefixes() -> None:
+    limiter = RateLimiter(RateLimit(per_second=1, burst=1))
+    assert all(limiter.allow("127.0.0.1", 0.0) for _ in range(10))
+    assert all(limiter.allow("::1", 0.0) for _ in range(10))
+    assert limiter.allow("2001:db8::1", 0.0)
+    assert not limiter.allow("2001:db8::2", 0.0)  # same /64
+    assert limiter.allow("not-an-ip", 0.0)
+    strict = RateLimiter(RateLimit(per_second=1, burst=1, loopback=True))
+    assert strict.allow("127.0.0.1", 0.0) and not strict.allow("127.0.0.1", 0.0)
+
+
+def test_rate_limit_table_is_bounded() -> None:
+    limiter = RateLimiter(RateLimit(per_second=1, burst=1), max_clients=10)
+    for i in range(100):
+        limiter.allow(f"10.0.0.{i}", float(i) * 0.01)
+    assert len(limiter._buckets) <= 10
+
+
+# -- config --------------------------------------------------------------------------------------------------
+
+
+def test_config_binds() -> None:
+    assert ProxyConfig().binds() == (["[::]:8000"], [])
+    cfg = ProxyConfig(host="127.0.0.1", port=1, tls_port=2, certificate="c", private_key="k")
+    assert cfg.binds() == (["127.0.0.1:1"], ["127.0.0.1:2"])
+    with pytest.raises(ValueError):
+        ProxyConfig(tls_port=2)
+    with pytest.raises(ValueError):
+        ProxyConfig(port=None)
+
+
+# -- permanent puts ------------------------------------------------------------------------------------------
+
+
+def test_permanent_puts_merge_renew_and_expire() -> None:
+    book = PermanentPuts()
+    key = InfoHash.get("k")
+    push = PushTarget("tok", "cid", "android", "s1")
+    held = book.record(key, Value(data=b"v"), push, now=0.0)
+    assert held.value.id and book.total == 1 and book.key_count == 1
+    # an id-less POST of the same content, token and client renews it
+    same = book.find_same(key, Value(data=b"v"), PushTarget("tok", "cid", session_id="s2"))
+    assert same is held
+    assert book.find_same(key, Value(data=b"v"), PushTarget("other", "cid")) is None
+    assert book.find_same(key, Value(data=b"w"), push) is None
+    book.renew(held, PushTarget("tok", "cid", session_id="s2"), now=100.0)
+    assert held.expires_at == 100.0 + LIFETIME and held.push and held.push.session_id == "s2"
+    # the refresh warning keeps its first time (as OpenDHT's merge path)
+    expired, warn = book.due(LIFETIME - REFRESH_MARGIN)
+    assert expired == [] and warn == [held]
+    expired, warn = book.due(LIFETIME)  # the first expiry time is stale after the renewal
+    assert expired == [] and warn == []
+    expired, warn = book.due(100.0 + LIFETIME)
+    assert expired == [held] and book.total == 0 and book.key_count == 0
+
+
+def test_permanent_put_without_push_has_no_warning() -> None:
+    book = PermanentPuts()
+    held = book.record(InfoHash.get("k"), Value(data=b"v", id=5), None, now=0.0)
+    assert held.value.id == 5 and held.refresh_at is None
+    assert book.due(LIFETIME) == ([held], [])
+
+
+def test_permanent_heap_stays_compact() -> None:
+    book = PermanentPuts()
+    key = InfoHash.get("k")
+    for i in range(1000):
+        book.record(key, Value(data=b"v", id=1), PushTarget("t"), now=float(i))
+    assert len(book._heap) <= 64 + 4 * book.total + 2

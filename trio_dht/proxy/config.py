@@ -1,0 +1,61 @@
+"""Settings of the REST proxy server (OpenDHT's ``ProxyServerConfig`` plus the limits OpenDHT lacks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A per-client-IP token bucket: ``per_second`` sustained, ``burst`` at once (IPv6 clients per /64)."""
+
+    per_second: float = 100.0
+    burst: int = 200
+    loopback: bool = False
+    """Also limit loopback clients (off by default: local tools and tests are trusted)."""
+
+    def __post_init__(self) -> None:
+        if self.per_second <= 0 or self.burst < 1:
+            raise ValueError("a rate limit needs per_second > 0 and burst >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Where and how the proxy listens (``dhtnode`` flags in brackets).
+
+    ``host`` "" means every interface on one dual-stack IPv6 socket, as OpenDHT (IPv4 clients then appear as
+    ``::ffff:a.b.c.d``). A TLS listener on ``tls_port`` needs both ``certificate`` and ``private_key`` (PEM
+    files); it may run beside the plain one. ``port=None`` disables the plain listener.
+    """
+
+    host: str = ""  # --proxy-addr
+    port: int | None = 8000  # --proxyserver
+    tls_port: int | None = None  # --proxyserverssl
+    certificate: str | None = None  # --proxy-certificate
+    private_key: str | None = None  # --proxy-privkey
+    private_key_password: str | None = field(default=None, repr=False)  # --proxy-privkey-password
+    max_body: int = 256 * 1024
+    """Largest request body accepted (413 beyond). A 64 KiB value is about 90 KB of JSON."""
+    rate_limit: RateLimit | None = RateLimit()
+    """Per-IP request limit (429 beyond); None turns it off."""
+    backlog: int = 1024
+    graceful_timeout: float = 3.0
+    """On shutdown, how long open requests get to finish before their connections are cut."""
+    fast_path: bool = True
+    """Serve GET/POST ``/key/{hash}`` and ``GET /node/info`` on a raw-ASGI path in front of Quart."""
+
+    def __post_init__(self) -> None:
+        if self.port is None and self.tls_port is None:
+            raise ValueError("the proxy needs a port or a TLS port")
+        if self.tls_port is not None and (self.certificate is None or self.private_key is None):
+            raise ValueError("a TLS port needs both a certificate and a private key")
+        if self.max_body < 1:
+            raise ValueError("max_body must be positive")
+
+    def binds(self) -> tuple[list[str], list[str]]:
+        """hypercorn bind strings: (plain, TLS)."""
+        host = self.host or "::"
+        host = f"[{host}]" if ":" in host else host
+        plain = [f"{host}:{self.port}"] if self.port is not None else []
+        tls = [f"{host}:{self.tls_port}"] if self.tls_port is not None else []
+        return plain, tls

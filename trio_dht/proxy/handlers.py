@@ -1,0 +1,175 @@
+"""The proxy's route logic, independent of the HTTP layer.
+
+Each route is one function here; :mod:`trio_dht.proxy.routes` (Quart) and :mod:`trio_dht.proxy.fastpath`
+(raw ASGI) only move requests in and :class:`Reply` or stream bodies out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from trio_dht.infohash import InfoHash
+from trio_dht.proxy.state import ProxyState
+from trio_dht.proxy.streams import GetStream, ListenStream
+from trio_dht.proxy.value_json import (
+    PushTarget,
+    ValueJsonError,
+    dumps,
+    put_request_from_json,
+    value_line,
+)
+from trio_dht.value import random_value_id
+
+log = logging.getLogger(__name__)
+
+SERVER = "trio-dht"
+BASE_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Server", SERVER),
+    ("Content-Type", "application/json"),
+    ("Access-Control-Allow-Origin", "*"),
+)
+"""On every response the proxy builds (OpenDHT sends ``Server: RESTinio``; no client reads it)."""
+OPTIONS_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Access-Control-Allow-Methods", "OPTIONS, GET, POST, LISTEN"),
+    ("Access-Control-Allow-Headers", "content-type"),
+    ("Access-Control-Max-Age", "86400"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete (non-streamed) response; :data:`BASE_HEADERS` are added by the HTTP layer."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class BadRequest(Exception):
+    """A request the proxy refuses; carries the reply to send."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.body.decode("utf-8", "replace"))
+        self.reply = reply
+
+
+def error(status: int, message: str) -> Reply:
+    return Reply(status, dumps({"err": message}) + b"\n")
+
+
+INCORRECT_JSON = error(400, "Incorrect JSON")
+MISSING_PARAMETERS = error(400, "Missing parameters")
+NO_TOKEN = error(400, "No token")
+PUT_FAILED = error(502, "Put failed")
+NOT_READY = error(503, "Incorrect DhtRunner")
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON of a request body; :class:`BadRequest` (400 Incorrect JSON) if it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequest(INCORRECT_JSON) from None
+
+
+# -- routes --------------------------------------------------------------------------------------------------
+
+
+def node_info(state: ProxyState, client_host: str | None) -> Reply:
+    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted)."""
+    doc = state.node_info()
+    if doc is None:
+        return NOT_READY
+    doc["public_ip"] = client_host or ""
+    return Reply(200, dumps(doc) + b"\n")
+
+
+def node_stats(state: ProxyState) -> Reply:
+    """``GET /node/stats``."""
+    state.count_request()
+    return Reply(200, dumps(state.stats(trio.current_time())) + b"\n")
+
+
+def options(state: ProxyState) -> Reply:
+    """``OPTIONS /{hash}``, ``OPTIONS /key/{hash}/listen``, ``GET /key/{hash}/options``: the CORS
+    preflight.
+    """
+    state.count_request()
+    return Reply(200, b"", OPTIONS_HEADERS)
+
+
+def get(state: ProxyState, key: InfoHash) -> GetStream:
+    """``GET /key/{hash}``, ``GET /{hash}``: always 200, NDJSON as values arrive."""
+    state.count_request()
+    return GetStream(state.dht, key)
+
+
+def listen(state: ProxyState, key: InfoHash) -> ListenStream:
+    """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream."""
+    state.count_request()
+    return ListenStream(state.dht, key, state.listens)
+
+
+async def put(state: ProxyState, key: InfoHash, body: bytes) -> Reply:
+    """``POST /key/{hash}``, ``POST /{hash}``: store a value; 200 with its JSON (id assigned) or 502."""
+    if not body.strip():
+        return MISSING_PARAMETERS
+    try:
+        request = put_request_from_json(parse_json(body))
+    except BadRequest as exc:
+        return exc.reply
+    except ValueJsonError as exc:
+        return error(400, f"Invalid value: {exc}")
+    state.count_request()
+    value = request.value
+    if request.permanent:
+        now = trio.current_time()
+        if not value.id:
+            held = state.permanent.find_same(key, value, request.push)
+            if held is not None:
+                state.permanent.renew(held, request.push, now)
+                return Reply(200, value_line(held.value))
+        state.permanent.record(key, value, request.push, now)
+        state.permanent_changed()
+    elif not value.id:
+        value.id = random_value_id()
+    try:
+        ok = await state.dht.put(key, value, permanent=request.permanent)
+    except Exception:
+        log.exception("proxy put on %s failed", key)
+        ok = False
+    return Reply(200, value_line(value)) if ok else PUT_FAILED
+
+
+async def ping_push(state: ProxyState, body: bytes) -> Reply:
+    """``POST /node/pingPush``: ask the push side to send a pong; replies ``{}`` (OpenDHT never replies)."""
+    try:
+        doc = parse_json(body)
+    except BadRequest as exc:
+        return exc.reply
+    if not isinstance(doc, dict):
+        return INCORRECT_JSON
+    state.count_request()
+    token = doc.get("key")
+    if not isinstance(token, str | int) or isinstance(token, bool) or not str(token):
+        return NO_TOKEN
+    fields = {k: doc.get(k) for k in ("client_id", "platform", "topic")}
+    if not all(isinstance(v, str | None) for v in fields.values()):
+        return error(400, "client_id, platform and topic must be strings")
+    target = PushTarget(
+        str(token),
+        client_id=fields["client_id"] or "",
+        platform=fields["platform"] or "",
+        topic=fields["topic"] or "",
+    )
+    if state.push is not None:
+        try:
+            await state.push.ping(target)
+        except Exception:
+            log.exception("ping push failed")
+    return Reply(200, b"{}\n")

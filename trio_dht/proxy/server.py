@@ -1,0 +1,95 @@
+"""Serving the proxy: hypercorn's Trio worker with the proxy's sockets, TLS and a clean drain on
+cancellation.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterable
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio import serve
+from quart import Blueprint
+
+from trio_dht.api import Dht
+from trio_dht.proxy.app import create_app
+from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.state import PushHooks
+
+
+class _HypercornConfig(Config):
+    """hypercorn's config with OpenDHT's socket and TLS settings.
+
+    A ``[::]`` bind is dual-stack where the OS makes IPv6 sockets so by default (Linux: ``bindv6only=0``).
+    """
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sockets
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        context = super().create_ssl_context()
+        if context is not None:
+            context.minimum_version = ssl.TLSVersion.TLSv1_3  # OpenDHT's proxy is TLS 1.3 only
+        return context
+
+
+def hypercorn_config(config: ProxyConfig) -> Config:
+    plain, tls = config.binds()
+    cfg = _HypercornConfig()
+    if tls:
+        cfg.bind = tls
+        cfg.insecure_bind = plain
+        cfg.certfile = config.certificate
+        cfg.keyfile = config.private_key
+        cfg.keyfile_password = config.private_key_password
+    else:
+        cfg.bind = plain
+    cfg.backlog = config.backlog
+    cfg.graceful_timeout = config.graceful_timeout
+    cfg.include_server_header = False  # the proxy sends its own
+    cfg.accesslog = None
+    return cfg
+
+
+async def serve_proxy(
+    dht: Dht,
+    config: ProxyConfig,
+    *,
+    blueprints: Iterable[Blueprint] = (),
+    push: PushHooks | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the REST proxy for ``dht`` until cancelled; ``task_status.started`` gets the bound URLs.
+
+    On cancellation: open listen streams are ended (each gets its last chunk), no new connection is accepted,
+    and requests in flight get ``config.graceful_timeout`` seconds to finish before connections are cut.
+    """
+    app = create_app(dht, config, blueprints=blueprints, push=push)
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        server_scope = trio.CancelScope(shield=True)
+
+        async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+            with server_scope:
+                await serve(
+                    app,
+                    hypercorn_config(config),
+                    shutdown_trigger=shutdown.wait,
+                    mode="asgi",
+                    task_status=task_status,
+                )
+
+        urls: list[str] = await nursery.start(run_server)
+        nursery.start_soon(app.state.run)
+        task_status.started(urls)
+        try:
+            await trio.sleep_forever()
+        finally:
+            app.state.close_listens()
+            shutdown.set()
+            server_scope.deadline = trio.current_time() + config.graceful_timeout + 1.0

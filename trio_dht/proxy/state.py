@@ -1,0 +1,155 @@
+"""What the proxy's routes share: the DHT, counters, held permanent puts, open listen streams, and push
+hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Protocol
+
+import trio
+
+from trio_dht.api import Dht, FamilyStats, NodeInfo
+from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.permanent import PermanentPut, PermanentPuts
+from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.value_json import PushTarget
+
+log = logging.getLogger(__name__)
+
+STATS_WINDOW = 120.0
+"""``requestRate`` is the request count of the last full window of this many seconds (OpenDHT's 2 minutes)."""
+
+
+class PushHooks(Protocol):
+    """What the push side plugs into the proxy (see ``create_app(push=...)``)."""
+
+    async def ping(self, target: PushTarget) -> None:
+        """``POST /node/pingPush``: send ``{"to": client_id, "pong": true}`` to the target."""
+        ...
+
+    def permanent_put_due(self, held: PermanentPut) -> None:
+        """A permanent put with a push target is 2 h from lapsing: send its ``timeout``/``vid`` push."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Fields merged into ``/node/stats`` (``pushListenersCount``, ``androidPush``, ...)."""
+        ...
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class ProxyState:
+    """The state behind one proxy app. :meth:`run` drives the permanent-put timers (``serve_proxy`` runs
+    it).
+    """
+
+    def __init__(self, dht: Dht, config: ProxyConfig, push: PushHooks | None = None) -> None:
+        self.dht = dht
+        self.config = config
+        self.push = push
+        self.permanent = PermanentPuts()
+        self.listens: set[Closable] = set()
+        self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self.start_time = time.time()
+        self.requests = 0
+        self._window: tuple[float, int] | None = None
+        self._last_rate = 0.0
+        self._timers_changed = trio.Event()
+
+    # -- counters -------------------------------------------------------------------------------------------
+
+    def count_request(self) -> None:
+        """Count a request towards ``requestRate`` (all but node info, as OpenDHT)."""
+        self.requests += 1
+
+    def request_rate(self, now: float) -> float:
+        if self._window is None:
+            self._window = (now, self.requests)
+        start, count = self._window
+        if now - start >= STATS_WINDOW:
+            self._last_rate = (self.requests - count) / (now - start)
+            self._window = (now, self.requests)
+        return self._last_rate
+
+    # -- documents ------------------------------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any] | None:
+        """``GET /node/info`` without ``public_ip``; None while the DHT cannot tell."""
+        try:
+            info = self.dht.info()
+        except Exception:
+            log.exception("dht.info() failed")
+            return None
+        return node_info_json(info)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "listenCount": len(self.listens),
+            "putCount": self.permanent.key_count,
+            "totalPermanentPuts": self.permanent.total,
+            "pushListenersCount": 0,
+            "serverStartTime": int(self.start_time),
+            "lastUpdated": int(time.time()),
+            "requestRate": self.request_rate(now),
+        }
+        info = self.node_info()
+        if info is not None:
+            doc["nodeInfo"] = info
+        if self.push is not None:
+            doc.update(self.push.stats())
+        return doc
+
+    # -- permanent puts -------------------------------------------------------------------------------------
+
+    def permanent_changed(self) -> None:
+        self._timers_changed.set()
+
+    async def run(self) -> None:
+        """Cancel permanent puts whose 24 h ran out and hand due refresh warnings to the push hooks."""
+        while True:
+            deadline = self.permanent.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timers_changed.wait()
+            self._timers_changed = trio.Event()
+            expired, warn = self.permanent.due(trio.current_time())
+            for held in expired:
+                try:
+                    self.dht.cancel_put(held.key, held.value.id)
+                except Exception:
+                    log.exception("cancel_put failed for %s/%d", held.key, held.value.id)
+            for held in warn:
+                if self.push is not None:
+                    self.push.permanent_put_due(held)
+
+    def close_listens(self) -> None:
+        """End every open listen stream cleanly (with a last chunk), as on shutdown."""
+        for stream in list(self.listens):
+            stream.close()
+
+
+def family_json(stats: FamilyStats) -> dict[str, Any]:
+    doc: dict[str, Any] = {"good": stats.good, "dubious": stats.dubious, "incoming": stats.incoming}
+    if stats.network_size_estimation:
+        doc["network_size_estimation"] = stats.network_size_estimation
+    return doc
+
+
+def node_info_json(info: NodeInfo) -> dict[str, Any]:
+    """OpenDHT's ``NodeInfo::toJson``: ``node_id``, per-family counts, storage figures, ports, extras."""
+    doc: dict[str, Any] = dict(info.extra)
+    doc.update(
+        node_id=info.node_id.hex(),
+        ipv4=family_json(info.ipv4),
+        ipv6=family_json(info.ipv6),
+        storage_size=info.storage_size,
+        storage_values=info.storage_values,
+    )
+    doc.setdefault("ops", info.listeners)
+    if info.bound_port:
+        doc["port_ipv4"] = doc["port_ipv6"] = info.bound_port
+    return doc

@@ -1,0 +1,183 @@
+"""An in-memory :class:`~trio_dht.api.Dht`: one node's storage and listeners, no network.
+
+Values expire by type (``type_expiration``, or the ``lifetime`` given) on the Trio clock, so
+``trio.testing.MockClock`` drives expiry.
+Permanent puts never expire until :meth:`MemoryDht.cancel_put`. ``fail_puts`` makes every put report failure
+(the value is still stored, as on an isolated OpenDHT node), for testing a proxy's 502.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
+from trio_dht.infohash import InfoHash
+from trio_dht.value import MAX_VALUE_SIZE, Query, Value, random_value_id, type_expiration
+
+
+@dataclass(slots=True)
+class _Stored:
+    value: Value
+    expires_at: float
+    permanent: bool
+
+
+class _Listener:
+    """One listen: an async iterator of events, woken by puts and by the next expiry on its key."""
+
+    def __init__(self, dht: MemoryDht, key: InfoHash, query: Query | None) -> None:
+        self.dht = dht
+        self.key = key
+        self.query = query
+        self._pending: deque[ValueEvent] = deque()
+        self._wakeup = trio.Event()
+
+    def matches(self, value: Value) -> bool:
+        return self.query is None or self.query.matches(value)
+
+    def deliver(self, event: ValueEvent) -> None:
+        if self.matches(event.value):
+            self._pending.append(event)
+            self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def __aiter__(self) -> _Listener:
+        return self
+
+    async def __anext__(self) -> ValueEvent:
+        while not self._pending:
+            with trio.move_on_at(self.dht.next_expiry(self.key)):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self.dht.expire(self.key, trio.current_time())
+        return self._pending.popleft()
+
+
+class MemoryDht:
+    """A :class:`~trio_dht.api.Dht` kept in memory. ``info()`` reports ``good_nodes`` good IPv4 nodes.
+
+    ``lifetime(value)`` gives a value's lifetime in seconds (default: its type's).
+    """
+
+    def __init__(
+        self,
+        node_id: InfoHash | None = None,
+        *,
+        good_nodes: int = 8,
+        fail_puts: bool = False,
+        lifetime: Callable[[Value], float] | None = None,
+    ) -> None:
+        self.lifetime = lifetime or (lambda value: type_expiration(value.type))
+        self._node_id = node_id if node_id is not None else InfoHash.random()
+        self.good_nodes = good_nodes
+        self.fail_puts = fail_puts
+        self._store: dict[InfoHash, dict[int, _Stored]] = {}
+        self._listeners: dict[InfoHash, set[_Listener]] = {}
+
+    @property
+    def node_id(self) -> InfoHash:
+        return self._node_id
+
+    # -- storage ---------------------------------------------------------------------------------------------
+
+    def values(self, key: InfoHash, query: Query | None = None) -> list[Value]:
+        """The live values under ``key`` (no checkpoint: for assertions)."""
+        self.expire(key, trio.current_time())
+        stored = self._store.get(key, {}).values()
+        return [s.value for s in stored if query is None or query.matches(s.value)]
+
+    def next_expiry(self, key: InfoHash) -> float:
+        return min((s.expires_at for s in self._store.get(key, {}).values()), default=math.inf)
+
+    def expire(self, key: InfoHash, now: float) -> None:
+        """Drop the values under ``key`` whose time has come, telling listeners."""
+        by_id = self._store.get(key)
+        if not by_id:
+            return
+        gone = [vid for vid, s in by_id.items() if s.expires_at <= now]
+        for vid in gone:
+            stored = by_id.pop(vid)
+            for listener in list(self._listeners.get(key, ())):
+                listener.deliver(ValueEvent(stored.value, expired=True))
+        if not by_id:
+            del self._store[key]
+
+    # -- Dht -------------------------------------------------------------------------------------------------
+
+    async def get(
+        self, key: InfoHash, query: Query | None = None, *, on_values: GetCallback | None = None
+    ) -> list[Value]:
+        await trio.lowlevel.checkpoint()
+        values = self.values(key, query)
+        if values and on_values is not None:
+            on_values(list(values))
+        return values
+
+    async def put(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        await trio.lowlevel.checkpoint()
+        if value.size > MAX_VALUE_SIZE:
+            return False
+        if not value.id:
+            value.id = random_value_id()
+        now = trio.current_time()
+        self.expire(key, now)
+        by_id = self._store.setdefault(key, {})
+        expires_at = math.inf if permanent else now + self.lifetime(value)
+        old = by_id.get(value.id)
+        by_id[value.id] = _Stored(value, expires_at, permanent)
+        if old is None or not old.value.same_content(value):
+            for listener in list(self._listeners.get(key, ())):
+                listener.deliver(ValueEvent(value))
+        return not self.fail_puts
+
+    def cancel_put(self, key: InfoHash, value_id: int) -> bool:
+        stored = self._store.get(key, {}).get(value_id)
+        if stored is None or not stored.permanent:
+            return False
+        stored.permanent = False
+        stored.expires_at = trio.current_time() + self.lifetime(stored.value)
+        for listener in list(self._listeners.get(key, ())):
+            listener.wake()  # its next expiry moved
+        return True
+
+    @asynccontextmanager
+    async def listen(
+        self, key: InfoHash, query: Query | None = None
+    ) -> AsyncIterator[AsyncIterator[ValueEvent]]:
+        listener = _Listener(self, key, query)
+        for value in self.values(key, query):
+            listener.deliver(ValueEvent(value))
+        self._listeners.setdefault(key, set()).add(listener)
+        try:
+            yield listener
+        finally:
+            listeners = self._listeners.get(key)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[key]
+
+    def listener_count(self, key: InfoHash | None = None) -> int:
+        """Open listens (on ``key``, or in all)."""
+        if key is not None:
+            return len(self._listeners.get(key, ()))
+        return sum(len(ls) for ls in self._listeners.values())
+
+    def info(self) -> NodeInfo:
+        stored = [s for by_id in self._store.values() for s in by_id.values()]
+        return NodeInfo(
+            node_id=self._node_id,
+            ipv4=FamilyStats(good=self.good_nodes),
+            storage_size=sum(s.value.size for s in stored),
+            storage_values=len(stored),
+            storage_keys=len(self._store),
+            listeners=self.listener_count(),
+        )
