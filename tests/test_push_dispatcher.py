@@ -1,0 +1,146 @@
+"""Delivery: coalescing, batching, backoff, Retry-After, pruning; the sans-IO queue, then the Trio shell."""
+
+import math
+
+import trio
+
+from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
+from trio_dht.push.gateway import Outcome, PermanentGatewayError, TemporaryGatewayError
+from trio_dht.push.payloads import Platform, Push, PushKind
+
+LANE = ("gw", 0)
+
+
+def vpush(sid, t=1, exp=None, high=True, token=None):
+    data = {"key": "k", "t": t} | ({"exp": exp} if exp else {})
+    return Push(sid, PushKind.VALUES, token or f"tok{sid}", Platform.ANDROID, "", data, high)
+
+
+def test_coalescing_keeps_one_push_per_slot():
+    q = DeliveryQueue(batch_window=0.05)
+    q.submit(vpush(1, t=1, exp="5", high=False), LANE, 10, now=0)
+    q.submit(vpush(1, t=2, exp="6", high=False), LANE, 10, now=0.01)
+    q.submit(vpush(2, t=3), LANE, 10, now=0.02)
+    assert len(q) == 2 and q.stats["coalesced"] == 1
+    assert q.next_batch(0.04) is None  # the window is still open
+    assert q.next_due() == 0.05
+    batch = q.next_batch(0.05)
+    assert [p.sid for p in batch.pushes] == [1, 2]
+    assert batch.pushes[0].data == {"key": "k", "t": 2}  # two different expiries: a full GET instead
+
+
+def test_full_batches_go_at_once_and_one_batch_per_lane_is_in_flight():
+    q = DeliveryQueue(batch_window=10)
+    for sid in range(5):
+        q.submit(vpush(sid), LANE, 2, now=0)
+    first = q.next_batch(0)
+    assert len(first.pushes) == 2
+    assert q.next_batch(0) is None and q.next_due() == math.inf  # lane busy
+    q.batch_done(first, [Outcome.DELIVERED] * 2, now=0)
+    assert len(q.next_batch(0).pushes) == 2
+
+
+def test_outage_requeues_merges_and_backs_off_then_recovers_with_one_push_each():
+    q = DeliveryQueue(batch_window=0, backoff_base=1, backoff_cap=60, rng=lambda: 1.0)
+    q.submit(vpush(1, t=1), LANE, 10, 0)
+    batch = q.next_batch(0)
+    q.submit(vpush(1, t=2), LANE, 10, 0.5)  # arrives while the first is in flight
+    q.batch_failed(batch, now=1)
+    assert len(q) == 1 and q.next_due() == 2  # backoff 1 s
+    assert q.next_batch(1.5) is None
+    delays = []
+    now = 2.0
+    for _ in range(5):
+        batch = q.next_batch(now)
+        q.batch_failed(batch, now)
+        delays.append(q.next_due() - now)
+        now = q.next_due()
+    assert delays == [2, 4, 8, 16, 32]
+    batch = q.next_batch(now)
+    assert len(batch.pushes) == 1 and batch.pushes[0].data["t"] == 2
+    q.batch_done(batch, [Outcome.DELIVERED], now)
+    assert len(q) == 0 and q.next_due() == math.inf
+
+
+def test_retry_after_is_honoured():
+    q = DeliveryQueue(batch_window=0)
+    q.submit(vpush(1), LANE, 10, 0)
+    q.batch_failed(q.next_batch(0), now=0, retry_after=120)
+    assert q.next_due() == 120 and q.next_batch(119) is None and q.next_batch(120) is not None
+
+
+def test_single_push_retries_are_bounded_and_gone_tokens_reported():
+    q = DeliveryQueue(batch_window=0, max_attempts=2, rng=lambda: 1.0)
+    q.submit(vpush(1), LANE, 10, 0)
+    q.submit(vpush(2), LANE, 10, 0)
+    batch = q.next_batch(0)
+    assert q.batch_done(batch, [Outcome.RETRY, Outcome.TOKEN_GONE], 0) == ["tok2"]
+    assert q.next_due() == 1
+    batch = q.next_batch(1)
+    assert [p.sid for p in batch.pushes] == [1]
+    q.batch_done(batch, [Outcome.RETRY], 1)
+    assert q.stats["gave-up"] == 1 and len(q) == 0
+
+
+def test_discard_forgets_queued_and_in_flight_pushes():
+    q = DeliveryQueue(batch_window=0)
+    q.submit(vpush(1), LANE, 10, 0)
+    batch = q.next_batch(0)
+    q.submit(vpush(2), LANE, 10, 0)
+    q.discard(1)
+    q.discard(2)
+    q.batch_failed(batch, 0)
+    assert len(q) == 0 and q.next_due() == math.inf
+
+
+class ScriptedGateway:
+    """A gateway whose requests fail while ``down`` is set."""
+
+    name = "fake"
+    max_batch = 50
+
+    def __init__(self):
+        self.down = False
+        self.delivered: list[Push] = []
+        self.requests = 0
+
+    def lane(self, push):
+        return 0
+
+    async def send(self, pushes):
+        self.requests += 1
+        await trio.sleep(0.01)
+        if self.down:
+            raise TemporaryGatewayError("down")
+        if any(p.token == "poison" for p in pushes):
+            raise PermanentGatewayError("bad request")
+        self.delivered.extend(pushes)
+        return [Outcome.TOKEN_GONE if p.token == "dead" else Outcome.DELIVERED for p in pushes]
+
+
+async def test_dispatcher_gateway_down_then_back_delivers_each_subscription_once(autojump_clock):
+    gateway = ScriptedGateway()
+    gone = []
+    dispatcher = Dispatcher({Platform.ANDROID: gateway}, queue=DeliveryQueue(backoff_cap=30))
+    dispatcher.on_token_gone(gone.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        gateway.down = True
+        for t in range(20):  # 20 events for each of 10 subscriptions during the outage
+            for sid in range(10):
+                dispatcher.submit(vpush(sid, t=t))
+            await trio.sleep(30)
+        assert gateway.requests > 5 and not gateway.delivered
+        assert len(dispatcher.queue) == 10  # memory bounded: one per subscription
+        gateway.down = False
+        await trio.sleep(120)
+        assert sorted(p.sid for p in gateway.delivered) == list(range(10))
+        assert all(p.data["t"] == 19 for p in gateway.delivered)
+        dispatcher.submit(vpush(99, token="dead"))
+        await trio.sleep(1)
+        dispatcher.submit(Push(98, PushKind.VALUES, "poison", Platform.ANDROID, "", {}, True))
+        dispatcher.submit(Push(97, PushKind.VALUES, "x", Platform.UNIFIEDPUSH, "", {}, True))
+        await trio.sleep(1)
+        assert gone == ["dead"]
+        assert dispatcher.stats["no-gateway"] == 1 and dispatcher.stats["dropped"] == 1
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,147 @@
+"""The gorush gateway: Android (FCM) and iOS (APNs) pushes as ``POST /api/push``.
+
+Bodies are those OpenDHT's proxy sends (``reference-behaviour.md`` §4), with Android's priority and TTL in the
+FCM HTTP v1 ``android`` block as OpenDHT's HEAD does:
+
+- Android: ``{"android": {"priority", "ttl": "86400s"}, "data", "platform": 2, "tokens": [token]}``; never a
+  ``topic`` (gorush would make it an FCM topic message).
+- iOS: ``{"data", "expiration": now + 24 h, "platform": 1, "priority", "tokens", "topic"?}`` plus either an
+  alert (``"push_type": "alert", "alert": {"title": "hello"}, "mutable_content": true``, priority high) for
+  high-priority and timeout pushes, so the notification service extension runs, or a background push
+  (``"push_type": "background", "content_available": true``).
+- A missing or unknown platform is sent as iOS, deliberately, as OpenDHT does: clients that predate the
+  ``platform`` field are iOS clients, and gorush reports an unusable token as a failed push, which prunes it.
+
+Notifications are batched, one token each, up to gorush's ``max_notification`` (100) per request. With gorush
+in sync mode its ``logs`` name failed tokens: dead ones (APNs ``Unregistered``/``BadDeviceToken``/..., FCM
+"not found"/"not a valid FCM registration token") are pruned, throttled ones retried, others dropped. Give
+gorush ``log.hide_token: false``, or ``notif_ids=True`` here, so that failures map back to pushes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import httpx
+
+from trio_dht.push.gateway import Outcome, PermanentGatewayError, TemporaryGatewayError, raise_for_transient
+from trio_dht.push.payloads import PUSH_TTL, Platform, Push
+
+GORUSH_ANDROID = 2
+GORUSH_IOS = 1
+IOS_ALERT = {"title": "hello"}
+
+_DEAD_TOKEN_ERRORS = (
+    "unregistered",
+    "baddevicetoken",
+    "devicetokennotfortopic",
+    "topicdisallowed",
+    "expiredtoken",
+    "requested entity was not found",
+    "not a valid fcm registration token",
+    "registration-token-not-registered",
+)
+_RETRY_ERRORS = ("toomanyrequests", "serviceunavailable", "internalservererror", "shutdown", "unavailable")
+
+
+def gorush_notification(push: Push, *, bundle_id: str, now_wall: float) -> dict[str, Any]:
+    """The gorush notification object for one push."""
+    priority = "high" if push.high_priority else "normal"
+    if push.platform is Platform.ANDROID:
+        return {
+            "android": {"priority": priority, "ttl": f"{PUSH_TTL}s"},
+            "data": push.data,
+            "platform": GORUSH_ANDROID,
+            "tokens": [push.token],
+        }
+    note: dict[str, Any] = {
+        "data": push.data,
+        "expiration": int(now_wall) + PUSH_TTL,
+        "platform": GORUSH_IOS,
+        "tokens": [push.token],
+    }
+    topic = push.topic or bundle_id
+    if topic:
+        note["topic"] = topic
+    if push.high_priority or "timeout" in push.data:
+        note.update(priority="high", push_type="alert", alert=dict(IOS_ALERT), mutable_content=True)
+    else:
+        note.update(priority=priority, push_type="background", content_available=True)
+    return note
+
+
+def classify_failure(error: str) -> Outcome:
+    """What a gorush ``failed-push`` log's ``error`` means for the push (matched loosely: not a stable
+    API)."""
+    text = error.lower()
+    if any(marker in text for marker in _DEAD_TOKEN_ERRORS):
+        return Outcome.TOKEN_GONE
+    if any(marker in text for marker in _RETRY_ERRORS):
+        return Outcome.RETRY
+    return Outcome.DROPPED
+
+
+class GorushGateway:
+    """Pushes for Android, iOS and unknown platforms through one gorush server."""
+
+    name = "gorush"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        *,
+        bundle_id: str = "",
+        max_batch: int = 100,
+        lanes: int = 2,
+        notif_ids: bool = False,
+    ) -> None:
+        """``url`` is gorush's base URL (``http://host:port``); ``lanes`` requests may be in flight at
+        once."""
+        self._client = client
+        self._url = url.rstrip("/") + "/api/push"
+        self._bundle_id = bundle_id
+        self.max_batch = max_batch
+        self._lanes = lanes
+        self._notif_ids = notif_ids
+
+    def lane(self, push: Push) -> Hashable:
+        return push.sid % self._lanes
+
+    def request_body(self, pushes: Sequence[Push], now_wall: float) -> dict[str, Any]:
+        notes = [gorush_notification(p, bundle_id=self._bundle_id, now_wall=now_wall) for p in pushes]
+        if self._notif_ids:
+            for i, note in enumerate(notes):
+                note["notif_id"] = str(i)
+        return {"notifications": notes}
+
+    async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
+        now_wall = time.time()
+        try:
+            response = await self._client.post(self._url, json=self.request_body(pushes, now_wall))
+        except httpx.TransportError as exc:
+            raise TemporaryGatewayError(f"gorush unreachable: {exc!r}") from exc
+        raise_for_transient(response, now_wall)
+        if response.status_code != 200:
+            raise PermanentGatewayError(f"gorush refused: {response.status_code} {response.text[:200]}")
+        return self._outcomes(pushes, response)
+
+    def _outcomes(self, pushes: Sequence[Push], response: httpx.Response) -> list[Outcome]:
+        outcomes = [Outcome.DELIVERED] * len(pushes)
+        try:
+            logs = response.json().get("logs") or []
+        except (ValueError, AttributeError):
+            return outcomes  # accepted, but the reply is unreadable: nothing to learn from it
+        if not isinstance(logs, list):
+            return outcomes
+        for entry in logs:
+            if not isinstance(entry, dict) or entry.get("type") != "failed-push":
+                continue
+            outcome = classify_failure(str(entry.get("error", "")))
+            notif_id = entry.get("notif_id")
+            for i, push in enumerate(pushes):
+                if (notif_id == str(i)) if self._notif_ids and notif_id else push.token == entry.get("token"):
+                    outcomes[i] = outcome
+        return outcomes

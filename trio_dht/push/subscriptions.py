@@ -1,0 +1,361 @@
+"""The subscription book (sans-IO): who is subscribed to which key, until when, and what to push.
+
+Identity. A current-dialect subscription is identified, as in OpenDHT, by (device token, key, client_id); a
+seed-dialect one by (device token, key, callback_id). Each also has a random 63-bit ``sid``: the seed
+dialect's ``token`` reply, the dispatcher's coalescing slot and the persistence row id.
+
+Life of a subscription (explicit states, one transition per event)::
+
+    subscribe ──► ACTIVE ──(deadline - margin)──► TIMEOUT_PUSH_SENT ──(deadline)──► EXPIRED
+                    ▲  ▲                               │
+                    │  └────────── refreshed ──────────┘        (any state) ──unsubscribe──► UNSUBSCRIBED
+                    └─ refreshed (deadline moves)                (any state) ──token gone──► UNSUBSCRIBED
+
+A refresh (any SUBSCRIBE of an existing identity, as OpenDHT) moves the deadline to ``now + lifetime`` and
+returns the subscription to ACTIVE, so its timeout push moves too. Lifetime defaults to 6 h (the seed
+document); 24 h gives OpenDHT's behaviour. The margin defaults to 1/12 of the lifetime (OpenDHT: 2 h of 24 h),
+so a device that refreshes on the timeout push never has a gap.
+
+Why a heap and not a task per subscription: a Trio task costs about 3 KB and 35 µs to start or cancel
+(``trio-stack.md`` §4), a heap entry about 220 B. The book keeps every subscription's next due time in one
+heap (lazily invalidated: an entry counts only if it still equals the subscription's ``due``), and one Trio
+task in the service sleeps until :meth:`SubscriptionBook.next_due` and calls :meth:`SubscriptionBook.advance`.
+The DHT listens, which need a task anyway, are per key (shared by all subscriptions on it) and run under a
+cancel scope whose deadline is the latest deadline of the key's subscriptions.
+
+All times are seconds on the caller's clock (the service uses ``trio.current_time()``).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from trio_dht.infohash import InfoHash
+from trio_dht.push.payloads import (
+    Dialect,
+    Platform,
+    Push,
+    PushKind,
+    data_limit,
+    encode_data,
+    timeout_data,
+    values_data,
+)
+from trio_dht.push.requests import BadRequest, SubscribeRequest, UnsubscribeRequest
+
+DEFAULT_LIFETIME = 6 * 3600.0
+"""The seed document's six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""
+MARGIN_FRACTION = 1 / 12
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"3600"``, ``"90s"``, ``"30m"``, ``"24h"`` or ``"2d"``; raises ValueError."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (seconds, or a number with s, m, h or d)")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not 0 < seconds < math.inf:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+class SubscriptionState(enum.Enum):
+    ACTIVE = "active"
+    TIMEOUT_PUSH_SENT = "timeout-push-sent"
+    EXPIRED = "expired"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class Subscription:
+    """One device's subscription to one key. Mutated only by :class:`SubscriptionBook`."""
+
+    __slots__ = (
+        "client_id",
+        "deadline",
+        "dialect",
+        "due",
+        "key",
+        "platform",
+        "session_id",
+        "sid",
+        "state",
+        "token",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        *,
+        sid: int,
+        dialect: Dialect,
+        token: str,
+        key: InfoHash,
+        client_id: str,
+        session_id: str,
+        platform: Platform,
+        topic: str,
+        deadline: float,
+        state: SubscriptionState = SubscriptionState.ACTIVE,
+    ) -> None:
+        self.sid = sid
+        self.dialect = dialect
+        self.token = token
+        self.key = key
+        self.client_id = client_id
+        self.session_id = session_id
+        self.platform = platform
+        self.topic = topic
+        self.deadline = deadline
+        self.state = state
+        self.due = math.inf
+
+    @property
+    def identity(self) -> tuple[Dialect, InfoHash, str]:
+        """Unique within the subscriptions of one device token."""
+        return (self.dialect, self.key, self.client_id)
+
+    @property
+    def live(self) -> bool:
+        return self.state in (SubscriptionState.ACTIVE, SubscriptionState.TIMEOUT_PUSH_SENT)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.sid} {self.dialect.value} {self.key.hex()[:8]} {self.state.value}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A timer-driven state change reported by :meth:`SubscriptionBook.advance`."""
+
+    subscription: Subscription
+    state: SubscriptionState
+    """TIMEOUT_PUSH_SENT (send :meth:`SubscriptionBook.timeout_push`) or EXPIRED (stop and forget)."""
+
+
+class SubscriptionBook:
+    """Every push subscription, indexed by sid, by device token and by key, with one deadline heap."""
+
+    def __init__(self, *, lifetime: float = DEFAULT_LIFETIME, margin: float | None = None) -> None:
+        if lifetime <= 0:
+            raise ValueError("lifetime must be positive")
+        self.lifetime = lifetime
+        self.margin = lifetime * MARGIN_FRACTION if margin is None else margin
+        if not 0 <= self.margin < lifetime:
+            raise ValueError("margin must be shorter than the lifetime")
+        self._by_sid: dict[int, Subscription] = {}
+        self._by_token: dict[str, dict[tuple[Dialect, InfoHash, str], Subscription]] = {}
+        self._by_key: dict[InfoHash, dict[int, Subscription]] = {}
+        self._heap: list[tuple[float, int]] = []
+
+    # -- queries ---------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_sid)
+
+    @property
+    def token_count(self) -> int:
+        """Distinct device tokens (OpenDHT's ``pushListenersCount``)."""
+        return len(self._by_token)
+
+    def get(self, sid: int) -> Subscription | None:
+        return self._by_sid.get(sid)
+
+    def find(self, token: str, identity: tuple[Dialect, InfoHash, str]) -> Subscription | None:
+        return self._by_token.get(token, {}).get(identity)
+
+    def on_key(self, key: InfoHash) -> Iterator[Subscription]:
+        """The subscriptions on ``key``."""
+        yield from self._by_key.get(key, {}).values()
+
+    def key_deadline(self, key: InfoHash) -> float | None:
+        """When the last subscription on ``key`` ends (the deadline of the key's DHT listen), or None."""
+        subs = self._by_key.get(key)
+        return max(s.deadline for s in subs.values()) if subs else None
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(list(self._by_sid.values()))
+
+    def next_due(self) -> float | None:
+        """When :meth:`advance` next has something to do."""
+        heap = self._heap
+        while heap:
+            due, sid = heap[0]
+            sub = self._by_sid.get(sid)
+            if sub is not None and sub.due == due:
+                return due
+            heapq.heappop(heap)
+        return None
+
+    # -- transitions -----------------------------------------------------------------------------------------
+
+    def subscribe(self, key: InfoHash, request: SubscribeRequest, now: float) -> tuple[Subscription, bool]:
+        """Create or refresh the subscription ``request`` names; ``(subscription, created)``.
+
+        A refresh updates platform, topic and (if the body had one) session, as OpenDHT's HEAD does. Raises
+        :class:`BadRequest` if this subscription's pushes could not fit the platform's payload limit.
+        """
+        identity = (request.dialect, key, request.client_id)
+        sub = self.find(request.token, identity)
+        created = sub is None
+        session = request.session_id if request.session_id is not None or sub is None else sub.session_id
+        sid = self._new_sid() if sub is None else sub.sid
+        _check_payload_size(request.dialect, key, request.client_id, session or "", sid, request.platform)
+        if sub is None:
+            sub = Subscription(
+                sid=sid,
+                dialect=request.dialect,
+                token=request.token,
+                key=key,
+                client_id=request.client_id,
+                session_id=session or "",
+                platform=request.platform,
+                topic=request.topic,
+                deadline=now + self.lifetime,
+            )
+            self._add(sub)
+        sub.platform, sub.topic, sub.session_id = request.platform, request.topic, session or ""
+        sub.deadline = now + self.lifetime
+        sub.state = SubscriptionState.ACTIVE
+        self._schedule(sub)
+        return sub, created
+
+    def restore(self, sub: Subscription, now: float, *, delay: float = 0.0) -> bool:
+        """Add a subscription read back from storage; overdue timeout pushes are put off by ``delay``.
+
+        Returns False (and adds nothing) if it has already expired, or if its identity or sid is taken.
+        """
+        if sub.deadline <= now or sub.sid in self._by_sid or self.find(sub.token, sub.identity) is not None:
+            return False
+        if sub.state not in (SubscriptionState.ACTIVE, SubscriptionState.TIMEOUT_PUSH_SENT):
+            return False
+        self._add(sub)
+        self._schedule(sub, not_before=now + delay)
+        return True
+
+    def unsubscribe(self, key: InfoHash, request: UnsubscribeRequest) -> list[Subscription]:
+        """Remove what ``request`` names (nothing if unknown: UNSUBSCRIBE is idempotent); the removed ones."""
+        if request.sub_token is not None:
+            sub = self._by_sid.get(request.sub_token)
+            if sub is None or sub.token != request.token or sub.key != key:
+                return []
+        else:
+            sub = self.find(request.token, (request.dialect, key, request.client_id))
+            if sub is None:
+                return []
+        self.remove(sub)
+        return [sub]
+
+    def remove_token(self, token: str) -> list[Subscription]:
+        """Remove every subscription of a device token the gateway reported gone."""
+        subs = list(self._by_token.get(token, {}).values())
+        for sub in subs:
+            self.remove(sub)
+        return subs
+
+    def remove(self, sub: Subscription) -> None:
+        """End ``sub`` now (UNSUBSCRIBED); a subscription no longer in the book is left alone."""
+        if self._by_sid.get(sub.sid) is sub:
+            self._remove(sub, SubscriptionState.UNSUBSCRIBED)
+
+    def advance(self, now: float) -> list[Transition]:
+        """Fire every timer due at ``now``: timeout pushes, then expiries."""
+        out: list[Transition] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, sid = heapq.heappop(heap)
+            sub = self._by_sid.get(sid)
+            if sub is None or sub.due != due:
+                continue
+            if sub.state is SubscriptionState.ACTIVE and now < sub.deadline:
+                sub.state = SubscriptionState.TIMEOUT_PUSH_SENT
+                self._schedule(sub)
+            else:
+                self._remove(sub, SubscriptionState.EXPIRED)
+            out.append(Transition(sub, sub.state))
+        return out
+
+    # -- payloads --------------------------------------------------------------------------------------------
+
+    def values_push(
+        self, sub: Subscription, *, t_ms: int, high_priority: bool, expired_id: int | None = None
+    ) -> Push:
+        """The wake-up telling ``sub``'s device that values changed under its key."""
+        data = values_data(
+            sub.dialect,
+            key_hex=sub.key.hex(),
+            client_id=sub.client_id,
+            session_id=sub.session_id,
+            sub_token=sub.sid,
+            t_ms=t_ms,
+            expired_id=expired_id,
+        )
+        return Push(sub.sid, PushKind.VALUES, sub.token, sub.platform, sub.topic, data, high_priority)
+
+    def timeout_push(self, sub: Subscription) -> Push:
+        """The push asking ``sub``'s device to subscribe again before the deadline."""
+        data = timeout_data(
+            sub.dialect,
+            key_hex=sub.key.hex(),
+            client_id=sub.client_id,
+            session_id=sub.session_id,
+            sub_token=sub.sid,
+        )
+        return Push(sub.sid, PushKind.TIMEOUT, sub.token, sub.platform, sub.topic, data, False)
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _new_sid(self) -> int:
+        while True:
+            sid = secrets.randbits(63)
+            if sid and sid not in self._by_sid:
+                return sid
+
+    def _add(self, sub: Subscription) -> None:
+        self._by_sid[sub.sid] = sub
+        self._by_token.setdefault(sub.token, {})[sub.identity] = sub
+        self._by_key.setdefault(sub.key, {})[sub.sid] = sub
+
+    def _remove(self, sub: Subscription, state: SubscriptionState) -> None:
+        sub.state = state
+        sub.due = math.inf
+        del self._by_sid[sub.sid]
+        of_token = self._by_token[sub.token]
+        del of_token[sub.identity]
+        if not of_token:
+            del self._by_token[sub.token]
+        of_key = self._by_key[sub.key]
+        del of_key[sub.sid]
+        if not of_key:
+            del self._by_key[sub.key]
+
+    def _schedule(self, sub: Subscription, not_before: float = -math.inf) -> None:
+        if sub.state is SubscriptionState.ACTIVE:
+            due = max(sub.deadline - self.margin, not_before)
+        else:
+            due = sub.deadline
+        sub.due = min(due, sub.deadline)
+        heapq.heappush(self._heap, (sub.due, sub.sid))
+        if len(self._heap) > 2 * len(self._by_sid) + 64:
+            self._heap = [(s.due, s.sid) for s in self._by_sid.values()]
+            heapq.heapify(self._heap)
+
+
+def _check_payload_size(
+    dialect: Dialect, key: InfoHash, client_id: str, session_id: str, sid: int, platform: Platform
+) -> None:
+    """Refuse a subscription whose largest push would not fit its platform's limit."""
+    fields = {"key_hex": key.hex(), "client_id": client_id, "session_id": session_id, "sub_token": sid}
+    largest = max(
+        len(encode_data(values_data(dialect, t_ms=10**13, expired_id=2**64 - 1, **fields))),
+        len(encode_data(timeout_data(dialect, **fields))),
+    )
+    if largest > data_limit(platform):
+        raise BadRequest("Push payload too large")

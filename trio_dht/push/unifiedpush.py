@@ -1,0 +1,101 @@
+"""The UnifiedPush gateway: Web Push (RFC 8030) straight to the endpoint URL the subscriber gave as its token.
+
+``POST <endpoint>`` (scheme, host, **port**, path and query as given; OpenDHT 2.4.12 dropped the port) with
+``TTL: 86400`` and ``Urgency: high|normal``. When the subscription's topic is ``"<p256dh>|<auth>"`` the body
+is RFC 8291 ``aes128gcm``-encrypted (``Content-Encoding: aes128gcm``); otherwise it is the plain JSON, as
+OpenDHT sends it. One push per request. Replies: any 2xx is success; 404/410 prune the endpoint; 429 and 5xx
+back the host off (honouring ``Retry-After``); 3xx (never followed), 400, 401/403, 413 drop the push.
+
+Unless private endpoints are allowed, every request goes through :mod:`~trio_dht.push.ssrf`: the host is
+resolved, every address must be public, and the request is pinned to the checked address (``Host`` and TLS
+server name stay the endpoint's), so a DNS answer cannot be swapped in between check and connect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Hashable, Sequence
+
+import httpx
+
+from trio_dht.push import ssrf, webpush_crypto
+from trio_dht.push.gateway import Outcome, TemporaryGatewayError, raise_for_transient
+from trio_dht.push.payloads import MAX_WEBPUSH_DATA, PUSH_TTL, Push, encode_data
+
+MAX_MESSAGE = 4096
+"""Largest Web Push body on the wire (RFC 8030 servers must accept at least this)."""
+
+
+def webpush_request(push: Push) -> tuple[dict[str, str], bytes]:
+    """Headers and body for one push; raises ValueError if it cannot fit a Web Push message."""
+    plaintext = encode_data(push.data)
+    if len(plaintext) > MAX_WEBPUSH_DATA:
+        raise ValueError("push data too large for Web Push")
+    headers = {"TTL": str(PUSH_TTL), "Urgency": "high" if push.high_priority else "normal"}
+    keys = webpush_crypto.parse_topic_keys(push.topic)
+    if keys is None:
+        headers["Content-Type"] = "application/json"
+        return headers, plaintext
+    headers["Content-Type"] = "application/octet-stream"
+    headers["Content-Encoding"] = "aes128gcm"
+    return headers, webpush_crypto.encrypt(plaintext, *keys)
+
+
+class UnifiedPushGateway:
+    """Pushes for ``unifiedpush`` subscriptions, one request each, lanes per endpoint host."""
+
+    name = "unifiedpush"
+    max_batch = 1
+
+    def __init__(self, client: httpx.AsyncClient, *, allow_private: bool = False) -> None:
+        self._client = client
+        self._allow_private = allow_private
+
+    def lane(self, push: Push) -> Hashable:
+        try:
+            endpoint = ssrf.parse_endpoint(push.token, allow_private=True)
+        except ssrf.ForbiddenEndpoint:
+            return ""
+        return (endpoint.host, endpoint.port)
+
+    async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
+        return [await self._send_one(push) for push in pushes]
+
+    async def _send_one(self, push: Push) -> Outcome:
+        now_wall = time.time()
+        try:
+            endpoint = ssrf.parse_endpoint(push.token, allow_private=self._allow_private)
+            headers, body = webpush_request(push)
+            url, extensions = await self._target(endpoint, headers)
+        except ssrf.ForbiddenEndpoint:
+            return Outcome.TOKEN_GONE
+        except (ValueError, webpush_crypto.WebPushCryptoError):
+            return Outcome.DROPPED
+        except OSError as exc:
+            raise TemporaryGatewayError(f"cannot resolve {endpoint.host}: {exc!r}") from exc
+        try:
+            response = await self._client.post(url, content=body, headers=headers, extensions=extensions)
+        except httpx.TransportError as exc:
+            raise TemporaryGatewayError(f"{endpoint.host} unreachable: {exc!r}") from exc
+        raise_for_transient(response, now_wall)
+        if 200 <= response.status_code < 300:
+            return Outcome.DELIVERED
+        if response.status_code in (404, 410):
+            return Outcome.TOKEN_GONE
+        return Outcome.DROPPED
+
+    async def _target(self, endpoint: ssrf.Endpoint, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """The URL to request and the httpx extensions: pinned to a checked address unless private is
+        allowed."""
+        if self._allow_private:
+            return endpoint.url, {}
+        address = await ssrf.resolve_endpoint(endpoint)
+        host = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
+        default_port = 443 if endpoint.scheme == "https" else 80
+        netloc = endpoint.host if endpoint.port == default_port else f"{endpoint.host}:{endpoint.port}"
+        if ":" in endpoint.host:
+            netloc = f"[{endpoint.host}]" + ("" if endpoint.port == default_port else f":{endpoint.port}")
+        headers["Host"] = netloc
+        extensions = {"sni_hostname": endpoint.host} if endpoint.scheme == "https" else {}
+        return f"{endpoint.scheme}://{host}:{endpoint.port}{endpoint.target}", extensions
