@@ -325,11 +325,13 @@ class DhtNode:
             self.counters.dropped_network += 1
             return
         now = trio.current_time()
+        rate_checked = False  # a fragmented request is counted once, when its header arrives
         if msg.kind is Kind.FRAGMENT:
             done = self._reassembler.fragment((addr, msg.tid), msg, now)
             if done is None:
                 return
             msg = done
+            rate_checked = True
         elif msg.fragmented and msg.kind in (Kind.REQUEST, Kind.REPLY):
             if msg.kind is Kind.REQUEST and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
@@ -338,11 +340,12 @@ class DhtNode:
             if done is None:
                 return
             msg = done
+            rate_checked = True
         if msg.sender is None or not msg.sender or msg.sender == self._id:
             self.counters.dropped_self += 1
             return
         if msg.kind is Kind.REQUEST:
-            if not msg.fragmented and not msg.has_values and not self.rate_limiter.allow(addr, now):
+            if not rate_checked and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
                 return
             self._on_request(msg, addr, now)
@@ -544,6 +547,7 @@ class DhtNode:
         result = self.storage.put(
             key, value, now, created=created, source=source, local=local, permanent=permanent
         )
+        self._expiry_wake.set()  # the expiry loop may be waiting for a later (or no) expiration
         for ekey, vid in result.evicted:
             self._on_expired(ekey, [vid])
         if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):

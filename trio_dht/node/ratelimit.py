@@ -53,18 +53,18 @@ class RateLimiter:
         return ip
 
     def allow(self, addr: Address, now: float) -> bool:
+        """Per source first, then global (as OpenDHT): a flooding source cannot use up the global budget."""
+        if self.per_ip >= 0:
+            key = self._source(addr)
+            window = self._sources.get(key)
+            if window is None:
+                if len(self._sources) >= MAX_TRACKED:
+                    self._prune(now)
+                window = self._sources[key] = _Window(self.per_ip)
+            if not window.allow(now):
+                self.dropped += 1
+                return False
         if self._global is not None and not self._global.allow(now):
-            self.dropped += 1
-            return False
-        if self.per_ip < 0:
-            return True
-        key = self._source(addr)
-        window = self._sources.get(key)
-        if window is None:
-            if len(self._sources) >= MAX_TRACKED:
-                self._prune(now)
-            window = self._sources[key] = _Window(self.per_ip)
-        if not window.allow(now):
             self.dropped += 1
             return False
         return True

@@ -175,6 +175,8 @@ class RoutingTable:
         mid = b.first + (end - b.first) // 2
         upper = Bucket(mid, [n for n in b.nodes if n.id_int >= mid], last_changed=b.last_changed)
         b.nodes = [n for n in b.nodes if n.id_int < mid]
+        if b.cached is not None and b.cached.id_int >= mid:  # the candidate goes with its half
+            upper.cached, b.cached = b.cached, None
         self.buckets.insert(i + 1, upper)
         self._firsts.insert(i + 1, mid)
         return True

@@ -259,7 +259,7 @@ def decode(datagram: bytes) -> Message:
     if kind != "q":
         raise MalformedMessage(f"unexpected y {kind!r}")
     method = top.get("q")
-    if method not in METHODS:
+    if type(method) is not str or method not in METHODS:
         raise MalformedMessage("unknown query")
     msg = Message(Kind.REQUEST, tid, method=method, network=network, is_client=is_client, agent=agent)
     if "a" not in top:
@@ -323,9 +323,14 @@ class Encoder:
     def request_with_values(
         self, tid: int, method: str, args: dict[str, Any], values: list[Value]
     ) -> list[bytes]:
-        """A put or update carrying values: the request, then its fragments if any."""
+        """A put or update carrying values: the request, then its fragments if any.
+
+        ``values`` goes before ``c`` and ``token``, the order real nodes send (Appendix B.1, B.5).
+        """
         field_, packed = pack_values(values)
-        args = {**args, "values": field_}
+        head = {k: v for k, v in args.items() if k not in ("c", "token")}
+        tail = {k: args[k] for k in ("c", "token") if k in args}
+        args = {**head, "values": field_, **tail}
         return [self.request(tid, method, args), *fragments(tid, packed, self.network, self.is_client)]
 
     def reply(self, tid: int, body: dict[str, Any]) -> bytes:

@@ -37,6 +37,7 @@ class Reassembler:
 
     def __init__(self) -> None:
         self._partials: dict[Hashable, _Partial] = {}
+        self._swept = float("-inf")
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -46,7 +47,7 @@ class Reassembler:
         """A message whose ``values`` are sizes; returns it completed if every fragment is already here."""
         p = self._partials.get(key)
         if p is None:
-            if len(self._partials) >= MAX_PARTIALS:
+            if not self._room(now):
                 self.dropped += 1
                 return None
             p = self._partials[key] = _Partial(started=now, last=now)
@@ -67,7 +68,7 @@ class Reassembler:
         """A ``p`` datagram; returns the completed message once its last fragment is in."""
         p = self._partials.get(key)
         if p is None:
-            if len(self._partials) >= MAX_PARTIALS:
+            if not self._room(now):
                 self.dropped += 1
                 return None
             p = self._partials[key] = _Partial(started=now, last=now)
@@ -82,6 +83,15 @@ class Reassembler:
             else:
                 self._add(p, index, offset, data)
         return self._complete(key, p) if p.header is not None else None
+
+    def _room(self, now: float) -> bool:
+        """Room for one more partial message; when full, drop stale ones (at most one sweep a second)."""
+        if len(self._partials) < MAX_PARTIALS:
+            return True
+        if now - self._swept >= 1.0:
+            self._swept = now
+            self.expire(now)
+        return len(self._partials) < MAX_PARTIALS
 
     def _add(self, p: _Partial, index: int, offset: int, data: bytes) -> None:
         buf = p.buffers.get(index)

@@ -1,0 +1,217 @@
+"""Reassembly of fragmented values (trio_dht.wire.reassembly), sans-IO with explicit times (spec §1.9)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from trio_dht.infohash import InfoHash
+from trio_dht.value import Value
+from trio_dht.wire.message import Encoder, Kind, Message, decode
+from trio_dht.wire.reassembly import MAX_EARLY_BYTES, MAX_EARLY_FRAGMENTS, MAX_PARTIALS, Reassembler
+
+SENDER = InfoHash(b"\x05" * 20)
+KEY = InfoHash(b"\x07" * 20)
+ADDR = ("127.0.0.1", 4222)
+TID = 77_000
+
+
+def fragmented_put(*values: Value, tid: int = TID) -> tuple[Message, list[Message]]:
+    datagrams = Encoder(SENDER).request_with_values(tid, "put", {"h": KEY, "token": b"t" * 32}, list(values))
+    header, *frags = (decode(d) for d in datagrams)
+    assert header.fragmented
+    return header, frags
+
+
+def value(size: int, vid: int = 0xABCDEF0123456789) -> Value:
+    return Value(os.urandom(size), id=vid)
+
+
+def check(done: Message | None, *values: Value) -> None:
+    assert done is not None
+    assert [v.to_wire() for v in done.values] == [v.to_wire() for v in values]
+    assert not done.fragmented and done.sender == SENDER and done.info_hash == KEY
+
+
+def feed(r: Reassembler, frags: list[Message], now: float = 0.0, key=(ADDR, TID)) -> list[Message | None]:
+    return [r.fragment(key, f, now) for f in frags]
+
+
+def test_in_order():
+    v = value(60_000)
+    header, frags = fragmented_put(v)
+    assert len(frags) == 47
+    r = Reassembler()
+    assert r.header((ADDR, TID), header, 0.0) is None
+    results = feed(r, frags)
+    assert results[:-1] == [None] * 46
+    check(results[-1], v)
+    assert len(r) == 0 and r.dropped == 0
+
+
+@pytest.mark.parametrize("order", ["reverse", "swapped", "before-header"])
+def test_any_order(order):
+    v = value(5_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    if order == "before-header":
+        assert feed(r, frags) == [None] * len(frags)  # buffered
+        check(r.header((ADDR, TID), header, 0.5), v)
+    else:
+        frags = frags[::-1] if order == "reverse" else [frags[0], frags[2], frags[1], *frags[3:]]
+        assert r.header((ADDR, TID), header, 0.0) is None
+        results = feed(r, frags)
+        assert results[:-1] == [None] * (len(frags) - 1)
+        check(results[-1], v)
+    assert len(r) == 0
+
+
+def test_several_values_one_fragment_each():
+    values = [value(243, vid=(1 << 63) + i) for i in range(3)]  # 280 serialised bytes each
+    header, frags = fragmented_put(*values)
+    assert header.value_sizes == [280, 280, 280] and len(frags) == 3
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    check(feed(r, frags)[-1], *values)
+
+
+def test_duplicates_and_overlaps_are_ignored():
+    v = value(4_000)
+    header, frags = fragmented_put(v)
+    packed = v.packed()
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    assert feed(r, frags[:2]) == [None, None]
+    overlap = Message(header.kind, TID, parts={0: (640, packed[640:1920])})  # straddles fragments 0 and 1
+    assert r.fragment((ADDR, TID), overlap, 0.1) is None
+    assert feed(r, frags[:2]) == [None, None]  # a retransmission repeats them
+    check(feed(r, frags[2:])[-1], v)
+
+
+def test_overlap_does_not_corrupt():
+    """An overlapping fragment with other bytes arriving first leaves the real data in place."""
+    v = value(3_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    bogus = Message(header.kind, TID, parts={0: (100, b"\x00" * 1280)})
+    r.fragment((ADDR, TID), bogus, 0.0)  # covers [100, 1380): the real fragment 0 and 1 now overlap it
+    results = feed(r, frags)
+    assert all(x is None for x in results)  # never completes with mixed bytes
+    assert len(r) == 1
+
+
+def test_header_retransmission_keeps_progress():
+    v = value(3_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    feed(r, frags[:2])
+    assert r.header((ADDR, TID), header, 1.0) is None
+    check(feed(r, frags[2:], now=1.0)[-1], v)
+
+
+def test_keyed_by_source_and_tid():
+    v = value(3_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    assert feed(r, frags, key=(("127.0.0.1", 4223), TID)) == [None] * len(frags)  # another port
+    assert feed(r, frags, key=(ADDR, TID + 1)) == [None] * len(frags)  # another t
+    check(feed(r, frags)[-1], v)
+
+
+def test_too_large_value_is_refused():
+    v = value(70_000)  # 70,038 serialised bytes > 64 KiB + 32
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    done = r.header((ADDR, TID), header, 0.0)
+    assert done is not None and done.values == []  # nothing to wait for: the value is skipped
+    assert all(x is None for x in feed(r, frags))  # its fragments only fill a bounded buffer
+    assert r.expire(10.0) == 1 and len(r) == 0
+
+
+def test_limit_is_64_kib_plus_32():
+    fits = Value(os.urandom(64 * 1024 - 8), id=1 << 63)  # serialised: 64 KiB + 30
+    assert len(fits.packed()) <= 64 * 1024 + 32
+    header, frags = fragmented_put(fits)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    check(feed(r, frags)[-1], fits)
+
+
+def test_one_of_two_values_too_large():
+    small, big = value(100, vid=11), value(70_000, vid=12)
+    header, frags = fragmented_put(big, small)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    results = feed(r, frags)
+    done = next(x for x in results if x is not None)
+    check(done, small)
+
+
+def test_early_fragments_are_bounded():
+    """Fragments before their header: at most 100 of them and 120 KiB are buffered per message."""
+    r = Reassembler()
+    small = [
+        Message(Kind.FRAGMENT, TID, parts={0: (i * 100, b"x" * 100)}) for i in range(MAX_EARLY_FRAGMENTS + 20)
+    ]
+    feed(r, small)
+    assert r.dropped == 20
+    r = Reassembler()
+    large = [Message(Kind.FRAGMENT, TID, parts={0: (i * 1280, b"x" * 1280)}) for i in range(100)]
+    feed(r, large)
+    assert r.dropped == 100 - MAX_EARLY_BYTES // 1280
+
+
+def test_expiry_10_s_after_start():
+    v = value(20_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    for i, f in enumerate(frags[:-1]):
+        r.fragment((ADDR, TID), f, 0.6 * i)  # never idle 3 s
+    last = 0.6 * (len(frags) - 2)
+    assert last < 10.0
+    assert r.expire(9.9) == 0
+    assert r.expire(10.1) == 1
+    assert r.fragment((ADDR, TID), frags[-1], 10.2) is None  # too late: starts a new, headerless partial
+
+
+def test_expiry_3_s_idle():
+    v = value(5_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    r.fragment((ADDR, TID), frags[0], 1.0)
+    assert r.expire(3.9) == 0
+    assert r.expire(4.1) == 1 and len(r) == 0
+    # Early fragments without a header expire the same way.
+    r.fragment((ADDR, TID + 1), frags[0], 5.0)
+    assert r.expire(7.9) == 0 and r.expire(8.1) == 1
+
+
+def test_corrupt_value_is_dropped_not_raised():
+    header, frags = fragmented_put(value(2_000))
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    bad = [
+        Message(f.kind, TID, parts={i: (o, b"\xc1" * len(d)) for i, (o, d) in f.parts.items()}) for f in frags
+    ]
+    done = feed(r, bad)[-1]
+    assert done is not None and done.values == [] and r.dropped == 1
+
+
+def test_a_full_table_makes_room_by_dropping_stale_partials():
+    r = Reassembler()
+    orphan = Message(Kind.FRAGMENT, TID, parts={0: (0, b"x")})
+    for port in range(MAX_PARTIALS):
+        r.fragment((("127.0.0.1", port), TID), orphan, 0.0)
+    assert len(r) == MAX_PARTIALS
+    v = value(2_000)
+    header, frags = fragmented_put(v)
+    # Full of fresh partials: refused. Once those are stale (3 s idle), a new message gets in.
+    assert r.header((ADDR, TID), header, 1.0) is None and r.dropped == 1
+    assert r.header((ADDR, TID), header, 4.0) is None
+    check(feed(r, frags, now=4.0)[-1], v)
