@@ -55,6 +55,15 @@ class NodeInfo:
 
 
 GetCallback = Callable[[list[Value]], None]
+ListenCallback = Callable[[ValueEvent], None]
+
+
+class ListenHandle(Protocol):
+    """What :meth:`Dht.add_listener` returns."""
+
+    def cancel(self) -> None:
+        """Stop listening (idempotent)."""
+        ...
 
 
 class Dht(Protocol):
@@ -84,6 +93,12 @@ class Dht(Protocol):
         self, key: InfoHash, query: Query | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[ValueEvent]]:
         """``async with dht.listen(key) as events: async for ev in events`` — current values first."""
+        ...
+
+    def add_listener(
+        self, key: InfoHash, callback: ListenCallback, query: Query | None = None
+    ) -> ListenHandle:
+        """Like :meth:`listen`, with a callback instead of a task: for many listens (the push service)."""
         ...
 
     def info(self) -> NodeInfo: ...

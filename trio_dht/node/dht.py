@@ -25,6 +25,7 @@ from trio_dht import signature
 from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.node.listeners import ListenerBook
+from trio_dht.node.listening import KeyListen, Listener, ListenRegistry, ListenTarget
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.search import SearchNode, SearchState
@@ -55,6 +56,9 @@ FAIL_AFTER = 8.0
 SLOW_AFTER = 1.0
 LISTEN_NODES = 4
 LISTEN_REFRESH = 20.0
+LISTEN_RETRY = 5.0
+LISTEN_RETRY_MAX = 60.0
+LISTEN_WORKERS = 32
 LISTEN_RESYNC = 10 * 60.0
 LISTENER_EXPIRE = 10 * 60.0
 STORE_CLOSENESS = 14
@@ -83,37 +87,6 @@ class _Pending:
     node_id: InfoHash | None
     done: trio.Event = field(default_factory=trio.Event)
     reply: Message | None = None
-
-
-@dataclass(slots=True, eq=False)
-class _LocalListener:
-    """One ``node.listen(...)``: its query, the events channel and the values it has seen."""
-
-    key: InfoHash
-    query: Query | None
-    send: trio.MemorySendChannel[ValueEvent]
-    seen: dict[int, tuple[Value, float]] = field(default_factory=dict)
-    sockets: dict[tuple[InfoHash, int], Node] = field(default_factory=dict)
-    wake: trio.Event = field(default_factory=trio.Event)
-
-    def deliver(self, value: Value, expires: float) -> None:
-        if self.query is not None and not self.query.matches(value):
-            return
-        old = self.seen.get(value.id)
-        self.seen[value.id] = (value, expires)
-        if old is None or not old[0].same_content(value):
-            self.send.send_nowait(ValueEvent(value))
-            self.wake.set()
-
-    def refresh(self, vid: int, expires: float) -> None:
-        old = self.seen.get(vid)
-        if old is not None:
-            self.seen[vid] = (old[0], max(old[1], expires))
-
-    def expire(self, vid: int) -> None:
-        old = self.seen.pop(vid, None)
-        if old is not None:
-            self.send.send_nowait(ValueEvent(old[0], expired=True))
 
 
 @dataclass(slots=True)
@@ -155,14 +128,15 @@ class DhtNode:
         self._tid = random.randrange(1, 1 << 32)
         self._reassembler = Reassembler()
         self._tokens = TokenIssuer(trio.current_time())
-        self._local_listeners: dict[InfoHash, set[_LocalListener]] = defaultdict(set)
-        self._listen_sockets: dict[tuple[InfoHash, int], _LocalListener] = {}
+        self.listens = ListenRegistry()
+        self._listen_wake = trio.Event()
+        self.listen_refresh = LISTEN_REFRESH
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
         self._expiry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
         self._to_confirm: set[Node] = set()
-        self._remote_tokens: dict[tuple[InfoHash, Address], bytes] = {}
+        self._expiry_at = math.inf
         self._confirm_wake = trio.Event()
         self.public_address: Address | None = None
         self.bound_port = 0
@@ -232,6 +206,7 @@ class DhtNode:
             nursery.start_soon(self._expiry_loop)
             nursery.start_soon(self._maintenance_loop)
             nursery.start_soon(self._confirm_loop)
+            nursery.start_soon(self._listen_driver)
             self._bootstrap = list(bootstrap)
             if self._bootstrap:
                 nursery.start_soon(self._bootstrap_loop)
@@ -503,19 +478,21 @@ class DhtNode:
 
     def _handle_update(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
         assert msg.sender is not None
-        listener = self._listen_sockets.get((msg.sender, msg.sid if msg.sid is not None else -1))
-        if listener is not None:
-            node = listener.sockets.get((msg.sender, msg.sid or 0))
-            if node is not None and msg.token is not None:
-                self._remote_tokens[(node.id, node.addr)] = msg.token
+        sock = (msg.sender, msg.sid if msg.sid is not None else -1)
+        kl = self.listens.by_socket.get(sock)
+        if kl is not None:
+            target = kl.targets.get(sock)
+            if target is not None and msg.token:
+                target.token = msg.token
             for value in msg.values:
-                listener.deliver(value, now + type_expiration(value.type))
+                self.listens.deliver(kl.key, value, now + type_expiration(value.type))
             for vid in msg.refreshed:
-                old = listener.seen.get(vid)
-                if old is not None:
-                    listener.refresh(vid, now + type_expiration(old[0].type))
+                cached = kl.values.get(vid)
+                if cached is not None:
+                    self.listens.refresh(kl.key, vid, now + type_expiration(cached[0].type))
             for vid in msg.expired:
-                listener.expire(vid)
+                self.listens.expire(kl.key, vid)
+            self._listen_wake.set()
         return [self.encoder.reply(msg.tid, {"sa": sa})]
 
     # -- storage and push to listeners ----------------------------------------------------------------------
@@ -547,13 +524,15 @@ class DhtNode:
         result = self.storage.put(
             key, value, now, created=created, source=source, local=local, permanent=permanent
         )
-        self._expiry_wake.set()  # the expiry loop may be waiting for a later (or no) expiration
+        stored = self.storage.stored(key, value.id)
+        if stored is not None and stored.expiration < self._expiry_at:
+            self._expiry_wake.set()  # the expiry loop is waiting for a later (or no) expiration
         for ekey, vid in result.evicted:
             self._on_expired(ekey, [vid])
         if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):
-            expires = self._expiration(key, value, now)
-            for listener in list(self._local_listeners.get(key, ())):
-                listener.deliver(value, expires)
+            if key in self.listens.by_key:
+                self.listens.deliver(key, value, self._expiration(key, value, now))
+                self._listen_wake.set()
             for rl in self.remote_listeners.for_new_value(key, value):
                 self._spawn_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
         elif result.outcome is PutOutcome.REFRESHED:
@@ -569,9 +548,8 @@ class DhtNode:
             self._spawn_update(rl.addr, rl.node_id, rl.sid, {field_name: vids}, None)
 
     def _on_expired(self, key: InfoHash, vids: list[int]) -> None:
-        for listener in list(self._local_listeners.get(key, ())):
-            for vid in vids:
-                listener.expire(vid)
+        for vid in vids:
+            self.listens.expire(key, vid)
         self._push_ids(key, "exp", vids)
 
     def _spawn_update(
@@ -595,8 +573,9 @@ class DhtNode:
         """Expire stored values at their exact time, and tell listeners."""
         while True:
             nxt = self.storage.next_expiration()
+            self._expiry_at = nxt if nxt is not None else math.inf
             self._expiry_wake = trio.Event()
-            with trio.move_on_at(nxt if nxt is not None else math.inf):
+            with trio.move_on_at(self._expiry_at):
                 await self._expiry_wake.wait()
             for key, vids in self.storage.expire(trio.current_time()):
                 self._on_expired(key, vids)
@@ -847,88 +826,110 @@ class DhtNode:
         self.storage.remove(key, value_id)
         return True
 
+    def add_listener(
+        self, key: InfoHash, callback: Callable[[ValueEvent], None], query: Query | None = None
+    ) -> Listener:
+        """Call ``callback`` for each value under ``key`` as it appears (stored ones first) and expires.
+
+        Costs no task: every listener of a key shares one remote listen, kept by the node's listen workers.
+        Stop it with ``listener.cancel()``.
+        """
+        now = trio.current_time()
+        new_key = key not in self.listens.by_key
+        listener = self.listens.add(key, query, callback)
+        kl = self.listens.by_key[key]
+        for v in self.storage.get(key):
+            self.listens.deliver(key, v, self._expiration(key, v, now))
+        if new_key:
+            self.listens.schedule(kl, now)
+        self._listen_wake.set()
+        return listener
+
     @asynccontextmanager
     async def listen(
         self, key: InfoHash, query: Query | None = None
     ) -> AsyncIterator[AsyncIterator[ValueEvent]]:
         """Values under ``key`` as they appear (current ones first) and expire, until the block exits."""
         send, recv = trio.open_memory_channel[ValueEvent](math.inf)
-        listener = _LocalListener(key, query, send)
-        now = trio.current_time()
-        for v in self.storage.get(key, query):
-            listener.deliver(v, self._expiration(key, v, now))
-        self._local_listeners[key].add(listener)
+        listener = self.add_listener(key, send.send_nowait, query)
         try:
-            async with trio.open_nursery() as nursery:
-                for v6 in self._socks:
-                    nursery.start_soon(self._remote_listen, listener, v6)
-                nursery.start_soon(self._listener_expiry, listener)
-                try:
-                    yield recv
-                finally:
-                    nursery.cancel_scope.cancel()
+            async with recv:
+                yield recv
         finally:
-            self._local_listeners[key].discard(listener)
-            if not self._local_listeners[key]:
-                del self._local_listeners[key]
-            for sock in listener.sockets:
-                self._listen_sockets.pop(sock, None)
+            listener.cancel()
             send.close()
 
-    async def _listener_expiry(self, listener: _LocalListener) -> None:
-        """Expire values a listener saw once their lifetime passes without a refresh."""
-        while True:
-            listener.wake = trio.Event()
-            nxt = min((exp for _, exp in listener.seen.values()), default=math.inf)
-            with trio.move_on_at(nxt):
-                await listener.wake.wait()
-            now = trio.current_time()
-            for vid in [vid for vid, (_, exp) in listener.seen.items() if exp <= now]:
-                listener.expire(vid)
-
-    async def _remote_listen(self, listener: _LocalListener, v6: bool) -> None:
-        """Keep ``listen`` open on the 4 closest synced nodes: refresh every 20 s, re-search every 10 min."""
-        key = listener.key
-        while True:
-            if not self.tables[v6].closest(key, 1, now=trio.current_time(), good_only=False):
-                await trio.sleep(1.0)
-                continue
-            state = await self._search(key, v6, "find", {"target": key})
-            targets = state.synced(LISTEN_NODES)
-            if not targets:
-                await trio.sleep(5.0)
-                continue
-            with trio.move_on_after(LISTEN_RESYNC):
-                await self._hold_listens(listener, targets)
-
-    async def _hold_listens(self, listener: _LocalListener, targets: list[SearchNode]) -> None:
+    async def _listen_driver(self) -> None:
+        """Expire cached listen values and hand due remote-listen refreshes to a pool of workers."""
+        send, recv = trio.open_memory_channel[KeyListen](0)
         async with trio.open_nursery() as nursery:
-            for sn in targets:
-                nursery.start_soon(self._hold_listen, listener, sn)
-
-    async def _hold_listen(self, listener: _LocalListener, sn: SearchNode) -> None:
-        node = sn.node
-        sid = self._next_tid()
-        sock = (node.id, sid)
-        listener.sockets[sock] = node
-        self._listen_sockets[sock] = listener
-        token = sn.token
-        try:
+            for _ in range(LISTEN_WORKERS):
+                nursery.start_soon(self._listen_worker, recv.clone())
             while True:
-                args: dict[str, Any] = {"ve": 1, "h": listener.key, "token": token, "sid": sid}
-                if listener.query is not None and listener.query.where:
-                    args["q"] = Query((), listener.query.where).to_wire()
-                try:
-                    reply = await self.request(node.addr, "listen", args, node_id=node.id)
-                except RequestFailed:
-                    return  # the node is gone or refused us: the next search picks new nodes
-                if reply.token:
-                    token = reply.token
-                token = self._remote_tokens.pop((node.id, node.addr), token)
-                await trio.sleep(LISTEN_REFRESH)
-        finally:
-            listener.sockets.pop(sock, None)
-            self._listen_sockets.pop(sock, None)
+                self._listen_wake = trio.Event()
+                with trio.move_on_at(self.listens.next_wake()):
+                    await self._listen_wake.wait()
+                now = trio.current_time()
+                self.listens.expire_due(now)
+                for kl in self.listens.pop_due(now):
+                    await send.send(kl)
+
+    async def _listen_worker(self, jobs: trio.MemoryReceiveChannel[KeyListen]) -> None:
+        async for kl in jobs:
+            if kl.key not in self.listens.by_key:
+                continue
+            try:
+                found = await self._refresh_listen(kl)
+            except Exception:  # a worker must survive anything one listen does
+                log.exception("listen refresh for %s failed", kl.key.hex())
+                found = False
+            if kl.key in self.listens.by_key and not kl.scheduled:
+                # Refresh in 20 s; with no node to hold it, retry after 5 s, backing off to 1 min.
+                kl.retry = 0.0 if found else min(2 * kl.retry or LISTEN_RETRY, LISTEN_RETRY_MAX)
+                self.listens.schedule(kl, trio.current_time() + (self.listen_refresh if found else kl.retry))
+                self._listen_wake.set()
+
+    async def _refresh_listen(self, kl: KeyListen) -> bool:
+        """Find the closest synced nodes when due, then (re)send ``listen`` to each; True if any holds it."""
+        now = trio.current_time()
+        for v6 in self._socks:
+            if not self.tables[v6].closest(kl.key, 1, now=now, good_only=False):
+                continue
+            have = [t for t in kl.targets.values() if t.v6 == v6]
+            if len(have) < LISTEN_NODES or now - kl.searched_at.get(v6, -math.inf) > LISTEN_RESYNC:
+                state = await self._search(kl.key, v6, "find", {"target": kl.key})
+                kl.searched_at[v6] = trio.current_time()
+                old = {t.node.id: t for t in have}
+                targets = [
+                    old.get(sn.node.id) or ListenTarget(sn.node, self._next_tid(), sn.token or b"", v6)
+                    for sn in state.synced(LISTEN_NODES)
+                ]
+                for t in targets:
+                    t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
+                self.listens.set_targets(kl, v6, targets)
+        targets = list(kl.targets.items())
+        held = 0
+
+        async def send_listen(sock: tuple[InfoHash, int], target: ListenTarget) -> None:
+            nonlocal held
+            args: dict[str, Any] = {"ve": 1, "h": kl.key, "token": target.token, "sid": target.sid}
+            queries = [listener.query for listener in kl.listeners]
+            if queries and all(q is not None and q.where for q in queries) and len(set(queries)) == 1:
+                args["q"] = Query((), queries[0].where).to_wire()  # one shared filter: let the node apply it
+            try:
+                reply = await self.request(target.node.addr, "listen", args, node_id=target.node.id)
+            except RequestFailed:
+                self.listens.drop_target(kl, sock)
+                kl.searched_at.clear()  # find other nodes next time
+                return
+            if reply.token:
+                target.token = reply.token
+            held += 1
+
+        async with trio.open_nursery() as nursery:
+            for sock, target in targets:
+                nursery.start_soon(send_listen, sock, target)
+        return held > 0
 
 
 @asynccontextmanager
