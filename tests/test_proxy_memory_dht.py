@@ -118,3 +118,20 @@ async def test_proxy_cancels_lapsed_permanent_puts(autojump_clock: trio.testing.
         await trio.sleep(601)
         assert dht.values(KEY) == []
         nursery.cancel_scope.cancel()
+
+
+async def test_add_listener_callbacks_and_expiry(nursery, autojump_clock) -> None:
+    """Callback listens see current values, new ones and (with run() started) expiries; cancel stops them."""
+    dht = MemoryDht()
+    await nursery.start(dht.run)
+    key = InfoHash.get("callbacks")
+    await dht.put(key, Value(data=b"old", id=1))
+    events: list[ValueEvent] = []
+    handle = dht.add_listener(key, events.append)
+    await dht.put(key, Value(data=b"new", id=2, type=5))
+    assert [(e.value.id, e.expired) for e in events] == [(1, False), (2, False)]
+    await trio.sleep(61)
+    assert (2, True) in [(e.value.id, e.expired) for e in events]
+    handle.cancel()
+    await dht.put(key, Value(data=b"after", id=3))
+    assert 3 not in [e.value.id for e in events]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
+from trio_dht.api import FamilyStats, GetCallback, ListenCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.value import MAX_VALUE_SIZE, Query, Value, random_value_id, type_expiration
 
@@ -61,6 +61,27 @@ class _Listener:
         return self._pending.popleft()
 
 
+class _CallbackListener:
+    """One :meth:`MemoryDht.add_listener`: events go straight to a callback; :meth:`MemoryDht.run` expires."""
+
+    def __init__(self, dht: MemoryDht, key: InfoHash, query: Query | None, callback: ListenCallback) -> None:
+        self.dht = dht
+        self.key = key
+        self.query = query
+        self.callback = callback
+
+    def deliver(self, event: ValueEvent) -> None:
+        if self.query is None or self.query.matches(event.value):
+            self.callback(event)
+        self.wake()
+
+    def wake(self) -> None:
+        self.dht._expiry_wake.set()
+
+    def cancel(self) -> None:
+        self.dht._remove_listener(self)
+
+
 class MemoryDht:
     """A :class:`~trio_dht.api.Dht` kept in memory. ``info()`` reports ``good_nodes`` good IPv4 nodes.
 
@@ -80,7 +101,8 @@ class MemoryDht:
         self.good_nodes = good_nodes
         self.fail_puts = fail_puts
         self._store: dict[InfoHash, dict[int, _Stored]] = {}
-        self._listeners: dict[InfoHash, set[_Listener]] = {}
+        self._listeners: dict[InfoHash, set[_Listener | _CallbackListener]] = {}
+        self._expiry_wake = trio.Event()
 
     @property
     def node_id(self) -> InfoHash:
@@ -159,11 +181,38 @@ class MemoryDht:
         try:
             yield listener
         finally:
-            listeners = self._listeners.get(key)
-            if listeners is not None:
-                listeners.discard(listener)
-                if not listeners:
-                    del self._listeners[key]
+            self._remove_listener(listener)
+
+    def _remove_listener(self, listener: _Listener | _CallbackListener) -> None:
+        listeners = self._listeners.get(listener.key)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._listeners[listener.key]
+
+    def add_listener(
+        self, key: InfoHash, callback: ListenCallback, query: Query | None = None
+    ) -> _CallbackListener:
+        """Callback listen; expiry events need :meth:`run` running (``await nursery.start(dht.run)``)."""
+        listener = _CallbackListener(self, key, query, callback)
+        for value in self.values(key, query):
+            listener.deliver(ValueEvent(value))
+        self._listeners.setdefault(key, set()).add(listener)
+        return listener
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Expire values on time for callback listeners (iterator listens expire values themselves)."""
+        task_status.started()
+        while True:
+            self._expiry_wake = trio.Event()
+            keys = [
+                k for k, ls in self._listeners.items() if any(isinstance(x, _CallbackListener) for x in ls)
+            ]
+            with trio.move_on_at(min((self.next_expiry(k) for k in keys), default=math.inf)):
+                await self._expiry_wake.wait()
+            now = trio.current_time()
+            for key in keys:
+                self.expire(key, now)
 
     def listener_count(self, key: InfoHash | None = None) -> int:
         """Open listens (on ``key``, or in all)."""
