@@ -2,13 +2,27 @@
 
 ``async with trio_dht.open_node(port=4222, bootstrap=[("host", 4222)]) as node:`` then ``await node.put(key,
 value)``, ``await node.get(key)`` and ``async with node.listen(key) as events: async for ev in events: ...``.
+A device without a node uses the same calls through a proxy: ``trio_dht.open_proxy_client(url, ...)``.
 """
 
 from trio_dht.api import Dht, NodeInfo, ValueEvent
+from trio_dht.client import ProxyClient, open_proxy_client
 from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode, open_node
 from trio_dht.value import Query, Value
 
 __version__ = "0.1.0"
 
-__all__ = ["Dht", "DhtNode", "InfoHash", "NodeInfo", "Query", "Value", "ValueEvent", "__version__", "open_node"]
+__all__ = [
+    "Dht",
+    "DhtNode",
+    "InfoHash",
+    "NodeInfo",
+    "ProxyClient",
+    "Query",
+    "Value",
+    "ValueEvent",
+    "__version__",
+    "open_node",
+    "open_proxy_client",
+]
