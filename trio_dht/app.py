@@ -1,0 +1,145 @@
+"""The running process: one DHT node and its front ends, composed as one Trio nursery tree.
+
+This is the one place where the tree is put together. :func:`run` reads top to bottom::
+
+    run(config)                         returns after SIGINT/SIGTERM; raises when any task fails
+    └── nursery
+        ├── _cancel_on_signal           the first SIGINT or SIGTERM cancels the whole tree
+        └── open_node(...)              the UDP node: sockets, routing table, storage, searches
+            └── _open_push(...)         the proxy's push side: HTTP client, dispatcher, subscriptions
+                └── services nursery    what serves the node to the outside; stops first
+                    └── serve_proxy     the REST proxy: --proxyserver PORT (default 8000), --proxyserverssl
+
+A task that fails cancels the others, and its exception leaves :func:`run` (inside ExceptionGroups); the CLI
+turns that into one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from trio_dht.config import AppConfig, format_host_port
+from trio_dht.node import DhtNode, open_node
+from trio_dht.persist import StateStore
+from trio_dht.proxy.server import serve_proxy
+from trio_dht.proxy.subscribe import subscribe_blueprint
+from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
+from trio_dht.push.gateway import new_http_client
+from trio_dht.push.gorush import GorushGateway
+from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
+from trio_dht.push.payloads import Platform
+from trio_dht.push.service import PushService
+
+try:
+    from trio_dht.push.unifiedpush import UnifiedPushGateway
+except ModuleNotFoundError as exc:  # the zipapp carries no C extensions, so no `cryptography`
+    if exc.name != "cryptography":
+        raise
+    UnifiedPushGateway = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
+
+
+async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the node and its front ends until SIGINT or SIGTERM; ``task_status`` gets the node once serving."""
+    if config.identity:
+        log.warning("-i/--identity ignored: trio-dht has no cryptographic identity (values are not signed)")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            async with open_node(
+                port=config.port,
+                host=config.bind,
+                host6=config.bind6,
+                bootstrap=config.bootstrap,
+                network=config.network,
+            ) as node:
+                _log_node(node, config)
+                async with _open_push(node, config) as push, trio.open_nursery() as services:
+                    await _start_proxy(services, node, config, push)
+                    log.info("running; SIGINT or SIGTERM stops")
+                    task_status.started(node)
+                    await trio.sleep_forever()
+    log.info("stopped")
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    """Wait for the first SIGINT or SIGTERM, then cancel ``scope``."""
+    async for signum in signals:
+        log.info("got %s, shutting down", signal.Signals(signum).name)
+        scope.cancel()
+        return
+
+
+def _log_node(node: DhtNode, config: AppConfig) -> None:
+    sockets = ", ".join(
+        f"{'IPv6' if v6 else 'IPv4'} {format_host_port(*addr)}" for v6, addr in node.bound.items()
+    )
+    log.info(
+        "node %s on UDP port %d (%s), network %d",
+        node.node_id.hex(),
+        node.bound_port,
+        sockets,
+        config.network,
+    )
+    bootstrap = ", ".join(format_host_port(host, port) for host, port in config.bootstrap)
+    log.info("bootstrap: %s", bootstrap or "none (waiting to be contacted)")
+
+
+@asynccontextmanager
+async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str, Any]]:
+    """The proxy's push side: gateways, dispatcher and subscriptions; yields serve_proxy's push arguments.
+
+    UnifiedPush needs no server of ours (the endpoint is in the device token); Android and iOS pushes go
+    through gorush only with ``--pushserver``, else they are dropped and counted, as OpenDHT does.
+    """
+    if config.proxy is None:
+        if config.push_server is not None:
+            log.warning("--pushserver ignored: push notifications are served by the proxy, which is off")
+        yield {}
+        return
+    async with new_http_client() as client, trio.open_nursery() as push_tasks:
+        counts = PushCounts()  # /node/stats: pushes per platform and priority
+        gateways: dict[Platform, Any] = {}
+        if UnifiedPushGateway is not None:
+            gateways[Platform.UNIFIEDPUSH] = CountingGateway(UnifiedPushGateway(client), counts)
+        else:
+            log.warning("UnifiedPush is off: Web Push encryption needs `cryptography` (the zipapp has none)")
+        if config.push_server is not None:
+            gorush = GorushGateway(client, f"http://{config.push_server}", bundle_id=config.bundle_id)
+            gateways |= dict.fromkeys(
+                (Platform.ANDROID, Platform.IOS, Platform.NONE), CountingGateway(gorush, counts)
+            )
+            log.info("Android and iOS pushes through gorush at %s", config.push_server)
+        # A short batch window: an idle gateway gets a push within ~2 ms; under load, batches grow while the
+        # lane's request is in flight (the dispatcher's default 50 ms window would add 50 ms to every push).
+        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.002))
+        await push_tasks.start(dispatcher.run)
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
+            service = PushService(node, dispatcher, lifetime=config.subscription_lifetime, store=store)
+            await push_tasks.start(service.run)
+            yield {
+                "push": ProxyPushHooks(service, dispatcher, counts),
+                "blueprints": [subscribe_blueprint(service)],
+            }
+            push_tasks.cancel_scope.cancel()
+
+
+async def _start_proxy(
+    services: trio.Nursery, node: DhtNode, config: AppConfig, push: dict[str, Any]
+) -> None:
+    """Start the REST proxy (plain HTTP and/or HTTPS, as configured) in front of ``node``, if it is on."""
+    if config.proxy is None:
+        return
+    urls = await services.start(functools.partial(serve_proxy, **push), node, config.proxy)
+    for url in urls:
+        log.info("proxy on %s", url)

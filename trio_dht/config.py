@@ -1,0 +1,300 @@
+"""The ``trio-dht`` command line: dhtnode's flags, parsed into one frozen :class:`AppConfig`.
+
+:func:`parse_args` is the only place that reads ``argv``; everything downstream (``app.py``, the proxy,
+push) takes the :class:`AppConfig`. Bad values are argparse errors (usage on stderr, exit code 2), found
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TypeVar
+
+from trio_dht.node import DEFAULT_PORT
+from trio_dht.proxy.config import ProxyConfig
+from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
+
+DEFAULT_PROXY = ProxyConfig()  # plain HTTP on port 8000, every interface, as dhtnode's proxy
+DEFAULT_PROXY_PORT = DEFAULT_PROXY.port
+
+T = TypeVar("T")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+|\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """Everything the process is asked to run; durations are in seconds."""
+
+    port: int = DEFAULT_PORT
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    network: int = 0
+    bind: str = "0.0.0.0"
+    bind6: str | None = "::"  # None: IPv4 only
+    verbose: int = 0
+    identity: bool = False  # -i: accepted for dhtnode compatibility, ignored (no signing support)
+    proxy: ProxyConfig | None = DEFAULT_PROXY  # None: no REST proxy
+    push_server: str | None = None
+    bundle_id: str = ""
+    subscription_lifetime: float = DEFAULT_SUBSCRIPTION_LIFETIME
+    persist_path: Path | None = None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: plain seconds (``90``, ``1.5``) or unit parts d/h/m/s (``24h``, ``1h30m``)."""
+    text = text.strip().lower()
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 30m, 24h, 1h30m)")
+    if text[-1].isdigit():
+        return float(text)
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
+
+
+def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
+    """``host[:port]``, ``[v6addr]:port``, ``[v6addr]`` or a bare IPv6 address, as ``(host, port)``.
+
+    Host names are not resolved here. Without a port, ``default_port`` is used (an error when it is None).
+    """
+    text = text.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}: expected [v6addr] or [v6addr]:port")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:  # a host name, an IPv4 address, or a bare IPv6 address
+        host = text
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"bad address {text!r}: no port")
+        return host, default_port
+    return host, _port(port_text, low=1)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of :func:`parse_host_port`: ``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _port(text: str, *, low: int = 0) -> int:
+    """A port number in ``low..65535`` (argparse ``type=``)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"not a port number: {text!r}") from None
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} is out of range {low}..65535")
+    return port
+
+
+def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """Wrap a ``str -> value`` parser so that argparse reports its ValueError message verbatim."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _network_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise ValueError(f"not a network id: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise ValueError(f"network id {value} is out of range 0..4294967295")
+    return value
+
+
+def _push_server(text: str) -> str:
+    """A gorush address, ``host:port`` (a port is required)."""
+    return format_host_port(*parse_host_port(text, default_port=None))
+
+
+def _lifetime(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"a lifetime must be positive, not {text!r}")
+    return seconds
+
+
+def _version() -> str:
+    try:
+        return metadata.version("trio-dht")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trio-dht`` argument parser (dhtnode's flag names where dhtnode has the flag)."""
+    port = _argparse_type(_port, "port")
+    parser = argparse.ArgumentParser(
+        prog="trio-dht",
+        description="Run a pure-Python OpenDHT node (and, by default, its REST proxy on port "
+        f"{DEFAULT_PROXY_PORT}) until SIGINT or SIGTERM.",
+        epilog="Durations take plain seconds or units: 90, 90s, 30m, 24h, 1h30m. "
+        "`trio-dht client --help` describes the proxy client.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging: -v for INFO, -vv for DEBUG"
+    )
+
+    node = parser.add_argument_group("DHT node")
+    node.add_argument(
+        "-p",
+        "--port",
+        type=port,
+        default=DEFAULT_PORT,
+        help=f"UDP port to bind (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    node.add_argument(
+        "-b",
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        type=_argparse_type(parse_host_port, "address"),
+        help=f"a node to join through (repeatable); IPv6 as [::1]:4222; port {DEFAULT_PORT} if omitted",
+    )
+    node.add_argument(
+        "-n",
+        "--net",
+        dest="network",
+        type=_argparse_type(_network_id, "network id"),
+        default=0,
+        metavar="NETWORK_ID",
+        help="network id; nodes only talk to nodes of the same network (default 0, public)",
+    )
+    node.add_argument("--bind", default="0.0.0.0", metavar="ADDR", help="IPv4 UDP address (default 0.0.0.0)")
+    node.add_argument("--bind6", default="::", metavar="ADDR", help="IPv6 UDP address (default ::)")
+    node.add_argument("--no-ipv6", dest="bind6", action="store_const", const=None, help="no IPv6 UDP socket")
+    node.add_argument(
+        "-i",
+        "--identity",
+        action="store_true",
+        help="accepted for dhtnode compatibility and IGNORED: trio-dht has no cryptographic identity, "
+        "so it neither signs nor encrypts values",
+    )
+
+    proxy = parser.add_argument_group("REST proxy")
+    proxy.add_argument(
+        "--proxyserver",
+        dest="proxy_port",
+        type=port,
+        default=DEFAULT_PROXY_PORT,
+        metavar="PORT",
+        help=f"HTTP port of the REST proxy (default {DEFAULT_PROXY_PORT}; 0 turns it off)",
+    )
+    proxy.add_argument(
+        "--no-proxy",
+        dest="proxy_port",
+        action="store_const",
+        const=0,
+        help="no HTTP proxy (same as --proxyserver 0)",
+    )
+    proxy.add_argument(
+        "--proxy-addr",
+        dest="proxy_address",
+        default="",
+        metavar="ADDR",
+        help="address the proxy binds (default: every interface, IPv4 and IPv6)",
+    )
+    proxy.add_argument(
+        "--proxyserverssl",
+        dest="proxy_tls_port",
+        type=port,
+        default=0,
+        metavar="PORT",
+        help="HTTPS port of the proxy; needs --proxy-certificate and --proxy-privkey (default off)",
+    )
+    proxy.add_argument("--proxy-certificate", type=Path, metavar="FILE", help="TLS certificate chain (PEM)")
+    proxy.add_argument(
+        "--proxy-privkey", dest="proxy_private_key", type=Path, metavar="FILE", help="TLS private key (PEM)"
+    )
+    proxy.add_argument(
+        "--proxy-privkey-password",
+        dest="proxy_private_key_password",
+        metavar="PASSWORD",
+        help="of --proxy-privkey",
+    )
+
+    push = parser.add_argument_group("push notifications")
+    push.add_argument(
+        "--pushserver",
+        dest="push_server",
+        metavar="HOST:PORT",
+        type=_argparse_type(_push_server, "address"),
+        help="gorush gateway that delivers Android and iOS pushes",
+    )
+    push.add_argument("--bundleid", dest="bundle_id", default="", metavar="ID", help="default iOS topic")
+    push.add_argument(
+        "--subscription-lifetime",
+        type=_argparse_type(_lifetime, "duration"),
+        default=DEFAULT_SUBSCRIPTION_LIFETIME,
+        metavar="DURATION",
+        help="lifetime of a push subscription without a refresh "
+        f"(default {DEFAULT_SUBSCRIPTION_LIFETIME:g} s; OpenDHT uses 24h)",
+    )
+    push.add_argument(
+        "-f",
+        "--persist",
+        dest="persist_path",
+        type=Path,
+        metavar="PATH",
+        help="file that keeps push subscriptions and permanent puts across restarts",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
+    """Parse ``argv`` (default ``sys.argv[1:]``); exits with usage and code 2 on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tls_files = (args.proxy_certificate, args.proxy_private_key)
+    if not args.proxy_tls_port and tls_files != (None, None):
+        parser.error("--proxy-certificate and --proxy-privkey are only used with --proxyserverssl")
+    for path in tls_files:
+        if path is not None and not path.is_file():
+            parser.error(f"no such file: {path}")
+    proxy = None
+    if args.proxy_port or args.proxy_tls_port:
+        try:
+            proxy = ProxyConfig(
+                host=args.proxy_address,
+                port=args.proxy_port or None,
+                tls_port=args.proxy_tls_port or None,
+                certificate=str(args.proxy_certificate) if args.proxy_certificate else None,
+                private_key=str(args.proxy_private_key) if args.proxy_private_key else None,
+                private_key_password=args.proxy_private_key_password,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    return AppConfig(
+        port=args.port,
+        bootstrap=tuple(args.bootstrap),
+        network=args.network,
+        bind=args.bind,
+        bind6=args.bind6,
+        verbose=args.verbose,
+        identity=args.identity,
+        proxy=proxy,
+        push_server=args.push_server,
+        bundle_id=args.bundle_id,
+        subscription_lifetime=args.subscription_lifetime,
+        persist_path=args.persist_path,
+    )
