@@ -116,8 +116,9 @@ def table(results: dict[str, dict[str, dict]], methods: list[str]) -> str:
     for m in methods:
         d, o, u = results["dhtnode"][m], results["trio_dht"][m], results["trio_dht unlimited"][m]
         lines.append(
-            f"| UDP {m} | {d['rps']:.0f} | {o['rps']:.0f} | {o['rps'] / d['rps']:.2f} | {d['cpu_us_per_req']:.1f} "
-            f"| {o['cpu_us_per_req']:.1f} | {u['rps']:.0f} | {u['cpu_us_per_req']:.1f} "
+            f"| UDP {m} | {d['rps']:.0f} | {o['rps']:.0f} | {o['rps'] / d['rps']:.2f} "
+            f"| {d['cpu_us_per_req']:.1f} | {o['cpu_us_per_req']:.1f} "
+            f"| {u['rps']:.0f} | {u['cpu_us_per_req']:.1f} "
             f"| {d['p50_ms']:.2f} / {o['p50_ms']:.2f} |"
         )
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 from trio_dht.infohash import InfoHash
 from trio_dht.push.payloads import Dialect, Platform, PushKind
 from trio_dht.push.requests import BadRequest, parse_subscribe, parse_unsubscribe
-from trio_dht.push.subscriptions import SubscriptionBook, parse_duration
+from trio_dht.push.subscriptions import SubscriptionBook
 from trio_dht.push.subscriptions import SubscriptionState as S
 
 H = 3600.0
@@ -17,16 +17,6 @@ def sub_req(**fields):
 
     body = {"key": "tok", "client_id": "c", "session_id": "s1", "platform": "android"} | fields
     return parse_subscribe(json.dumps({k: v for k, v in body.items() if v is not None}).encode())
-
-
-def test_durations():
-    assert parse_duration("3600") == 3600
-    assert parse_duration("24h") == 86400
-    assert parse_duration("30m") == 1800
-    assert parse_duration("1.5d") == 129600
-    for bad in ("", "h", "-1", "0", "1w"):
-        with pytest.raises(ValueError):
-            parse_duration(bad)
 
 
 def test_active_then_timeout_push_then_expired():

@@ -16,6 +16,7 @@ import trio
 
 from trio_dht.app import run
 from trio_dht.config import parse_args
+from trio_dht.exceptions import leaf_exceptions
 
 log = logging.getLogger("trio_dht")
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(run, config)
     except BaseException as exc:
-        leaves = _leaf_exceptions(exc)
+        leaves = leaf_exceptions(exc)
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             return 0  # Ctrl-C outside the signal receiver's lifetime (e.g. while importing)
         if not all(isinstance(leaf, Exception | KeyboardInterrupt) for leaf in leaves):
@@ -56,15 +57,9 @@ def describe_failure(exc: BaseException) -> str:
     """One line naming every exception inside ``exc`` (ExceptionGroups unwrapped), e.g. ``OSError: ...``."""
     return "; ".join(
         f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-        for leaf in _leaf_exceptions(exc)
+        for leaf in leaf_exceptions(exc)
         if not isinstance(leaf, KeyboardInterrupt)
     )
-
-
-def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from trio_dht.client.proxy_client import (
     open_proxy_client,
 )
 from trio_dht.client.push_state import InvalidPushNotification, parse_notification
+from trio_dht.exceptions import leaf_exceptions
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.keys import hash_from_segment
 from trio_dht.proxy.value_json import dumps, value_to_json
@@ -220,7 +221,7 @@ def client_main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 0
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
+        leaves = leaf_exceptions(group)
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             return 0
         failures = [leaf for leaf in leaves if isinstance(leaf, ProxyError | CommandFailed)]
@@ -232,12 +233,6 @@ def client_main(argv: Sequence[str]) -> int:
         print(f"trio-dht client: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,21 +51,6 @@ from trio_dht.push.requests import BadRequest, SubscribeRequest, UnsubscribeRequ
 DEFAULT_LIFETIME = 6 * 3600.0
 """The seed document's six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""
 MARGIN_FRACTION = 1 / 12
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``"3600"``, ``"90s"``, ``"30m"``, ``"24h"`` or ``"2d"``; raises ValueError."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (seconds, or a number with s, m, h or d)")
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if not 0 < seconds < math.inf:
-        raise ValueError("a duration must be positive")
-    return seconds
-
 
 class SubscriptionState(enum.Enum):
     ACTIVE = "active"
