@@ -41,8 +41,12 @@ class ProxyConfig:
     backlog: int = 1024
     graceful_timeout: float = 3.0
     """On shutdown, how long open requests get to finish before their connections are cut."""
+    node_info_cache: float = 1.0
+    """``GET /node/info`` is rebuilt at most this often, in seconds (OpenDHT: 120; 0 rebuilds every time)."""
     fast_path: bool = True
-    """Serve GET/POST ``/key/{hash}`` and ``GET /node/info`` on a raw-ASGI path in front of Quart."""
+    """Serve GET/POST ``/key/{hash}`` and ``GET /node/info`` without Quart: on the plain-HTTP front end
+    (:mod:`~trio_dht.proxy.frontend`), and on a raw-ASGI path for TLS and handed-over connections. Off: every
+    request goes through hypercorn and Quart."""
 
     def __post_init__(self) -> None:
         if self.port is None and self.tls_port is None:

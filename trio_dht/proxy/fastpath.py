@@ -3,7 +3,8 @@
 
 Quart-Trio costs about 0.9 ms of CPU per request against about 0.5 ms for a raw ASGI callable on the same
 hypercorn, so these routes skip it. They call the same :mod:`trio_dht.proxy.handlers` functions as the Quart
-routes; only the moving of bytes differs.
+routes; only the moving of bytes differs. On plain HTTP the front end (:mod:`~trio_dht.proxy.frontend`) serves
+these routes before hypercorn sees them; this path serves them on TLS and on handed-over connections.
 """
 
 from __future__ import annotations

@@ -81,12 +81,25 @@ def parse_json(body: bytes) -> Any:
 
 
 def node_info(state: ProxyState, client_host: str | None) -> Reply:
-    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted)."""
-    doc = state.node_info()
-    if doc is None:
-        return NOT_READY
-    doc["public_ip"] = client_host or ""
-    return Reply(200, dumps(doc) + b"\n")
+    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted).
+
+    The document is rebuilt at most every ``config.node_info_cache`` seconds (OpenDHT: every 2 minutes);
+    only ``public_ip`` is filled in per request.
+    """
+    now = trio.current_time()
+    cached = state.node_info_bytes
+    if cached is None or now >= cached[0]:
+        doc = state.node_info()
+        if doc is None:
+            return NOT_READY
+        doc["public_ip"] = _PUBLIC_IP_MARK
+        head, tail = dumps(doc).split(_PUBLIC_IP_JSON)
+        cached = state.node_info_bytes = (now + state.config.node_info_cache, head, tail + b"\n")
+    return Reply(200, cached[1] + dumps(client_host or "") + cached[2])
+
+
+_PUBLIC_IP_MARK = "\x00public_ip\x00"
+_PUBLIC_IP_JSON = dumps(_PUBLIC_IP_MARK)
 
 
 def node_stats(state: ProxyState) -> Reply:

@@ -1,4 +1,5 @@
-"""Serving the proxy: hypercorn's Trio worker with the proxy's sockets, TLS and a clean drain on
+"""Serving the proxy: the plain sockets through the hot-route front end (:mod:`~trio_dht.proxy.frontend`,
+which hands other requests to hypercorn), TLS sockets through hypercorn's Trio worker, and a clean drain on
 cancellation.
 """
 
@@ -10,12 +11,12 @@ from collections.abc import Iterable
 
 import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio import serve
 from quart import Blueprint
 
 from trio_dht.api import Dht
 from trio_dht.proxy.app import create_app
 from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.frontend import FrontEnd
 from trio_dht.proxy.state import PushHooks
 
 
@@ -70,17 +71,20 @@ async def serve_proxy(
     and requests in flight get ``config.graceful_timeout`` seconds to finish before connections are cut.
     """
     app = create_app(dht, config, blueprints=blueprints, push=push)
-    shutdown = trio.Event()
+    cfg = hypercorn_config(config)
+    sockets = cfg.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(cfg.backlog)
+    front = FrontEnd(app, cfg, fast_path=config.fast_path)
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope(shield=True)
 
         async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
             with server_scope:
-                await serve(
-                    app,
-                    hypercorn_config(config),
-                    shutdown_trigger=shutdown.wait,
-                    mode="asgi",
+                await front.serve(
+                    sockets.insecure_sockets,
+                    sockets.secure_sockets,
+                    cfg.create_ssl_context(),
                     task_status=task_status,
                 )
 
@@ -91,5 +95,5 @@ async def serve_proxy(
             await trio.sleep_forever()
         finally:
             app.state.close_listens()
-            shutdown.set()
+            front.shutdown()
             server_scope.deadline = trio.current_time() + config.graceful_timeout + 1.0

@@ -60,6 +60,8 @@ class ProxyState:
         self._window: tuple[float, int] | None = None
         self._last_rate = 0.0
         self._timers_changed = trio.Event()
+        self.node_info_bytes: tuple[float, bytes, bytes] | None = None
+        """The cached ``GET /node/info`` JSON: (valid until, bytes before ``public_ip``'s value, after it)."""
 
     # -- counters -------------------------------------------------------------------------------------------
 

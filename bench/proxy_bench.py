@@ -1,0 +1,304 @@
+"""REST proxy throughput: our proxy against Debian's ``dhtnode --proxyserver`` 2.4.12, in the same run.
+
+Each server is the proxy of node A in a 2-node DHT on loopback (A + a plain ``dhtnode -U`` node B), as
+reference-behaviour.md §7 measured it; a fresh stack is started for every scenario. The same load client,
+``wrk -t1 -c32`` with the Lua scripts in ``bench/wrk/``, drives both:
+
+* ``get``:  GET /key/{h}, a key holding one value (each GET also asks node B over UDP, as OpenDHT's does);
+* ``post``: POST a small value to a new random key per request (the reply waits for the DHT put);
+* ``info``: GET /node/info.
+
+Reported per scenario: requests/s, p50/p99 latency (wrk's ``--latency``), non-2xx replies, the CPU seconds
+used by A, B and wrk, and ``others`` (machine busy CPU minus ours, from /proc/stat: other tenants' load that
+makes a run noisy). The table is appended to ``bench/RESULTS.md``.
+
+    python bench/proxy_bench.py [--seconds 15] [--quick] [--only get,post,info] [--servers dhtnode,trio_dht]
+        [--no-write] [--label TEXT]
+
+Our proxy is started with the CLI: ``python -m trio_dht -p 0 --bind 127.0.0.1 --no-ipv6 -b 127.0.0.1:B
+--proxyserver PORT --proxy-addr 127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WRK_DIR = HERE / "wrk"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GET_KEY = "b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0"
+SCENARIOS = {
+    "get": ("GET /key/{h} (1 value)", f"/key/{GET_KEY}", "get.lua"),
+    "post": ("POST /key/{random h}", "/", "post_distinct.lua"),
+    "info": ("GET /node/info", "/node/info", "get.lua"),
+}
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children (worker processes are children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` plus its live children (our proxy's worker processes)."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        children = []
+    return total + sum(tree_cpu_seconds(int(c)) for c in children)
+
+
+def machine_busy_seconds() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class Stack:
+    name: str
+    url: str
+    a: subprocess.Popen
+    b: subprocess.Popen
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    out = log.open("wb")
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # an idle dhtnode -s ignores the first one (tests/peers)
+            try:
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def server_command(name: str, udp: int, http_port: int, b_port: int) -> list[str]:
+    if name == "dhtnode":
+        return ["dhtnode", "-s", "-U", "-p", str(udp), "-b", f"127.0.0.1:{b_port}",
+                "--proxyserver", str(http_port), "--proxy-addr", "127.0.0.1"]  # fmt: skip
+    return [sys.executable, "-m", "trio_dht", "-p", str(udp), "--bind", "127.0.0.1", "--no-ipv6",
+            "-b", f"127.0.0.1:{b_port}", "--proxyserver", str(http_port),
+            "--proxy-addr", "127.0.0.1"]  # fmt: skip
+
+
+@contextmanager
+def open_stack(name: str, workdir: Path):
+    """Node B (dhtnode -U), then node A with its proxy, bootstrapped to B; ready once a put succeeds."""
+    with ExitStack() as exits:
+        b_port = free_port(socket.SOCK_DGRAM)
+        b = spawn(["dhtnode", "-s", "-U", "-p", str(b_port)], workdir / f"{name}-B.log")
+        exits.callback(stop, b)
+        for _attempt in range(3):
+            http_port = free_port(socket.SOCK_STREAM)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            cmd = server_command(name, free_port(socket.SOCK_DGRAM), http_port, b_port)
+            a = spawn(cmd, workdir / f"{name}-A.log", env)
+            url = f"http://127.0.0.1:{http_port}"
+            if wait_ready(a, url):
+                break
+            stop(a)
+        else:
+            raise RuntimeError(f"{name} did not start: see {workdir}/{name}-A.log")
+        exits.callback(stop, a)
+        yield Stack(name, url, a, b)
+
+
+def wait_ready(a: subprocess.Popen, url: str, timeout: float = 30.0) -> bool:
+    """node info answers with a good node, then a put of the GET scenario's value succeeds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if a.poll() is not None:
+            return False
+        try:
+            status, body = http("GET", url + "/node/info", timeout=2)
+            info = json.loads(body) if status == 200 else {}
+            if info.get("ipv4", {}).get("good", 0) + info.get("ipv6", {}).get("good", 0) > 0:
+                value = b'{"data":"aGVsbG8gd29ybGQ=","id":"4242","type":0}'
+                status, _ = http("POST", f"{url}/key/{GET_KEY}", value, timeout=10)
+                if status == 200:
+                    return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def parse_duration_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if m is None:
+        raise ValueError(text)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
+
+
+def run_wrk(url: str, path: str, script: str, seconds: float, conns: int) -> dict:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
+           "-s", str(WRK_DIR / script), url + path]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed: {out}")
+    result: dict = {"command": " ".join(cmd), "wrk_cpu": usage.ru_utime + usage.ru_stime}
+    result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    result["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    for pct in ("50", "99"):
+        result[f"p{pct}"] = parse_duration_ms(re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M).group(1))
+    result["non2xx"] = int(re.search(r"non2xx=(\d+)", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    result["socket_errors"] = errors.group(1) if errors else ""
+    return result
+
+
+def measure(name: str, scenario: str, seconds: float, conns: int, workdir: Path) -> dict:
+    _, path, script = SCENARIOS[scenario]
+    with open_stack(name, workdir) as stack:
+        time.sleep(1.0)
+        run_wrk(stack.url, path, script, 1.0, conns)  # warm-up (first connections, imports, caches)
+        a0, b0, m0 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
+        result = run_wrk(stack.url, path, script, seconds, conns)
+        a1, b1, m1 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
+    result["a_cpu"], result["b_cpu"] = a1 - a0, b1 - b0
+    result["others"] = max(0.0, (m1 - m0) - result["a_cpu"] - result["b_cpu"] - result["wrk_cpu"])
+    result["us_per_req"] = 1e6 * result["a_cpu"] / max(1, result["requests"])
+    print(
+        f"{name:8} {scenario:5} {result['rps']:9.0f} req/s  p50 {result['p50']:.2f} ms"
+        f"  p99 {result['p99']:.2f} ms"
+        f"  non2xx {result['non2xx']}  A {result['a_cpu']:.1f} s  B {result['b_cpu']:.1f} s"
+        f"  wrk {result['wrk_cpu']:.1f} s  others {result['others']:.1f} s  {result['socket_errors']}",
+        flush=True,
+    )
+    return result
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    dhtnode = subprocess.run(["dhtnode", "--version"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+        f"{dhtnode.splitlines()[0] if dhtnode else 'dhtnode'}, wrk 4.1.0"
+    )
+
+
+def table(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
+    rows = [
+        "| scenario (32 conns) | dhtnode req/s | trio_dht req/s | ratio | p50 ms dhtnode / ours "
+        "| p99 ms dhtnode / ours | non-2xx dhtnode / ours | CPU s of A: dhtnode / ours | others CPU s |",
+        "|---|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for sc in scenarios:
+        d, o = results["dhtnode"][sc], results["trio_dht"][sc]
+        rows.append(
+            f"| {SCENARIOS[sc][0]} | {d['rps']:,.0f} | {o['rps']:,.0f} | **{o['rps'] / d['rps']:.2f}** "
+            f"| {d['p50']:.2f} / {o['p50']:.2f} | {d['p99']:.2f} / {o['p99']:.2f} "
+            f"| {d['non2xx']} / {o['non2xx']} | {d['a_cpu']:.1f} / {o['a_cpu']:.1f} "
+            f"| {d['others']:.1f} / {o['others']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--conns", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="3 s per run, no RESULTS.md")
+    parser.add_argument("--only", default="get,post,info")
+    parser.add_argument("--servers", default="dhtnode,trio_dht")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--label", default="", help="a note for the RESULTS.md section title")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("dhtnode") is None:
+        sys.exit("needs wrk and dhtnode: apt-get install -y wrk dhtnode")
+    seconds = 3.0 if args.quick else args.seconds
+    scenarios = args.only.split(",")
+    servers = args.servers.split(",")
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "proxy_bench"
+    workdir.mkdir(exist_ok=True)
+    results: dict[str, dict[str, dict]] = {s: {} for s in servers}
+    for sc in scenarios:
+        for name in servers:
+            results[name][sc] = measure(name, sc, seconds, args.conns, workdir)
+    if set(servers) != {"dhtnode", "trio_dht"}:
+        return
+    text = table(results, scenarios)
+    print(text)
+    if args.quick or args.no_write:
+        return
+    command = shlex.join(["python", "bench/proxy_bench.py", *sys.argv[1:]])
+    wrk_cmd = results["dhtnode"][scenarios[0]]["command"].replace(
+        results["dhtnode"][scenarios[0]]["command"].split()[-1], "URL"
+    )
+    section = (
+        f"\n## REST proxy: trio_dht against dhtnode --proxyserver ({time.strftime('%Y-%m-%d %H:%M')}"
+        f"{', ' + args.label if args.label else ''})\n\n"
+        f"Machine: {machine()}. Both proxies run as node A of a 2-node loopback DHT whose node B is "
+        f"`dhtnode -s -U`; a fresh stack per scenario; {seconds:g} s per run after a 1 s warm-up; "
+        f"load client wrk (`{wrk_cmd}`). Our proxy: "
+        "`python -m trio_dht -p PORT --bind 127.0.0.1 --no-ipv6 -b 127.0.0.1:BPORT --proxyserver HPORT "
+        "--proxy-addr 127.0.0.1`.\n"
+        f"Command: `{command.strip()}`.\n\n{text}\n\n"
+        "`others` is busy CPU on the machine not used by A, B or wrk (other tenants); runs with a few "
+        "CPU-s of it are noisier.\n"
+    )
+    results_md = HERE / "RESULTS.md"
+    existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
+    results_md.write_text(existing.rstrip("\n") + "\n" + section)
+    (HERE / "proxy_results.json").write_text(json.dumps(results, indent=1))
+    print(f"appended to {results_md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The plain-HTTP front end: its narrow HTTP/1.1 reader; hot routes served beside hypercorn on one socket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from trio_dht.infohash import InfoHash
+from trio_dht.proxy import ProxyConfig, RateLimit, serve_proxy
+from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT
+from trio_dht.proxy.handlers import BASE_HEADERS
+from trio_dht.proxy.http1 import UNUSUAL, Head, Writer, chunk, read_head
+from trio_dht.testing.memory_dht import MemoryDht
+from trio_dht.value import Value
+
+BOUND = 5.0
+"""Safety bound on every wait (not a timing assertion)."""
+KEY = InfoHash.get("front")
+
+
+# -- the reader (sans-IO) ------------------------------------------------------------------------------------
+
+
+def test_reads_a_plain_get() -> None:
+    head = read_head(b"GET /node/info HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nNEXT")
+    assert head == Head("GET", b"/node/info", 49, 0, False)
+
+
+def test_reads_a_post_with_length_and_close() -> None:
+    raw = b"POST /key/abc HTTP/1.1\r\nContent-Length:  12 \r\nCONNECTION: Close\r\n\r\n"
+    head = read_head(raw + b'{"data":"x"}')
+    assert head == Head("POST", b"/key/abc", len(raw), 12, True)
+
+
+def test_incomplete_head_waits() -> None:
+    assert read_head(b"GET / HTTP/1.1\r\nHost: x\r\n") is None
+    assert read_head(b"") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET http://x/ HTTP/1.1\r\n\r\n",
+        b"GET  / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"G\xc3T / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 20000,
+    ],
+)
+def test_anything_unusual_is_left_to_hypercorn(raw: bytes) -> None:
+    assert read_head(raw) is UNUSUAL
+
+
+def test_writer() -> None:
+    writer = Writer(BASE_HEADERS)
+    reply = writer.reply(200, b"{}\n", (("X-A", "1"),), close=True)
+    assert reply == (
+        b"HTTP/1.1 200 OK\r\nServer: trio-dht\r\nContent-Type: application/json\r\n"
+        b"Access-Control-Allow-Origin: *\r\nX-A: 1\r\nConnection: close\r\nContent-Length: 3\r\n\r\n{}\n"
+    )
+    assert writer.stream_head().endswith(b"Transfer-Encoding: chunked\r\n\r\n")
+    assert chunk(b"abc") == b"3\r\nabc\r\n"
+
+
+# -- the front end on a socket -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dht() -> MemoryDht:
+    return MemoryDht()
+
+
+async def start(nursery: trio.Nursery, dht: MemoryDht, **config: object) -> int:
+    urls = await nursery.start(serve_proxy, dht, ProxyConfig(host="127.0.0.1", port=0, **config))
+    return int(urls[0].rsplit(":", 1)[1])
+
+
+class Client:
+    """One raw connection that reads whole responses (Content-Length or chunked)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def _more(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError
+        self.buffer += data
+
+    async def response(self) -> tuple[str, dict[str, str], bytes]:
+        with trio.fail_after(BOUND):
+            while b"\r\n\r\n" not in self.buffer:
+                await self._more()
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            status, *lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+            if "content-length" in headers:
+                size = int(headers["content-length"])
+                while len(self.buffer) < size:
+                    await self._more()
+                body, self.buffer = self.buffer[:size], self.buffer[size:]
+                return status, headers, body
+            body = b""
+            while True:
+                while b"\r\n" not in self.buffer:
+                    await self._more()
+                size_line, rest = self.buffer.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                while len(rest) < size + 2:
+                    await self._more()
+                    rest = self.buffer.split(b"\r\n", 1)[1]
+                body += rest[:size]
+                self.buffer = rest[size + 2 :]
+                if size == 0:
+                    return status, headers, body
+
+    async def at_eof(self, timeout: float = BOUND) -> bool:
+        with trio.fail_after(timeout):
+            try:
+                while True:
+                    await self._more()
+            except EOFError:
+                return True
+
+
+async def connect(port: int) -> Client:
+    return Client(await trio.open_tcp_stream("127.0.0.1", port))
+
+
+async def test_keep_alive_then_hand_over_to_hypercorn(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    await dht.put(KEY, Value(data=b"v", id=7))
+    client = await connect(await start(nursery, dht))
+    for _ in range(3):
+        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = await client.response()
+        assert status == "HTTP/1.1 200 OK" and json.loads(body)["public_ip"] == "127.0.0.1"
+        assert headers["server"] == "trio-dht"
+    await client.stream.send_all(f"GET /key/{KEY.hex()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, headers, body = await client.response()
+    assert headers["transfer-encoding"] == "chunked" and json.loads(body)["id"] == "7"
+    # A route of Quart's: the connection goes to hypercorn, which serves the rest of it.
+    await client.stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await client.response()
+    assert status.startswith("HTTP/1.1 200") and "listenCount" in json.loads(body)
+    await client.stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, _, body = await client.response()
+    assert status.startswith("HTTP/1.1 200") and json.loads(body)["node_id"] == dht.node_id.hex()
+    assert await client.at_eof()
+
+
+async def test_pipelined_requests_and_a_body_in_pieces(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    client = await connect(await start(nursery, dht))
+    post = f"POST /key/{KEY.hex()} HTTP/1.1\r\nHost: x\r\nContent-Length: 24\r\n\r\n".encode()
+    await client.stream.send_all(b"GET / HTTP/1.1\r\n\r\n" + post + b'{"data":"aGk=",')
+    status, _, body = await client.response()
+    assert status == "HTTP/1.1 200 OK" and "node_id" in json.loads(body)
+    await trio.sleep(0.05)
+    await client.stream.send_all(b'"id":"5"}' + b"GET /node/info HTTP/1.1\r\n\r\n")
+    status, _, body = await client.response()
+    assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"data": "aGk=", "id": "5", "type": 0}
+    status, _, body = await client.response()
+    assert "node_id" in json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /node/info HTTP/1.0\r\n\r\n", "HTTP/1.1 200"),
+        (
+            b"POST /key/k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n{}",
+            "",
+        ),
+        (b"GET /node/info HTTP/1.1\r\nBad Header\r\n\r\n", "HTTP/1.1 400"),
+        (
+            b"SUBSCRIBE /key/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            "HTTP/1.1 405",
+        ),
+    ],
+    ids=["http10", "expect", "malformed", "other-method"],
+)
+async def test_unusual_requests_get_hypercorns_answer(
+    nursery: trio.Nursery, dht: MemoryDht, request_bytes: bytes, status: str
+) -> None:
+    client = await connect(await start(nursery, dht))
+    await client.stream.send_all(request_bytes)
+    with trio.fail_after(BOUND):
+        while b"\r\n\r\n" not in client.buffer:
+            await client._more()
+    if status:
+        assert client.buffer.startswith(status.encode())
+    else:  # Expect: 100-continue: hypercorn's h11 answers the interim 100, then the put
+        assert client.buffer.startswith(b"HTTP/1.1 100") or client.buffer.startswith(b"HTTP/1.1 200")
+
+
+async def test_body_over_the_limit(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    client = await connect(await start(nursery, dht, max_body=100))
+    await client.stream.send_all(b"POST /key/k HTTP/1.1\r\nContent-Length: 101\r\n\r\n")
+    status, headers, _ = await client.response()
+    assert status.startswith("HTTP/1.1 413") and headers["connection"] == "close"
+    assert await client.at_eof()
+
+
+async def test_rate_limit(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    port = await start(nursery, dht, rate_limit=RateLimit(per_second=0.001, burst=2, loopback=True))
+    statuses = []
+    for _ in range(3):
+        client = await connect(port)
+        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+        statuses.append((await client.response())[0])
+    assert statuses == ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 429 Too Many Requests"]
+
+
+async def test_shutdown_closes_idle_connections(dht: MemoryDht) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await start(nursery, dht)
+        client = await connect(port)
+        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+        await client.response()
+        nursery.cancel_scope.cancel()
+    assert await client.at_eof()
+
+
+async def test_idle_connections_time_out(
+    nursery: trio.Nursery, dht: MemoryDht, autojump_clock: object
+) -> None:
+    client = await connect(await start(nursery, dht))
+    await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+    await client.response()
+    start_time = trio.current_time()
+    assert await client.at_eof(timeout=10 * KEEP_ALIVE_TIMEOUT)
+    assert KEEP_ALIVE_TIMEOUT <= trio.current_time() - start_time <= 1.5 * KEEP_ALIVE_TIMEOUT

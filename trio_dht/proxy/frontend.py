@@ -1,0 +1,358 @@
+"""The proxy's plain-HTTP listener: a small HTTP/1.1 server for the hot requests, hypercorn for the rest.
+
+Why: hypercorn's Trio worker costs about 0.5 ms of CPU per request before any route runs (trio-stack.md §2),
+which caps the whole proxy near 2 k requests/s per core, while ``dhtnode`` serves about 11 k GET/s and 50 k
+node-info/s. So the plain listening sockets are served here:
+
+* GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info`` (the routes clients and load
+  hit, :func:`hot_route`) are read with :mod:`~trio_dht.proxy.http1` and answered by the same
+  :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of bytes
+  is here. Socket I/O goes straight to the non-blocking socket, waiting with ``trio.lowlevel.wait_readable``
+  / ``wait_writable`` only when the kernel says so.
+* Any other request, and any request :func:`~trio_dht.proxy.http1.read_head` finds unusual, hands the
+  connection over, with the bytes already read, to a hypercorn connection (``TCPServer``) serving the full
+  ASGI app (:class:`~trio_dht.proxy.app.ProxyApp`: Quart routes, blueprints, limits, error pages). It stays
+  there until it closes.
+
+Per-IP rate limiting and the body-size limit apply here as in :class:`~trio_dht.proxy.app.ProxyApp`. TLS
+connections (and, with ``fast_path`` off, every connection) go to hypercorn at once; this module still owns
+the accept loops, the ASGI lifespan and the drain, so there is one server per proxy. A connection waiting for
+a request is closed after about ``KEEP_ALIVE_TIMEOUT`` by one sweeping task (no timeout per request), and at
+once on shutdown. Unusual-but-valid requests cost a hand-over, never a wrong answer.
+
+Requires hypercorn 0.18's ``TCPServer``, ``WorkerContext`` and ``Lifespan`` (pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+from trio_dht.infohash import InfoHash
+from trio_dht.proxy import handlers
+from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
+from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
+from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
+from trio_dht.proxy.paths import canonical_path
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 65536
+KEEP_ALIVE_TIMEOUT = 60.0
+"""An idle connection (or one sending a request head that never completes) is closed after this long."""
+INTERNAL_ERROR = error(500, "Internal server error")
+
+_BLOCKING = (BlockingIOError, InterruptedError)
+_GONE = (ConnectionError, OSError)
+
+
+class ClientGone(Exception):
+    """The peer closed or reset the connection."""
+
+
+class _Connection:
+    """One accepted socket: buffered non-blocking reads and writes through Trio's I/O waits."""
+
+    def __init__(self, sock: socket.socket, client: str) -> None:
+        self.sock = sock
+        self.client = client
+        self.buffer = bytearray()
+        self.responding = False
+        """Some of the current response has been sent."""
+        self.waited = False
+        """A read had to wait for the client since this was last cleared."""
+        self.idle_since: float | None = None
+        """When the connection started waiting for a request (None while one is served)."""
+        self.scope = trio.CancelScope()
+        """Cancelled to close the connection while it waits for a request (idle too long, or shutdown)."""
+
+    async def fill(self) -> None:
+        """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF."""
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except _BLOCKING:
+                self.waited = True
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except _GONE as exc:
+                raise ClientGone from exc
+            if not data:
+                raise ClientGone
+            self.buffer += data
+            return
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except _BLOCKING:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            except _GONE as exc:
+                raise ClientGone from exc
+            view = view[sent:]
+            self.responding = True
+
+
+class FrontEnd:
+    """Serves the plain listening sockets of one proxy app (see the module docstring)."""
+
+    def __init__(self, app: ProxyApp, hypercorn_config: Config, *, fast_path: bool = True) -> None:
+        self.app = app
+        self.state = app.state
+        self.fast_path = fast_path
+        self.writer = Writer(BASE_HEADERS)
+        self._asgi = wrap_app(app, hypercorn_config.wsgi_max_body_size, "asgi")
+        self._hypercorn_config = hypercorn_config
+        self._context = WorkerContext(None)
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        self._shutdown = trio.Event()
+
+    async def serve(
+        self,
+        plain: list[socket.socket],
+        tls: list[socket.socket] = (),  # type: ignore[assignment]
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the bound, listening sockets (``tls`` ones with ``ssl_context``, all by hypercorn) until
+        :meth:`shutdown` (or cancellation); then idle connections close at once and requests in flight
+        finish (the caller bounds how long). The ASGI lifespan runs around it, as hypercorn runs it.
+        """
+        urls = [f"https://{repr_socket_addr(s.family, s.getsockname())}" for s in tls]
+        urls += [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in plain]
+        lifespan = Lifespan(self._asgi, self._hypercorn_config, {})
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            async with trio.open_nursery() as connections:
+                try:
+                    async with trio.open_nursery() as acceptors:
+                        for sock in plain:
+                            acceptors.start_soon(self._accept_loop, sock, connections, None)
+                        for sock in tls:
+                            acceptors.start_soon(self._accept_loop, sock, connections, ssl_context)
+                        acceptors.start_soon(self._close_idle_connections)
+                        task_status.started(urls)
+                        await self._shutdown.wait()
+                        acceptors.cancel_scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._drain()
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        """Stop accepting and close idle connections; :meth:`serve` returns once the others are done."""
+        self._shutdown.set()
+
+    async def _drain(self) -> None:
+        self._closing = True
+        for conn in self._connections:
+            if conn.idle_since is not None:
+                conn.scope.cancel()
+        await self._context.terminated.set()  # hypercorn's idle connections close
+
+    async def _close_idle_connections(self) -> None:
+        """Every few seconds, close the connections that have waited for a request over KEEP_ALIVE_TIMEOUT
+        (one task for all, instead of a timeout per request).
+        """
+        while True:
+            await trio.sleep(KEEP_ALIVE_TIMEOUT / 8)
+            limit = trio.current_time() - KEEP_ALIVE_TIMEOUT
+            for conn in self._connections:
+                if conn.idle_since is not None and conn.idle_since < limit:
+                    conn.scope.cancel()
+
+    async def _accept_loop(
+        self, listener: socket.socket, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        listener.setblocking(False)
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except _BLOCKING:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed (%s); retrying in 0.1 s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nursery.start_soon(self._serve_connection, sock, str(addr[0]), ssl_context)
+
+    async def _serve_connection(
+        self, sock: socket.socket, client: str, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        conn = _Connection(sock, client)
+        try:
+            if ssl_context is not None:
+                await self._hand_over(conn, ssl_context)
+            elif not self.fast_path:
+                await self._hand_over(conn)
+            else:
+                self._connections.add(conn)
+                hand_over = False
+                try:
+                    with conn.scope:
+                        hand_over = await self._serve_requests(conn)
+                finally:
+                    self._connections.discard(conn)
+                if hand_over:
+                    await self._hand_over(conn)
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("proxy connection from %s failed", client)
+        finally:
+            sock.close()  # also after hypercorn, which leaves it open when a TLS handshake fails
+
+    async def _serve_requests(self, conn: _Connection) -> bool:
+        """Answer hot requests until the connection is to be closed (False) or handed to hypercorn (True)."""
+        state = self.state
+        limiter = state.limiter
+        client_key = limiter.client_key(conn.client) if limiter is not None else None
+        if limiter is not None and client_key is not None and client_key[1] and not limiter.limit.loopback:
+            limiter = None  # a loopback client is trusted (see RateLimit.loopback)
+        while True:
+            head = read_head(conn.buffer)
+            if head is None:  # wait for (the rest of) a request head, at most about KEEP_ALIVE_TIMEOUT
+                if self._closing and not conn.buffer:
+                    return False
+                if conn.idle_since is None:
+                    conn.idle_since = trio.current_time()
+                await conn.fill()
+                continue
+            conn.idle_since = None
+            route = None if head is UNUSUAL else hot_route(head)
+            if route is None:
+                return True
+            assert isinstance(head, Head)
+            handler, key = route
+            if limiter is not None and not limiter.allow(conn.client, trio.current_time()):
+                reply: Reply | None = TOO_MANY_REQUESTS
+            elif head.content_length > state.config.max_body:
+                reply = TOO_LARGE
+            else:
+                reply = None
+            if reply is not None:  # refused: the body (if any) is not read, so the connection ends
+                await conn.send(self.writer.reply(reply.status, reply.body, reply.headers, close=True))
+                return False
+            while len(conn.buffer) < head.size + head.content_length:
+                await conn.fill()
+            body = bytes(conn.buffer[head.size : head.size + head.content_length])
+            del conn.buffer[: head.size + head.content_length]
+            conn.responding = False
+            try:
+                await handler(self, conn, head, key, body)
+            except Exception:
+                if conn.responding:
+                    raise  # a stream cut short: closing the connection tells the client
+                log.exception("proxy front end failed on %s %r", head.method, head.target)
+                reply = INTERNAL_ERROR
+                await conn.send(self.writer.reply(reply.status, reply.body, close=True))
+                return False
+            if head.close or self._closing:
+                return False
+            if not conn.waited:  # a client that always has the next request ready must not starve the others
+                await trio.lowlevel.checkpoint()
+            conn.waited = False
+
+    async def _hand_over(self, conn: _Connection, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serve the rest of the connection with hypercorn, starting with the bytes already read."""
+        stream: Any = trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+        elif conn.buffer:
+            stream = _Replayed(stream, bytes(conn.buffer))
+            conn.buffer.clear()
+        await TCPServer(self._asgi, self._hypercorn_config, self._context, ConnectionState({}), stream).run()
+
+    # -- the hot routes -------------------------------------------------------------------------------------
+
+    async def send_reply(self, conn: _Connection, head: Head, reply: Reply) -> None:
+        await conn.send(self.writer.reply(reply.status, reply.body, reply.headers, close=head.close))
+
+    async def node_info(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        await self.send_reply(conn, head, handlers.node_info(self.state, conn.client))
+
+    async def get(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        """The head goes out with the first chunk (or the end): one send where OpenDHT makes two."""
+        assert key is not None
+        out = self.writer.stream_head()
+        async with handlers.get(self.state, key) as chunks:
+            async for data in chunks:
+                await conn.send(out + chunk(data))
+                out = b""
+        await conn.send(out + LAST_CHUNK)
+
+    async def put(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        assert key is not None
+        await self.send_reply(conn, head, await handlers.put(self.state, key, body))
+
+
+def hot_route(head: Head) -> tuple[Callable[..., Awaitable[None]], InfoHash | None] | None:
+    """The front end's handler for a request, with its key; None for what hypercorn serves."""
+    if head.method not in ("GET", "POST"):
+        return None
+    match = canonical_path(head.target)
+    if match is None:
+        return None
+    path, key = match
+    if path in ("/", "/node/info"):
+        return (FrontEnd.node_info, None) if head.method == "GET" else None
+    if len(path) == 41 or (len(path) == 45 and path.startswith("/key/")):  # "/<hex>", "/key/<hex>"
+        return (FrontEnd.get, key) if head.method == "GET" else (FrontEnd.put, key)
+    return None
+
+
+class _Replayed(trio.abc.HalfCloseableStream):
+    """A socket stream whose first reads return bytes already taken off the socket."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    def setsockopt(self, *args: Any) -> None:
+        self._stream.setsockopt(*args)
