@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +224,10 @@ class DhtNode:
             endpoint.send(data, addr)
             self.counters.sent += 1
 
+    def _resend(self, datagrams: list[bytes], addr: Address) -> None:
+        for d in datagrams:
+            self._send(d, addr)
+
     def _next_tid(self) -> int:
         self._tid = (self._tid + 1) & 0xFFFFFFFF or 1
         return self._tid
@@ -247,20 +251,20 @@ class DhtNode:
         )
         pending = self._pending[tid] = _Pending(addr, node_id)
         start = trio.current_time()
+        # One wait per step; a reply within the first second costs a single cancel scope.
+        steps = [(start + at + random.uniform(0, 0.25), self._resend) for at in RESEND_AT]
+        steps.append((start + FAIL_AFTER, None))
+        if on_slow is not None:
+            steps.insert(0, (start + SLOW_AFTER, lambda *_: on_slow()))
         try:
-            for attempt, deadline in enumerate((*RESEND_AT, FAIL_AFTER)):
-                for d in datagrams:
-                    self._send(d, addr)
-                jitter = random.uniform(0, 0.25) if attempt < len(RESEND_AT) else 0
-                with trio.move_on_at(start + deadline + jitter):
-                    if attempt == 0 and on_slow is not None:
-                        with trio.move_on_at(start + SLOW_AFTER):
-                            await pending.done.wait()
-                        if not pending.done.is_set():
-                            on_slow()
+            for d in datagrams:
+                self._send(d, addr)
+            for at, action in steps:
+                with trio.move_on_at(at):
                     await pending.done.wait()
-                if pending.done.is_set():
+                if pending.done.is_set() or action is None:
                     break
+                action(datagrams, addr)
         finally:
             del self._pending[tid]
         reply = pending.reply
@@ -726,14 +730,18 @@ class DhtNode:
             nursery.cancel_scope.cancel()
         return state
 
-    def _families(self) -> list[bool]:
+    async def _each_family(self, fn: Callable[[bool], Awaitable[Any]]) -> None:
+        """``await fn(v6)`` for each address family with known nodes, concurrently if both."""
         now = trio.current_time()
-        fams = [
-            v6
-            for v6 in self._socks
-            if len(self.tables[v6]) and self.tables[v6].closest(self._id, 1, now=now, good_only=False)
+        families = [
+            v6 for v6 in self._socks if self.tables[v6].closest(self._id, 1, now=now, good_only=False)
         ]
-        return fams
+        if len(families) == 1:
+            await fn(families[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for v6 in families:
+                nursery.start_soon(fn, v6)
 
     # -- public operations ----------------------------------------------------------------------------------
 
@@ -760,9 +768,7 @@ class DhtNode:
         def on_reply(sn: SearchNode, reply: Message) -> None:
             add(reply.values)
 
-        async with trio.open_nursery() as nursery:
-            for v6 in self._families():
-                nursery.start_soon(self._search, key, v6, "get", args, on_reply)
+        await self._each_family(lambda v6: self._search(key, v6, "get", args, on_reply))
         return list(found.values())
 
     async def put(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
@@ -807,9 +813,7 @@ class DhtNode:
                 for sn in state.synced(K):
                     nursery.start_soon(put_to, sn)
 
-        async with trio.open_nursery() as nursery:
-            for v6 in self._families():
-                nursery.start_soon(announce_family, v6)
+        await self._each_family(announce_family)
         return acked > 0
 
     async def _reannounce(self, key: InfoHash, value: Value, scope: trio.CancelScope) -> None:
