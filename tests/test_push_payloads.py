@@ -2,8 +2,6 @@
 
 import json
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from trio_dht.infohash import InfoHash
 from trio_dht.push import webpush_crypto
 from trio_dht.push.gateway import Outcome, parse_retry_after
@@ -110,7 +108,7 @@ def test_unifiedpush_plain_and_encrypted_requests():
     headers, body = webpush_request(push(Platform.UNIFIEDPUSH, data))
     assert headers == {"TTL": "86400", "Urgency": "high", "Content-Type": "application/json"}
     assert body == b'{"key":"a828","s":"su","t":1795624641716,"to":"cu"}'
-    ua = ec.generate_private_key(ec.SECP256R1())
+    ua = webpush_crypto.generate_private_key()
     auth = bytes(range(16))
     topic = webpush_crypto.b64url(webpush_crypto.public_bytes(ua)) + "|" + webpush_crypto.b64url(auth)
     headers, body = webpush_request(push(Platform.UNIFIEDPUSH, data, high=False, topic=topic))

@@ -1,11 +1,20 @@
-"""RFC 8291 Web Push encryption: the RFC's test vector, round trips, and topic key parsing."""
+"""RFC 8291 Web Push encryption: the RFC's test vector, round trips, and topic key parsing; every test with
+both backends (``cryptography`` and the pure-Python one the zipapp uses)."""
 
 import base64
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from trio_dht.push import webpush_crypto as wc
+
+
+@pytest.fixture(autouse=True, params=["cryptography", "purecrypto"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> wc.Backend:
+    """Each test once with each backend (the module picks one at import)."""
+    chosen = {"cryptography": wc.CRYPTOGRAPHY, "purecrypto": wc.PURE_PYTHON}[request.param]
+    assert chosen is not None, "the dev venv has cryptography"
+    monkeypatch.setattr(wc, "backend", chosen)
+    return chosen
 
 
 def b64(text: str) -> bytes:
@@ -27,20 +36,20 @@ BODY = (
 
 
 def test_rfc8291_vector_encrypts_to_the_published_body():
-    sender = wc.private_key_from_bytes(b64(AS_PRIVATE))
+    sender = b64(AS_PRIVATE)
     assert wc.public_bytes(sender) == b64(AS_PUBLIC)
     body = wc.encrypt(PLAINTEXT, b64(UA_PUBLIC), b64(AUTH), salt=b64(SALT), sender_key=sender)
     assert body == b64(BODY)
 
 
 def test_rfc8291_vector_decrypts():
-    ua = wc.private_key_from_bytes(b64(UA_PRIVATE))
+    ua = b64(UA_PRIVATE)
     assert wc.public_bytes(ua) == b64(UA_PUBLIC)
     assert wc.decrypt(b64(BODY), ua, b64(AUTH)) == PLAINTEXT
 
 
 def test_round_trip_with_fresh_keys_and_the_header_layout():
-    ua = ec.generate_private_key(ec.SECP256R1())
+    ua = wc.generate_private_key()
     auth = bytes(range(16))
     body = wc.encrypt(b'{"key":"x"}', wc.public_bytes(ua), auth)
     assert int.from_bytes(body[16:20], "big") == 4096
@@ -54,7 +63,7 @@ def test_round_trip_with_fresh_keys_and_the_header_layout():
 
 
 def test_tampering_and_wrong_keys_are_refused():
-    ua = ec.generate_private_key(ec.SECP256R1())
+    ua = wc.generate_private_key()
     auth = bytes(16)
     body = bytearray(wc.encrypt(b"hello", wc.public_bytes(ua), auth))
     body[-1] ^= 1
@@ -76,3 +85,25 @@ def test_topic_keys_accept_both_base64_alphabets_padded_or_not():
     assert wc.parse_topic_keys("a|b|c") is None
     assert wc.parse_topic_keys(wc.b64url(auth) + "|" + wc.b64url(auth)) is None
     assert wc.parse_topic_keys("!!!|???") is None
+
+
+def test_bad_keys_are_refused():
+    ua = wc.generate_private_key()
+    with pytest.raises(wc.WebPushCryptoError):
+        wc.public_bytes(bytes(32))  # zero is not a private key
+    with pytest.raises(wc.WebPushCryptoError):
+        public = wc.public_bytes(ua)
+        compressed = bytes([2 + public[-1] % 2]) + public[1:33]
+        wc.encrypt(b"x", compressed, bytes(16))  # not a Web Push key
+    with pytest.raises(wc.WebPushCryptoError):
+        wc.encrypt(b"x", wc.public_bytes(ua), bytes(15))
+
+
+def test_a_body_from_one_backend_decrypts_with_the_other(
+    backend: wc.Backend, monkeypatch: pytest.MonkeyPatch
+):
+    ua, auth = wc.generate_private_key(), bytes(range(16))
+    body = wc.encrypt(b"x" * 200, wc.public_bytes(ua), auth)
+    other = wc.PURE_PYTHON if backend is wc.CRYPTOGRAPHY else wc.CRYPTOGRAPHY
+    monkeypatch.setattr(wc, "backend", other)
+    assert wc.decrypt(body, ua, auth) == b"x" * 200

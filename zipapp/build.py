@@ -28,7 +28,7 @@ ENTRY_POINT = "import sys\nfrom trio_dht.__main__ import main\nsys.exit(main())\
 NATIVE = ("*.so", "*.so.*", "*.pyd", "*.dylib")
 #: Distributions whose C extensions are optional speed-ups: without them they run their pure-Python code.
 #: Any other distribution that ships native code cannot run from a zip and is left out whole (with a note);
-#: the code that uses it must do without it (e.g. `cryptography`: Web Push encryption).
+#: the code that uses it must do without it (`cryptography`: trio_dht.purecrypto stands in for it).
 PURE_PYTHON_FALLBACK = {"msgpack", "markupsafe"}
 #: Files and folders dropped from the staged packages: C extensions and their sources, type stubs,
 #: console-script launchers (they cannot run from a zip), bytecode caches and trio's own test suite.

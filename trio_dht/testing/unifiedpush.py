@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from trio_dht.push import webpush_crypto
 from trio_dht.testing.gorush import RecordedRequest, Reply, open_loopback_server
 
@@ -39,7 +37,8 @@ class WebPushEndpoint:
 
     name: str
     url: str
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: bytes
+    """The subscription's P-256 private key (32-byte scalar)."""
     auth: bytes
     messages: list[bytes] = field(default_factory=list)
     """Accepted message bodies, decrypted."""
@@ -77,7 +76,7 @@ class UnifiedPushDouble:
         ep = WebPushEndpoint(
             name=name,
             url=f"{self.url}/up/{name}",
-            private_key=ec.generate_private_key(ec.SECP256R1()),
+            private_key=webpush_crypto.generate_private_key(),
             auth=os.urandom(16),
         )
         self.endpoints[name] = ep
