@@ -3,63 +3,39 @@
 For each server the same load client (``udp_load.py``, a separate process) keeps a window of ping, get or put
 requests in flight from 16 loopback source addresses for a few seconds. We report replies per second, latency,
 and the server's CPU time per request (read from /proc: it holds up better than req/s on a busy machine),
-and write the table to ``bench/RESULTS.md``.
+and write them as JSON (``--output``; ``bench/run.py`` puts them in ``bench/RESULTS.md``).
 
-Both servers run with their default rate limits (OpenDHT: 1024 requests/s per IP, 8192/s overall), so replies
-per second are capped near 8 k for both; the CPU column shows the capacity. Ours is also run with the limits
-off (``unlimited``) to show what one core sustains.
+Both servers run twice: with their default rate limits (OpenDHT: 1024 requests/s per IP, 8192/s overall, so
+replies per second are capped near 8 k for both), and with the limits off (``-U``), which shows what one
+node sustains. Ours is started with ``TRIO_DHT_CMD`` (see ``common.py``), ``dhtnode`` as ``dhtnode -s``.
 
-    python bench/udp_bench.py [--seconds 5] [--quick]
+    python bench/udp_bench.py [--seconds 5] [--quick] [--output FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-OUR_NODE = """
-import sys, trio
-from trio_dht import open_node
-from trio_dht.node.ratelimit import RateLimiter
-limits = RateLimiter(-1, -1) if sys.argv[2] == "unlimited" else RateLimiter()
-async def main():
-    async with open_node(port=int(sys.argv[1]), host="127.0.0.1", host6=None, rate_limiter=limits):
-        await trio.sleep_forever()
-trio.run(main)
-"""
+from common import HERE, cpu_seconds, free_port, machine, our_command, our_env, spawn, stop
+
+KINDS = ("dhtnode", "trio_dht", "dhtnode -U", "trio_dht -U")
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def start_server(kind: str, port: int) -> subprocess.Popen:
-    if kind == "dhtnode":
-        cmd = ["dhtnode", "-s", "-p", str(port)]
+def start_server(kind: str, port: int, workdir: Path) -> subprocess.Popen:
+    unlimited = ["-U"] if kind.endswith("-U") else []
+    if kind.startswith("dhtnode"):
+        cmd = ["dhtnode", "-s", *unlimited, "-p", str(port)]
     else:
-        mode = "unlimited" if kind.endswith("unlimited") else "default"
-        cmd = [sys.executable, "-c", OUR_NODE, str(port), mode]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        cmd = [*our_command(), "-p", str(port), "--bind", "127.0.0.1", "--no-ipv6", "--no-proxy", *unlimited]
+    proc = spawn(cmd, workdir / f"{kind.replace(' ', '')}.log", our_env())
     time.sleep(1.5)
     return proc
 
@@ -87,9 +63,9 @@ def load(port: int, method: str, seconds: float) -> dict:
     return json.loads(out.stdout)
 
 
-def measure(kind: str, methods: list[str], seconds: float) -> dict[str, dict]:
-    port = free_udp_port()
-    proc = start_server(kind, port)
+def measure(kind: str, methods: list[str], seconds: float, workdir: Path) -> dict[str, dict]:
+    port = free_port(socket.SOCK_DGRAM)
+    proc = start_server(kind, port, workdir)
     results = {}
     try:
         for method in methods:
@@ -99,28 +75,24 @@ def measure(kind: str, methods: list[str], seconds: float) -> dict[str, dict]:
             results[method] = r
             time.sleep(1.2)  # let rate-limit windows drain between workloads
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return results
 
 
 def table(results: dict[str, dict[str, dict]], methods: list[str]) -> str:
     lines = [
-        "| workload | dhtnode req/s | trio_dht req/s | ratio | dhtnode µs CPU/req | trio_dht µs CPU/req "
-        "| trio_dht unlimited req/s | unlimited µs CPU/req | p50 ms (dhtnode / ours) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | limits | dhtnode req/s | trio_dht req/s | ratio | dhtnode µs CPU/req "
+        "| trio_dht µs CPU/req | p50 ms dhtnode / ours |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for m in methods:
-        d, o, u = results["dhtnode"][m], results["trio_dht"][m], results["trio_dht unlimited"][m]
-        lines.append(
-            f"| UDP {m} | {d['rps']:.0f} | {o['rps']:.0f} | {o['rps'] / d['rps']:.2f} "
-            f"| {d['cpu_us_per_req']:.1f} | {o['cpu_us_per_req']:.1f} "
-            f"| {u['rps']:.0f} | {u['cpu_us_per_req']:.1f} "
-            f"| {d['p50_ms']:.2f} / {o['p50_ms']:.2f} |"
-        )
+    for limits, suffix in (("default", ""), ("off (-U)", " -U")):
+        for m in methods:
+            d, o = results["dhtnode" + suffix][m], results["trio_dht" + suffix][m]
+            lines.append(
+                f"| UDP {m} | {limits} | {d['rps']:.0f} | {o['rps']:.0f} | {o['rps'] / d['rps']:.2f} "
+                f"| {d['cpu_us_per_req']:.1f} | {o['cpu_us_per_req']:.1f} "
+                f"| {d['p50_ms']:.2f} / {o['p50_ms']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -134,17 +106,11 @@ def main() -> None:
         sys.exit("dhtnode is not installed: apt-get install dhtnode")
     seconds = 1.0 if args.quick else args.seconds
     methods = ["ping", "get", "put"]
-    results = {
-        kind: measure(kind, methods, seconds) for kind in ("dhtnode", "trio_dht", "trio_dht unlimited")
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {kind: measure(kind, methods, seconds, Path(tmp)) for kind in KINDS}
     text = table(results, methods)
     print(text)
-    args.output.write_text(
-        json.dumps(
-            {"machine": platform.platform(), "cpus": os.cpu_count(), "results": results, "table": text},
-            indent=1,
-        )
-    )
+    args.output.write_text(json.dumps({"machine": machine(), "results": results, "table": text}, indent=1))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class AppConfig:
     network: int = 0
     bind: str = "0.0.0.0"
     bind6: str | None = "::"  # None: IPv4 only
+    rate_limit: bool = True  # OpenDHT's limits on incoming requests (1024/s per IP, 8192/s in all)
     verbose: int = 0
     identity: bool = False  # -i: accepted for dhtnode compatibility, ignored (no signing support)
     proxy: ProxyConfig | None = DEFAULT_PROXY  # None: no REST proxy
@@ -184,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--bind6", default="::", metavar="ADDR", help="IPv6 UDP address (default ::)")
     node.add_argument("--no-ipv6", dest="bind6", action="store_const", const=None, help="no IPv6 UDP socket")
     node.add_argument(
+        "-U",
+        "--no-rate-limit",
+        dest="rate_limit",
+        action="store_false",
+        help="no limit on incoming UDP requests (as dhtnode -U; default 1024/s per IP, 8192/s in all)",
+    )
+    node.add_argument(
         "-i",
         "--identity",
         action="store_true",
@@ -290,6 +298,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         network=args.network,
         bind=args.bind,
         bind6=args.bind6,
+        rate_limit=args.rate_limit,
         verbose=args.verbose,
         identity=args.identity,
         proxy=proxy,
