@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,31 +37,25 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from common import (
+    HERE,
+    cpu_seconds,
+    free_port,
+    machine,
+    machine_busy_seconds,
+    our_command,
+    our_env,
+    spawn,
+    stop,
+)
+
 WRK_DIR = HERE / "wrk"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GET_KEY = "b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0"
 SCENARIOS = {
     "get": ("GET /key/{h} (1 value)", f"/key/{GET_KEY}", "get.lua"),
     "post": ("POST /key/{random h}", "/", "post_distinct.lua"),
     "info": ("GET /node/info", "/node/info", "get.lua"),
 }
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its reaped children (worker processes are children)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return sum(int(f) for f in fields[11:15]) / CLK_TCK
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -74,12 +66,6 @@ def tree_cpu_seconds(pid: int) -> float:
     except FileNotFoundError:
         children = []
     return total + sum(tree_cpu_seconds(int(c)) for c in children)
-
-
-def machine_busy_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / CLK_TCK
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -100,32 +86,11 @@ class Stack:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
 
-def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    out = log.open("wb")
-    return subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # an idle dhtnode -s ignores the first one (tests/peers)
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def server_command(name: str, udp: int, http_port: int, b_port: int) -> list[str]:
     if name == "dhtnode":
         return ["dhtnode", "-s", "-U", "-p", str(udp), "-b", f"127.0.0.1:{b_port}",
                 "--proxyserver", str(http_port), "--proxy-addr", "127.0.0.1"]  # fmt: skip
-    return [sys.executable, "-m", "trio_dht", "-p", str(udp), "--bind", "127.0.0.1", "--no-ipv6",
+    return [*our_command(), "-p", str(udp), "--bind", "127.0.0.1", "--no-ipv6",
             "-b", f"127.0.0.1:{b_port}", "--proxyserver", str(http_port),
             "--proxy-addr", "127.0.0.1"]  # fmt: skip
 
@@ -139,7 +104,7 @@ def open_stack(name: str, workdir: Path):
         exits.callback(stop, b)
         for _attempt in range(3):
             http_port = free_port(socket.SOCK_STREAM)
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            env = our_env()
             cmd = server_command(name, free_port(socket.SOCK_DGRAM), http_port, b_port)
             a = spawn(cmd, workdir / f"{name}-A.log", env)
             url = f"http://127.0.0.1:{http_port}"
@@ -220,19 +185,6 @@ def measure(name: str, scenario: str, seconds: float, conns: int, workdir: Path)
     return result
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    dhtnode = subprocess.run(["dhtnode", "--version"], capture_output=True, text=True).stdout.strip()
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
-        f"{dhtnode.splitlines()[0] if dhtnode else 'dhtnode'}, wrk 4.1.0"
-    )
-
-
 def table(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
     rows = [
         "| scenario (32 conns) | dhtnode req/s | trio_dht req/s | ratio | p50 ms dhtnode / ours "
@@ -254,15 +206,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--conns", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="3 s per run, no RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="1 s per run, no RESULTS.md")
     parser.add_argument("--only", default="get,post,info")
     parser.add_argument("--servers", default="dhtnode,trio_dht")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--label", default="", help="a note for the RESULTS.md section title")
+    parser.add_argument("--output", type=Path, default=HERE / "proxy_results.json", help="results as JSON")
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("dhtnode") is None:
         sys.exit("needs wrk and dhtnode: apt-get install -y wrk dhtnode")
-    seconds = 3.0 if args.quick else args.seconds
+    seconds = 1.0 if args.quick else args.seconds
     scenarios = args.only.split(",")
     servers = args.servers.split(",")
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "proxy_bench"
@@ -272,9 +225,11 @@ def main() -> None:
         for name in servers:
             results[name][sc] = measure(name, sc, seconds, args.conns, workdir)
     if set(servers) != {"dhtnode", "trio_dht"}:
+        args.output.write_text(json.dumps({"results": results}, indent=1))
         return
     text = table(results, scenarios)
     print(text)
+    args.output.write_text(json.dumps({"machine": machine(), "results": results, "table": text}, indent=1))
     if args.quick or args.no_write:
         return
     command = shlex.join(["python", "bench/proxy_bench.py", *sys.argv[1:]])
@@ -296,7 +251,6 @@ def main() -> None:
     results_md = HERE / "RESULTS.md"
     existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
     results_md.write_text(existing.rstrip("\n") + "\n" + section)
-    (HERE / "proxy_results.json").write_text(json.dumps(results, indent=1))
     print(f"appended to {results_md}")
 
 

@@ -1,0 +1,42 @@
+"""``bench/run.py --quick`` completes and writes well-formed results (never a timing assertion)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+
+def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
+    missing = [tool for tool in ("dhtnode", "wrk") if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs {missing} for the benchmark smoke run")
+        pytest.skip(f"needs {missing} (apt-get install dhtnode wrk)")
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output-dir", str(tmp_path)],
+        check=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert len(rows) >= 15
+    for row in rows:
+        assert set(row) >= {"workload", "unit", "dhtnode", "trio_dht", "ratio"}
+        assert row["dhtnode"] >= 0 and row["trio_dht"] >= 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# Benchmark results")
+    assert "| workload | unit | dhtnode | trio_dht | ratio |" in text
+    assert text.count("\n| ") >= len(rows)
+    png = (tmp_path / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
