@@ -7,9 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from trio_dht.infohash import HASH_LEN, InfoHash
+from trio_dht.wire.msgpack_codec import packb, unpackb
 
 MAX_VALUE_SIZE = 64 * 1024
 """Largest value a node stores (data + signature + cypher + utype + push type), as OpenDHT."""
@@ -149,7 +148,7 @@ class Value:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes an owner signs (RSA PKCS#1 v1.5, SHA-512)."""
-        return msgpack.packb(self.body(), use_bin_type=True)
+        return packb(self.body())
 
     def to_wire(self) -> dict[str, Any]:
         """The Value map as it travels in ``values`` arrays."""
@@ -170,7 +169,7 @@ class Value:
     def packed(self) -> bytes:
         """Serialised Value (cached: values are not mutated once stored)."""
         if self._packed is None:
-            self._packed = msgpack.packb(self.to_wire(), use_bin_type=True)
+            self._packed = packb(self.to_wire())
         return self._packed
 
     @classmethod
@@ -221,8 +220,8 @@ class Value:
     def unpack(cls, data: bytes) -> Value:
         """Parse a serialised Value (as carried by fragments)."""
         try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
-        except Exception as exc:  # msgpack raises several unrelated types on bad input
+            obj = unpackb(data)
+        except ValueError as exc:
             raise InvalidValue(f"undecodable value: {exc}") from None
         v = cls.from_wire(obj)
         v._packed = bytes(data)

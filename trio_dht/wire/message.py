@@ -11,11 +11,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from trio_dht.infohash import HASH_LEN, InfoHash
 from trio_dht.value import InvalidValue, Query, Value
 from trio_dht.wire.compact import MalformedRecords, NodeRecord, pack_nodes, unpack_nodes
+from trio_dht.wire.msgpack_codec import packb, unpackb
 
 USER_AGENT = "trio_dht"
 METHODS = frozenset({"ping", "find", "get", "put", "refresh", "listen", "update"})
@@ -216,8 +215,8 @@ def _decode_parts(msg: Message, parts: Any) -> None:
 def decode(datagram: bytes) -> Message:
     """Parse one datagram; raises :class:`MalformedMessage` for anything a real node would drop."""
     try:
-        top = msgpack.unpackb(datagram, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
-    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        top = unpackb(datagram)
+    except ValueError as exc:
         raise MalformedMessage(f"not msgpack: {type(exc).__name__}") from None
     if not isinstance(top, dict):
         raise MalformedMessage("not a map")
@@ -270,8 +269,6 @@ def decode(datagram: bytes) -> Message:
 
 # -- encoding -----------------------------------------------------------------------------------------------
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-
 
 def pack_values(values: list[Value]) -> tuple[list[Any], list[bytes]]:
     """The ``values`` field and, when too large to go inline, the serialised values to send as fragments."""
@@ -295,7 +292,7 @@ def fragments(tid: int, packed_values: list[bytes], network: int = 0, is_client:
                 top["n"] = network
             if is_client:
                 top["s"] = True
-            out.append(_packb(top))
+            out.append(packb(top))
     return out
 
 
@@ -314,7 +311,7 @@ class Encoder:
             top["n"] = self.network
         if self.is_client:
             top["s"] = True
-        return _packb(top)
+        return packb(top)
 
     def request(self, tid: int, method: str, args: dict[str, Any]) -> bytes:
         """A query; ``args`` must not hold ``id`` (it is put first)."""
