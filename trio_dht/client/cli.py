@@ -195,20 +195,42 @@ async def _push(dht: ProxyClient, notification: str, keys: list[InfoHash]) -> No
             keys = []
     async with AsyncExitStack() as stack:
         channels = [await stack.enter_async_context(dht.listen(key)) for key in keys]
-        _drain(channels)
+        await _drain(channels)
         result = await dht.push_notification_received(data)
-        _drain(channels)
+        await _drain(channels)
     _print({"result": result.value})
 
 
-def _drain(channels: list[Any]) -> None:
-    for channel in channels:
+async def _drain(channels: list[Any], quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Print listen events until none came for ``quiet`` seconds (streams deliver asynchronously)."""
+    with trio.move_on_after(limit):
         while True:
-            try:
-                event = channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            _print(_event_json(event))
+            got = False
+            for channel in channels:
+                while True:
+                    try:
+                        event = channel.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    got = True
+                    _print(_event_json(event))
+            if not got:
+                with trio.move_on_after(quiet) as waited:
+                    async with trio.open_nursery() as nursery:
+                        for channel in channels:
+                            nursery.start_soon(_peek, channel, nursery.cancel_scope)
+                if waited.cancelled_caught:
+                    return
+
+
+async def _peek(channel: Any, done: trio.CancelScope) -> None:
+    """Wait until ``channel`` has an event (printed by the caller's next pass), then stop the wait."""
+    try:
+        event = await channel.receive()
+    except trio.EndOfChannel:
+        await trio.sleep_forever()
+    _print(_event_json(event))
+    done.cancel()
 
 
 def client_main(argv: Sequence[str]) -> int:
