@@ -33,7 +33,9 @@ async def start_proxy(nursery: trio.Nursery, dht: MemoryDht, port: int = 0) -> t
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         with scope:
             await serve_proxy(
-                dht, ProxyConfig(host="127.0.0.1", port=port, graceful_timeout=0.5), task_status=task_status
+                dht,
+                ProxyConfig(host="127.0.0.1", port=port, graceful_timeout=0.5, node_info_cache=0),
+                task_status=task_status,
             )
 
     (url,) = await nursery.start(run)
