@@ -51,6 +51,7 @@ async def stack(nursery):
     platforms = {p: gateway for p in Platform}
     dispatcher = Dispatcher(platforms, queue=DeliveryQueue(batch_window=0.01))
     service = PushService(dht, dispatcher, wall_clock=lambda: WALL)
+    await nursery.start(dht.run)  # expiry events of callback listens
     await nursery.start(dispatcher.run)
     await nursery.start(service.run)
     return dht, gateway, service
@@ -148,6 +149,7 @@ async def test_expired_value_push_carries_exp(nursery, autojump_clock):
     dht, gateway = MemoryDht(), RecordingGateway()
     dispatcher = Dispatcher({Platform.ANDROID: gateway})
     service = PushService(dht, dispatcher)
+    await nursery.start(dht.run)
     await nursery.start(dispatcher.run)
     await nursery.start(service.run)
     await service.subscribe(KEY, body())

@@ -28,6 +28,7 @@ import trio
 
 from trio_dht.config import AppConfig, format_host_port
 from trio_dht.node import DhtNode, open_node
+from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.persist import StateStore
 from trio_dht.proxy.server import serve_proxy
 from trio_dht.proxy.subscribe import subscribe_blueprint
@@ -37,13 +38,7 @@ from trio_dht.push.gorush import GorushGateway
 from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
-
-try:
-    from trio_dht.push.unifiedpush import UnifiedPushGateway
-except ModuleNotFoundError as exc:  # the zipapp carries no C extensions, so no `cryptography`
-    if exc.name != "cryptography":
-        raise
-    UnifiedPushGateway = None  # type: ignore[assignment,misc]
+from trio_dht.push.unifiedpush import UnifiedPushGateway
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +56,7 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                 host6=config.bind6,
                 bootstrap=config.bootstrap,
                 network=config.network,
+                rate_limiter=None if config.rate_limit else RateLimiter(per_ip=-1, total=-1),
             ) as node:
                 _log_node(node, config)
                 async with _open_push(node, config) as push, trio.open_nursery() as services:
@@ -109,10 +105,7 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
     async with new_http_client() as client, trio.open_nursery() as push_tasks:
         counts = PushCounts()  # /node/stats: pushes per platform and priority
         gateways: dict[Platform, Any] = {}
-        if UnifiedPushGateway is not None:
-            gateways[Platform.UNIFIEDPUSH] = CountingGateway(UnifiedPushGateway(client), counts)
-        else:
-            log.warning("UnifiedPush is off: Web Push encryption needs `cryptography` (the zipapp has none)")
+        gateways[Platform.UNIFIEDPUSH] = CountingGateway(UnifiedPushGateway(client), counts)
         if config.push_server is not None:
             gorush = GorushGateway(client, f"http://{config.push_server}", bundle_id=config.bundle_id)
             gateways |= dict.fromkeys(

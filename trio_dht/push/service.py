@@ -5,14 +5,13 @@ raw body, and write the :class:`PushReply` they get back. :meth:`PushService.run
 with ``await nursery.start(service.run)``) in the proxy's nursery; it supervises:
 
 - one timer task driving the book's deadline heap (timeout pushes a margin before each deadline, expiry at
-  it);
-- one DHT listen task per key that has subscriptions, shared by them, inside a cancel scope whose deadline is
-  the latest of their deadlines: without a refresh the listen ends when the last subscription does. A key's
-  values and expirations become one wake-up per subscription (the dispatcher coalesces bursts).
+  it); an expiry or an unsubscribe that leaves a key without subscriptions cancels the key's DHT listen.
 
-A task per *key* rather than per subscription keeps memory near one task per watched key (about 3 KB) plus a
-few hundred bytes per subscription; the deadlines themselves live in the book's heap (see
-:mod:`~trio_dht.push.subscriptions`).
+Each key that has subscriptions has one DHT listen, shared by them: a callback listen
+(:meth:`~trio_dht.api.Dht.add_listener`), so it costs no task, only the node's shared per-key state and a
+small :class:`_Watch` here. A key's values and expirations become one wake-up per subscription (the dispatcher
+coalesces bursts). The deadlines live in the book's heap (see :mod:`~trio_dht.push.subscriptions`), so a
+subscription costs a few hundred bytes on top of its key's listen.
 
 With a :class:`~trio_dht.persist.StateStore`, every change is committed before the reply acknowledges it, and
 :meth:`run` restores subscriptions with their absolute deadlines. Restored listens and overdue timeout pushes
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 
 import trio
 
-from trio_dht.api import Dht, ValueEvent
+from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.persist import StateStore, StoredSubscription
 from trio_dht.push import ssrf
@@ -50,8 +49,6 @@ from trio_dht.value import Value
 
 log = logging.getLogger(__name__)
 
-LISTEN_RETRY_DELAY = 5.0
-"""Pause before a DHT listen that failed or ended is started again."""
 _EMPTY_OBJECT = b"{}\n"
 _INTERNAL_ERROR = b'{"err":"Internal server error"}\n'
 
@@ -72,13 +69,24 @@ class PushReply:
 
 
 class _Watch:
-    """The DHT listen of one key: its cancel scope and the ids (with priorities) of the values it has seen."""
+    """The DHT listen of one key, and its callback: its handle (None until started) and the ids, with their
+    priorities, of the values it has seen (None while there are none: most keys never hold a value)."""
 
-    __slots__ = ("live", "scope")
+    __slots__ = ("handle", "key", "live", "service")
 
-    def __init__(self, deadline: float) -> None:
-        self.scope = trio.CancelScope(deadline=deadline)
-        self.live: dict[int, int] = {}
+    def __init__(self, service: PushService, key: InfoHash) -> None:
+        self.service = service
+        self.key = key
+        self.handle: ListenHandle | None = None
+        self.live: dict[int, int] | None = None
+
+    def __call__(self, event: ValueEvent) -> None:
+        self.service._on_event(self.key, self, event)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 class PushService:
@@ -124,12 +132,17 @@ class PushService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                self._restore()
+                restored = self._restore()
                 nursery.start_soon(self._drive_timers)
+                if restored:
+                    nursery.start_soon(self._start_restored, restored)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+                for watch in self._watches.values():
+                    watch.cancel()
+                self._watches.clear()
 
     # -- HTTP entry points -----------------------------------------------------------------------------------
 
@@ -153,7 +166,7 @@ class PushService:
             return PushReply(500, _INTERNAL_ERROR)
         self.stats["subscribed" if created else "refreshed"] += 1
         watch = self._watches.get(key)
-        if created and watch is not None and watch.live:
+        if created and watch is not None and watch.live:  # a late joiner hears of the values already there
             high = any(prio == 0 for prio in watch.live.values())
             self._dispatcher.submit(self.book.values_push(sub, t_ms=self._now_ms(), high_priority=high))
         self._update_watch(key)
@@ -203,41 +216,44 @@ class PushService:
 
     # -- DHT listens -----------------------------------------------------------------------------------------
 
-    def _update_watch(self, key: InfoHash, *, start_delay: float = 0.0) -> None:
-        """Start, move or stop the listen of ``key`` to match the deadlines of its subscriptions."""
-        deadline = self.book.key_deadline(key)
+    def _update_watch(self, key: InfoHash, *, start: bool = True) -> None:
+        """Start or stop the listen of ``key`` to match whether it has subscriptions (``start=False``: only
+        record the watch; :meth:`_start_restored` starts it later)."""
         watch = self._watches.get(key)
-        if deadline is None:
+        if next(self.book.on_key(key), None) is None:
             if watch is not None:
-                watch.scope.cancel()
+                watch.cancel()
                 del self._watches[key]
         elif watch is None:
-            assert self._nursery is not None
-            watch = self._watches[key] = _Watch(deadline)
-            self._nursery.start_soon(self._run_watch, key, watch, start_delay)
-        else:
-            watch.scope.deadline = deadline
+            watch = self._watches[key] = _Watch(self, key)
+            if start:
+                self._start_watch(key, watch)
 
-    async def _run_watch(self, key: InfoHash, watch: _Watch, start_delay: float) -> None:
-        with watch.scope:
-            await trio.sleep(start_delay)
-            while True:
-                try:
-                    async with self._dht.listen(key) as events:
-                        async for event in events:
-                            self._on_event(key, watch, event)
-                except Exception:
-                    log.exception("push listen on %s failed; restarting", key.hex())
-                    self.stats["listen-failures"] += 1
-                await trio.sleep(LISTEN_RETRY_DELAY)
-        if self._watches.get(key) is watch:
-            del self._watches[key]
+    def _start_watch(self, key: InfoHash, watch: _Watch) -> None:
+        try:
+            watch.handle = self._dht.add_listener(key, watch)
+        except Exception:
+            log.exception("push listen on %s failed", key.hex())
+            self.stats["listen-failures"] += 1
+
+    async def _start_restored(self, keys: list[InfoHash]) -> None:
+        """Start the listens of restored keys at ``startup_rate`` per second, so a restart does not burst
+        the gateways with the pushes of values found under them."""
+        for i, key in enumerate(keys):
+            if i:
+                await trio.sleep(1 / self._startup_rate)
+            watch = self._watches.get(key)
+            if watch is not None and watch.handle is None:
+                self._start_watch(key, watch)
 
     def _on_event(self, key: InfoHash, watch: _Watch, event: ValueEvent) -> None:
         value = event.value
         if event.expired:
-            watch.live.pop(value.id, None)
+            if watch.live is not None:
+                watch.live.pop(value.id, None)
         else:
+            if watch.live is None:
+                watch.live = {}
             watch.live[value.id] = value.prio
         high = not event.expired and value.prio == 0
         expired_id = value.id if event.expired else None
@@ -294,9 +310,10 @@ class PushService:
             return False
         return True
 
-    def _restore(self) -> None:
+    def _restore(self) -> list[InfoHash]:
+        """Load stored subscriptions into the book; the keys whose listens :meth:`_start_restored` starts."""
         if self._store is None:
-            return
+            return []
         now, wall = trio.current_time(), self._wall_clock()
         stale: list[int] = []
         first_delay: dict[InfoHash, float] = {}
@@ -324,7 +341,8 @@ class PushService:
             first_delay.setdefault(sub.key, delay)
         if stale:
             self._store.delete_subscriptions(stale)
-        for key, delay in first_delay.items():
-            self._update_watch(key, start_delay=delay)
+        for key in first_delay:
+            self._update_watch(key, start=False)
         self.stats["restored"] += len(self.book)
         log.info("restored %d push subscriptions (%d stale)", len(self.book), len(stale))
+        return list(first_delay)

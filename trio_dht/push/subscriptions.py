@@ -52,6 +52,7 @@ DEFAULT_LIFETIME = 6 * 3600.0
 """The seed document's six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""
 MARGIN_FRACTION = 1 / 12
 
+
 class SubscriptionState(enum.Enum):
     ACTIVE = "active"
     TIMEOUT_PUSH_SENT = "timeout-push-sent"

@@ -1,0 +1,134 @@
+"""The push side as the REST proxy sees it: :class:`ProxyPushHooks` (the proxy's ``PushHooks``) and
+:class:`CountingGateway`, which counts the pushes handed to a gateway for ``/node/stats``.
+
+The proxy calls the hooks for ``POST /node/pingPush`` (a ``pong`` push, high priority), for permanent puts
+2 h before they lapse (a ``timeout``/``vid`` push, normal priority) and for its stats document, into which
+they merge OpenDHT's push fields (``pushListenersCount``, ``androidPush``, ``iosPush``, ``unifiedPush``) and
+ours (``pushSubscriptions``, ``pushDelivery``: delivered, failed, retried, pruned tokens...).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from trio_dht.proxy.permanent import PermanentPut
+from trio_dht.proxy.value_json import PushTarget
+from trio_dht.push.dispatcher import Dispatcher
+from trio_dht.push.gateway import Gateway, Outcome
+from trio_dht.push.payloads import Platform, Push, PushKind
+from trio_dht.push.service import PushService
+
+STATS_NAMES = {
+    Platform.ANDROID: "androidPush",
+    Platform.IOS: "iosPush",
+    Platform.NONE: "iosPush",  # sent as iOS, as OpenDHT does
+    Platform.UNIFIEDPUSH: "unifiedPush",
+}
+"""The ``/node/stats`` field counting each platform's pushes."""
+
+
+class PushCounts:
+    """Pushes handed to gateways, by stats field and priority (OpenDHT counts attempts, not deliveries)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, bool]] = Counter()
+
+    def count(self, push: Push) -> None:
+        self.counts[(STATS_NAMES[push.platform], push.high_priority)] += 1
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {
+                "highPriorityCount": self.counts[(name, True)],
+                "normalPriorityCount": self.counts[(name, False)],
+            }
+            for name in ("androidPush", "iosPush", "unifiedPush")
+        }
+
+
+class CountingGateway:
+    """A gateway that counts every push it is asked to send, then lets ``inner`` send it."""
+
+    def __init__(self, inner: Gateway, counts: PushCounts) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_batch = inner.max_batch
+        self._counts = counts
+
+    def lane(self, push: Push) -> Hashable:
+        return self.inner.lane(push)
+
+    async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
+        for push in pushes:
+            self._counts.count(push)
+        return await self.inner.send(pushes)
+
+
+def _one_off_sid() -> int:
+    """A slot of its own for a push that belongs to no subscription (never coalesced with another)."""
+    return secrets.randbits(63) | 1
+
+
+class ProxyPushHooks:
+    """The proxy's :class:`~trio_dht.proxy.state.PushHooks`, backed by a :class:`PushService`."""
+
+    def __init__(
+        self, service: PushService, dispatcher: Dispatcher, counts: PushCounts | None = None
+    ) -> None:
+        self.service = service
+        self.dispatcher = dispatcher
+        self.counts = counts or PushCounts()
+
+    async def ping(self, target: PushTarget) -> None:
+        """``{"pong": true, "to": client_id}`` at high priority (``POST /node/pingPush``)."""
+        data = {"pong": True, "to": target.client_id}
+        platform = Platform.parse(target.platform)
+        push = Push(_one_off_sid(), PushKind.VALUES, target.token, platform, target.topic, data, True)
+        self.dispatcher.submit(push)
+
+    def permanent_put_due(self, held: PermanentPut) -> None:
+        """``{"s", "timeout": <hash>, "to", "vid"}`` at normal priority: re-POST this value soon."""
+        target = held.push
+        if target is None or not target.token:
+            return
+        data = {
+            "s": target.session_id,
+            "timeout": held.key.hex(),
+            "to": target.client_id,
+            "vid": str(held.value.id),
+        }
+        platform = Platform.parse(target.platform)
+        push = Push(_one_off_sid(), PushKind.TIMEOUT, target.token, platform, target.topic, data, False)
+        self.dispatcher.submit(push)
+
+    def stats(self) -> dict[str, Any]:
+        delivery = self.dispatcher.stats
+        service = self.service.stats
+        return {
+            "pushListenersCount": self.service.push_listeners_count,
+            **self.counts.stats(),
+            "pushSubscriptions": {
+                "active": len(self.service.book),
+                "watchedKeys": self.service.watched_keys,
+                "subscribed": service["subscribed"],
+                "refreshed": service["refreshed"],
+                "unsubscribed": service["unsubscribed"],
+                "expired": service["expired"],
+                "timeoutPushes": service["timeout-pushes"],
+                "restored": service["restored"],
+                "prunedTokens": service["pruned"],
+            },
+            "pushDelivery": {
+                "queued": len(self.dispatcher.queue),
+                "delivered": delivery[Outcome.DELIVERED.value],
+                "failures": delivery["batch-failed"] + delivery[Outcome.DROPPED.value] + delivery["dropped"],
+                "retries": delivery[Outcome.RETRY.value] + delivery["batch-failed"],
+                "gaveUp": delivery["gave-up"],
+                "tokensGone": delivery[Outcome.TOKEN_GONE.value],
+                "coalesced": delivery["coalesced"],
+                "noGateway": delivery["no-gateway"],
+            },
+        }
