@@ -171,72 +171,82 @@ def pure_unpackb(data: bytes) -> Any:
 _pack = struct.pack
 
 
-def _pack_into(obj: Any, out: list[bytes]) -> None:
-    t = type(obj)
-    if t is str:
-        raw = obj.encode("utf-8", "surrogateescape")
-        n = len(raw)
-        if n < 32:
-            out.append(bytes((0xA0 | n,)))
-        elif n < 0x100:
-            out.append(bytes((0xD9, n)))
-        elif n < 0x10000:
-            out.append(_pack(">BH", 0xDA, n))
-        else:
-            out.append(_pack(">BI", 0xDB, n))
-        out.append(raw)
-    elif t is int:
-        _pack_int(obj, out)
-    elif t is bool:
-        out.append(b"\xc3" if obj else b"\xc2")
-    elif isinstance(obj, bytes | bytearray | memoryview):
-        n = len(obj)
-        if n < 0x100:
-            out.append(bytes((0xC4, n)))
-        elif n < 0x10000:
-            out.append(_pack(">BH", 0xC5, n))
-        else:
-            out.append(_pack(">BI", 0xC6, n))
-        out.append(bytes(obj))
-    elif isinstance(obj, dict):
-        n = len(obj)
-        if n < 16:
-            out.append(bytes((0x80 | n,)))
-        elif n < 0x10000:
-            out.append(_pack(">BH", 0xDE, n))
-        else:
-            out.append(_pack(">BI", 0xDF, n))
-        for k, v in obj.items():
-            _pack_into(k, out)
-            _pack_into(v, out)
-    elif isinstance(obj, list | tuple):
-        n = len(obj)
-        if n < 16:
-            out.append(bytes((0x90 | n,)))
-        elif n < 0x10000:
-            out.append(_pack(">BH", 0xDC, n))
-        else:
-            out.append(_pack(">BI", 0xDD, n))
-        for v in obj:
-            _pack_into(v, out)
-    elif obj is None:
+def _pack_str(obj: str, out: list[bytes]) -> None:
+    raw = obj.encode("utf-8", "surrogateescape")
+    n = len(raw)
+    if n < 32:
+        out.append(_FIXSTR[n])
+    elif n < 0x100:
+        out.append(bytes((0xD9, n)))
+    elif n < 0x10000:
+        out.append(_pack(">BH", 0xDA, n))
+    else:
+        out.append(_pack(">BI", 0xDB, n))
+    out.append(raw)
+
+
+def _pack_bin(obj: bytes, out: list[bytes]) -> None:
+    n = len(obj)
+    if n < 0x100:
+        out.append(bytes((0xC4, n)))
+    elif n < 0x10000:
+        out.append(_pack(">BH", 0xC5, n))
+    else:
+        out.append(_pack(">BI", 0xC6, n))
+    out.append(bytes(obj))
+
+
+def _pack_map(obj: dict, out: list[bytes]) -> None:
+    n = len(obj)
+    if n < 16:
+        out.append(_FIXMAP[n])
+    elif n < 0x10000:
+        out.append(_pack(">BH", 0xDE, n))
+    else:
+        out.append(_pack(">BI", 0xDF, n))
+    for k, v in obj.items():
+        _PACKERS.get(type(k), _pack_other)(k, out)
+        _PACKERS.get(type(v), _pack_other)(v, out)
+
+
+def _pack_array(obj: list | tuple, out: list[bytes]) -> None:
+    n = len(obj)
+    if n < 16:
+        out.append(_FIXARRAY[n])
+    elif n < 0x10000:
+        out.append(_pack(">BH", 0xDC, n))
+    else:
+        out.append(_pack(">BI", 0xDD, n))
+    for v in obj:
+        _PACKERS.get(type(v), _pack_other)(v, out)
+
+
+def _pack_other(obj: Any, out: list[bytes]) -> None:
+    """Subclasses (an InfoHash is a bytes), None and floats."""
+    if obj is None:
         out.append(b"\xc0")
     elif isinstance(obj, bool):
         out.append(b"\xc3" if obj else b"\xc2")
     elif isinstance(obj, int):
         _pack_int(int(obj), out)
     elif isinstance(obj, str):
-        _pack_into(str(obj), out)
-    elif t is float:
+        _pack_str(str(obj), out)
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        _pack_bin(obj, out)
+    elif isinstance(obj, dict):
+        _pack_map(obj, out)
+    elif isinstance(obj, list | tuple):
+        _pack_array(obj, out)
+    elif isinstance(obj, float):
         out.append(_pack(">Bd", 0xCB, obj))
     else:
-        raise PackError(f"cannot pack {t.__name__}")
+        raise PackError(f"cannot pack {type(obj).__name__}")
 
 
 def _pack_int(n: int, out: list[bytes]) -> None:
     """The smallest form, as msgpack-c (and msgpack-python) choose it."""
     if 0 <= n < 0x80:
-        out.append(bytes((n,)))
+        out.append(_FIXINT[n])
     elif -32 <= n < 0:
         out.append(bytes((n & 0xFF,)))
     elif n >= 0:
@@ -262,11 +272,25 @@ def _pack_int(n: int, out: list[bytes]) -> None:
         raise PackError("integer too small")
 
 
+_FIXINT = [bytes((n,)) for n in range(0x80)]
+_FIXSTR = [bytes((0xA0 | n,)) for n in range(32)]
+_FIXMAP = [bytes((0x80 | n,)) for n in range(16)]
+_FIXARRAY = [bytes((0x90 | n,)) for n in range(16)]
+_PACKERS: dict[type, Callable[[Any, list[bytes]], None]] = {
+    str: _pack_str,
+    int: _pack_int,
+    bytes: _pack_bin,
+    dict: _pack_map,
+    list: _pack_array,
+    tuple: _pack_array,
+}
+
+
 def pure_packb(obj: Any) -> bytes:
     """Encode ``obj`` (bytes as BIN, str as STR, ints in their smallest form)."""
     out: list[bytes] = []
     try:
-        _pack_into(obj, out)
+        _PACKERS.get(type(obj), _pack_other)(obj, out)
     except RecursionError:
         raise PackError("nested too deeply") from None
     return b"".join(out)
