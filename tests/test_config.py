@@ -221,3 +221,10 @@ def test_bad_flags_exit_2_with_a_reason(
     err = capsys.readouterr().err
     assert err.startswith("usage: trio-dht")
     assert message in err
+
+
+def test_no_rate_limit_and_private_endpoint_flags() -> None:
+    default = parse_args([])
+    assert default.rate_limit and not default.allow_private_endpoints
+    config = parse_args(["-U", "--push-allow-private-endpoints"])
+    assert not config.rate_limit and config.allow_private_endpoints

@@ -45,6 +45,7 @@ class AppConfig:
     bundle_id: str = ""
     subscription_lifetime: float = DEFAULT_SUBSCRIPTION_LIFETIME
     persist_path: Path | None = None
+    allow_private_endpoints: bool = False  # UnifiedPush endpoints on loopback/private addresses (tests, LANs)
 
 
 def parse_duration(text: str) -> float:
@@ -266,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="file that keeps push subscriptions and permanent puts across restarts",
     )
+    push.add_argument(
+        "--push-allow-private-endpoints",
+        dest="allow_private_endpoints",
+        action="store_true",
+        help="accept UnifiedPush endpoints on loopback and private addresses (tests, LANs; off by default "
+        "because the subscriber chooses the URL the proxy POSTs to)",
+    )
     return parser
 
 
@@ -306,4 +314,5 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         bundle_id=args.bundle_id,
         subscription_lifetime=args.subscription_lifetime,
         persist_path=args.persist_path,
+        allow_private_endpoints=args.allow_private_endpoints,
     )

@@ -17,7 +17,7 @@ Two dialects (:class:`~trio_dht.push.payloads.Dialect`):
 - current OpenDHT: SUBSCRIBE ``{client_id, key, platform, session_id, topic[, refresh]}``, reply ``{}`` or the
   values; UNSUBSCRIBE ``{client_id, key}``; pushes ``{key, to, t, s[, exp]}`` (values) and
   ``{timeout, to, s[, vid]}`` (subscription or permanent put about to lapse);
-- seed document: SUBSCRIBE ``{key, callback_id, platform}``, reply ``{"token": x}``; UNSUBSCRIBE
+- seed document: SUBSCRIBE ``{key, callback_id, platform[, topic]}``, reply ``{"token": x}``; UNSUBSCRIBE
   ``{key, token: x, callback_id}``; pushes ``{token: x, callback_id}`` (wake-up) and
   ``{token: x, callback_id, timeout: hash}``.
 
@@ -274,7 +274,10 @@ class ListenBook:
     ) -> dict[str, Any]:
         """The SUBSCRIBE body for ``watch`` with push ``token``."""
         if self.dialect is Dialect.SEED:
-            return {"callback_id": self.client_id, "key": token, "platform": platform}
+            seed: dict[str, Any] = {"callback_id": self.client_id, "key": token, "platform": platform}
+            if topic:  # the seed document has none, but UnifiedPush needs its "<p256dh>|<auth>" to encrypt
+                seed["topic"] = topic
+            return seed
         body: dict[str, Any] = {
             "client_id": self.client_id,
             "key": token,
