@@ -18,6 +18,7 @@ from peers import (
     needs_opendht,
     open_dhtnode_peer,
     open_opendht_peer,
+    poll_until,
     require_dhtnode,
     require_opendht,
 )
@@ -36,16 +37,6 @@ async def _open_real(stack: AsyncExitStack, kind: str, bootstrap: tuple[str, int
     return peer
 
 
-async def _until(predicate_async, timeout: float, step: float = 0.2):
-    """Poll an async predicate until it returns something truthy; returns it (TooSlowError otherwise)."""
-    with trio.fail_after(timeout):
-        while True:
-            result = await predicate_async()
-            if result:
-                return result
-            await trio.sleep(step)
-
-
 @pytest.mark.parametrize("kind", ["opendht", "dhtnode"])
 @pytest.mark.parametrize("size", [1000, 60_000], ids=["1KB", "60KB"])
 async def test_values_cross_both_ways(kind: str, size: int) -> None:
@@ -58,7 +49,7 @@ async def test_values_cross_both_ways(kind: str, size: int) -> None:
         theirs_key = InfoHash.get(f"from-{kind}-{size}")
         theirs_data = os.urandom(size)
         assert await real.put(theirs_key, theirs_data)
-        got = await _until(lambda: ours.get(theirs_key), timeout=10)
+        got = await poll_until(lambda: ours.get(theirs_key), timeout=10)
         assert [v.data for v in got] == [theirs_data]
         # It was stored on our node, not only found: the real node announced it to us.
         assert ours.storage.get(theirs_key)
@@ -66,7 +57,7 @@ async def test_values_cross_both_ways(kind: str, size: int) -> None:
         ours_key = InfoHash.get(f"from-ours-to-{kind}-{size}")
         ours_data = os.urandom(size)
         assert await ours.put(ours_key, Value(data=ours_data, utype="application/octet-stream"))
-        values = await _until(lambda: real.get(ours_key), timeout=10)
+        values = await poll_until(lambda: real.get(ours_key), timeout=10)
         assert [v["data"] for v in values] == [ours_data]
 
 

@@ -30,6 +30,7 @@ from peers import (
     needs_opendht,
     open_dhtnode_proxy_client,
     open_opendht_peer,
+    poll_until,
     require_dhtnode,
     require_opendht,
 )
@@ -51,16 +52,6 @@ class Stack:
     real: OpenDhtPeer
     url: str
     port: int
-
-
-async def _until(predicate_async, timeout: float, step: float = 0.1):
-    """Poll an async predicate until it returns something truthy; returns it (TooSlowError otherwise)."""
-    with trio.fail_after(timeout):
-        while True:
-            result = await predicate_async()
-            if result:
-                return result
-            await trio.sleep(step)
 
 
 @asynccontextmanager
@@ -97,7 +88,7 @@ async def test_cpp_proxy_client_gets_puts_and_listens_through_our_proxy() -> Non
         # put: the client's value is stored in the DHT, where the real node gets it.
         key = InfoHash.get("interop-proxy-put")
         assert await client.put(key.hex(), "from-the-cpp-proxy-client")
-        got = await _until(lambda: s.real.get(key), timeout=10)
+        got = await poll_until(lambda: s.real.get(key), timeout=10)
         assert [v["data"] for v in got] == [b"from-the-cpp-proxy-client"]
 
         # listen: the existing value first, then the real node's new one.
@@ -210,7 +201,7 @@ async def test_every_route_over_raw_http_with_the_real_node_behind() -> None:
         assert status.startswith("HTTP/1.1 200")
         reply = json.loads(body)
         assert reply["data"] == "aGVsbG8=" and reply["type"] == 0 and int(reply["id"]) > 0
-        got = await _until(lambda: s.real.get(post_key), timeout=10)
+        got = await poll_until(lambda: s.real.get(post_key), timeout=10)
         assert [(v["id"], v["data"]) for v in got] == [(int(reply["id"]), b"hello")]
 
         # Options, both spellings.
@@ -278,7 +269,7 @@ async def test_httpx_get_post_and_listen_with_expiry() -> None:
         assert response.status_code == 200
         posted = response.json()
         assert posted["data"] == "dHdv" and int(posted["id"]) > 0
-        got = await _until(lambda: s.real.get(key), timeout=10)
+        got = await poll_until(lambda: s.real.get(key), timeout=10)
         assert sorted(v["data"] for v in got) == [b"one", b"two"]
 
         listen_key = InfoHash.get("interop-httpx-listen")

@@ -270,3 +270,13 @@ async def open_child(
                 # Output pumps may still hold pipes inherited by grandchildren: do not wait for them.
                 for scope in scopes:
                     scope.cancel()
+
+
+async def poll_until(predicate, timeout: float, step: float = 0.1):
+    """Await ``predicate()`` until it returns something truthy; return that (TooSlowError on timeout)."""
+    with trio.fail_after(timeout):
+        while True:
+            result = await predicate()
+            if result:
+                return result
+            await trio.sleep(step)

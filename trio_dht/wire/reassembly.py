@@ -45,12 +45,9 @@ class Reassembler:
 
     def header(self, key: Hashable, msg: Message, now: float) -> Message | None:
         """A message whose ``values`` are sizes; returns it completed if every fragment is already here."""
-        p = self._partials.get(key)
+        p = self._partial(key, now)
         if p is None:
-            if not self._room(now):
-                self.dropped += 1
-                return None
-            p = self._partials[key] = _Partial(started=now, last=now)
+            return None
         if p.header is not None:
             return None  # a retransmitted header: the first one is being filled
         p.header = msg
@@ -66,12 +63,9 @@ class Reassembler:
 
     def fragment(self, key: Hashable, msg: Message, now: float) -> Message | None:
         """A ``p`` datagram; returns the completed message once its last fragment is in."""
-        p = self._partials.get(key)
+        p = self._partial(key, now)
         if p is None:
-            if not self._room(now):
-                self.dropped += 1
-                return None
-            p = self._partials[key] = _Partial(started=now, last=now)
+            return None
         p.last = now
         for index, (offset, data) in msg.parts.items():
             if p.header is None:
@@ -92,6 +86,16 @@ class Reassembler:
             self._swept = now
             self.expire(now)
         return len(self._partials) < MAX_PARTIALS
+
+    def _partial(self, key: Hashable, now: float) -> _Partial | None:
+        """The partial message for ``key``, started now if new (None when the table is full)."""
+        p = self._partials.get(key)
+        if p is None:
+            if not self._room(now):
+                self.dropped += 1
+                return None
+            p = self._partials[key] = _Partial(started=now, last=now)
+        return p
 
     def _add(self, p: _Partial, index: int, offset: int, data: bytes) -> None:
         buf = p.buffers.get(index)
