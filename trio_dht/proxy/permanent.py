@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.value_json import PushTarget
@@ -33,10 +34,19 @@ class PermanentPut:
     refresh_at: float | None = None
 
 
+class PutJournal(Protocol):
+    """Where held puts are written as they change (``-f/--persist``), to survive a restart."""
+
+    def saved(self, held: PermanentPut) -> None: ...
+
+    def removed(self, key: InfoHash, value_id: int) -> None: ...
+
+
 class PermanentPuts:
     """The held permanent puts, by key then value id, with their two deadlines on one heap."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: PutJournal | None = None) -> None:
+        self.journal = journal
         self._puts: dict[InfoHash, dict[int, PermanentPut]] = {}
         self._heap: list[tuple[float, int, InfoHash, int]] = []
         self._seq = itertools.count()
@@ -73,6 +83,8 @@ class PermanentPuts:
         self._schedule(held.expires_at, held)
         if push and push.session_id and held.push:
             held.push = _with_session(held.push, push.session_id)
+        if self.journal is not None:
+            self.journal.saved(held)
 
     def record(self, key: InfoHash, value: Value, push: PushTarget | None, now: float) -> PermanentPut:
         """Hold (or re-hold) ``value`` for 24 h, giving it a random id if it has none."""
@@ -91,14 +103,28 @@ class PermanentPuts:
         if held.push is not None:
             held.refresh_at = now + LIFETIME - REFRESH_MARGIN
             self._schedule(held.refresh_at, held)
+        if self.journal is not None:
+            self.journal.saved(held)
         return held
+
+    def restore(self, held: PermanentPut) -> None:
+        """Hold a put read back from the journal, with its deadlines as they were (not written again)."""
+        self._puts.setdefault(held.key, {})[held.value.id] = held
+        self._schedule(held.expires_at, held)
+        if held.refresh_at is not None:
+            self._schedule(held.refresh_at, held)
 
     def remove(self, key: InfoHash, value_id: int) -> PermanentPut | None:
         by_id = self._puts.get(key)
         held = by_id.pop(value_id, None) if by_id else None
         if by_id is not None and not by_id:
             del self._puts[key]
+        if held is not None and self.journal is not None:
+            self.journal.removed(key, value_id)
         return held
+
+    def all(self) -> list[PermanentPut]:
+        return [held for by_id in self._puts.values() for held in by_id.values()]
 
     def next_deadline(self) -> float | None:
         """When :meth:`due` next has something to return (maybe earlier: stale heap entries are skipped
