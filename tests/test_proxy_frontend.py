@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 
 import pytest
 import trio
@@ -241,3 +243,63 @@ async def test_idle_connections_time_out(
     start_time = trio.current_time()
     assert await client.at_eof(timeout=10 * KEEP_ALIVE_TIMEOUT)
     assert KEEP_ALIVE_TIMEOUT <= trio.current_time() - start_time <= 1.5 * KEEP_ALIVE_TIMEOUT
+
+
+class SlowGetDht(MemoryDht):
+    """A DHT whose get reports the first value at once, the others on ``more``, and ends on ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.more = trio.Event()
+        self.release = trio.Event()
+        self.cancelled = trio.Event()
+
+    async def get(self, key, query=None, *, on_values=None):  # type: ignore[no-untyped-def]
+        values = self.values(key, query)
+        assert on_values is not None
+        try:
+            on_values(values[:1])
+            await self.more.wait()
+            on_values(values)
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled.set()
+            raise
+        return values
+
+
+async def test_get_streams_values_as_they_are_found(nursery: trio.Nursery) -> None:
+    dht = SlowGetDht()
+    await dht.put(KEY, Value(data=b"a", id=1))
+    await dht.put(KEY, Value(data=b"b", id=2))
+    client = await connect(await start(nursery, dht))
+    await client.stream.send_all(f"GET /{KEY.hex()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with trio.fail_after(BOUND):  # the head and the first value arrive while the get still runs
+        while b'"id":"1"' not in client.buffer:
+            await client._more()
+    dht.more.set()
+    with trio.fail_after(BOUND):
+        while b'"id":"2"' not in client.buffer:
+            await client._more()
+    assert b"\r\n0\r\n\r\n" not in client.buffer
+    dht.release.set()
+    status, headers, body = await client.response()
+    assert status == "HTTP/1.1 200 OK" and headers["transfer-encoding"] == "chunked"
+    assert [json.loads(line)["id"] for line in body.splitlines()] == ["1", "2"]  # each value once
+
+
+async def test_a_client_gone_mid_get_cancels_it(nursery: trio.Nursery) -> None:
+    dht = SlowGetDht()
+    await dht.put(KEY, Value(data=b"a", id=1))
+    await dht.put(KEY, Value(data=b"b", id=2))
+    client = await connect(await start(nursery, dht))
+    await client.stream.send_all(f"GET /key/{KEY.hex()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with trio.fail_after(BOUND):
+        while b'"id":"1"' not in client.buffer:
+            await client._more()
+    client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await client.stream.aclose()  # a reset: the next value cannot be written
+    await trio.sleep(0.05)
+    dht.more.set()
+    with trio.fail_after(BOUND):
+        await dht.cancelled.wait()

@@ -106,7 +106,7 @@ async def open_push_stack() -> AsyncIterator[PushStack]:
             lambda task_status: serve_proxy(
                 node,
                 ProxyConfig(host=LOOPBACK, port=0),
-                blueprints=[subscribe_blueprint(service)],
+                blueprints=[subscribe_blueprint()],
                 push=ProxyPushHooks(service, dispatcher, counts),
                 task_status=task_status,
             )

@@ -1,17 +1,23 @@
-"""SUBSCRIBE / UNSUBSCRIBE routes and the proxy's push hooks, at the ASGI level against an in-memory DHT."""
+"""SUBSCRIBE / UNSUBSCRIBE routes and the proxy's push hooks, over loopback against an in-memory DHT.
+
+Every test runs twice: with the plain-HTTP front end serving SUBSCRIBE/UNSUBSCRIBE (``fast``), and with
+``fast_path`` off, so that hypercorn and the Quart blueprint serve them (``quart``).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import pytest
 import trio
+from test_proxy_frontend import connect
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import ProxyConfig, create_app
+from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.proxy.value_json import PushTarget
@@ -24,6 +30,8 @@ from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
 KEY = InfoHash.get("hello")
+BOUND = 5.0
+"""Safety bound on every wait (not a timing assertion)."""
 
 
 class RecordingGateway:
@@ -48,6 +56,11 @@ class Stack:
     service: PushService
     hooks: ProxyPushHooks
     client: httpx.AsyncClient
+    fast: bool
+
+    def served_here(self, r: httpx.Response) -> None:
+        """The response came from the path under test: the front end sends a reason phrase, h11 none."""
+        assert r.reason_phrase == ("OK" if self.fast else "") or r.status_code != 200
 
 
 @pytest.fixture(params=[True, False], ids=["fast", "quart"])
@@ -62,12 +75,11 @@ async def stack(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncI
     await nursery.start(dispatcher.run)
     await nursery.start(service.run)
     hooks = ProxyPushHooks(service, dispatcher, counts)
-    app = create_app(
-        dht, ProxyConfig(fast_path=request.param), blueprints=[subscribe_blueprint(service)], push=hooks
-    )
-    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4321))
-    async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
-        yield Stack(dht, gateway, service, hooks, client)
+    config = ProxyConfig(host="127.0.0.1", port=0, fast_path=request.param, max_body=1000)
+    serve = partial(serve_proxy, dht, config, blueprints=[subscribe_blueprint()], push=hooks)
+    (url,) = await nursery.start(serve)
+    async with httpx.AsyncClient(base_url=url, timeout=BOUND) as client:
+        yield Stack(dht, gateway, service, hooks, client, request.param)
 
 
 def body(**fields) -> bytes:
@@ -77,7 +89,7 @@ def body(**fields) -> bytes:
 
 
 async def pushes(stack: Stack, count: int) -> list:
-    with trio.fail_after(5):
+    with trio.fail_after(BOUND):
         while len(stack.gateway.pushes) < count:
             await trio.sleep(0.01)
     out, stack.gateway.pushes = stack.gateway.pushes, []
@@ -89,18 +101,23 @@ async def test_subscribe_new_existing_refresh_unsubscribe(stack: Stack) -> None:
     r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body())
     assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"{}\n", "3")
     assert r.headers["content-type"] == "application/json" and r.headers["server"] == "trio-dht"
+    assert r.headers["access-control-allow-origin"] == "*"
+    stack.served_here(r)
     [push] = await pushes(stack, 1)  # the value already there pushes at once
     assert push.data["key"] == KEY.hex() and push.high_priority
 
     r = await stack.client.request("SUBSCRIBE", f"/{KEY.hex()}", content=body())
     assert r.status_code == 200 and "content-length" not in r.headers  # chunked: the values, as a GET
     assert [json.loads(line)["id"] for line in r.content.splitlines()] == ["7"]
+    assert r.headers["transfer-encoding"] == "chunked" and r.headers["content-type"] == "application/json"
+    stack.served_here(r)
     r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body(refresh=True, session_id="s2"))
     assert (r.status_code, r.content) == (200, b"{}\n") and "content-length" not in r.headers
     assert stack.service.push_listeners_count == 1
 
     r = await stack.client.request("UNSUBSCRIBE", "/key/hello", content=body())
     assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"", "0")
+    stack.served_here(r)
     assert stack.service.push_listeners_count == 0 and len(stack.service.book) == 0
     r = await stack.client.request("UNSUBSCRIBE", "/key/hello", content=body())  # idempotent
     assert r.status_code == 200
@@ -113,6 +130,8 @@ async def test_subscribe_new_existing_refresh_unsubscribe(stack: Stack) -> None:
         ("SUBSCRIBE", b"", 400, "Incorrect JSON"),
         ("SUBSCRIBE", b"[]", 400, "Incorrect JSON"),
         ("SUBSCRIBE", b'{"key":""}', 400, "No token"),
+        ("SUBSCRIBE", b'{"platform":"android"}', 400, "No token"),
+        ("SUBSCRIBE", b"{}", 400, "No token"),
         ("SUBSCRIBE", b'{"key":"t","refresh":"yes"}', 400, None),
         ("UNSUBSCRIBE", b"{}", 400, "No token"),
         ("UNSUBSCRIBE", b"\xff", 400, "Incorrect JSON"),
@@ -121,8 +140,64 @@ async def test_subscribe_new_existing_refresh_unsubscribe(stack: Stack) -> None:
 async def test_bad_bodies(stack: Stack, method: str, content: bytes, status: int, err: str | None) -> None:
     r = await stack.client.request(method, "/key/hello", content=content)
     assert r.status_code == status
+    assert r.headers["content-type"] == "application/json" and r.headers["server"] == "trio-dht"
     if err is not None:
         assert r.json() == {"err": err}
+    assert len(stack.service.book) == 0
+    r = await stack.client.request("SUBSCRIBE", f"/{KEY.hex()}", content=body())  # the connection still works
+    assert r.status_code == 200
+    stack.served_here(r)
+
+
+@pytest.mark.parametrize("method", ["SUBSCRIBE", "UNSUBSCRIBE"])
+async def test_body_over_the_limit(stack: Stack, method: str) -> None:
+    r = await stack.client.request(method, "/key/hello", content=body(key="t" * 1000))
+    assert r.status_code == 413 and r.json() == {"err": "Request Entity Too Large"}
+    assert len(stack.service.book) == 0
+
+
+async def test_a_failing_service_is_a_500(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(key: InfoHash, body: bytes) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stack.service, "unsubscribe", broken)
+    r = await stack.client.request("UNSUBSCRIBE", "/key/hello", content=body())
+    assert r.status_code == 500 and r.json() == {"err": "Internal server error"}
+
+
+async def test_pipelined_raw_requests(stack: Stack) -> None:
+    """Six requests in one write, on one connection: each answered in order, the stream ends cleanly."""
+    await stack.dht.put(KEY, Value(b"v", id=7))
+    port = int(str(stack.client.base_url).rstrip("/").rsplit(":", 1)[1])
+    client = await connect(port)
+
+    def request(method: str, path: str, content: bytes, close: bool = False) -> bytes:
+        extra = "Connection: close\r\n" if close else ""
+        return (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(content)}\r\n{extra}\r\n".encode()
+            + content
+        )
+
+    await client.stream.send_all(
+        request("SUBSCRIBE", "/key/hello", body())
+        + request("SUBSCRIBE", f"/{KEY.hex()}", body())
+        + request("SUBSCRIBE", "/key/hello/", body(refresh=True))
+        + request("SUBSCRIBE", "/key/hello", b"{")
+        + request("UNSUBSCRIBE", "/KEY/hello", body())
+        + request("UNSUBSCRIBE", "/key/hello", body(), close=True)
+    )
+    responses = [await client.response() for _ in range(6)]
+    statuses = [int(status.split()[1]) for status, _, _ in responses]
+    assert statuses == [200, 200, 200, 400, 200, 200]
+    (_, new, created), (_, existing, values), (_, refreshed, empty), (_, _, bad), (_, gone, _), _ = responses
+    assert (new["content-length"], created) == ("3", b"{}\n")
+    assert existing["transfer-encoding"] == "chunked" and json.loads(values)["id"] == "7"
+    assert refreshed["transfer-encoding"] == "chunked" and empty == b"{}\n"
+    assert json.loads(bad) == {"err": "Incorrect JSON"}
+    assert gone["content-length"] == "0"
+    assert all(headers["content-type"] == "application/json" for _, headers, _ in responses)
+    assert await client.at_eof()
+    assert len(stack.service.book) == 0
 
 
 async def test_stats_ping_and_permanent_put_warning(stack: Stack) -> None:

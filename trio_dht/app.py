@@ -105,7 +105,9 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
     async with new_http_client() as client, trio.open_nursery() as push_tasks:
         counts = PushCounts()  # /node/stats: pushes per platform and priority
         gateways: dict[Platform, Any] = {}
-        gateways[Platform.UNIFIEDPUSH] = CountingGateway(UnifiedPushGateway(client), counts)
+        gateways[Platform.UNIFIEDPUSH] = CountingGateway(
+            UnifiedPushGateway(client, allow_private=config.allow_private_endpoints), counts
+        )
         if config.push_server is not None:
             gorush = GorushGateway(client, f"http://{config.push_server}", bundle_id=config.bundle_id)
             gateways |= dict.fromkeys(
@@ -118,11 +120,17 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
         await push_tasks.start(dispatcher.run)
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
-            service = PushService(node, dispatcher, lifetime=config.subscription_lifetime, store=store)
+            service = PushService(
+                node,
+                dispatcher,
+                lifetime=config.subscription_lifetime,
+                store=store,
+                allow_private_endpoints=config.allow_private_endpoints,
+            )
             await push_tasks.start(service.run)
             yield {
                 "push": ProxyPushHooks(service, dispatcher, counts),
-                "blueprints": [subscribe_blueprint(service)],
+                "blueprints": [subscribe_blueprint()],
             }
             push_tasks.cancel_scope.cancel()
 

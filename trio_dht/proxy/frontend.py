@@ -4,8 +4,9 @@ Why: hypercorn's Trio worker costs about 0.5 ms of CPU per request before any ro
 which caps the whole proxy near 2 k requests/s per core, while ``dhtnode`` serves about 11 k GET/s and 50 k
 node-info/s. So the plain listening sockets are served here:
 
-* GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info`` (the routes clients and load
-  hit, :func:`hot_route`) are read with :mod:`~trio_dht.proxy.http1` and answered by the same
+* GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info``, and (when the app has push
+  hooks) SUBSCRIBE/UNSUBSCRIBE ``/key/{hash}`` and ``/{hash}``: the routes clients and load hit
+  (:func:`hot_route`). They are read with :mod:`~trio_dht.proxy.http1` and answered by the same
   :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of bytes
   is here. Socket I/O goes straight to the non-blocking socket, waiting with ``trio.lowlevel.wait_readable``
   / ``wait_writable`` only when the kernel says so.
@@ -27,10 +28,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config
@@ -45,7 +47,11 @@ from trio_dht.proxy import handlers
 from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
+from trio_dht.proxy.keys import hash_from_segment
 from trio_dht.proxy.paths import canonical_path
+
+if TYPE_CHECKING:
+    from trio_dht.push.service import PushReply
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class _Connection:
 
     def __init__(self, sock: socket.socket, client: str) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.client = client
         self.buffer = bytearray()
         self.responding = False
@@ -78,14 +85,20 @@ class _Connection:
         self.scope = trio.CancelScope()
         """Cancelled to close the connection while it waits for a request (idle too long, or shutdown)."""
 
-    async def fill(self) -> None:
-        """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF."""
+    async def fill(self, *, wait_first: bool = False) -> None:
+        """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF. ``wait_first``: wait until the
+        socket is readable before the first read (when nothing is expected yet, a read that would fail with
+        EAGAIN is a wasted system call and exception).
+        """
+        if wait_first:
+            self.waited = True
+            await trio.lowlevel.wait_readable(self.fd)
         while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except _BLOCKING:
                 self.waited = True
-                await trio.lowlevel.wait_readable(self.sock)
+                await trio.lowlevel.wait_readable(self.fd)
                 continue
             except _GONE as exc:
                 raise ClientGone from exc
@@ -94,13 +107,24 @@ class _Connection:
             self.buffer += data
             return
 
+    def send_now(self, data: bytes) -> bytes:
+        """Send what the socket takes without waiting; the rest of ``data``."""
+        try:
+            sent = self.sock.send(data)
+        except _BLOCKING:
+            return data
+        except _GONE as exc:
+            raise ClientGone from exc
+        self.responding = True
+        return data[sent:]
+
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
                 sent = self.sock.send(view)
             except _BLOCKING:
-                await trio.lowlevel.wait_writable(self.sock)
+                await trio.lowlevel.wait_writable(self.fd)
                 continue
             except _GONE as exc:
                 raise ClientGone from exc
@@ -235,24 +259,26 @@ class FrontEnd:
         client_key = limiter.client_key(conn.client) if limiter is not None else None
         if limiter is not None and client_key is not None and client_key[1] and not limiter.limit.loopback:
             limiter = None  # a loopback client is trusted (see RateLimit.loopback)
+        push = state.push is not None
+        max_body = state.config.max_body
         while True:
-            head = read_head(conn.buffer)
+            head = read_head(conn.buffer) if conn.buffer else None
             if head is None:  # wait for (the rest of) a request head, at most about KEEP_ALIVE_TIMEOUT
                 if self._closing and not conn.buffer:
                     return False
                 if conn.idle_since is None:
                     conn.idle_since = trio.current_time()
-                await conn.fill()
+                await conn.fill(wait_first=not conn.buffer)  # an empty buffer: the client is not done
                 continue
             conn.idle_since = None
-            route = None if head is UNUSUAL else hot_route(head)
+            route = None if head is UNUSUAL else hot_route(head, push=push)
             if route is None:
                 return True
             assert isinstance(head, Head)
             handler, key = route
             if limiter is not None and not limiter.allow(conn.client, trio.current_time()):
                 reply: Reply | None = TOO_MANY_REQUESTS
-            elif head.content_length > state.config.max_body:
+            elif head.content_length > max_body:
                 reply = TOO_LARGE
             else:
                 reply = None
@@ -298,24 +324,77 @@ class FrontEnd:
         await self.send_reply(conn, head, handlers.node_info(self.state, conn.client))
 
     async def get(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
-        """The head goes out with the first chunk (or the end): one send where OpenDHT makes two."""
+        """Values go out as the DHT finds them, written from its callback as far as the socket takes them
+        (no task, no channel); the head goes with the first chunk (or the end): one send where OpenDHT
+        makes two.
+        """
         assert key is not None
-        out = self.writer.stream_head()
-        async with handlers.get(self.state, key) as chunks:
-            async for data in chunks:
-                await conn.send(out + chunk(data))
-                out = b""
+        out = self.writer.stream_head(close=head.close)  # what is not sent yet
+        gone = done = False
+        with trio.CancelScope() as scope:
+
+            def on_lines(lines: bytes) -> None:
+                nonlocal out, gone
+                if gone or done:  # a late callback must not write past the end of the response
+                    return
+                try:
+                    out = conn.send_now(out + chunk(lines))
+                except ClientGone:
+                    gone = True
+                    scope.cancel()  # nobody reads: stop the get
+
+            try:
+                await handlers.get_lines(self.state, key, on_lines)
+            finally:
+                done = True
+        if gone:
+            raise ClientGone
         await conn.send(out + LAST_CHUNK)
 
     async def put(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         assert key is not None
         await self.send_reply(conn, head, await handlers.put(self.state, key, body))
 
+    async def subscribe(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        assert key is not None
+        await self.send_push_reply(conn, head, await handlers.subscribe(self.state, key, body))
 
-def hot_route(head: Head) -> tuple[Callable[..., Awaitable[None]], InfoHash | None] | None:
-    """The front end's handler for a request, with its key; None for what hypercorn serves."""
-    if head.method not in ("GET", "POST"):
+    async def unsubscribe(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        assert key is not None
+        await self.send_push_reply(conn, head, handlers.unsubscribe(self.state, key, body))
+
+    async def send_push_reply(self, conn: _Connection, head: Head, reply: PushReply) -> None:
+        """A complete reply, or a chunked one (the whole of it known already) in one send."""
+        if not reply.chunked:
+            await conn.send(self.writer.reply(reply.status, reply.body, close=head.close))
+            return
+        chunks = b"".join(chunk(data) for data in handlers.push_reply_chunks(reply))
+        await conn.send(self.writer.stream_head(reply.status, close=head.close) + chunks + LAST_CHUNK)
+
+
+HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]
+"""A front-end handler and the request's key."""
+_PLAIN_VALUE_TARGET = re.compile(rb"/(?:key/)?([0-9a-f]{40})")
+"""``/key/{hash}`` or ``/{hash}`` with the hash as 40 lowercase hex digits, already in canonical form."""
+_PLAIN_NODE_INFO_TARGETS = frozenset((b"/", b"/node/info"))
+_VALUE_ROUTES = {"GET": FrontEnd.get, "POST": FrontEnd.put}
+_PUSH_ROUTES = {**_VALUE_ROUTES, "SUBSCRIBE": FrontEnd.subscribe, "UNSUBSCRIBE": FrontEnd.unsubscribe}
+
+
+def hot_route(head: Head, *, push: bool = False) -> HotRoute | None:
+    """The front end's handler for a request, with its key; None for what hypercorn serves.
+
+    SUBSCRIBE and UNSUBSCRIBE are hot only with ``push`` (the app has push hooks); without, they go to
+    Quart, where a blueprint of the caller's may serve them.
+    """
+    value_routes = _PUSH_ROUTES if push else _VALUE_ROUTES
+    if head.method not in value_routes:
         return None
+    plain = _PLAIN_VALUE_TARGET.fullmatch(head.target)
+    if plain is not None:  # the usual spellings, read without canonical_path's general rules
+        return value_routes[head.method], hash_from_segment(plain[1])
+    if head.target in _PLAIN_NODE_INFO_TARGETS:
+        return (FrontEnd.node_info, None) if head.method == "GET" else None
     match = canonical_path(head.target)
     if match is None:
         return None
@@ -323,7 +402,7 @@ def hot_route(head: Head) -> tuple[Callable[..., Awaitable[None]], InfoHash | No
     if path in ("/", "/node/info"):
         return (FrontEnd.node_info, None) if head.method == "GET" else None
     if len(path) == 41 or (len(path) == 45 and path.startswith("/key/")):  # "/<hex>", "/key/<hex>"
-        return (FrontEnd.get, key) if head.method == "GET" else (FrontEnd.put, key)
+        return value_routes[head.method], key
     return None
 
 

@@ -1,20 +1,23 @@
 """The proxy's route logic, independent of the HTTP layer.
 
-Each route is one function here; :mod:`trio_dht.proxy.routes` (Quart) and :mod:`trio_dht.proxy.fastpath`
-(raw ASGI) only move requests in and :class:`Reply` or stream bodies out.
+Each route is one function here; :mod:`trio_dht.proxy.routes` and :mod:`trio_dht.proxy.subscribe` (Quart),
+:mod:`trio_dht.proxy.fastpath` (raw ASGI) and :mod:`trio_dht.proxy.frontend` (plain HTTP/1.1) only move
+requests in and :class:`Reply`, stream or push-reply bodies out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.state import ProxyState
+from trio_dht.proxy import streams
+from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenStream
 from trio_dht.proxy.value_json import (
     PushTarget,
@@ -24,6 +27,9 @@ from trio_dht.proxy.value_json import (
     value_line,
 )
 from trio_dht.value import random_value_id
+
+if TYPE_CHECKING:
+    from trio_dht.push.service import PushReply
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +128,14 @@ def get(state: ProxyState, key: InfoHash) -> GetStream:
     return GetStream(state.dht, key)
 
 
+async def get_lines(state: ProxyState, key: InfoHash, on_lines: Callable[[bytes], None]) -> None:
+    """``GET /key/{hash}``, ``GET /{hash}`` for an HTTP layer that writes from a callback: ``on_lines`` gets
+    the NDJSON of each batch of new values as they arrive; returns when the get ends (the body's end).
+    """
+    state.count_request()
+    await streams.get_lines(state.dht, key, on_lines)
+
+
 def listen(state: ProxyState, key: InfoHash) -> ListenStream:
     """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream."""
     state.count_request()
@@ -186,3 +200,31 @@ async def ping_push(state: ProxyState, body: bytes) -> Reply:
         except Exception:
             log.exception("ping push failed")
     return Reply(200, b"{}\n")
+
+
+def _push_hooks(state: ProxyState) -> PushHooks:
+    if state.push is None:  # only a blueprint registered without push hooks gets here
+        raise RuntimeError("SUBSCRIBE/UNSUBSCRIBE routes need the proxy's push hooks (create_app(push=...))")
+    return state.push
+
+
+async def subscribe(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
+    """``SUBSCRIBE /key/{hash}``, ``SUBSCRIBE /{hash}``: the push hooks' reply, written as
+    :func:`push_reply_chunks` says when it is chunked.
+    """
+    state.count_request()
+    return await _push_hooks(state).subscribe(key, body)
+
+
+def unsubscribe(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
+    """``UNSUBSCRIBE /key/{hash}``, ``UNSUBSCRIBE /{hash}``: the push hooks' reply."""
+    state.count_request()
+    return _push_hooks(state).unsubscribe(key, body)
+
+
+def push_reply_chunks(reply: PushReply) -> Iterator[bytes]:
+    """The body of a chunked push reply: ``reply.body`` (if any), then one value JSON line per value."""
+    if reply.body:
+        yield reply.body
+    for value in reply.values or ():
+        yield value_line(value)

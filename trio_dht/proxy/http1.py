@@ -13,16 +13,15 @@ The writers build complete responses (:func:`reply`) and chunked streams (:func:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
 from http import HTTPStatus
-from typing import Final
+from typing import Final, NamedTuple
 
 MAX_HEAD = 16 * 1024
 """A request head longer than this is :data:`UNUSUAL` (hypercorn's h11 then judges it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """A plain HTTP/1.1 request head: ``size`` bytes of head, then ``content_length`` bytes of body."""
 
     method: str
@@ -41,53 +40,49 @@ class _Unusual:
 UNUSUAL: Final = _Unusual()
 """A request this reader does not handle: leave it (and the connection) to hypercorn."""
 
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"))
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[^ \r\n]*) HTTP/1\.1\r\n")
+_FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
+"""``Name: value`` lines, each ending in CRLF, with no CR or LF inside (no folding, no bare LF)."""
+_FIELDS_READ = re.compile(
+    rb"\n(content-length|connection|transfer-encoding|expect|upgrade|te|trailer):([^\r]*)"
+)
+"""The fields this reader looks at, in a lower-cased head (each line starts after an LF)."""
+_LENGTH = re.compile(rb"[ \t]*([0-9]{1,18})[ \t]*")
 
 
 def read_head(buffer: bytes | bytearray) -> Head | _Unusual | None:
     """The request head at the start of ``buffer``; None while it is incomplete; :data:`UNUSUAL` if it is
     not a plain HTTP/1.1 request.
     """
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
     if end < 0:
         if len(buffer) > MAX_HEAD or b"\n\n" in buffer:
             return UNUSUAL
         return None
-    if end > MAX_HEAD:
+    size = end + 4
+    request_line = _REQUEST_LINE.match(buffer, 0, size)
+    if request_line is None:
         return UNUSUAL
-    lines = bytes(buffer[:end]).split(b"\r\n")
-    request_line = lines[0].split(b" ")
-    if len(request_line) != 3:
-        return UNUSUAL
-    method, target, version = request_line
-    if (
-        version != b"HTTP/1.1"
-        or not target.startswith(b"/")
-        or not method
-        or not _TOKEN_CHARS.issuperset(method)
-    ):
+    fields_start = request_line.end()
+    if _FIELD_LINES.fullmatch(buffer, fields_start, end + 2) is None:
         return UNUSUAL
     content_length = -1
     close = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_CHARS.issuperset(name) or b"\n" in value or b"\r" in value:
-            return UNUSUAL
-        name = name.lower()
+    for name, value in _FIELDS_READ.findall(bytes(buffer[fields_start - 1 : end + 2]).lower()):
         if name == b"content-length":
-            value = value.strip(b" \t")
-            if content_length >= 0 or not value.isdigit() or len(value) > 18:
+            length = _LENGTH.fullmatch(value)
+            if content_length >= 0 or length is None:
                 return UNUSUAL
-            content_length = int(value)
+            content_length = int(length[1])
         elif name == b"connection":
-            tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
+            tokens = {t.strip(b" \t") for t in value.split(b",")}
             if b"upgrade" in tokens:
                 return UNUSUAL
-            close = b"close" in tokens
-        elif name in _HANDED_OVER:
+            close = close or b"close" in tokens
+        else:  # transfer-encoding, expect, upgrade, te, trailer
             return UNUSUAL
-    return Head(method.decode("ascii"), target, end + 4, max(content_length, 0), close)
+    return Head(request_line[1].decode("ascii"), request_line[2], size, max(content_length, 0), close)
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -133,9 +128,13 @@ class Writer:
             body,
         )
 
-    def stream_head(self) -> bytes:
-        """The head of a 200 whose body is chunked."""
-        return self._stream_head
+    def stream_head(self, status: int = 200, *, close: bool = False) -> bytes:
+        """The head of a response whose body is chunked (``Connection: close`` when ``close``)."""
+        if status == 200 and not close:
+            return self._stream_head
+        head = _STATUS_LINES.get(status) or _status_line(status)
+        connection = b"Connection: close\r\n" if close else b""
+        return b"%s%s%sTransfer-Encoding: chunked\r\n\r\n" % (head, self._base, connection)
 
 
 def chunk(data: bytes) -> bytes:

@@ -13,7 +13,7 @@ import re
 from trio_dht.infohash import HASH_LEN, InfoHash
 
 _HEX_LEN = 2 * HASH_LEN
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -33,7 +33,7 @@ def decode_unreserved(raw: bytes) -> bytes:
 def hash_from_segment(segment: bytes) -> InfoHash:
     """The DHT key a ``{hash}`` segment names (already unreserved-decoded; see :func:`decode_unreserved`)."""
     head = segment[:_HEX_LEN]
-    if len(head) == _HEX_LEN and _HEX_DIGITS.issuperset(head):
+    if len(head) == _HEX_LEN and not head.translate(None, _HEX_DIGITS):  # all hex digits
         key = InfoHash(bytes.fromhex(head.decode("ascii")))
         if key:
             return key

@@ -7,15 +7,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from trio_dht.api import Dht, FamilyStats, NodeInfo
+from trio_dht.infohash import InfoHash
 from trio_dht.proxy.config import ProxyConfig
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.value_json import PushTarget
+
+if TYPE_CHECKING:
+    from trio_dht.push.service import PushReply
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +29,14 @@ STATS_WINDOW = 120.0
 
 class PushHooks(Protocol):
     """What the push side plugs into the proxy (see ``create_app(push=...)``)."""
+
+    async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body."""
+        ...
+
+    def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``UNSUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body."""
+        ...
 
     async def ping(self, target: PushTarget) -> None:
         """``POST /node/pingPush``: send ``{"to": client_id, "pong": true}`` to the target."""

@@ -2,7 +2,8 @@
 
 Both are Quart ``ResponseBody`` objects, so a Quart handler returns them as they are, and the raw-ASGI fast
 path drives them the same way: ``async with body as chunks: async for chunk in chunks: ...``. Each chunk is
-one or more NDJSON lines.
+one or more NDJSON lines. A GET's lines come from :func:`get_lines`, which the plain-HTTP front end calls
+directly (it writes from the callback: no task, no channel).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -25,6 +27,26 @@ from trio_dht.value import Value
 log = logging.getLogger(__name__)
 
 
+async def get_lines(dht: Dht, key: InfoHash, on_lines: Callable[[bytes], None]) -> None:
+    """One ``dht.get`` on ``key``: ``on_lines`` gets the NDJSON of each batch of values not seen before, as
+    the DHT finds them. Returns when the get ends; a failed get is logged and ends it.
+    """
+    sent: set[int] = set()
+
+    def on_values(values: list[Value]) -> None:
+        fresh = [v for v in values if v.id not in sent]
+        if fresh:
+            sent.update(v.id for v in fresh)
+            on_lines(b"".join(value_line(v) for v in fresh))
+
+    try:
+        values = await dht.get(key, on_values=on_values)
+    except Exception:
+        log.exception("proxy get on %s failed", key)
+        return
+    on_values(values)  # a backend that does not call on_values (or misses some)
+
+
 class GetStream(ResponseBody):
     """One ``dht.get`` on ``key``, each batch of values a chunk, ending when the get does (or fails)."""
 
@@ -33,7 +55,6 @@ class GetStream(ResponseBody):
         self.key = key
         self._stack = AsyncExitStack()
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
-        self._sent: set[int] = set()
 
     async def __aenter__(self) -> GetStream:
         nursery = await self._stack.enter_async_context(trio.open_nursery())
@@ -58,20 +79,11 @@ class GetStream(ResponseBody):
 
     async def _run(self) -> None:
         with self._send:
-            try:
-                values = await self.dht.get(self.key, on_values=self._on_values)
-            except Exception:
-                log.exception("proxy get on %s failed", self.key)
-                return
-            self._on_values(values)  # a backend that does not call on_values (or misses some)
+            await get_lines(self.dht, self.key, self._on_lines)
 
-    def _on_values(self, values: list[Value]) -> None:
-        fresh = [v for v in values if v.id not in self._sent]
-        if not fresh:
-            return
-        self._sent.update(v.id for v in fresh)
+    def _on_lines(self, lines: bytes) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # the client is gone
-            self._send.send_nowait(b"".join(value_line(v) for v in fresh))
+            self._send.send_nowait(lines)
 
 
 class ListenStream(ResponseBody):

@@ -1,30 +1,33 @@
 """``SUBSCRIBE`` and ``UNSUBSCRIBE`` on ``/key/{hash}`` and ``/{hash}``: the push routes, a Quart blueprint.
 
-Register it with ``create_app(dht, config, blueprints=[subscribe_blueprint(service)], push=hooks)`` (or the
-same arguments to :func:`~trio_dht.proxy.server.serve_proxy`). The logic is the
-:class:`~trio_dht.push.service.PushService`'s; a route only reads the body and writes the
-:class:`~trio_dht.push.service.PushReply`: a complete JSON body, or a chunked one (the body, then one value
-JSON per line, as a GET streams them).
+Register it with the push hooks that serve it: ``create_app(dht, config, blueprints=[subscribe_blueprint()],
+push=hooks)`` (or the same arguments to :func:`~trio_dht.proxy.server.serve_proxy`). The logic is
+:func:`trio_dht.proxy.handlers.subscribe` / :func:`~trio_dht.proxy.handlers.unsubscribe`, the same functions
+the plain-HTTP front end calls (:mod:`~trio_dht.proxy.frontend`, which serves these methods itself when the
+app has push hooks); Quart serves them on TLS, with ``fast_path`` off and on handed-over connections. A route
+only reads the body and writes the :class:`~trio_dht.push.service.PushReply`: a complete JSON body, or a
+chunked one (:func:`~trio_dht.proxy.handlers.push_reply_chunks`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from quart import Blueprint, Response, request
 
 from trio_dht.infohash import InfoHash
+from trio_dht.proxy import handlers
 from trio_dht.proxy.handlers import Reply
 from trio_dht.proxy.routes import proxy_state, streaming_response, to_response
-from trio_dht.proxy.value_json import value_line
-from trio_dht.push.service import PushReply, PushService
+
+if TYPE_CHECKING:
+    from trio_dht.push.service import PushReply
 
 
 async def _chunks(reply: PushReply) -> AsyncIterator[bytes]:
-    if reply.body:
-        yield reply.body
-    for value in reply.values or ():
-        yield value_line(value)
+    for data in handlers.push_reply_chunks(reply):
+        yield data
 
 
 def push_response(reply: PushReply) -> Response:
@@ -35,22 +38,20 @@ def push_response(reply: PushReply) -> Response:
     return to_response(Reply(reply.status, reply.body))
 
 
-def subscribe_blueprint(service: PushService) -> Blueprint:
-    """The SUBSCRIBE / UNSUBSCRIBE routes of ``service``."""
+def subscribe_blueprint() -> Blueprint:
+    """The SUBSCRIBE / UNSUBSCRIBE routes, served by the app's push hooks."""
     bp = Blueprint("push", __name__)
 
     @bp.route("/key/<hash:key>", methods=["SUBSCRIBE"], provide_automatic_options=False)
     @bp.route("/<hash:key>", methods=["SUBSCRIBE"], provide_automatic_options=False)
     async def subscribe(key: InfoHash) -> Response:
-        proxy_state().count_request()
         body = await request.get_data(cache=False)
-        return push_response(await service.subscribe(key, body))
+        return push_response(await handlers.subscribe(proxy_state(), key, body))
 
     @bp.route("/key/<hash:key>", methods=["UNSUBSCRIBE"], provide_automatic_options=False)
     @bp.route("/<hash:key>", methods=["UNSUBSCRIBE"], provide_automatic_options=False)
     async def unsubscribe(key: InfoHash) -> Response:
-        proxy_state().count_request()
         body = await request.get_data(cache=False)
-        return push_response(service.unsubscribe(key, body))
+        return push_response(handlers.unsubscribe(proxy_state(), key, body))
 
     return bp

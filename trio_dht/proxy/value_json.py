@@ -90,9 +90,13 @@ def value_to_json(value: Value, *, expired: bool = False) -> dict[str, Any]:
     return obj
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""Built once: ``json.dumps`` with these options builds a new encoder on every call."""
+
+
 def dumps(obj: Any) -> bytes:
     """Compact, key-sorted, ASCII JSON, as jsoncpp's writer (no trailing newline)."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("ascii")
+    return _ENCODER.encode(obj).encode("ascii")
 
 
 def value_line(value: Value, *, expired: bool = False) -> bytes:

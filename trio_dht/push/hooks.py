@@ -1,10 +1,11 @@
 """The push side as the REST proxy sees it: :class:`ProxyPushHooks` (the proxy's ``PushHooks``) and
 :class:`CountingGateway`, which counts the pushes handed to a gateway for ``/node/stats``.
 
-The proxy calls the hooks for ``POST /node/pingPush`` (a ``pong`` push, high priority), for permanent puts
-2 h before they lapse (a ``timeout``/``vid`` push, normal priority) and for its stats document, into which
-they merge OpenDHT's push fields (``pushListenersCount``, ``androidPush``, ``iosPush``, ``unifiedPush``) and
-ours (``pushSubscriptions``, ``pushDelivery``: delivered, failed, retried, pruned tokens...).
+The proxy calls the hooks for ``SUBSCRIBE`` and ``UNSUBSCRIBE`` (the :class:`PushService`'s), for
+``POST /node/pingPush`` (a ``pong`` push, high priority), for permanent puts 2 h before they lapse (a
+``timeout``/``vid`` push, normal priority) and for its stats document, into which they merge OpenDHT's push
+fields (``pushListenersCount``, ``androidPush``, ``iosPush``, ``unifiedPush``) and ours
+(``pushSubscriptions``, ``pushDelivery``: delivered, failed, retried, pruned tokens...).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.value_json import PushTarget
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.gateway import Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
-from trio_dht.push.service import PushService
+from trio_dht.push.service import PushReply, PushService
 
 STATS_NAMES = {
     Platform.ANDROID: "androidPush",
@@ -81,6 +83,14 @@ class ProxyPushHooks:
         self.service = service
         self.dispatcher = dispatcher
         self.counts = counts or PushCounts()
+
+    async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``SUBSCRIBE``: :meth:`PushService.subscribe`."""
+        return await self.service.subscribe(key, body)
+
+    def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``UNSUBSCRIBE``: :meth:`PushService.unsubscribe`."""
+        return self.service.unsubscribe(key, body)
 
     async def ping(self, target: PushTarget) -> None:
         """``{"pong": true, "to": client_id}`` at high priority (``POST /node/pingPush``)."""
