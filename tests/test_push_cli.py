@@ -1,10 +1,12 @@
 """The ``trio-dht`` process with push: SUBSCRIBE through its proxy, ``kill -9``, restart with ``--persist``.
 
-Every acknowledged subscription must come back (with its session id), and a put after the restart must push.
+Every acknowledged subscription must come back (with its session id), and a put after the restart must push;
+a permanent put must be held (and announced) again.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 
@@ -17,6 +19,7 @@ from trio_dht.testing.gorush import open_gorush_double
 
 MODULE = (sys.executable, "-m", "trio_dht")
 COUNT = 25
+PERMANENT_KEY = InfoHash.get("held across restarts")  # subscribed by nobody
 
 
 async def test_subscriptions_survive_kill_9_and_push_after_restart(tmp_path) -> None:
@@ -39,6 +42,9 @@ async def test_subscriptions_survive_kill_9_and_push_after_restart(tmp_path) -> 
                     body = {"key": f"tok-{i}", "platform": "android", "client_id": "c", "session_id": f"s{i}"}
                     r = await http.request("SUBSCRIBE", f"/key/{key.hex()}", json=body)
                     assert (r.status_code, r.content) == (200, b"{}\n")  # acknowledged: stored before this
+                permanent = {"data": "c3RheQ==", "id": "4242", "permanent": True}
+                await http.post(f"/key/{PERMANENT_KEY.hex()}", json=permanent)  # 502 on a lone node, but held
+                assert (await http.get("/node/stats")).json()["totalPermanentPuts"] == 1
                 process.process.send_signal(signal.SIGKILL)
                 with trio.fail_after(10):
                     assert await process.process.wait() == -signal.SIGKILL
@@ -47,6 +53,12 @@ async def test_subscriptions_survive_kill_9_and_push_after_restart(tmp_path) -> 
                 stats = (await http.get("/node/stats")).json()
                 assert stats["pushListenersCount"] == COUNT
                 assert stats["pushSubscriptions"]["restored"] == COUNT
+                assert stats["totalPermanentPuts"] == 1
+                with trio.fail_after(10):  # re-announced: the node holds the value again
+                    while not any(
+                        v.get("id") == "4242" for v in _lines(await http.get(f"/key/{PERMANENT_KEY.hex()}"))
+                    ):
+                        await trio.sleep(0.05)
 
                 # A put on a restored key pushes (a lone node answers 502 but stores the value, as OpenDHT).
                 await http.post(f"/key/{keys[3].hex()}", json={"data": "aGVsbG8=", "id": "77"})
@@ -67,3 +79,7 @@ async def test_subscriptions_survive_kill_9_and_push_after_restart(tmp_path) -> 
                     r = await http.request("SUBSCRIBE", f"/key/{key.hex()}", json=body)
                     assert r.status_code == 200 and "content-length" not in r.headers  # chunked: existing
                 assert (await http.get("/node/stats")).json()["pushListenersCount"] == COUNT
+
+
+def _lines(response: httpx.Response) -> list[dict]:
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]

@@ -30,6 +30,7 @@ from trio_dht.config import AppConfig, format_host_port
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.persist import StateStore
+from trio_dht.proxy.put_journal import StorePutJournal
 from trio_dht.proxy.server import serve_proxy
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
@@ -131,6 +132,7 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
             yield {
                 "push": ProxyPushHooks(service, dispatcher, counts),
                 "blueprints": [subscribe_blueprint()],
+                "journal": StorePutJournal(store) if store is not None else None,
             }
             push_tasks.cancel_scope.cancel()
 

@@ -27,6 +27,7 @@ from trio_dht.proxy.config import ProxyConfig
 from trio_dht.proxy.fastpath import Receive, Scope, Send, fast_handler, send_reply, serve_fast
 from trio_dht.proxy.handlers import BASE_HEADERS, error
 from trio_dht.proxy.paths import canonical_path
+from trio_dht.proxy.permanent import PutJournal
 from trio_dht.proxy.routes import STATE_KEY, HashConverter, proxy_blueprint, to_response
 from trio_dht.proxy.state import ProxyState, PushHooks
 
@@ -138,11 +139,12 @@ def create_app(
     *,
     blueprints: Iterable[Blueprint] = (),
     push: PushHooks | None = None,
+    journal: PutJournal | None = None,
 ) -> ProxyApp:
     """The REST proxy for ``dht``: an ASGI app (serve it with :func:`trio_dht.proxy.server.serve_proxy`).
 
     ``blueprints`` add routes (SUBSCRIBE/UNSUBSCRIBE live in the push package); ``push`` plugs in pings,
-    permanent-put refresh warnings and push statistics.
+    permanent-put refresh warnings and push statistics; ``journal`` keeps permanent puts across restarts.
     """
-    state = ProxyState(dht, config or ProxyConfig(), push)
+    state = ProxyState(dht, config or ProxyConfig(), push, journal)
     return ProxyApp(state, create_quart(state, blueprints))

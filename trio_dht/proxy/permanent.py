@@ -41,6 +41,10 @@ class PutJournal(Protocol):
 
     def removed(self, key: InfoHash, value_id: int) -> None: ...
 
+    def load(self) -> list[PermanentPut]:
+        """The puts written before a restart and still alive."""
+        ...
+
 
 class PermanentPuts:
     """The held permanent puts, by key then value id, with their two deadlines on one heap."""

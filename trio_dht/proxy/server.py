@@ -17,6 +17,7 @@ from trio_dht.api import Dht
 from trio_dht.proxy.app import create_app
 from trio_dht.proxy.config import ProxyConfig
 from trio_dht.proxy.frontend import FrontEnd
+from trio_dht.proxy.permanent import PutJournal
 from trio_dht.proxy.state import PushHooks
 
 
@@ -63,6 +64,7 @@ async def serve_proxy(
     *,
     blueprints: Iterable[Blueprint] = (),
     push: PushHooks | None = None,
+    journal: PutJournal | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST proxy for ``dht`` until cancelled; ``task_status.started`` gets the bound URLs.
@@ -70,7 +72,7 @@ async def serve_proxy(
     On cancellation: open listen streams are ended (each gets its last chunk), no new connection is accepted,
     and requests in flight get ``config.graceful_timeout`` seconds to finish before connections are cut.
     """
-    app = create_app(dht, config, blueprints=blueprints, push=push)
+    app = create_app(dht, config, blueprints=blueprints, push=push, journal=journal)
     cfg = hypercorn_config(config)
     sockets = cfg.create_sockets()
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):

@@ -14,7 +14,7 @@ import trio
 from trio_dht.api import Dht, FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.config import ProxyConfig
-from trio_dht.proxy.permanent import PermanentPut, PermanentPuts
+from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.value_json import PushTarget
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from trio_dht.push.service import PushReply
 
 log = logging.getLogger(__name__)
+RESTORE_SPACING = 0.01
+"""Seconds between the re-announcements of restored permanent puts (no burst at start-up)."""
 
 STATS_WINDOW = 120.0
 """``requestRate`` is the request count of the last full window of this many seconds (OpenDHT's 2 minutes)."""
@@ -60,11 +62,13 @@ class ProxyState:
     it).
     """
 
-    def __init__(self, dht: Dht, config: ProxyConfig, push: PushHooks | None = None) -> None:
+    def __init__(
+        self, dht: Dht, config: ProxyConfig, push: PushHooks | None = None, journal: PutJournal | None = None
+    ) -> None:
         self.dht = dht
         self.config = config
         self.push = push
-        self.permanent = PermanentPuts()
+        self.permanent = PermanentPuts(journal)
         self.listens: set[Closable] = set()
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.start_time = time.time()
@@ -124,7 +128,30 @@ class ProxyState:
         self._timers_changed.set()
 
     async def run(self) -> None:
-        """Cancel permanent puts whose 24 h ran out and hand due refresh warnings to the push hooks."""
+        """Cancel permanent puts whose 24 h ran out and hand due refresh warnings to the push hooks.
+
+        With a journal, the puts held before a restart are held again and re-announced first (spread out).
+        """
+        async with trio.open_nursery() as nursery:
+            journal = self.permanent.journal
+            if journal is not None:
+                restored = journal.load()
+                for held in restored:
+                    self.permanent.restore(held)
+                if restored:
+                    log.info("re-announcing %d permanent puts from the state file", len(restored))
+                    nursery.start_soon(self._reannounce, restored)
+            await self._run_timers()
+
+    async def _reannounce(self, restored: list[PermanentPut]) -> None:
+        for held in restored:
+            try:
+                await self.dht.put(held.key, held.value, permanent=True)
+            except Exception:
+                log.exception("re-announcing %s/%d failed", held.key, held.value.id)
+            await trio.sleep(RESTORE_SPACING)
+
+    async def _run_timers(self) -> None:
         while True:
             deadline = self.permanent.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
