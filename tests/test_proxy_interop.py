@@ -54,16 +54,22 @@ class Stack:
     port: int
 
 
+async def join_node_and_real_peer(stack: AsyncExitStack) -> tuple[DhtNode, OpenDhtPeer]:
+    """Our node and a real OpenDHT node bootstrapped from it, once each counts the other as good."""
+    node = await stack.enter_async_context(open_node(port=0, host=LOOPBACK, host6=None))
+    real = await stack.enter_async_context(open_opendht_peer(bootstrap=(LOOPBACK, node.bound_port)))
+    await real.wait_for_nodes(1, timeout=15)
+    with trio.fail_after(15):
+        while node.info().ipv4.good < 1:
+            await trio.sleep(0.05)
+    return node, real
+
+
 @asynccontextmanager
 async def open_stack() -> AsyncIterator[Stack]:
     """Our node + our proxy on it, and a real OpenDHT node bootstrapped from ours; both see each other."""
     async with AsyncExitStack() as stack:
-        node = await stack.enter_async_context(open_node(port=0, host=LOOPBACK, host6=None))
-        real = await stack.enter_async_context(open_opendht_peer(bootstrap=(LOOPBACK, node.bound_port)))
-        await real.wait_for_nodes(1, timeout=15)
-        with trio.fail_after(15):
-            while node.info().ipv4.good < 1:
-                await trio.sleep(0.05)
+        node, real = await join_node_and_real_peer(stack)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         urls = await nursery.start(serve_proxy, node, ProxyConfig(host=LOOPBACK, port=0))

@@ -25,15 +25,14 @@ from peers import (
     needs_dhtnode,
     needs_opendht,
     open_dhtnode_proxy_client,
-    open_opendht_peer,
     require_dhtnode,
     require_opendht,
 )
 from peers.opendht_peer import OpenDhtPeer
-from test_proxy_interop import _put_over_the_wire
+from test_proxy_interop import _put_over_the_wire, join_node_and_real_peer
 
 from trio_dht.infohash import InfoHash
-from trio_dht.node import DhtNode, open_node
+from trio_dht.node import DhtNode
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
@@ -80,12 +79,7 @@ class PushStack:
 async def open_push_stack() -> AsyncIterator[PushStack]:
     """Our node, proxy and push service; a real OpenDHT node in the DHT; gorush and Web Push doubles."""
     async with AsyncExitStack() as stack:
-        node = await stack.enter_async_context(open_node(port=0, host=LOOPBACK, host6=None))
-        real = await stack.enter_async_context(open_opendht_peer(bootstrap=(LOOPBACK, node.bound_port)))
-        await real.wait_for_nodes(1, timeout=15)
-        with trio.fail_after(15):
-            while node.info().ipv4.good < 1:
-                await trio.sleep(0.05)
+        node, real = await join_node_and_real_peer(stack)
         gorush = await stack.enter_async_context(open_gorush_double())
         webpush = await stack.enter_async_context(open_unifiedpush_double())
         client = await stack.enter_async_context(new_http_client())
