@@ -115,9 +115,10 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
                 (Platform.ANDROID, Platform.IOS, Platform.NONE), CountingGateway(gorush, counts)
             )
             log.info("Android and iOS pushes through gorush at %s", config.push_server)
-        # A short batch window: an idle gateway gets a push within ~2 ms; under load, batches grow while the
-        # lane's request is in flight (the dispatcher's default 50 ms window would add 50 ms to every push).
-        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.002))
+        # No batch window: an idle lane sends a push at once; under load, batches still form from what queues
+        # while the lane's request is in flight (put->push p50 5.1 -> 4.0 ms against a 2 ms window, same
+        # throughput; the dispatcher's default 50 ms window would add 50 ms to every push).
+        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0))
         await push_tasks.start(dispatcher.run)
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
