@@ -292,20 +292,13 @@ class Query:
         return cls(tuple(sorted(set(select))), tuple(where))
 
     def field_items(self, value: Value) -> list[Any]:
-        """One item per selected field (ascending), as a ``fileds`` reply packs them."""
-        out: list[Any] = []
-        for f in self.select:
-            if f == FIELD_ID:
-                out.append(value.id)
-            elif f == FIELD_TYPE:
-                out.append(value.type)
-            elif f == FIELD_OWNER:
-                out.append(value.owner if value.owner is not None else bytes(HASH_LEN))
-            elif f == FIELD_SEQ:
-                out.append(value.seq)
-            elif f == FIELD_UTYPE:
-                out.append(value.utype)
-        return out
+        """One item per selected field (ascending), as ``fileds`` replies pack them (OwnerPk: full key)."""
+        return [
+            (value.owner if value.owner is not None else bytes(HASH_LEN))
+            if f == FIELD_OWNER
+            else _field_value(value, f)
+            for f in self.select
+        ]
 
 
 def _field_value(value: Value, f: int) -> Any:

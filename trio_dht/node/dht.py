@@ -560,9 +560,13 @@ class DhtNode:
         self, addr: Address, node_id: InfoHash, sid: int, args: dict[str, Any], values: list[Value] | None
     ) -> None:
         assert self._nursery is not None
-        full = {**args, "sid": sid, "token": self._tokens.issue(addr)}
-        if values is not None:
-            full = {"ve": 1, "h": args.get("h"), "sid": sid, "token": full["token"]}
+        token = self._tokens.issue(addr)
+        # Key order as real nodes pack them: ve, h, sid, values, token; for re/exp: sid, token, ids.
+        full = (
+            {**args, "sid": sid, "token": token}
+            if values is not None
+            else {"sid": sid, "token": token, **args}
+        )
         self._nursery.start_soon(self._send_update, addr, node_id, full, values)
 
     async def _send_update(
