@@ -605,3 +605,65 @@ async def test_driven_node_counts_drops(open_driven_node):
         frag = fragments(7, [b"lonely"])[0]
         await driven.feed(frag, peer.addr)  # a fragment without header: buffered, no reply
         assert driven.take() == []
+
+
+# -- concurrent gets share one round of requests (as OpenDHT's node shares a search's pending requests) -----
+
+
+async def test_concurrent_gets_share_one_request_round(lone_node, raw_peer):
+    to = node_addr(lone_node)
+    await raw_peer.ask(to, "ping", {})  # the node now knows the peer
+    key = InfoHash.get("shared round")
+    value = Value(b"from the peer")
+    results: dict[str, list[Value]] = {}
+
+    async def get(name: str) -> None:
+        results[name] = await lone_node.get(key)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, "first")
+            request, addr = await next_request(raw_peer, "get")
+            nursery.start_soon(get, "joined")
+            await trio.sleep(0.05)
+            reply = raw_peer.encoder.reply_with_values(request.tid, {"sa": SA, "token": b"t" * 32}, [value])
+            for datagram in reply:
+                await raw_peer.send(datagram, addr)
+        await raw_peer.expect_none(0.2)  # the joined get sent nothing of its own
+    assert [v.data for v in results["first"]] == [v.data for v in results["joined"]] == [b"from the peer"]
+
+
+async def test_a_cancelled_get_leaves_the_shared_round_to_the_others(lone_node, raw_peer):
+    to = node_addr(lone_node)
+    await raw_peer.ask(to, "ping", {})
+    key = InfoHash.get("one caller leaves")
+    got: list[Value] = []
+
+    async def stay() -> None:
+        got.extend(await lone_node.get(key))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as leaving:
+                nursery.start_soon(stay)
+                request, addr = await next_request(raw_peer, "get")
+                nursery.start_soon(lambda: lone_node.get(key))
+                await trio.sleep(0.05)
+                leaving.cancel()
+            body = {"sa": SA, "token": b"t" * 32}
+            reply = raw_peer.encoder.reply_with_values(request.tid, body, [Value(b"v")])
+            for datagram in reply:
+                await raw_peer.send(datagram, addr)
+    assert [v.data for v in got] == [b"v"]
+
+    # When every caller has gone, the round ends; the next get asks again.
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: lone_node.get(key))
+            await next_request(raw_peer, "get")
+            nursery.cancel_scope.cancel()
+        assert not lone_node._get_rounds
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: lone_node.get(key))
+            await next_request(raw_peer, "get")
+            nursery.cancel_scope.cancel()

@@ -89,6 +89,28 @@ class _Pending:
     reply: Message | None = None
 
 
+@dataclass(slots=True, eq=False)
+class _GetRound:
+    """One remote get of a key (and ``where`` filter), shared by every caller that asks while it runs.
+
+    OpenDHT's node does the same: a get never sends a request that a pending one of the same search already
+    answers. Callers that join late first receive what the round has found so far.
+    """
+
+    found: dict[int, Value] = field(default_factory=dict)
+    callbacks: list[Callable[[list[Value]], None]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def on_reply(self, sn: SearchNode, reply: Message) -> None:
+        new = [v for v in reply.values if v.id not in self.found]
+        if new:
+            for v in new:
+                self.found[v.id] = v
+            for callback in list(self.callbacks):
+                callback(new)
+
+
 @dataclass(slots=True)
 class Counters:
     """Per-node figures for stats and tests."""
@@ -132,6 +154,7 @@ class DhtNode:
         self._listen_wake = trio.Event()
         self.listen_refresh = LISTEN_REFRESH
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
+        self._get_rounds: dict[tuple[InfoHash, tuple[tuple[int, Any], ...]], _GetRound] = {}
         self._expiry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
@@ -765,15 +788,37 @@ class DhtNode:
                 on_values(new)
 
         add(self.storage.get(key, query))
-        args: dict[str, Any] = {"h": key}
-        if query is not None and query.where:
-            args["q"] = Query((), query.where).to_wire()
-
-        def on_reply(sn: SearchNode, reply: Message) -> None:
-            add(reply.values)
-
-        await self._each_family(lambda v6: self._search(key, v6, "get", args, on_reply))
+        where = query.where if query is not None else ()
+        rnd = self._get_rounds.get((key, where))
+        if rnd is None:
+            rnd = self._get_rounds[(key, where)] = _GetRound()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_get_round, key, where, rnd)
+        add(rnd.found.values())
+        rnd.callbacks.append(add)
+        try:
+            await rnd.done.wait()
+        finally:
+            rnd.callbacks.remove(add)
+            if not rnd.callbacks and not rnd.done.is_set():  # nobody waits for it any more
+                rnd.scope.cancel()
+                if self._get_rounds.get((key, where)) is rnd:
+                    del self._get_rounds[(key, where)]
         return list(found.values())
+
+    async def _run_get_round(self, key: InfoHash, where: tuple[tuple[int, Any], ...], rnd: _GetRound) -> None:
+        args: dict[str, Any] = {"h": key}
+        if where:
+            args["q"] = Query((), where).to_wire()
+        try:
+            with rnd.scope:
+                await self._each_family(lambda v6: self._search(key, v6, "get", args, rnd.on_reply))
+        except Exception:  # the callers get what was found; the node goes on
+            log.exception("get on %s failed", key.hex())
+        finally:
+            if self._get_rounds.get((key, where)) is rnd:
+                del self._get_rounds[(key, where)]
+            rnd.done.set()
 
     async def put(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
         """Store locally, then announce to the 8 closest nodes; True if stored anywhere."""
