@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,6 +22,11 @@ from trio_dht.push import webpush_crypto
 from trio_dht.value import Value
 
 ROOT = Path(__file__).resolve().parent.parent
+#: zipapp/native.py, shipped in the zipapp as ``_trio_dht_native``.
+_spec = importlib.util.spec_from_file_location("zipapp_native", ROOT / "zipapp" / "native.py")
+assert _spec is not None and _spec.loader is not None
+native = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(native)
 #: Modules that cannot be imported from the zipapp, as the zipapp has no C extensions.
 NOT_IN_ZIPAPP: set[str] = set()
 #: Imports every module, then, with the pure-Python crypto: verifies a signed value (argv[2], packed, hex) and
@@ -49,6 +57,34 @@ print(json.dumps({
 """
 
 
+#: What the zipapp's start-up does before importing trio_dht, then which msgpack the wire codec uses.
+NATIVE_CHECK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import _trio_dht_native
+folder = _trio_dht_native.enable()
+from trio_dht.wire import msgpack_codec
+import msgpack
+obj = {"a": b"x", 1: ["y", -2]}
+print(json.dumps({
+    "folder": folder and str(folder),
+    "pure": msgpack_codec.PURE,
+    "msgpack": msgpack.__file__,
+    "roundtrip": msgpack_codec.unpackb(msgpack_codec.packb(obj)) == obj,
+}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the zipapp run by each test extracts its native msgpack (not the user's ~/.cache)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("TRIO_DHT_NATIVE", raising=False)
+    monkeypatch.delenv("MSGPACK_PUREPYTHON", raising=False)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zipapp, built once per session (outside dist/, so a user's build is left alone)."""
@@ -73,13 +109,27 @@ def test_pyz_is_pure_python_with_compiled_sources(pyz: Path) -> None:
     with zipfile.ZipFile(pyz) as zf:
         names = zf.namelist()
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
-    assert "__main__.py" in names
+    assert {"__main__.py", "_trio_dht_native.py"} <= set(names)
     native_or_build_only = [n for n in names if n.endswith((".so", ".pyd", ".dylib", ".c", ".pyx", ".pyi"))]
-    assert native_or_build_only == []
+    assert [n for n in native_or_build_only if not n.startswith(f"{native.FOLDER}/msgpack/_cmsgpack.")] == []
     assert not [n for n in names if "__pycache__/" in n or n.startswith(("bin/", "trio/_tests/"))]
     for module in ("trio_dht/app", "trio_dht/__main__", "trio/__init__", "msgpack/fallback"):
         assert {f"{module}.py", f"{module}.pyc"} <= set(names), module
     assert any(n.startswith("trio_dht-") and n.endswith(".dist-info/METADATA") for n in names)
+
+
+def test_pyz_keeps_msgpack_native_code_for_this_python(pyz: Path) -> None:
+    with zipfile.ZipFile(pyz) as zf:
+        manifest = json.loads(zf.read(native.MANIFEST))
+        files = {name: zf.read(f"{native.FOLDER}/{name}") for name in manifest["files"]}
+        kept = sorted(
+            n.removeprefix(f"{native.FOLDER}/") for n in zf.namelist() if n.startswith(native.FOLDER)
+        )
+    assert manifest["tag"] == native.native_tag()
+    assert manifest["hash"] == native.content_hash(manifest["tag"], files.items())
+    assert kept == sorted(["", "msgpack/", "manifest.json", *files])  # no .pyc, no C sources
+    assert "msgpack/__init__.py" in files
+    assert [n for n in files if n.endswith(".so")] == [f"msgpack/_cmsgpack{native.EXTENSION_SUFFIXES[0]}"]
 
 
 def test_pyz_version_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
@@ -101,6 +151,122 @@ def test_pyz_uses_the_pure_python_fallbacks(pyz: Path, bare_python: Path) -> Non
     assert result.returncode == 0, result.stderr
 
 
+def native_check(python: Path, pyz: Path, **env: str) -> dict:
+    """Run NATIVE_CHECK with the zipapp (``env`` added to the environment); its report."""
+    result = subprocess.run(
+        [python, "-c", NATIVE_CHECK, pyz],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def native_folder(pyz: Path, cache: Path) -> Path:
+    with zipfile.ZipFile(pyz) as zf:
+        return cache / "trio_dht" / f"native-{json.loads(zf.read(native.MANIFEST))['hash']}"
+
+
+def test_pyz_extracts_msgpack_native_code_once_and_uses_it(
+    pyz: Path, bare_python: Path, cache_home: Path
+) -> None:
+    folder = native_folder(pyz, cache_home)
+    result = subprocess.run([bare_python, pyz, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert os.listdir(cache_home / "trio_dht") == [folder.name]  # the entry point extracted it
+    extension = folder / "msgpack" / f"_cmsgpack{native.EXTENSION_SUFFIXES[0]}"
+    first = extension.stat()
+    report = native_check(bare_python, pyz)
+    assert report == {
+        "folder": str(folder),
+        "pure": False,
+        "msgpack": str(folder / "msgpack" / "__init__.py"),
+        "roundtrip": True,
+    }
+    assert extension.stat() == first  # reused, not written again
+    assert os.listdir(cache_home / "trio_dht") == [folder.name]
+
+
+def test_pyz_processes_starting_together_extract_once(pyz: Path, bare_python: Path, cache_home: Path) -> None:
+    processes = [
+        subprocess.Popen([bare_python, pyz, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert out.startswith(b"trio-dht ")
+    assert os.listdir(cache_home / "trio_dht") == [native_folder(pyz, cache_home).name]  # no partial copies
+    assert native_check(bare_python, pyz)["pure"] is False
+
+
+def test_pyz_falls_back_to_pure_msgpack_when_turned_off(
+    pyz: Path, bare_python: Path, cache_home: Path
+) -> None:
+    report = native_check(bare_python, pyz, TRIO_DHT_NATIVE="0")
+    assert report["folder"] is None
+    assert report["pure"] is True
+    assert report["msgpack"].startswith(f"{pyz}/msgpack/__init__.py")  # .py or .pyc, in the zip
+    assert report["roundtrip"] is True
+    assert not cache_home.exists()
+
+
+def test_pyz_falls_back_to_pure_msgpack_when_the_cache_is_unwritable(
+    pyz: Path, bare_python: Path, tmp_path: Path
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")  # (chmod would not stop root)
+    report = native_check(bare_python, pyz, XDG_CACHE_HOME=str(not_a_folder / "cache"))
+    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(not_a_folder / "cache")}
+    result = subprocess.run(
+        [bare_python, pyz, "--version"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_pyz_falls_back_to_pure_msgpack_when_the_extension_fails_to_load(
+    pyz: Path, bare_python: Path, cache_home: Path
+) -> None:
+    folder = native_folder(pyz, cache_home)
+    assert native_check(bare_python, pyz)["folder"] == str(folder)
+    (folder / "msgpack" / f"_cmsgpack{native.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared object")
+    report = native_check(bare_python, pyz)
+    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
+    assert report["msgpack"].startswith(f"{pyz}/msgpack/__init__.py")  # .py or .pyc, in the zip
+
+
+def test_pyz_falls_back_to_pure_msgpack_on_another_python(
+    pyz: Path, bare_python: Path, cache_home: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.pyz"
+    with zipfile.ZipFile(pyz) as source, zipfile.ZipFile(other, "w", zipfile.ZIP_DEFLATED) as copy:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == native.MANIFEST:
+                data = json.dumps({**json.loads(data), "tag": "cpython-399-plan9-mips.so"}).encode()
+            copy.writestr(info, data)
+    report = native_check(bare_python, other)
+    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
+    assert not cache_home.exists()
+
+
+def test_extract_keeps_the_copy_another_process_renamed_first(tmp_path: Path) -> None:
+    folder = tmp_path / "trio_dht" / "native-0123"
+    (folder / "msgpack").mkdir(parents=True)
+    (folder / "msgpack" / "__init__.py").write_text("first")
+    native.extract({"msgpack/__init__.py": b"second"}.__getitem__, ["msgpack/__init__.py"], folder)
+    assert (folder / "msgpack" / "__init__.py").read_text() == "first"
+    assert os.listdir(folder.parent) == [folder.name]
+    shutil.rmtree(folder)
+    native.extract({"msgpack/__init__.py": b"second"}.__getitem__, ["msgpack/__init__.py"], folder)
+    assert (folder / "msgpack" / "__init__.py").read_text() == "second"
+    assert os.listdir(folder.parent) == [folder.name]
+
+
 def test_every_module_imports_and_the_crypto_works_from_the_pyz(pyz: Path, bare_python: Path) -> None:
     owner = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     signed = signature.sign(Value(b"signed", type=3, id=5, seq=1), owner)
@@ -120,7 +286,9 @@ def test_every_module_imports_and_the_crypto_works_from_the_pyz(pyz: Path, bare_
     assert webpush_crypto.decrypt(body, ua_key, auth) == b"pushed from the zipapp"
 
 
-async def test_pyz_serves_on_a_bare_python_and_stops_on_sigterm(pyz: Path, bare_python: Path) -> None:
+async def test_pyz_serves_on_a_bare_python_and_stops_on_sigterm(
+    pyz: Path, bare_python: Path, cache_home: Path
+) -> None:
     proxy_port = free_tcp_port()
     flags = [*LOOPBACK_NODE, "--proxy-addr", "127.0.0.1", "--proxyserver", str(proxy_port)]
     async with trio_dht_process([bare_python, pyz, *flags]) as node:
@@ -137,3 +305,4 @@ async def test_pyz_serves_on_a_bare_python_and_stops_on_sigterm(pyz: Path, bare_
         assert f"proxy on http://127.0.0.1:{proxy_port}" in node.output
         assert await node.stop() == 0
     assert "Traceback" not in node.output
+    assert native_folder(pyz, cache_home).is_dir()  # with msgpack's C extension

@@ -1,10 +1,10 @@
 """msgpack as OpenDHT uses it, in one place: ``packb`` and ``unpackb``.
 
-With msgpack's C extension (a pip install) both are msgpack's own. Without it (the zipapp ships no C code)
-they are the compact pure-Python codec below, about 3x faster than ``msgpack.fallback`` on DHT messages
-because it does only what the wire needs: BIN for bytes, STR for text (invalid UTF-8 kept with
-``surrogateescape``), integer map keys allowed, no ext types, no timestamps. Both raise ``ValueError`` (or a
-subclass) on malformed input. ``MSGPACK_PUREPYTHON=1`` selects the pure codec even where C is available.
+With msgpack's C extension (a pip install, or the zipapp's copy: ``zipapp/native.py``) both are msgpack's
+own. Without it they are the compact pure-Python codec below, about 3x faster than ``msgpack.fallback`` on
+DHT messages because it does only what the wire needs: BIN for bytes, STR for text (invalid UTF-8 kept with
+``surrogateescape``), integer map keys allowed, no ext types, no timestamps. Both raise ``ValueError`` (or
+a subclass) on malformed input. ``MSGPACK_PUREPYTHON=1`` selects the pure codec even where C is available.
 """
 
 from __future__ import annotations
