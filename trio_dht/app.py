@@ -40,6 +40,7 @@ from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
 from trio_dht.push.unifiedpush import UnifiedPushGateway
+from trio_dht.wire import msgpack_codec
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,12 @@ def _log_node(node: DhtNode, config: AppConfig) -> None:
         f"{'IPv6' if v6 else 'IPv4'} {format_host_port(*addr)}" for v6, addr in node.bound.items()
     )
     log.info(
-        "node %s on UDP port %d (%s), network %d",
+        "node %s on UDP port %d (%s), network %d, msgpack %s",
         node.node_id.hex(),
         node.bound_port,
         sockets,
         config.network,
+        "pure Python" if msgpack_codec.PURE else "C extension",
     )
     bootstrap = ", ".join(format_host_port(host, port) for host, port in config.bootstrap)
     log.info("bootstrap: %s", bootstrap or "none (waiting to be contacted)")
