@@ -1,7 +1,7 @@
 """Device-side figures: our proxy client's ``get`` round trips, and listen fan-out, against both proxies.
 
 For each server (Debian's ``dhtnode --proxyserver`` and ours, each the proxy of node A in a 2-node DHT, as in
-``proxy_bench.py``), in the same run:
+``proxy_bench.py``; ``--quick`` starts both stacks at once), in the same run:
 
 * ``client get``: ``trio_dht.open_proxy_client(url).get(key)`` on a key holding one value, 8 concurrent
   callers for a fixed time: round trips per second and p50/p99 latency;
@@ -26,7 +26,7 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_bench import GET_KEY, machine, open_stack
+from proxy_bench import GET_KEY, machine, open_stacks
 
 from trio_dht import InfoHash, open_proxy_client
 
@@ -66,8 +66,9 @@ async def client_gets(url: str, seconds: float, concurrency: int = 8) -> dict:
     return {"rps": len(latencies) / elapsed, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "errors": errors}
 
 
-async def fan_out(url: str, streams: int) -> dict:
-    """Open ``streams`` listen streams on a fresh key, put one value, time until the last one has it."""
+async def fan_out(url: str, streams: int, setup: float = 1.0) -> dict:
+    """Open ``streams`` listen streams on a fresh key, wait ``setup`` s, put one value, time until the last
+    one has it."""
     key = os.urandom(20).hex()
     marker = os.urandom(6).hex()
     opened = 0
@@ -92,7 +93,7 @@ async def fan_out(url: str, streams: int) -> dict:
                 for _ in range(streams):
                     nursery.start_soon(listen)
                 await all_open.wait()
-                await trio.sleep(1.0)  # let the servers set up their DHT listens
+                await trio.sleep(setup)  # let the servers set up their DHT listens
                 data = base64.b64encode(marker.encode()).decode()
                 posted = time.perf_counter()
                 r = await client.post(f"{url}/key/{key}", json={"data": data, "type": 0})
@@ -135,18 +136,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=1000)
-    ap.add_argument("--quick", action="store_true", help="2 s of gets and 100 streams")
+    ap.add_argument(
+        "--quick", action="store_true", help="both stacks at once, 1 s of gets, 100 streams after 0.5 s"
+    )
     ap.add_argument("--output", type=Path, default=HERE / "client_results.json")
     args = ap.parse_args()
-    seconds, streams = (2.0, 100) if args.quick else (args.seconds, args.streams)
+    seconds, streams, setup = (1.0, 100, 0.5) if args.quick else (args.seconds, args.streams, 1.0)
+    names = ["dhtnode", "trio_dht"]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("dhtnode", "trio_dht"):
-            with open_stack(name, Path(tmp)) as stack:
-                results[name] = {
-                    "get": trio.run(client_gets, stack.url, seconds),
-                    "fanout": trio.run(fan_out, stack.url, streams),
-                }
+        # one stack at a time; --quick starts both at once
+        for group in [names] if args.quick else [[name] for name in names]:
+            with open_stacks(group, Path(tmp)) as stacks:
+                for name in group:
+                    results[name] = {
+                        "get": trio.run(client_gets, stacks[name].url, seconds),
+                        "fanout": trio.run(fan_out, stacks[name].url, streams, setup),
+                    }
     text = table(results)
     print(text)
     args.output.write_text(json.dumps({"machine": machine(), "results": results, "table": text}, indent=1))

@@ -1,4 +1,5 @@
-"""What the bench scripts share: ports, processes, CPU readings, the machine, and how to start our server.
+"""What the bench scripts share: ports, processes (started together), CPU readings, the machine, and how to
+start our server.
 
 ``TRIO_DHT_CMD`` (set by ``bench/run.py`` to run the zipapp) overrides how our server is started; by default
 it is ``python -m trio_dht`` from this checkout.
@@ -13,11 +14,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
+
+import udp_load
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 def our_command() -> list[str]:
@@ -56,19 +64,95 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     )
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, again if ignored (an idle ``dhtnode -s`` ignores the first), then SIGKILL."""
-    for _ in range(2):
-        if proc.poll() is not None:
-            return
+def stop(*procs: subprocess.Popen, grace: float = 0.5) -> None:
+    """Stop ``procs`` together: SIGTERM, then SIGKILL to any still running ``grace`` s later (a ``dhtnode``
+    that has stored values waits, on SIGTERM, to hand them to peers that may be gone)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in running:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """A list to add started processes to; on exit, all of them are stopped together."""
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        stop(*procs)
+
+
+def start_all(
+    procs: list[subprocess.Popen],
+    spawners: dict[str, Callable[[], tuple[subprocess.Popen, T]]],
+    probe: Callable[[T], bool],
+    timeout: float = 30.0,
+    attempts: int = 3,
+    interval: float = 0.05,
+) -> dict[str, tuple[subprocess.Popen, T]]:
+    """Start every server at once, then probe each until all are ready (their start-ups overlap).
+
+    ``spawners[name]()`` starts one server on fresh ports and returns its process and what ``probe`` needs to
+    ask it whether it is ready (its URL, its port). One that exits, or is not ready within ``timeout`` s
+    (e.g. it lost a port race), is started again, up to ``attempts`` times. Every process started is added
+    to ``procs`` (see :func:`processes`).
+    """
+
+    def launch(name: str) -> tuple[subprocess.Popen, T, float]:
+        proc, where = spawners[name]()
+        procs.append(proc)
+        return proc, where, time.monotonic() + timeout
+
+    pending = {name: (1, *launch(name)) for name in spawners}
+    ready: dict[str, tuple[subprocess.Popen, T]] = {}
+    while pending:
+        for name, (attempt, proc, where, deadline) in list(pending.items()):
+            if proc.poll() is None and probe(where):
+                ready[name] = proc, where
+                del pending[name]
+            elif proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                if attempt == attempts:
+                    raise RuntimeError(f"{name} did not start: {shlex.join(map(str, proc.args))}")
+                pending[name] = (attempt + 1, *launch(name))
+        if pending:
+            time.sleep(interval)
+    return ready
+
+
+def answers_ping(port: int) -> bool:
+    """The DHT node on 127.0.0.1:``port`` answers a ping."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.sendto(udp_load.request(1, "ping", {}), ("127.0.0.1", port))
         try:
-            proc.wait(3)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    proc.kill()
-    proc.wait()
+            return bool(sock.recv(65536))
+        except OSError:
+            return False
+
+
+def start_b_nodes(
+    procs: list[subprocess.Popen], names: list[str], workdir: Path
+) -> dict[str, tuple[subprocess.Popen, int]]:
+    """Node B of each stack: a plain ``dhtnode -s -U``, all started at once; each with its UDP port once
+    it answers pings (so that node A's first bootstrap ping gets an answer)."""
+
+    def spawner(name: str) -> Callable[[], tuple[subprocess.Popen, int]]:
+        def start() -> tuple[subprocess.Popen, int]:
+            port = free_port(socket.SOCK_DGRAM)
+            return spawn(["dhtnode", "-s", "-U", "-p", str(port)], workdir / f"{name}-B.log"), port
+
+        return start
+
+    return start_all(procs, {name: spawner(name) for name in names}, answers_ping)
 
 
 def machine() -> str:

@@ -1,7 +1,8 @@
 """REST proxy throughput: our proxy against Debian's ``dhtnode --proxyserver`` 2.4.12, in the same run.
 
 Each server is the proxy of node A in a 2-node DHT on loopback (A + a plain ``dhtnode -U`` node B), as
-reference-behaviour.md §7 measured it; a fresh stack is started for every scenario. The same load client,
+reference-behaviour.md §7 measured it; a fresh stack is started for every scenario (``--quick``: one
+stack per server, both started at once, for all scenarios). The same load client,
 ``wrk -t1 -c32`` with the Lua scripts in ``bench/wrk/``, drives both:
 
 * ``get``:  GET /key/{h}, a key holding one value (each GET also asks node B over UDP, as OpenDHT's does);
@@ -33,7 +34,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +47,10 @@ from common import (
     machine_busy_seconds,
     our_command,
     our_env,
+    processes,
     spawn,
-    stop,
+    start_all,
+    start_b_nodes,
 )
 
 WRK_DIR = HERE / "wrk"
@@ -96,44 +100,35 @@ def server_command(name: str, udp: int, http_port: int, b_port: int) -> list[str
 
 
 @contextmanager
-def open_stack(name: str, workdir: Path):
-    """Node B (dhtnode -U), then node A with its proxy, bootstrapped to B; ready once a put succeeds."""
-    with ExitStack() as exits:
-        b_port = free_port(socket.SOCK_DGRAM)
-        b = spawn(["dhtnode", "-s", "-U", "-p", str(b_port)], workdir / f"{name}-B.log")
-        exits.callback(stop, b)
-        for _attempt in range(3):
-            http_port = free_port(socket.SOCK_STREAM)
-            env = our_env()
-            cmd = server_command(name, free_port(socket.SOCK_DGRAM), http_port, b_port)
-            a = spawn(cmd, workdir / f"{name}-A.log", env)
-            url = f"http://127.0.0.1:{http_port}"
-            if wait_ready(a, url):
-                break
-            stop(a)
-        else:
-            raise RuntimeError(f"{name} did not start: see {workdir}/{name}-A.log")
-        exits.callback(stop, a)
-        yield Stack(name, url, a, b)
+def open_stacks(names: list[str], workdir: Path) -> Iterator[dict[str, Stack]]:
+    """For each name, node B (dhtnode -U), then node A with its proxy, bootstrapped to B; all Bs at once,
+    then all As, each ready once its node info shows a good node and a put succeeds."""
+    with processes() as procs:
+        bs = start_b_nodes(procs, names, workdir)
+
+        def spawner(name: str) -> Callable[[], tuple[subprocess.Popen, str]]:
+            def start() -> tuple[subprocess.Popen, str]:
+                http_port = free_port(socket.SOCK_STREAM)
+                cmd = server_command(name, free_port(socket.SOCK_DGRAM), http_port, bs[name][1])
+                return spawn(cmd, workdir / f"{name}-A.log", our_env()), f"http://127.0.0.1:{http_port}"
+
+            return start
+
+        servers = start_all(procs, {name: spawner(name) for name in names}, is_ready)
+        yield {name: Stack(name, url, a, bs[name][0]) for name, (a, url) in servers.items()}
 
 
-def wait_ready(a: subprocess.Popen, url: str, timeout: float = 30.0) -> bool:
+def is_ready(url: str) -> bool:
     """node info answers with a good node, then a put of the GET scenario's value succeeds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if a.poll() is not None:
-            return False
-        try:
-            status, body = http("GET", url + "/node/info", timeout=2)
-            info = json.loads(body) if status == 200 else {}
-            if info.get("ipv4", {}).get("good", 0) + info.get("ipv6", {}).get("good", 0) > 0:
-                value = b'{"data":"aGVsbG8gd29ybGQ=","id":"4242","type":0}'
-                status, _ = http("POST", f"{url}/key/{GET_KEY}", value, timeout=10)
-                if status == 200:
-                    return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.25)
+    try:
+        status, body = http("GET", url + "/node/info", timeout=2)
+        info = json.loads(body) if status == 200 else {}
+        if info.get("ipv4", {}).get("good", 0) + info.get("ipv6", {}).get("good", 0) > 0:
+            value = b'{"data":"aGVsbG8gd29ybGQ=","id":"4242","type":0}'
+            status, _ = http("POST", f"{url}/key/{GET_KEY}", value, timeout=10)
+            return status == 200
+    except (OSError, ValueError):
+        pass
     return False
 
 
@@ -164,19 +159,19 @@ def run_wrk(url: str, path: str, script: str, seconds: float, conns: int) -> dic
     return result
 
 
-def measure(name: str, scenario: str, seconds: float, conns: int, workdir: Path) -> dict:
+def measure(stack: Stack, scenario: str, seconds: float, conns: int, warm_up: bool = True) -> dict:
     _, path, script = SCENARIOS[scenario]
-    with open_stack(name, workdir) as stack:
+    if warm_up:
         time.sleep(1.0)
-        run_wrk(stack.url, path, script, 1.0, conns)  # warm-up (first connections, imports, caches)
-        a0, b0, m0 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
-        result = run_wrk(stack.url, path, script, seconds, conns)
-        a1, b1, m1 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
+        run_wrk(stack.url, path, script, 1.0, conns)  # first connections, imports, caches
+    a0, b0, m0 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
+    result = run_wrk(stack.url, path, script, seconds, conns)
+    a1, b1, m1 = tree_cpu_seconds(stack.a.pid), cpu_seconds(stack.b.pid), machine_busy_seconds()
     result["a_cpu"], result["b_cpu"] = a1 - a0, b1 - b0
     result["others"] = max(0.0, (m1 - m0) - result["a_cpu"] - result["b_cpu"] - result["wrk_cpu"])
     result["us_per_req"] = 1e6 * result["a_cpu"] / max(1, result["requests"])
     print(
-        f"{name:8} {scenario:5} {result['rps']:9.0f} req/s  p50 {result['p50']:.2f} ms"
+        f"{stack.name:8} {scenario:5} {result['rps']:9.0f} req/s  p50 {result['p50']:.2f} ms"
         f"  p99 {result['p99']:.2f} ms"
         f"  non2xx {result['non2xx']}  A {result['a_cpu']:.1f} s  B {result['b_cpu']:.1f} s"
         f"  wrk {result['wrk_cpu']:.1f} s  others {result['others']:.1f} s  {result['socket_errors']}",
@@ -206,7 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--conns", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="1 s per run, no RESULTS.md")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 s per run on one stack per server, no warm-up, no RESULTS.md"
+    )
     parser.add_argument("--only", default="get,post,info")
     parser.add_argument("--servers", default="dhtnode,trio_dht")
     parser.add_argument("--no-write", action="store_true")
@@ -221,9 +218,16 @@ def main() -> None:
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "proxy_bench"
     workdir.mkdir(exist_ok=True)
     results: dict[str, dict[str, dict]] = {s: {} for s in servers}
-    for sc in scenarios:
-        for name in servers:
-            results[name][sc] = measure(name, sc, seconds, args.conns, workdir)
+    if args.quick:  # one stack per server for every scenario, all started at once, no warm-up
+        with open_stacks(servers, workdir) as stacks:
+            for sc in scenarios:
+                for name in servers:
+                    results[name][sc] = measure(stacks[name], sc, seconds, args.conns, warm_up=False)
+    else:
+        for sc in scenarios:
+            for name in servers:
+                with open_stacks([name], workdir) as stacks:
+                    results[name][sc] = measure(stacks[name], sc, seconds, args.conns)
     if set(servers) != {"dhtnode", "trio_dht"}:
         args.output.write_text(json.dumps({"results": results}, indent=1))
         return

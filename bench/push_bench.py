@@ -1,7 +1,8 @@
 """Push notifications: our proxy against Debian's ``dhtnode --proxyserver --pushserver`` 2.4.12, side by side.
 
 Each server is the proxy of node A in a 2-node loopback DHT (A + a plain ``dhtnode -s -U`` node B), as
-reference-behaviour.md §7 measured it, with a fresh stack per scenario. Both push to the same gorush double
+reference-behaviour.md §7 measured it, with a fresh stack per scenario (``--quick``: one stack per server,
+both started at once, for all scenarios: memory first, rate last). Both push to the same gorush double
 (:class:`trio_dht.testing.gorush.GorushDouble`, strict decoding, sync replies), run in its own process
 behind a lean keep-alive HTTP/1.1 loop (``--gorush-sink``) so that it is not what limits dhtnode's one
 request per push. Scenarios:
@@ -40,8 +41,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,15 @@ from common import (
     machine_busy_seconds,
     our_command,
     our_env,
+    processes,
     spawn,
-    stop,
+    start_all,
+    start_b_nodes,
 )
 from proxy_bench import http, parse_duration_ms
 
 SERVERS = ("dhtnode", "trio_dht")
+QUICK_ORDER = ["memory", "latency", "flood", "dhtflood", "rate"]
 CONNS = 32
 VALUE = b'{"data":"aGVsbG8=","type":0}'
 
@@ -305,51 +309,50 @@ def server_command(name: str, udp: int, port: int, b_port: int, gorush_port: int
 
 
 @contextmanager
-def open_stack(name: str, workdir: Path) -> Iterator[Stack]:
-    """The gorush double, node B (dhtnode -U), then node A with its proxy; ready once a put succeeds."""
+def open_stacks(names: list[str], workdir: Path, settle: float = 1.0) -> Iterator[dict[str, Stack]]:
+    """For each name, the gorush double, node B (dhtnode -U), then node A with its proxy; all doubles and Bs
+    at once, then all As, each ready once a put succeeds; then left ``settle`` s."""
     env = our_env()
-    with ExitStack() as exits:
-        sink_port = free_port(socket.SOCK_STREAM)
-        sink = subprocess.Popen(
-            [sys.executable, __file__, "--gorush-sink", str(sink_port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=(workdir / "sink.log").open("wb"),
-        )
-        exits.callback(stop, sink)
-        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
-        b_port = free_port(socket.SOCK_DGRAM)
-        b = spawn(["dhtnode", "-s", "-U", "-p", str(b_port)], workdir / f"{name}-B.log")
-        exits.callback(stop, b)
-        for _attempt in range(3):
-            port, udp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
-            cmd = server_command(name, udp, port, b_port, sink_port)
-            a = spawn(cmd, workdir / f"{name}-A.log", env)
-            if wait_ready(a, f"http://127.0.0.1:{port}"):
-                break
-            stop(a)
-        else:
-            raise RuntimeError(f"{name} did not start: see {workdir}/{name}-A.log")
-        exits.callback(stop, a)
-        stack = Stack(name, port, a, b, sink, sink_port, udp)
-        time.sleep(1.0)
-        stack.sink_reset()
-        yield stack
+    with processes() as procs:
+        sinks, sink_ports = {}, {}
+        for name in names:
+            sink_ports[name] = free_port(socket.SOCK_STREAM)
+            sinks[name] = subprocess.Popen(
+                [sys.executable, __file__, "--gorush-sink", str(sink_ports[name])],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=(workdir / f"{name}-sink.log").open("wb"),
+            )
+            procs.append(sinks[name])
+        bs = start_b_nodes(procs, names, workdir)
+
+        def spawner(name: str) -> Callable[[], tuple[subprocess.Popen, tuple[int, int]]]:
+            def start() -> tuple[subprocess.Popen, tuple[int, int]]:
+                port, udp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+                cmd = server_command(name, udp, port, bs[name][1], sink_ports[name])
+                return spawn(cmd, workdir / f"{name}-A.log", env), (port, udp)
+
+            return start
+
+        servers = start_all(procs, {name: spawner(name) for name in names}, lambda ports: is_ready(ports[0]))
+        stacks = {}
+        for name, (a, (port, udp)) in servers.items():
+            sink = sinks[name]
+            assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+            stacks[name] = Stack(name, port, a, bs[name][0], sink, sink_ports[name], udp)
+        time.sleep(settle)
+        for stack in stacks.values():
+            stack.sink_reset()
+        yield stacks
 
 
-def wait_ready(a: subprocess.Popen, url: str, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if a.poll() is not None:
-            return False
-        try:
-            status, _ = http("POST", f"{url}/key/{os.urandom(20).hex()}", VALUE, timeout=10)
-            if status == 200:
-                return True
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.25)
-    return False
+def is_ready(port: int) -> bool:
+    """A put succeeds."""
+    try:
+        status, _ = http("POST", f"http://127.0.0.1:{port}/key/{os.urandom(20).hex()}", VALUE, timeout=10)
+    except (OSError, ValueError):
+        return False
+    return status == 200
 
 
 class CpuMeter:
@@ -382,7 +385,7 @@ class CpuMeter:
 # -- scenarios -----------------------------------------------------------------------------------------------
 
 
-def scenario_rate(stack: Stack, seconds: float) -> dict:
+def scenario_rate(stack: Stack, seconds: float, warm_up: bool = True) -> dict:
     script = HERE / "wrk" / "subscribe_distinct.lua"
     cmd = [
         "wrk",
@@ -396,7 +399,8 @@ def scenario_rate(stack: Stack, seconds: float) -> dict:
         str(script),
         stack.url + "/",
     ]
-    subprocess.run([*cmd[:3], "-d1s", *cmd[4:]], capture_output=True, check=True)  # warm-up
+    if warm_up:
+        subprocess.run([*cmd[:3], "-d1s", *cmd[4:]], capture_output=True, check=True)  # 1 s, not measured
     with CpuMeter(stack) as cpu:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = {"command": " ".join([*cmd[:-1], "URL"]), **cpu.result}
@@ -437,10 +441,10 @@ def scenario_memory(stack: Stack, milestones: list[int], settle: float) -> dict:
     return result
 
 
-def scenario_latency(stack: Stack, count: int = 200, gap: float = 0.02) -> dict:
+def scenario_latency(stack: Stack, count: int = 200, gap: float = 0.02, settle: float = 1.0) -> dict:
     keys = random_keys(count)
     drive(stack.port, subscribe_requests(keys))
-    time.sleep(1.0)
+    time.sleep(settle)
     stack.sink_reset()
     sent: dict[str, float] = {}
     post_ms: list[float] = []
@@ -618,6 +622,33 @@ def memory_direct(milestones: list[int]) -> dict:
     return result
 
 
+@dataclass
+class Scenarios:
+    """How long and how much each scenario runs (the full run, or --quick)."""
+
+    seconds: float
+    settle: float
+    milestones: list[int]
+    latency_puts: int
+    flood_keys: int
+    quick: bool = False  # no wrk warm-up, 0.5 s instead of 1 s between subscribing and the latency puts
+
+    def run(self, scenario: str, stack: Stack) -> dict:
+        print(f"{stack.name}: {scenario}", flush=True)
+        if scenario == "rate":
+            r = scenario_rate(stack, self.seconds, warm_up=not self.quick)
+        elif scenario == "memory":
+            r = scenario_memory(stack, self.milestones, self.settle)
+        elif scenario == "latency":
+            r = scenario_latency(stack, self.latency_puts, settle=0.5 if self.quick else 1.0)
+        elif scenario == "flood":
+            r = scenario_flood(stack, self.flood_keys, self.settle)
+        else:
+            r = scenario_dhtflood(stack, self.flood_keys, self.settle)
+        print(f"  {json.dumps(r, default=str)[:600]}", flush=True)
+        return r
+
+
 # -- report --------------------------------------------------------------------------------------------------
 
 
@@ -710,7 +741,11 @@ def main() -> None:
         action="store_true",
         help="only ours up to 1 M subscriptions in this process, without HTTP (a few minutes), then exit",
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s of wrk, 1 k/5 k, 2 k puts")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one stack per server, 1 s of wrk, 1 k/5 k, 50 and 1 k puts, 0.5 s settles",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--output", type=Path, default=HERE / "push_results.json", help="results as JSON")
     parser.add_argument("--gorush-sink", type=int, help=argparse.SUPPRESS)
@@ -726,33 +761,30 @@ def main() -> None:
         sys.exit("needs wrk and dhtnode: apt-get install -y wrk dhtnode")
     scenarios = args.only.split(",")
     servers = args.servers.split(",")
-    seconds, settle = (1.0, 1.0) if args.quick else (args.seconds, args.settle)
-    milestones = [1_000, 5_000] if args.quick else [10_000, 50_000]
-    latency_puts, flood_keys = (50, 2_000) if args.quick else (200, 10_000)
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "push_bench"
     workdir.mkdir(exist_ok=True)
     results: dict[str, dict] = {s: {} for s in servers}
-    for scenario in scenarios:
-        for name in servers:
-            print(f"{name}: {scenario}", flush=True)
-            with open_stack(name, workdir) as stack:
-                if scenario == "rate":
-                    r = scenario_rate(stack, seconds)
-                elif scenario == "memory":
-                    r = scenario_memory(stack, milestones, settle)
-                elif scenario == "latency":
-                    r = scenario_latency(stack, latency_puts)
-                elif scenario == "flood":
-                    r = scenario_flood(stack, flood_keys, settle)
-                else:
-                    r = scenario_dhtflood(stack, flood_keys, settle)
-            results[name][scenario] = r
-            print(f"  {json.dumps(r, default=str)[:600]}", flush=True)
+    if args.quick:
+        # one stack per server, smaller counts; memory first (a fresh baseline), rate last (its many
+        # subscriptions slow dhtnode's puts)
+        quick = Scenarios(1.0, 0.5, [1_000, 5_000], latency_puts=50, flood_keys=1_000, quick=True)
+        with open_stacks(servers, workdir, settle=0.5) as stacks:
+            for scenario in sorted(scenarios, key=QUICK_ORDER.index):
+                for name in servers:
+                    results[name][scenario] = quick.run(scenario, stacks[name])
+    else:
+        full = Scenarios(args.seconds, args.settle, [10_000, 50_000], latency_puts=200, flood_keys=10_000)
+        for scenario in scenarios:
+            for name in servers:
+                with open_stacks([name], workdir) as stacks:
+                    results[name][scenario] = full.run(scenario, stacks[name])
     million = None
     if args.million and "trio_dht" in servers:
         print("trio_dht: memory up to 1 M", flush=True)
-        with open_stack("trio_dht", workdir) as stack:
-            million = scenario_memory(stack, [10_000, 100_000, 250_000, 500_000, 1_000_000], settle)
+        with open_stacks(["trio_dht"], workdir) as stacks:
+            million = scenario_memory(
+                stacks["trio_dht"], [10_000, 100_000, 250_000, 500_000, 1_000_000], args.settle
+            )
     if set(servers) != set(SERVERS):
         args.output.write_text(json.dumps({"results": results, "million": million}, indent=1))
         return

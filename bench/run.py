@@ -12,6 +12,10 @@ servers:
     python bench/run.py            # the full run, about 10 minutes on 2 cores; rewrites bench/RESULTS.md
     python bench/run.py --quick    # a ~1-minute smoke run into bench/quick/ (what CI runs)
 
+``--quick`` exercises every workload with shorter runs and smaller counts, and starts the servers of a suite
+together, reusing one stack per server for all its scenarios (the full run starts a fresh stack for each);
+its figures are a smoke test, not comparable to the full run's.
+
 The summary table gives each workload's figure for both servers and the ratio trio_dht / dhtnode, oriented
 so that above 1 means we do better (for latencies and memory the ratio is dhtnode / ours).
 """
