@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import ProxyConfig, RateLimit, serve_proxy
+from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy
 from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT
 from trio_dht.proxy.handlers import BASE_HEADERS
 from trio_dht.proxy.http1 import UNUSUAL, Head, Writer, chunk, read_head
@@ -303,3 +303,83 @@ async def test_a_client_gone_mid_get_cancels_it(nursery: trio.Nursery) -> None:
     dht.more.set()
     with trio.fail_after(BOUND):
         await dht.cancelled.wait()
+
+
+# -- the poller: requests answered without waking the connection's task -------------------------------------
+
+
+async def test_a_head_in_pieces_and_close(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    client = await connect(await start(nursery, dht))
+    await client.stream.send_all(b"GET /node/in")
+    await trio.sleep(0.05)
+    await client.stream.send_all(b"fo HTTP/1.1\r\nHost: x\r\n")
+    await trio.sleep(0.05)
+    await client.stream.send_all(b"\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    status, headers, body = await client.response()
+    assert status == "HTTP/1.1 200 OK" and "connection" not in headers and "node_id" in json.loads(body)
+    status, headers, body = await client.response()
+    assert status == "HTTP/1.1 200 OK" and headers["connection"] == "close" and "node_id" in json.loads(body)
+    assert await client.at_eof()  # the request after the close is not answered
+    assert client.buffer == b""
+
+
+async def test_replies_to_a_half_closed_connection(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    port = await start(nursery, dht)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /node/info HTTP/1.1\r\n\r\n" * 2)  # the requests and the end arrive together
+    sock.shutdown(socket.SHUT_WR)
+    sock.setblocking(False)
+    client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    for _ in range(2):
+        status, _, body = await client.response()
+        assert status == "HTTP/1.1 200 OK" and "node_id" in json.loads(body)
+    assert await client.at_eof()
+
+
+async def test_pipelined_replies_the_socket_takes_in_part(
+    nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies the socket does not take at once are finished by the connection's task, in order, with GETs
+    between them; a long run of pipelined requests is answered in turns.
+    """
+    send_now = frontend._Connection.send_now
+
+    def send_some(conn: frontend._Connection, data: bytes) -> bytes:  # as a full socket buffer does
+        return send_now(conn, data[:100]) + data[100:]
+
+    monkeypatch.setattr(frontend._Connection, "send_now", send_some)
+    await dht.put(KEY, Value(data=b"v", id=7))
+    client = await connect(await start(nursery, dht))
+    info = b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n"
+    get = f"GET /key/{KEY.hex()} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    requests = [get if i in (5, 95) else info for i in range(100)]  # runs over ANSWERS_PER_TURN too
+    await client.stream.send_all(b"".join(requests))
+    for request in requests:
+        status, headers, body = await client.response()
+        assert status == "HTTP/1.1 200 OK"
+        if request is get:
+            assert headers["transfer-encoding"] == "chunked" and json.loads(body)["id"] == "7"
+        else:
+            assert "node_id" in json.loads(body)
+
+
+async def test_node_info_is_cached_for_a_second(
+    nursery: trio.Nursery, dht: MemoryDht, autojump_clock: object
+) -> None:
+    client = await connect(await start(nursery, dht))
+    request = b"GET /node/info HTTP/1.1\r\n\r\n"
+    await client.stream.send_all(request)
+    assert json.loads((await client.response())[2])["ipv4"]["good"] == 8
+    dht.good_nodes = 3
+    await client.stream.send_all(request)
+    assert json.loads((await client.response())[2])["ipv4"]["good"] == 8  # as OpenDHT's (2 minutes there)
+    await trio.sleep(1.0)
+    await client.stream.send_all(request)
+    assert json.loads((await client.response())[2])["ipv4"]["good"] == 3
+    other = await connect(await start(nursery, dht, node_info_cache=0))
+    dht.good_nodes = 4
+    await other.stream.send_all(request)
+    assert json.loads((await other.response())[2])["ipv4"]["good"] == 4
+    dht.good_nodes = 5
+    await other.stream.send_all(request)
+    assert json.loads((await other.response())[2])["ipv4"]["good"] == 5

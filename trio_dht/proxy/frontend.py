@@ -8,8 +8,11 @@ node-info/s. So the plain listening sockets are served here:
   hooks) SUBSCRIBE/UNSUBSCRIBE ``/key/{hash}`` and ``/{hash}``: the routes clients and load hit
   (:func:`hot_route`). They are read with :mod:`~trio_dht.proxy.http1` and answered by the same
   :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of bytes
-  is here. Socket I/O goes straight to the non-blocking socket, waiting with ``trio.lowlevel.wait_readable``
-  / ``wait_writable`` only when the kernel says so.
+  is here. Socket I/O goes straight to the non-blocking socket. Between requests a connection's task does
+  not wait on its socket: one task (:class:`_Poller`, an edge-triggered epoll on Linux) reads every
+  connection that has bytes and answers node info at once, waking a connection's task only for what awaits
+  (a GET, a POST, ...): a node-info request then costs no Trio reschedule and no ``epoll_ctl``. Elsewhere
+  (and while the server closes) the task waits with ``trio.lowlevel.wait_readable`` itself.
 * Any other request, and any request :func:`~trio_dht.proxy.http1.read_head` finds unusual, hands the
   connection over, with the bytes already read, to a hypercorn connection (``TCPServer``) serving the full
   ASGI app (:class:`~trio_dht.proxy.app.ProxyApp`: Quart routes, blueprints, limits, error pages). It stays
@@ -26,14 +29,18 @@ Requires hypercorn 0.18's ``TCPServer``, ``WorkerContext`` and ``Lifespan`` (pin
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import logging
 import re
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import outcome
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
@@ -49,6 +56,7 @@ from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
 from trio_dht.proxy.keys import hash_from_segment
 from trio_dht.proxy.paths import canonical_path
+from trio_dht.proxy.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from trio_dht.push.service import PushReply
@@ -59,7 +67,11 @@ RECV_SIZE = 65536
 KEEP_ALIVE_TIMEOUT = 60.0
 """An idle connection (or one sending a request head that never completes) is closed after this long."""
 INTERNAL_ERROR = error(500, "Internal server error")
+ANSWERS_PER_TURN = 32
+"""At most this many pipelined requests of one connection are answered before other tasks get a turn."""
 
+_HANG_UP = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
+"""Poller events saying the client's side ended: past the bytes read, a read returns the end (or an error)."""
 _BLOCKING = (BlockingIOError, InterruptedError)
 _GONE = (ConnectionError, OSError)
 
@@ -75,15 +87,29 @@ class _Connection:
         self.sock = sock
         self.fd = sock.fileno()
         self.client = client
+        self.limiter: RateLimiter | None = None
+        """The rate limiter that applies to this client (None for a trusted one)."""
         self.buffer = bytearray()
+        self.pending = b""
+        """Response bytes the socket did not take yet; nothing else is written before them."""
+        self.ending = False
+        """Close the connection once :attr:`pending` is sent."""
         self.responding = False
         """Some of the current response has been sent."""
         self.waited = False
-        """A read had to wait for the client since this was last cleared."""
+        """The connection's task yielded waiting for the client since this was last cleared."""
+        self.readable = False
+        """Bytes may be waiting on the socket that no readiness event will announce (see :class:`_Poller`)."""
+        self.parked: trio.lowlevel.Task | None = None
+        """The connection's task, while it waits for the poller to bring the next request."""
+        self.node_info: tuple[handlers.NodeInfoDocument, bytes] | None = None
+        """The last node-info response sent here, and the document it was made from."""
         self.idle_since: float | None = None
         """When the connection started waiting for a request (None while one is served)."""
         self.scope = trio.CancelScope()
-        """Cancelled to close the connection while it waits for a request (idle too long, or shutdown)."""
+        """Cancelled to close the connection: idle too long, shutdown while it waits for a request, or the
+        client gone in the middle of a GET (which stops the get).
+        """
 
     async def fill(self, *, wait_first: bool = False) -> None:
         """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF. ``wait_first``: wait until the
@@ -106,6 +132,22 @@ class _Connection:
                 raise ClientGone
             self.buffer += data
             return
+
+    def recv_now(self) -> None:
+        """Read what the socket has (one read) without waiting; :class:`ClientGone` at EOF. Clears
+        :attr:`readable` unless the read filled :data:`RECV_SIZE` (there may be more).
+        """
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except _BLOCKING:
+            self.readable = False
+            return
+        except _GONE as exc:
+            raise ClientGone from exc
+        if not data:
+            raise ClientGone
+        self.readable = len(data) == RECV_SIZE
+        self.buffer += data
 
     def send_now(self, data: bytes) -> bytes:
         """Send what the socket takes without waiting; the rest of ``data``."""
@@ -132,6 +174,100 @@ class _Connection:
             self.responding = True
 
 
+class _Request(NamedTuple):
+    """A request for the connection's task: its head, front-end handler and key (its body may be unread)."""
+
+    head: Head
+    handler: Callable[..., Awaitable[None]]
+    key: InfoHash | None
+
+
+class _Step(enum.Enum):
+    YIELD = "let the other tasks run"
+    FLUSH = "send the pending bytes"
+    CLOSE = "close the connection"
+    HAND_OVER = "hand the connection to hypercorn"
+
+
+_Next = _Request | _Step | None
+"""What a connection's task does next; None: wait for more bytes of a request."""
+
+
+class _Poller:
+    """One edge-triggered epoll over the fast-path connections, watched by one task (:meth:`run`).
+
+    A connection waiting for its next request parks its task here instead of waiting on its own socket:
+    Trio's one-shot registration costs an ``epoll_ctl`` per wait, and every wake-up a reschedule. When new
+    bytes arrive, :meth:`run` reads them and calls ``serve_buffered``, which answers at once the requests that
+    need no waiting (node info); the task is woken only for what it must do (a request that awaits, a
+    hand-over, a blocked send, the end). Edge-triggered means an event per arrival of bytes, not "bytes are
+    there": bytes that arrive while the task is busy set :attr:`_Connection.readable`, and the task reads them
+    before it parks again.
+    """
+
+    def __init__(self, serve_buffered: Callable[[_Connection], _Next]) -> None:
+        self._epoll = select.epoll()
+        self._serve_buffered = serve_buffered
+        self._connections: dict[int, _Connection] = {}
+
+    def add(self, conn: _Connection) -> None:
+        self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._connections[conn.fd] = conn
+
+    def remove(self, conn: _Connection) -> None:
+        if self._connections.pop(conn.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(conn.fd)
+
+    def close(self) -> None:
+        self._epoll.close()
+
+    async def park(self, conn: _Connection) -> _Next:
+        """Wait until :meth:`run` has something for the connection's task (the bytes are in its buffer)."""
+        conn.parked = trio.lowlevel.current_task()
+        conn.waited = True
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            conn.parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        next_step: _Next = await trio.lowlevel.wait_task_rescheduled(abort)
+        return next_step
+
+    async def run(self) -> None:
+        epoll_fd = self._epoll.fileno()
+        poll = self._epoll.poll
+        connections = self._connections
+        serve_buffered = self._serve_buffered
+        while True:
+            await trio.lowlevel.wait_readable(epoll_fd)
+            now = trio.current_time()
+            for fd, flags in poll(0):
+                conn = connections.get(fd)
+                if conn is None:
+                    continue
+                task = conn.parked
+                if task is None:  # its task is busy: it reads before it parks again
+                    conn.readable = True
+                    continue
+                result: outcome.Outcome[_Next]
+                try:
+                    conn.recv_now()
+                    if flags & _HANG_UP:  # the end came with the bytes just read: the task reads it next
+                        conn.readable = True
+                    next_step = serve_buffered(conn)
+                except Exception as exc:  # ClientGone, or a bug: the task ends the connection
+                    result = outcome.Error(exc)
+                else:
+                    if next_step is None and not conn.readable:  # stays parked
+                        if conn.idle_since is None:
+                            conn.idle_since = now
+                        continue
+                    result = outcome.Value(next_step)
+                conn.parked = None
+                trio.lowlevel.reschedule(task, result)
+
+
 class FrontEnd:
     """Serves the plain listening sockets of one proxy app (see the module docstring)."""
 
@@ -140,10 +276,13 @@ class FrontEnd:
         self.state = app.state
         self.fast_path = fast_path
         self.writer = Writer(BASE_HEADERS)
+        self._push = app.state.push is not None
+        self._max_body = app.state.config.max_body
         self._asgi = wrap_app(app, hypercorn_config.wsgi_max_body_size, "asgi")
         self._hypercorn_config = hypercorn_config
         self._context = WorkerContext(None)
         self._connections: set[_Connection] = set()
+        self._poller: _Poller | None = None
         self._closing = False
         self._shutdown = trio.Event()
 
@@ -162,32 +301,40 @@ class FrontEnd:
         urls = [f"https://{repr_socket_addr(s.family, s.getsockname())}" for s in tls]
         urls += [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in plain]
         lifespan = Lifespan(self._asgi, self._hypercorn_config, {})
-        async with trio.open_nursery() as lifespan_nursery:
-            await lifespan_nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            async with trio.open_nursery() as connections:
-                try:
-                    async with trio.open_nursery() as acceptors:
-                        for sock in plain:
-                            acceptors.start_soon(self._accept_loop, sock, connections, None)
-                        for sock in tls:
-                            acceptors.start_soon(self._accept_loop, sock, connections, ssl_context)
-                        acceptors.start_soon(self._close_idle_connections)
-                        task_status.started(urls)
-                        await self._shutdown.wait()
-                        acceptors.cancel_scope.cancel()
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await self._drain()
-            await lifespan.wait_for_shutdown()
-            lifespan_nursery.cancel_scope.cancel()
+        if self.fast_path and plain and hasattr(select, "epoll"):
+            self._poller = _Poller(self._serve_buffered)
+        try:
+            async with trio.open_nursery() as lifespan_nursery:
+                await lifespan_nursery.start(lifespan.handle_lifespan)
+                await lifespan.wait_for_startup()
+                async with trio.open_nursery() as connections:
+                    try:
+                        async with trio.open_nursery() as acceptors:
+                            for sock in plain:
+                                acceptors.start_soon(self._accept_loop, sock, connections, None)
+                            for sock in tls:
+                                acceptors.start_soon(self._accept_loop, sock, connections, ssl_context)
+                            acceptors.start_soon(self._close_idle_connections)
+                            if self._poller is not None:
+                                acceptors.start_soon(self._poller.run)
+                            task_status.started(urls)
+                            await self._shutdown.wait()
+                            acceptors.cancel_scope.cancel()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._drain()
+                await lifespan.wait_for_shutdown()
+                lifespan_nursery.cancel_scope.cancel()
+        finally:
+            if self._poller is not None:
+                self._poller.close()
 
     def shutdown(self) -> None:
         """Stop accepting and close idle connections; :meth:`serve` returns once the others are done."""
         self._shutdown.set()
 
     async def _drain(self) -> None:
-        self._closing = True
+        self._closing = True  # from now on a connection's task waits for its own bytes (the poller is gone)
         for conn in self._connections:
             if conn.idle_since is not None:
                 conn.scope.cancel()
@@ -236,13 +383,22 @@ class FrontEnd:
             elif not self.fast_path:
                 await self._hand_over(conn)
             else:
+                limiter = self.state.limiter
+                if limiter is not None:
+                    client_key = limiter.client_key(client)
+                    if client_key is None or not client_key[1] or limiter.limit.loopback:
+                        conn.limiter = limiter  # else a loopback client, trusted (see RateLimit.loopback)
                 self._connections.add(conn)
+                if self._poller is not None:
+                    self._poller.add(conn)
                 hand_over = False
                 try:
                     with conn.scope:
                         hand_over = await self._serve_requests(conn)
                 finally:
                     self._connections.discard(conn)
+                    if self._poller is not None:
+                        self._poller.remove(conn)
                 if hand_over:
                     await self._hand_over(conn)
         except ClientGone:
@@ -254,44 +410,43 @@ class FrontEnd:
 
     async def _serve_requests(self, conn: _Connection) -> bool:
         """Answer hot requests until the connection is to be closed (False) or handed to hypercorn (True)."""
-        state = self.state
-        limiter = state.limiter
-        client_key = limiter.client_key(conn.client) if limiter is not None else None
-        if limiter is not None and client_key is not None and client_key[1] and not limiter.limit.loopback:
-            limiter = None  # a loopback client is trusted (see RateLimit.loopback)
-        push = state.push is not None
-        max_body = state.config.max_body
+        next_step: _Next = None
         while True:
-            head = read_head(conn.buffer) if conn.buffer else None
-            if head is None:  # wait for (the rest of) a request head, at most about KEEP_ALIVE_TIMEOUT
+            if next_step is None:
+                next_step = self._serve_buffered(conn)
+            if next_step is None:  # wait for (the rest of) a request head, at most about KEEP_ALIVE_TIMEOUT
                 if self._closing and not conn.buffer:
                     return False
                 if conn.idle_since is None:
                     conn.idle_since = trio.current_time()
-                await conn.fill(wait_first=not conn.buffer)  # an empty buffer: the client is not done
+                next_step = await self._wait_for_request(conn)
                 continue
-            conn.idle_since = None
-            route = None if head is UNUSUAL else hot_route(head, push=push)
-            if route is None:
-                return True
-            assert isinstance(head, Head)
-            handler, key = route
-            if limiter is not None and not limiter.allow(conn.client, trio.current_time()):
-                reply: Reply | None = TOO_MANY_REQUESTS
-            elif head.content_length > max_body:
-                reply = TOO_LARGE
-            else:
-                reply = None
-            if reply is not None:  # refused: the body (if any) is not read, so the connection ends
-                await conn.send(self.writer.reply(reply.status, reply.body, reply.headers, close=True))
+            if next_step is _Step.YIELD:  # a client that always has more must not starve the others
+                await trio.lowlevel.checkpoint()
+                next_step = None
+                continue
+            if next_step is _Step.FLUSH:
+                await conn.send(conn.pending)
+                conn.pending = b""
+                next_step = None
+                continue
+            if next_step is _Step.CLOSE:
                 return False
-            while len(conn.buffer) < head.size + head.content_length:
+            if next_step is _Step.HAND_OVER:
+                return True
+            assert isinstance(next_step, _Request)
+            head, handler, key = next_step
+            next_step = None
+            end = head.size + head.content_length
+            while len(conn.buffer) < end:
                 await conn.fill()
-            body = bytes(conn.buffer[head.size : head.size + head.content_length])
-            del conn.buffer[: head.size + head.content_length]
+            body = bytes(conn.buffer[head.size : end]) if head.content_length else b""
+            del conn.buffer[:end]
             conn.responding = False
             try:
                 await handler(self, conn, head, key, body)
+            except ClientGone:
+                raise
             except Exception:
                 if conn.responding:
                     raise  # a stream cut short: closing the connection tells the client
@@ -304,6 +459,66 @@ class FrontEnd:
             if not conn.waited:  # a client that always has the next request ready must not starve the others
                 await trio.lowlevel.checkpoint()
             conn.waited = False
+
+    async def _wait_for_request(self, conn: _Connection) -> _Next:
+        """More bytes of a request in ``conn.buffer``, or what the poller already did with them."""
+        if self._poller is None or self._closing:  # the poller is gone once the server closes
+            await conn.fill(wait_first=not conn.buffer)  # an empty buffer: the client is not done
+            return None
+        if conn.readable:  # bytes came while the task was busy, or more than one read's worth
+            await trio.lowlevel.checkpoint()  # a client that always has more must not starve the others
+            conn.recv_now()
+            return None
+        return await self._poller.park(conn)
+
+    def _serve_buffered(self, conn: _Connection) -> _Next:
+        """Answer the buffered requests that need no waiting (node info; refusals), as far as the socket takes
+        the responses; then what the connection's task must do next (None: wait for more bytes).
+
+        Called by the connection's task, and by the poller while the task is parked.
+        """
+        buffer = conn.buffer
+        for _ in range(ANSWERS_PER_TURN):
+            if conn.pending:
+                return _Step.FLUSH
+            if conn.ending:
+                return _Step.CLOSE
+            head = read_head(buffer) if buffer else None
+            if head is None:
+                return None
+            if head is UNUSUAL:
+                return _Step.HAND_OVER
+            assert isinstance(head, Head)
+            route = hot_route(head, push=self._push)
+            if route is None:
+                return _Step.HAND_OVER
+            conn.idle_since = None
+            handler, key = route
+            if conn.limiter is not None and not conn.limiter.allow(conn.client, trio.current_time()):
+                refusal: Reply | None = TOO_MANY_REQUESTS
+            elif head.content_length > self._max_body:
+                refusal = TOO_LARGE
+            else:
+                refusal = None
+            if refusal is not None:  # the body (if any) is not read, so the connection ends
+                conn.ending = True
+                conn.pending = conn.send_now(
+                    self.writer.reply(refusal.status, refusal.body, refusal.headers, close=True)
+                )
+                continue
+            end = head.size + head.content_length
+            if handler is not FrontEnd.node_info or len(buffer) < end:
+                return _Request(head, handler, key)
+            del buffer[:end]
+            try:
+                response = self.node_info_response(conn, head)
+            except Exception:
+                log.exception("proxy front end failed on %s %r", head.method, head.target)
+                response = self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True)
+                conn.ending = True
+            conn.ending = conn.ending or head.close or self._closing
+            conn.pending = conn.send_now(response)
+        return _Step.YIELD
 
     async def _hand_over(self, conn: _Connection, ssl_context: ssl.SSLContext | None = None) -> None:
         """Serve the rest of the connection with hypercorn, starting with the bytes already read."""
@@ -320,8 +535,25 @@ class FrontEnd:
     async def send_reply(self, conn: _Connection, head: Head, reply: Reply) -> None:
         await conn.send(self.writer.reply(reply.status, reply.body, reply.headers, close=head.close))
 
+    def node_info_response(self, conn: _Connection, head: Head) -> bytes:
+        """The response to a node-info request; the connection keeps it while the document stays the same
+        (the client's address is the only other part).
+        """
+        document = handlers.node_info_document(self.state)
+        cached = conn.node_info
+        if cached is not None and cached[0] is document and not head.close:
+            return cached[1]
+        reply = handlers.node_info_reply(document, conn.client)
+        response = self.writer.reply(reply.status, reply.body, reply.headers, close=head.close)
+        if document is not None and not head.close:
+            conn.node_info = (document, response)
+        return response
+
     async def node_info(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
-        await self.send_reply(conn, head, handlers.node_info(self.state, conn.client))
+        """Node info is answered by :meth:`_serve_buffered` as soon as its request is read; here only when the
+        request has a body not all read yet.
+        """
+        await conn.send(self.node_info_response(conn, head))
 
     async def get(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         """Values go out as the DHT finds them, written from its callback as far as the socket takes them
@@ -331,23 +563,22 @@ class FrontEnd:
         assert key is not None
         out = self.writer.stream_head(close=head.close)  # what is not sent yet
         gone = done = False
-        with trio.CancelScope() as scope:
 
-            def on_lines(lines: bytes) -> None:
-                nonlocal out, gone
-                if gone or done:  # a late callback must not write past the end of the response
-                    return
-                try:
-                    out = conn.send_now(out + chunk(lines))
-                except ClientGone:
-                    gone = True
-                    scope.cancel()  # nobody reads: stop the get
-
+        def on_lines(lines: bytes) -> None:
+            nonlocal out, gone
+            if gone or done:  # a late callback must not write past the end of the response
+                return
             try:
-                await handlers.get_lines(self.state, key, on_lines)
-            finally:
-                done = True
-        if gone:
+                out = conn.send_now(out + chunk(lines))
+            except ClientGone:
+                gone = True
+                conn.scope.cancel()  # nobody reads: stop the get, close the connection
+
+        try:
+            await handlers.get_lines(self.state, key, on_lines)
+        finally:
+            done = True
+        if gone:  # the get ended before the cancellation reached it
             raise ClientGone
         await conn.send(out + LAST_CHUNK)
 
@@ -377,6 +608,7 @@ HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]
 _PLAIN_VALUE_TARGET = re.compile(rb"/(?:key/)?([0-9a-f]{40})")
 """``/key/{hash}`` or ``/{hash}`` with the hash as 40 lowercase hex digits, already in canonical form."""
 _PLAIN_NODE_INFO_TARGETS = frozenset((b"/", b"/node/info"))
+_NODE_INFO_ROUTE: HotRoute = (FrontEnd.node_info, None)
 _VALUE_ROUTES = {"GET": FrontEnd.get, "POST": FrontEnd.put}
 _PUSH_ROUTES = {**_VALUE_ROUTES, "SUBSCRIBE": FrontEnd.subscribe, "UNSUBSCRIBE": FrontEnd.unsubscribe}
 
@@ -390,17 +622,17 @@ def hot_route(head: Head, *, push: bool = False) -> HotRoute | None:
     value_routes = _PUSH_ROUTES if push else _VALUE_ROUTES
     if head.method not in value_routes:
         return None
+    if head.target in _PLAIN_NODE_INFO_TARGETS:  # the usual spellings, read without canonical_path's rules
+        return _NODE_INFO_ROUTE if head.method == "GET" else None
     plain = _PLAIN_VALUE_TARGET.fullmatch(head.target)
-    if plain is not None:  # the usual spellings, read without canonical_path's general rules
+    if plain is not None:
         return value_routes[head.method], hash_from_segment(plain[1])
-    if head.target in _PLAIN_NODE_INFO_TARGETS:
-        return (FrontEnd.node_info, None) if head.method == "GET" else None
     match = canonical_path(head.target)
     if match is None:
         return None
     path, key = match
     if path in ("/", "/node/info"):
-        return (FrontEnd.node_info, None) if head.method == "GET" else None
+        return _NODE_INFO_ROUTE if head.method == "GET" else None
     if len(path) == 41 or (len(path) == 45 and path.startswith("/key/")):  # "/<hex>", "/key/<hex>"
         return value_routes[head.method], key
     return None

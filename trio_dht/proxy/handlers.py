@@ -87,21 +87,35 @@ def parse_json(body: bytes) -> Any:
 
 
 def node_info(state: ProxyState, client_host: str | None) -> Reply:
-    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted).
+    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted)."""
+    return node_info_reply(node_info_document(state), client_host)
 
-    The document is rebuilt at most every ``config.node_info_cache`` seconds (OpenDHT: every 2 minutes);
-    only ``public_ip`` is filled in per request.
+
+NodeInfoDocument = tuple[float, bytes, bytes]
+"""The node-info JSON (newline included) split around the value of ``public_ip``, and when it expires."""
+
+
+def node_info_document(state: ProxyState) -> NodeInfoDocument | None:
+    """The node-info document, rebuilt at most every ``config.node_info_cache`` seconds (OpenDHT: every
+    2 minutes; the same object until then); None while the node has no info.
     """
     now = trio.current_time()
     cached = state.node_info_bytes
     if cached is None or now >= cached[0]:
         doc = state.node_info()
         if doc is None:
-            return NOT_READY
+            return None
         doc["public_ip"] = _PUBLIC_IP_MARK
         head, tail = dumps(doc).split(_PUBLIC_IP_JSON)
         cached = state.node_info_bytes = (now + state.config.node_info_cache, head, tail + b"\n")
-    return Reply(200, cached[1] + dumps(client_host or "") + cached[2])
+    return cached
+
+
+def node_info_reply(document: NodeInfoDocument | None, client_host: str | None) -> Reply:
+    """The reply to a node-info request from ``client_host`` (503 without a document)."""
+    if document is None:
+        return NOT_READY
+    return Reply(200, document[1] + dumps(client_host or "") + document[2])
 
 
 _PUBLIC_IP_MARK = "\x00public_ip\x00"

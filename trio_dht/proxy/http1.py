@@ -41,13 +41,14 @@ UNUSUAL: Final = _Unusual()
 """A request this reader does not handle: leave it (and the connection) to hypercorn."""
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[^ \r\n]*) HTTP/1\.1\r\n")
-_FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
-"""``Name: value`` lines, each ending in CRLF, with no CR or LF inside (no folding, no bare LF)."""
+_HEAD = re.compile(rb"(" + _TOKEN + rb") (/[^ \r\n]*) HTTP/1\.1\r\n(?:" + _TOKEN + rb":[^\r\n]*\r\n)*\r\n")
+"""A request line, then ``Name: value`` lines, each ending in CRLF, with no CR or LF inside (no folding, no
+bare LF), then an empty line.
+"""
 _FIELDS_READ = re.compile(
-    rb"\n(content-length|connection|transfer-encoding|expect|upgrade|te|trailer):([^\r]*)"
+    rb"\n(content-length|connection|transfer-encoding|expect|upgrade|te|trailer):([^\r]*)", re.IGNORECASE
 )
-"""The fields this reader looks at, in a lower-cased head (each line starts after an LF)."""
+"""The fields this reader looks at (each line starts after an LF)."""
 _LENGTH = re.compile(rb"[ \t]*([0-9]{1,18})[ \t]*")
 
 
@@ -61,28 +62,26 @@ def read_head(buffer: bytes | bytearray) -> Head | _Unusual | None:
             return UNUSUAL
         return None
     size = end + 4
-    request_line = _REQUEST_LINE.match(buffer, 0, size)
-    if request_line is None:
-        return UNUSUAL
-    fields_start = request_line.end()
-    if _FIELD_LINES.fullmatch(buffer, fields_start, end + 2) is None:
+    head = _HEAD.fullmatch(buffer, 0, size)
+    if head is None:
         return UNUSUAL
     content_length = -1
     close = False
-    for name, value in _FIELDS_READ.findall(bytes(buffer[fields_start - 1 : end + 2]).lower()):
+    for name, value in _FIELDS_READ.findall(buffer, head.end(2), end + 2):
+        name = name.lower()
         if name == b"content-length":
             length = _LENGTH.fullmatch(value)
             if content_length >= 0 or length is None:
                 return UNUSUAL
             content_length = int(length[1])
         elif name == b"connection":
-            tokens = {t.strip(b" \t") for t in value.split(b",")}
+            tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
             if b"upgrade" in tokens:
                 return UNUSUAL
             close = close or b"close" in tokens
         else:  # transfer-encoding, expect, upgrade, te, trailer
             return UNUSUAL
-    return Head(request_line[1].decode("ascii"), request_line[2], size, max(content_length, 0), close)
+    return Head(head[1].decode("ascii"), head[2], size, max(content_length, 0), close)
 
 
 # -- writing -------------------------------------------------------------------------------------------------
