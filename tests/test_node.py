@@ -607,6 +607,19 @@ async def test_driven_node_counts_drops(open_driven_node):
         assert driven.take() == []
 
 
+async def test_a_silent_peer_gets_one_confirmation_ping_at_a_time(open_driven_node, autojump_clock):
+    """Every request from a node that never answered queues a confirmation ping, but only one is in flight."""
+    async with open_driven_node() as driven:
+        peer = FakePeer(5001)
+        for _ in range(5):
+            await driven.feed(peer.request("ping", {}), peer.addr)
+        first = {m.tid for m, _ in driven.take("ping")}
+        assert len(first) == 1
+        await trio.sleep(10)  # unanswered (with its retransmissions): it failed
+        await driven.feed(peer.request("ping", {}), peer.addr)
+        assert len({m.tid for m, _ in driven.take("ping")} - first) == 1  # the next one
+
+
 # -- concurrent gets share one round of requests (as OpenDHT's node shares a search's pending requests) -----
 
 

@@ -155,6 +155,26 @@ def test_closest_ordering_and_good_only():
     del nodes
 
 
+def test_closest_walks_the_buckets_to_the_same_answer_as_a_full_sort():
+    """closest() reads the nearest buckets first and stops early; it must equal sorting the whole table."""
+    rng = random.Random(11)
+    for _ in range(10):
+        own = InfoHash(rng.randbytes(20))
+        table = RoutingTable(own)
+        near = [InfoHash.from_int(own.to_int() ^ rng.getrandbits(rng.randrange(1, 161))) for _ in range(400)]
+        for i in near:  # ids at every distance from ours, so that our bucket splits deep
+            table.heard(i, ADDR, 0.0, replied=True)
+        for node in rng.sample(list(table), len(table) * 2 // 3):
+            table.heard(node.id, ADDR, GOOD_HEARD_WINDOW, replied=True)  # the others are dubious by then
+        assert len(table.buckets) > 10
+        now = GOOD_HEARD_WINDOW + 10
+        for target in [own, *rng.sample(near, 10), *(InfoHash(rng.randbytes(20)) for _ in range(10))]:
+            for count, good_only in ((1, True), (K, True), (14, True), (2 * K, False), (1000, False)):
+                pool = [n for n in table if n.is_good(now) or not good_only]
+                every = sorted(pool, key=lambda n: n.id.distance(target))
+                assert table.closest(target, count, now=now, good_only=good_only) == every[:count]
+
+
 def test_counts_and_connected():
     table = RoutingTable(OWN)
     assert not table.is_connected(0.0) and table.counts(0.0) == (0, 0)

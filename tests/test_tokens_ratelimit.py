@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from trio_dht.node.ratelimit import RateLimiter
-from trio_dht.node.tokens import ROTATE_MAX, ROTATE_MIN, TOKEN_LEN, TokenIssuer
+from trio_dht.node.tokens import MAX_CACHED, ROTATE_MAX, ROTATE_MIN, TOKEN_LEN, TokenIssuer
 
 A = ("192.0.2.1", 4222)
 
@@ -45,6 +45,19 @@ def test_rotation_keeps_the_previous_secret():
     assert issuer.maybe_rotate(2 * ROTATE_MAX + 2)
     assert not issuer.check(first, A)  # two rotations later
     assert issuer.check(second, A) and issuer.check(issuer.issue(A), A)
+
+
+def test_remembered_tokens_stay_exact_past_the_memo_size():
+    issuer = TokenIssuer(0.0)
+    addrs = [("192.0.2.1", port) for port in range(1000, 1000 + MAX_CACHED + 10)]
+    tokens = [issuer.issue(a) for a in addrs]
+    secret = issuer._current
+    for a, token in [*zip(addrs, tokens, strict=True)][:: MAX_CACHED // 4]:
+        assert token == hashlib.sha256(secret + bytes([192, 0, 2, 1]) + a[1].to_bytes(2, "big")).digest()
+        assert issuer.check(token, a) and issuer.issue(a) == token
+    assert issuer.maybe_rotate(ROTATE_MAX + 1)
+    assert all(issuer.check(token, a) for a, token in zip(addrs, tokens, strict=True))  # previous secret
+    assert not issuer.check(tokens[0], addrs[1])
 
 
 def test_per_ip_limit_over_a_sliding_second():

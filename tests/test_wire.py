@@ -44,6 +44,7 @@ from trio_dht.wire.message import (
     fragments,
     pack_values,
 )
+from trio_dht.wire.msgpack_codec import packb
 
 ID_D = InfoHash(bytes(range(1, 21)))
 KEY = InfoHash(bytes(range(100, 120)))
@@ -684,6 +685,26 @@ def test_replies_round_trip_property(node_id, tid, sa, n4, n6, token, vals, vid)
     assert msg.nodes4 == n4 and msg.nodes6 == n6 and msg.value_id == vid
     if vals and len(datagrams) == 1:
         assert [v.to_wire() for v in msg.values] == [v.to_wire() for v in vals]
+
+
+@given(
+    hashes.filter(bool),
+    u32,
+    u32,
+    st.booleans(),
+    texts,
+    st.dictionaries(
+        st.sampled_from(["sa", "n4", "n6", "token", "vid", "values", "fileds"]), st.binary() | u64
+    ),
+)
+def test_reply_bytes_are_the_packed_map(node_id, tid, network, client, agent, body):
+    """Replies are assembled from pre-packed pieces: the same bytes as packing the whole map."""
+    top = {"r": {"id": node_id, **body}, "t": tid, "y": "r", "v": agent}
+    if network:
+        top["n"] = network
+    if client:
+        top["s"] = True
+    assert Encoder(node_id, network, client, agent).reply(tid, body) == packb(top)
 
 
 @settings(max_examples=100, deadline=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +46,10 @@ def type_expiration(type_id: int) -> float:
 
 
 def random_value_id() -> int:
-    """A random non-zero 64-bit value id."""
+    """A random non-zero 64-bit value id (from Python's seeded PRNG, as OpenDHT draws its ids from a seeded
+    mt19937: ids are public and need no secrecy, and reading the OS's CSPRNG costs a system call each)."""
     while True:
-        vid = secrets.randbits(64)
+        vid = random.getrandbits(64)
         if vid:
             return vid
 
@@ -65,6 +66,9 @@ def _bin(obj: Any, what: str) -> bytes:
     if isinstance(obj, list | tuple) and all(isinstance(b, int) and 0 <= b < 256 for b in obj):
         return bytes(obj)
     raise InvalidValue(f"{what} is not binary")
+
+
+_UINT64 = (1 << 64) - 1
 
 
 def _uint(obj: Any, what: str, bits: int) -> int:
@@ -94,6 +98,10 @@ class Value:
     prio: int = 0
     push_type: str = ""
     _packed: bytes | None = field(default=None, repr=False, compare=False)
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _json_expired: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    """The proxy's JSON lines for this value, live and expired (cached by ``value_line``; not copied by
+    ``dataclasses.replace``)."""
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -179,17 +187,23 @@ class Value:
             raise InvalidValue("a value is a map of at least 2 entries")
         if "id" not in obj or "dat" not in obj:
             raise InvalidValue("a value needs id and dat")
-        vid = _uint(obj["id"], "value id", 64)
-        v = cls(id=vid)
+        vid = obj["id"]
+        if type(vid) is not int or not 0 <= vid <= _UINT64:
+            raise InvalidValue("value id is not a uint64")
         dat = obj["dat"]
         if isinstance(dat, bytes):
-            v.cypher = dat
+            v = cls(id=vid, cypher=dat)
         elif isinstance(dat, dict):
             body = dat.get("body")
             if not isinstance(body, dict) or "data" not in body or "type" not in body:
                 raise InvalidValue("a value body needs data and type")
-            v.data = _bin(body["data"], "data")
-            v.type = _uint(body["type"], "type", 16)
+            data = body["data"]
+            if type(data) is not bytes:
+                data = _bin(data, "data")
+            type_ = body["type"]
+            if type(type_) is not int or not 0 <= type_ <= 0xFFFF:
+                raise InvalidValue("type is not a uint16")
+            v = cls(data, type_, vid)
             utype = body.get("utype")
             if utype is not None:
                 v.utype = utype.decode("utf-8", "replace") if isinstance(utype, bytes) else str(utype)
@@ -208,12 +222,13 @@ class Value:
                     v.recipient = to
         else:
             raise InvalidValue("dat is neither a map nor binary")
-        prio = obj.get("p")
-        if prio is not None:
-            v.prio = _uint(prio, "priority", 32)
-        pt = obj.get("pt")
-        if isinstance(pt, str):
-            v.push_type = pt
+        if len(obj) > 2:
+            prio = obj.get("p")
+            if prio is not None:
+                v.prio = _uint(prio, "priority", 32)
+            pt = obj.get("pt")
+            if isinstance(pt, str):
+                v.push_type = pt
         return v
 
     @classmethod
@@ -249,7 +264,10 @@ class Query:
         return bool(self.select or self.where)
 
     def matches(self, value: Value) -> bool:
-        return all(_field_value(value, f) == want for f, want in self.where)
+        for f, want in self.where:  # noqa: SIM110 (all() leaves a generator unfinished: a GeneratorExit)
+            if _field_value(value, f) != want:
+                return False
+        return True
 
     def to_wire(self) -> dict[str, Any]:
         return {"s": list(self.select), "w": [{"f": f, "v": v} for f, v in self.where]}

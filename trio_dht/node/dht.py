@@ -27,6 +27,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.node.listeners import ListenerBook
 from trio_dht.node.listening import KeyListen, Listener, ListenRegistry, ListenTarget
 from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.requests import FAIL_AFTER, Action, PendingRequest, RequestTracker
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.search import SearchNode, SearchState
 from trio_dht.node.storage import PutOutcome, Storage
@@ -44,16 +45,12 @@ from trio_dht.wire.compact import (
     unpack_ip,
     want_families,
 )
-from trio_dht.wire.message import Encoder, ErrorCode, Kind, MalformedMessage, Message, decode
+from trio_dht.wire.message import METHODS, Encoder, ErrorCode, Kind, MalformedMessage, Message, decode
 from trio_dht.wire.reassembly import Reassembler
 
 log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
-# Retransmission (OpenDHT): sends at 0, ~1 and ~3 s; the request fails ~8 s after the first send.
-RESEND_AT = (1.0, 3.0)
-FAIL_AFTER = 8.0
-SLOW_AFTER = 1.0
 LISTEN_NODES = 4
 LISTEN_REFRESH = 20.0
 LISTEN_RETRY = 5.0
@@ -71,6 +68,8 @@ ERROR_TEXTS = {
     "listen_hash": "Listen with no info_hash",
     "refresh_unknown": "Access operation for unknown storage",
 }
+_REQUEST, _REPLY, _ERROR, _FRAGMENT = Kind.REQUEST, Kind.REPLY, Kind.ERROR, Kind.FRAGMENT
+_NO_ID = bytes(InfoHash())
 
 
 class RequestFailed(Exception):
@@ -81,12 +80,12 @@ class RequestFailed(Exception):
         self.error = error
 
 
-@dataclass(slots=True, eq=False)
-class _Pending:
-    addr: Address
-    node_id: InfoHash | None
-    done: trio.Event = field(default_factory=trio.Event)
-    reply: Message | None = None
+def _reply_or_raise(reply: Message | None, method: str, addr: Address) -> Message:
+    if reply is None:
+        raise RequestFailed(f"{method} to {addr[0]}:{addr[1]} timed out")
+    if reply.kind is Kind.ERROR:
+        raise RequestFailed(f"{method} to {addr[0]}:{addr[1]}: error {reply.error_code}", reply)
+    return reply
 
 
 @dataclass(slots=True, eq=False)
@@ -108,7 +107,10 @@ class _GetRound:
             for v in new:
                 self.found[v.id] = v
             for callback in list(self.callbacks):
-                callback(new)
+                try:
+                    callback(new)
+                except Exception:  # one caller's failure is not the others'
+                    log.exception("a get callback failed")
 
 
 @dataclass(slots=True)
@@ -146,10 +148,13 @@ class DhtNode:
         self.counters = Counters()
         self.tables = {False: RoutingTable(self._id), True: RoutingTable(self._id)}
         self._socks: dict[bool, UdpEndpoint] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._requests = RequestTracker()
+        self._requests_at = math.inf
+        self._requests_wake = trio.Event()
         self._tid = random.randrange(1, 1 << 32)
         self._reassembler = Reassembler()
         self._tokens = TokenIssuer(trio.current_time())
+        self._clock = trio.lowlevel.current_clock().current_time  # trio.current_time, minus 2 calls
         self.listens = ListenRegistry()
         self._listen_wake = trio.Event()
         self.listen_refresh = LISTEN_REFRESH
@@ -159,6 +164,7 @@ class DhtNode:
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
         self._to_confirm: set[Node] = set()
+        self._confirming: set[Node] = set()  # queued in _to_confirm or being pinged
         self._expiry_at = math.inf
         self._confirm_wake = trio.Event()
         self.public_address: Address | None = None
@@ -230,6 +236,7 @@ class DhtNode:
             nursery.start_soon(self._maintenance_loop)
             nursery.start_soon(self._confirm_loop)
             nursery.start_soon(self._listen_driver)
+            nursery.start_soon(self._request_timer)
             self._bootstrap = list(bootstrap)
             if self._bootstrap:
                 nursery.start_soon(self._bootstrap_loop)
@@ -247,13 +254,41 @@ class DhtNode:
             endpoint.send(data, addr)
             self.counters.sent += 1
 
-    def _resend(self, datagrams: list[bytes], addr: Address) -> None:
-        for d in datagrams:
-            self._send(d, addr)
-
     def _next_tid(self) -> int:
         self._tid = (self._tid + 1) & 0xFFFFFFFF or 1
         return self._tid
+
+    def start_request(
+        self,
+        addr: Address,
+        method: str,
+        args: dict[str, Any],
+        on_done: Callable[[Message | None], None],
+        *,
+        node_id: InfoHash | None = None,
+        values: list[Value] | None = None,
+        on_slow: Callable[[], None] | None = None,
+    ) -> int:
+        """Send a request with OpenDHT's retransmissions; ``on_done`` gets the reply (or error reply), or None
+        if none came. Returns its transaction id (for :meth:`abandon_request`). Costs no task."""
+        tid = self._next_tid()
+        datagrams = (
+            self.encoder.request_with_values(tid, method, args, values)
+            if values is not None
+            else [self.encoder.request(tid, method, args)]
+        )
+        now = trio.current_time()
+        request = PendingRequest(tid, addr, node_id, method, datagrams, on_done, on_slow, now)
+        due = self._requests.add(request)
+        if due < self._requests_at:
+            self._requests_wake.set()
+        for d in datagrams:
+            self._send(d, addr)
+        return tid
+
+    def abandon_request(self, tid: int) -> None:
+        """Forget a pending request: its reply is ignored and its callback never called."""
+        self._requests.pop(tid)
 
     async def request(
         self,
@@ -266,38 +301,73 @@ class DhtNode:
         on_slow: Callable[[], None] | None = None,
     ) -> Message:
         """Send a request with OpenDHT's retransmissions; return the reply or raise :class:`RequestFailed`."""
-        tid = self._next_tid()
-        datagrams = (
-            self.encoder.request_with_values(tid, method, args, values)
-            if values is not None
-            else [self.encoder.request(tid, method, args)]
-        )
-        pending = self._pending[tid] = _Pending(addr, node_id)
-        start = trio.current_time()
-        # One wait per step; a reply within the first second costs a single cancel scope.
-        steps = [(start + at + random.uniform(0, 0.25), self._resend) for at in RESEND_AT]
-        steps.append((start + FAIL_AFTER, None))
-        if on_slow is not None:
-            steps.insert(0, (start + SLOW_AFTER, lambda *_: on_slow()))
+        done = trio.Event()
+        replies: list[Message | None] = []
+
+        def finish(reply: Message | None) -> None:
+            replies.append(reply)
+            done.set()
+
+        tid = self.start_request(addr, method, args, finish, node_id=node_id, values=values, on_slow=on_slow)
         try:
-            for d in datagrams:
-                self._send(d, addr)
-            for at, action in steps:
-                with trio.move_on_at(at):
-                    await pending.done.wait()
-                if pending.done.is_set() or action is None:
-                    break
-                action(datagrams, addr)
+            await done.wait()
         finally:
-            del self._pending[tid]
-        reply = pending.reply
-        if reply is None:
-            if node_id is not None:
-                self.tables[is_ipv6(addr[0])].request_failed(node_id)
-            raise RequestFailed(f"{method} to {addr[0]}:{addr[1]} timed out")
-        if reply.kind is Kind.ERROR:
-            raise RequestFailed(f"{method} to {addr[0]}:{addr[1]}: error {reply.error_code}", reply)
-        return reply
+            if not done.is_set():
+                self.abandon_request(tid)
+        return _reply_or_raise(replies[0], method, addr)
+
+    async def request_all(
+        self, requests: list[tuple[Address, str, dict[str, Any], InfoHash | None, list[Value] | None]]
+    ) -> list[Message | None]:
+        """Send every ``(addr, method, args, node_id, values)`` request at once; their replies, in order
+        (None for each that failed or got an error)."""
+        replies: list[Message | None] = [None] * len(requests)
+        left = len(requests)
+        done = trio.Event()
+        tids: list[int] = []
+
+        def finisher(i: int) -> Callable[[Message | None], None]:
+            def finish(reply: Message | None) -> None:
+                nonlocal left
+                replies[i] = reply if reply is not None and reply.kind is Kind.REPLY else None
+                left -= 1
+                if not left:
+                    done.set()
+
+            return finish
+
+        for i, (addr, method, args, node_id, values) in enumerate(requests):
+            tids.append(self.start_request(addr, method, args, finisher(i), node_id=node_id, values=values))
+        try:
+            if left:
+                await done.wait()
+        finally:
+            if left:
+                for tid in tids:
+                    self.abandon_request(tid)
+        return replies
+
+    async def _request_timer(self) -> None:
+        """Retransmit, report slow requests and fail unanswered ones when due (see ``node.requests``)."""
+        while True:
+            self._requests_wake = trio.Event()
+            self._requests_at = self._requests.next_due()
+            with trio.move_on_at(self._requests_at):
+                await self._requests_wake.wait()
+            for request, action in self._requests.due(trio.current_time()):
+                try:
+                    if action is Action.RESEND:
+                        for d in request.datagrams:
+                            self._send(d, request.addr)
+                    elif action is Action.SLOW:
+                        assert request.on_slow is not None
+                        request.on_slow()
+                    else:
+                        if request.node_id is not None:
+                            self.tables[is_ipv6(request.addr[0])].request_failed(request.node_id)
+                        request.on_done(None)
+                except Exception:  # a callback's bug must not stop every other request's timer
+                    log.exception("%s to %s failed in its %s step", request.method, request.addr, action)
 
     # -- receiving ------------------------------------------------------------------------------------------
 
@@ -326,16 +396,18 @@ class DhtNode:
         if msg.network != self.network:
             self.counters.dropped_network += 1
             return
-        now = trio.current_time()
+        now = self._clock()
+        kind = msg.kind
         rate_checked = False  # a fragmented request is counted once, when its header arrives
-        if msg.kind is Kind.FRAGMENT:
+        if kind is _FRAGMENT:
             done = self._reassembler.fragment((addr, msg.tid), msg, now)
             if done is None:
                 return
             msg = done
+            kind = msg.kind
             rate_checked = True
-        elif msg.fragmented and msg.kind in (Kind.REQUEST, Kind.REPLY):
-            if msg.kind is Kind.REQUEST and not self.rate_limiter.allow(addr, now):
+        elif msg.value_sizes and (kind is _REQUEST or kind is _REPLY):  # a fragmented message's header
+            if kind is _REQUEST and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
                 return
             done = self._reassembler.header((addr, msg.tid), msg, now)
@@ -343,20 +415,21 @@ class DhtNode:
                 return
             msg = done
             rate_checked = True
-        if msg.sender is None or not msg.sender or msg.sender == self._id:
+        sender = msg.sender
+        if sender is None or sender == _NO_ID or sender == self._id:
             self.counters.dropped_self += 1
             return
-        if msg.kind is Kind.REQUEST:
+        if kind is _REQUEST:
             if not rate_checked and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
                 return
             self._on_request(msg, addr, now)
-        elif msg.kind in (Kind.REPLY, Kind.ERROR):
+        elif kind is _REPLY or kind is _ERROR:
             self._on_reply(msg, addr, now)
 
     def _on_reply(self, msg: Message, addr: Address, now: float) -> None:
-        pending = self._pending.get(msg.tid)
-        if pending is None or pending.done.is_set():
+        pending = self._requests.pending.get(msg.tid)
+        if pending is None:
             return
         if pending.node_id is not None and pending.node_id != msg.sender:
             return
@@ -378,16 +451,21 @@ class DhtNode:
             node = table.get(msg.sender)
             if node is not None and msg.error_code == ErrorCode.UNAUTHORIZED:
                 node.auth_error()
-        pending.reply = msg
-        pending.done.set()
+        self._requests.pop(msg.tid)
+        try:
+            pending.on_done(msg)
+        except Exception:  # the requester's bug, not the datagram's
+            log.exception("handling the reply to %s from %s failed", pending.method, addr)
 
     def _learn(self, msg: Message, source: Address, now: float) -> None:
         """Offer the nodes listed in a reply to the routing tables (as unconfirmed)."""
         for v6, records in ((False, msg.nodes4), (True, msg.nodes6)):
-            if v6 not in self._socks:
+            if not records or v6 not in self._socks:
                 continue
             table = self.tables[v6]
-            for nid, addr in self._usable_records(records, source):
+            known = table.by_id
+            unknown = [record for record in records if record[0] not in known]  # most are known already
+            for nid, addr in self._usable_records(unknown, source):
                 if table.get(nid) is None:
                     node, _ = table.heard(nid, addr, now, replied=False)
                     node.last_heard = -math.inf
@@ -406,36 +484,40 @@ class DhtNode:
         return out
 
     def _confirm(self, node: Node) -> None:
-        """Queue a ping so that a node we only heard of (or from) can become good."""
-        self._to_confirm.add(node)
-        self._confirm_wake.set()
+        """Queue a ping so that a node we only heard of (or from) can become good (one at a time per node)."""
+        if node not in self._confirming:
+            self._confirming.add(node)
+            self._to_confirm.add(node)
+            self._confirm_wake.set()
 
     # -- request handlers -----------------------------------------------------------------------------------
 
     def _on_request(self, msg: Message, addr: Address, now: float) -> None:
-        assert msg.sender is not None
-        self.counters.requests[msg.method] += 1
+        sender = msg.sender
+        assert sender is not None
+        method = msg.method
+        self.counters.requests[method] += 1
         v6 = is_ipv6(addr[0])
         if not msg.is_client:
-            node, to_ping = self.tables[v6].heard(msg.sender, addr, now, replied=False)
+            node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
             if to_ping is not None:
                 self._confirm(to_ping)
-            if not node.is_good(now) and node.last_replied == -math.inf:
+            if node.last_replied == -math.inf:  # never answered us, so not good: confirm it
                 self._confirm(node)
-        sa = pack_ip(addr[0])
-        handler = getattr(self, "_handle_" + msg.method)
-        for datagram in handler(msg, addr, sa, now):
+        for datagram in _HANDLERS[method](self, msg, addr, pack_ip(addr[0]), now):
             self._send(datagram, addr)
 
     def _closest_records(self, target: bytes, want: list[int] | None, requester_v6: bool, now: float):
         v4, v6 = want_families(want, requester_v6)
-        out = []
-        for fam, wanted in ((False, v4), (True, v6)):
-            if wanted and fam in self._socks:
-                out.append([(n.id, n.addr) for n in self.tables[fam].closest(target, K, now=now)])
-            else:
-                out.append([])
-        return out
+        return (
+            self._family_records(False, target, now) if v4 else [],
+            self._family_records(True, target, now) if v6 else [],
+        )
+
+    def _family_records(self, v6: bool, target: bytes, now: float) -> list[NodeRecord]:
+        if v6 not in self._socks:
+            return []
+        return [(n.id, n.addr) for n in self.tables[v6].closest(target, K, now=now)]
 
     def _handle_ping(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
         return [self.encoder.reply(msg.tid, {"sa": sa})]
@@ -467,7 +549,7 @@ class DhtNode:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_hash"])]
         if not self._tokens.check(msg.token, addr):
             return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["put_token"])]
-        if any(v.id == 0 for v in msg.values):
+        if 0 in [v.id for v in msg.values]:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_id"])]
         created = self._created_from_wire(msg.created, now)
         store_here = self._is_close_enough(msg.info_hash, is_ipv6(addr[0]), now)
@@ -532,7 +614,10 @@ class DhtNode:
 
     def _is_close_enough(self, key: InfoHash, v6: bool, now: float) -> bool:
         """OpenDHT stores only if fewer than 14 known good nodes are closer to ``key`` than itself."""
-        closest = self.tables[v6].closest(key, STORE_CLOSENESS, now=now)
+        table = self.tables[v6]
+        if len(table) < STORE_CLOSENESS:
+            return True  # fewer nodes known at all
+        closest = table.closest(key, STORE_CLOSENESS, now=now)
         if len(closest) < STORE_CLOSENESS:
             return True
         return closest[-1].id.distance(key) >= self._id.distance(key)
@@ -582,7 +667,6 @@ class DhtNode:
     def _spawn_update(
         self, addr: Address, node_id: InfoHash, sid: int, args: dict[str, Any], values: list[Value] | None
     ) -> None:
-        assert self._nursery is not None
         token = self._tokens.issue(addr)
         # Key order as real nodes pack them: ve, h, sid, values, token; for re/exp: sid, token, ids.
         full = (
@@ -590,15 +674,12 @@ class DhtNode:
             if values is not None
             else {"sid": sid, "token": token, **args}
         )
-        self._nursery.start_soon(self._send_update, addr, node_id, full, values)
 
-    async def _send_update(
-        self, addr: Address, node_id: InfoHash, args: dict[str, Any], values: list[Value] | None
-    ) -> None:
-        try:
-            await self.request(addr, "update", args, node_id=node_id, values=values)
-        except RequestFailed:
-            self.remote_listeners.remove_node(node_id)
+        def done(reply: Message | None) -> None:
+            if reply is None or reply.kind is Kind.ERROR:
+                self.remote_listeners.remove_node(node_id)
+
+        self.start_request(addr, "update", full, done, node_id=node_id, values=values)
 
     async def _expiry_loop(self) -> None:
         """Expire stored values at their exact time, and tell listeners."""
@@ -622,7 +703,13 @@ class DhtNode:
                 self._confirm_wake = trio.Event()
                 batch, self._to_confirm = self._to_confirm, set()
                 for node in batch:
-                    nursery.start_soon(self._ping_node, node, limiter)
+                    nursery.start_soon(self._confirm_node, node, limiter)
+
+    async def _confirm_node(self, node: Node, limiter: trio.CapacityLimiter) -> None:
+        try:
+            await self._ping_node(node, limiter)
+        finally:
+            self._confirming.discard(node)
 
     async def _ping_node(self, node: Node, limiter: trio.CapacityLimiter | None = None) -> bool:
         if limiter is not None:
@@ -723,38 +810,42 @@ class DhtNode:
         """Iterative lookup: ask the closest nodes (4 in flight) until the 8 closest answered with a token."""
         state = self._search_start(target, v6)
         wake = trio.Event()
+        out: set[int] = set()  # transaction ids of the requests in flight
+        table = self.tables[v6]
 
-        async def ask(sn: SearchNode) -> None:
-            nonlocal wake
+        def ask(sn: SearchNode) -> None:
+            tid = 0
 
             def slow() -> None:
                 state.on_slow(sn.node.id)
                 wake.set()
 
-            try:
-                reply = await self.request(sn.node.addr, method, args, node_id=sn.node.id, on_slow=slow)
-            except RequestFailed:
-                state.on_failure(sn.node.id)
-            else:
+            def done(reply: Message | None) -> None:
+                out.discard(tid)
+                wake.set()
+                if reply is None or reply.kind is Kind.ERROR:
+                    state.on_failure(sn.node.id)
+                    return
                 state.on_reply(sn.node.id, reply.token)
-                now = trio.current_time()
                 for nid, addr in self._usable_records(reply.nodes6 if v6 else reply.nodes4, sn.node.addr):
-                    node = self.tables[v6].get(nid) or Node(nid, addr)
-                    state.add(node)
-                self._learn(reply, sn.node.addr, now)
+                    state.add(table.get(nid) or Node(nid, addr))
                 if on_reply is not None:
                     on_reply(sn, reply)
-            wake.set()
 
-        async with trio.open_nursery() as nursery:
+            tid = self.start_request(sn.node.addr, method, args, done, node_id=sn.node.id, on_slow=slow)
+            out.add(tid)
+
+        try:
             while not state.done:
                 for sn in state.next_nodes():
-                    nursery.start_soon(ask, sn)
+                    ask(sn)
                 if state.done or not state.waiting:
                     break
                 await wake.wait()
                 wake = trio.Event()
-            nursery.cancel_scope.cancel()
+        finally:
+            for tid in out:
+                self.abandon_request(tid)
         return state
 
     async def _each_family(self, fn: Callable[[bool], Awaitable[Any]]) -> None:
@@ -840,27 +931,17 @@ class DhtNode:
     async def _announce(self, key: InfoHash, value: Value) -> bool:
         acked = 0
 
-        async def put_to(sn: SearchNode) -> None:
-            nonlocal acked
-            created = int(time.time())
-            try:
-                reply = await self.request(
-                    sn.node.addr,
-                    "put",
-                    {"h": key, "c": created, "token": sn.token},
-                    node_id=sn.node.id,
-                    values=[value],
-                )
-            except RequestFailed:
-                return
-            if reply.value_id == value.id:
-                acked += 1
-
         async def announce_family(v6: bool) -> None:
+            nonlocal acked
             state = await self._search(key, v6, "find", {"target": key})
-            async with trio.open_nursery() as nursery:
-                for sn in state.synced(K):
-                    nursery.start_soon(put_to, sn)
+            created = int(time.time())
+            replies = await self.request_all(
+                [
+                    (sn.node.addr, "put", {"h": key, "c": created, "token": sn.token}, sn.node.id, [value])
+                    for sn in state.synced(K)
+                ]
+            )
+            acked += sum(1 for reply in replies if reply is not None and reply.value_id == value.id)
 
         await self._each_family(announce_family)
         return acked > 0
@@ -961,28 +1042,32 @@ class DhtNode:
                     t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
                 self.listens.set_targets(kl, v6, targets)
         targets = list(kl.targets.items())
-        held = 0
-
-        async def send_listen(sock: tuple[InfoHash, int], target: ListenTarget) -> None:
-            nonlocal held
+        queries = [listener.query for listener in kl.listeners]
+        where = None
+        if queries and all(q is not None and q.where for q in queries) and len(set(queries)) == 1:
+            where = Query((), queries[0].where).to_wire()  # one shared filter: let the node apply it
+        requests = []
+        for _, target in targets:
             args: dict[str, Any] = {"ve": 1, "h": kl.key, "token": target.token, "sid": target.sid}
-            queries = [listener.query for listener in kl.listeners]
-            if queries and all(q is not None and q.where for q in queries) and len(set(queries)) == 1:
-                args["q"] = Query((), queries[0].where).to_wire()  # one shared filter: let the node apply it
-            try:
-                reply = await self.request(target.node.addr, "listen", args, node_id=target.node.id)
-            except RequestFailed:
+            if where is not None:
+                args["q"] = where
+            requests.append((target.node.addr, "listen", args, target.node.id, None))
+        held = 0
+        for (sock, target), reply in zip(targets, await self.request_all(requests), strict=True):
+            if reply is None:
                 self.listens.drop_target(kl, sock)
                 kl.searched_at.clear()  # find other nodes next time
-                return
+                continue
             if reply.token:
                 target.token = reply.token
             held += 1
-
-        async with trio.open_nursery() as nursery:
-            for sock, target in targets:
-                nursery.start_soon(send_listen, sock, target)
         return held > 0
+
+
+# Request handlers by method (``decode`` admits only these methods).
+_HANDLERS: dict[str, Callable[[DhtNode, Message, Address, bytes, float], list[bytes]]] = {
+    method: getattr(DhtNode, "_handle_" + method) for method in METHODS
+}
 
 
 @asynccontextmanager

@@ -8,7 +8,6 @@ handed out in find/get replies.
 from __future__ import annotations
 
 import bisect
-import heapq
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,6 +73,8 @@ class Bucket:
     nodes: list[Node] = field(default_factory=list)
     cached: Node | None = None
     last_changed: float = NEVER
+    mask: int = 0
+    """The id bits every id in the bucket shares with ``first`` (its range is aligned on its size)."""
 
 
 class RoutingTable:
@@ -108,8 +109,26 @@ class RoutingTable:
     def closest(self, target: bytes, count: int = K, *, now: float, good_only: bool = True) -> list[Node]:
         """Up to ``count`` nodes closest to ``target`` by XOR distance (good ones only by default)."""
         t = int.from_bytes(target, "big")
-        pool = (n for n in self.by_id.values() if n.is_good(now)) if good_only else self.by_id.values()
-        return heapq.nsmallest(count, pool, key=lambda n: n.id_int ^ t)
+        found: list[Node] = []
+        for bucket in self._nearest_buckets(t):
+            found += [n for n in bucket.nodes if n.is_good(now)] if good_only else bucket.nodes
+            if len(found) >= count:
+                break
+        found.sort(key=lambda n: n.id_int ^ t)
+        del found[count:]
+        return found
+
+    def _nearest_buckets(self, t: int) -> list[Bucket]:
+        """Buckets by distance to ``t``: any id in one is closer to ``t`` than any id in the next.
+
+        A bucket's range is aligned on its power-of-two size, so XOR with ``t`` maps it onto an aligned range
+        that starts at ``(first ^ t) & mask``, and the ranges of different buckets do not overlap.
+        """
+        buckets = self.buckets
+        if len(buckets) == 1:
+            return buckets
+        starts = sorted([((b.first ^ t) & b.mask, i) for i, b in enumerate(buckets)])
+        return [buckets[i] for _, i in starts]
 
     def counts(self, now: float) -> tuple[int, int]:
         """(good, dubious) node counts."""
@@ -173,7 +192,8 @@ class RoutingTable:
         if end - b.first < 2:
             return False
         mid = b.first + (end - b.first) // 2
-        upper = Bucket(mid, [n for n in b.nodes if n.id_int >= mid], last_changed=b.last_changed)
+        b.mask = MAX_HASH - (mid - b.first)  # the bits above the halves' size
+        upper = Bucket(mid, [n for n in b.nodes if n.id_int >= mid], last_changed=b.last_changed, mask=b.mask)
         b.nodes = [n for n in b.nodes if n.id_int < mid]
         if b.cached is not None and b.cached.id_int >= mid:  # the candidate goes with its half
             upper.cached, b.cached = b.cached, None

@@ -130,9 +130,9 @@ class StoredValue:
 
     __slots__ = ("bucket", "expiration", "gen", "size", "value")
 
-    def __init__(self, value: Value, expiration: float, bucket: str | None) -> None:
+    def __init__(self, value: Value, expiration: float, bucket: str | None, size: int | None = None) -> None:
         self.value = value
-        self.size = value.size
+        self.size = value.size if size is None else size
         self.expiration = expiration
         self.bucket = bucket
         self.gen = 0
@@ -306,12 +306,14 @@ class Storage:
                 return _refused(Refusal.LOCAL_QUOTA)
             if values is None:
                 values = self._keys[key] = {}
-            stored = values[value.id] = StoredValue(value, expiration, bucket)
+            stored = values[value.id] = StoredValue(value, expiration, bucket, size)
             self._account(key, stored)
             outcome = PutOutcome.STORED
 
+        if self._remote_bytes <= self.max_total_bytes or self.max_total_bytes < 0:
+            return _PLAIN_RESULTS[outcome]
         evicted = self._enforce_quota()
-        if evicted and (key, value.id) in evicted:
+        if (key, value.id) in evicted:
             if outcome is PutOutcome.STORED:
                 evicted.remove((key, value.id))
             return PutResult(PutOutcome.REFUSED, tuple(evicted), Refusal.QUOTA)
@@ -514,8 +516,13 @@ class Storage:
         return evicted
 
 
+_PLAIN_RESULTS = {outcome: PutResult(outcome) for outcome in PutOutcome}
+"""Results without evictions or refusal (PutResult is frozen, so one of each is shared)."""
+_REFUSALS = {refusal: PutResult(PutOutcome.REFUSED, (), refusal) for refusal in Refusal}
+
+
 def _refused(refusal: Refusal) -> PutResult:
-    return PutResult(PutOutcome.REFUSED, (), refusal)
+    return _REFUSALS[refusal]
 
 
 def _empty_service(data: bytes) -> bool:

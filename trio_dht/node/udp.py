@@ -86,6 +86,7 @@ class UdpEndpoint:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush)
             sock = self.sock
+            v4 = sock.family == socket.AF_INET  # IPv4 addresses come as (ip, port) already
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 for _ in range(BATCH):
@@ -96,7 +97,7 @@ class UdpEndpoint:
                     except OSError as exc:  # e.g. ICMP port unreachable reported on Linux
                         log.debug("recvfrom: %s", exc)
                         continue
-                    handler(data, normalize(raw_addr))
+                    handler(data, raw_addr if v4 else normalize(raw_addr))
                 else:
                     await trio.lowlevel.checkpoint()  # a full batch: let other tasks run
 

@@ -42,7 +42,7 @@ def want_families(want: list[int] | None, requester_is_v6: bool) -> tuple[bool, 
     """Which families (v4, v6) a find/get reply should list, from the request's ``w``."""
     if want is None:
         return (not requester_is_v6, requester_is_v6)
-    return (WANT_INET in want, any(w in _WANT_INET6_ALIASES for w in want))
+    return (WANT_INET in want, not _WANT_INET6_ALIASES.isdisjoint(want))
 
 
 @lru_cache(maxsize=65536)
@@ -51,6 +51,7 @@ def pack_ip(ip: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if is_ipv6(ip) else socket.AF_INET, ip)
 
 
+@lru_cache(maxsize=4096)
 def unpack_ip(raw: bytes) -> str | None:
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw)

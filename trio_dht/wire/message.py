@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from trio_dht.infohash import HASH_LEN, InfoHash
@@ -86,11 +87,18 @@ class Message:
 
 # -- decoding -----------------------------------------------------------------------------------------------
 
+_UINT32 = 0xFFFFFFFF
+_UINT64 = (1 << 64) - 1
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_as_hash = partial(bytes.__new__, InfoHash)
+"""InfoHash of bytes whose length is already checked (skips the check in ``InfoHash.__new__``)."""
+
 
 def _hash(obj: Any, what: str) -> InfoHash:
     if type(obj) is not bytes or len(obj) != HASH_LEN:
         raise MalformedMessage(f"{what} is not a 20-byte BIN")
-    return InfoHash(obj)
+    return _as_hash(obj)
 
 
 def _blob(obj: Any, what: str) -> bytes:
@@ -130,7 +138,8 @@ def _decode_values(msg: Message, raw: Any) -> None:
     if not isinstance(raw, list):
         raise MalformedMessage("values is not an array")
     msg.has_values = True
-    if raw and all(type(x) is int for x in raw):
+    # (raw[0] first: a generator left unfinished costs a GeneratorExit on Python 3.11)
+    if raw and type(raw[0]) is int and all(type(x) is int for x in raw):
         msg.value_sizes = [_uint(x, "value size", 32) for x in raw]
         return
     for item in raw:
@@ -142,11 +151,14 @@ def _decode_values(msg: Message, raw: Any) -> None:
 
 def _decode_body(msg: Message, body: Any, what: str) -> None:
     """The ``a``, ``r`` or ``u`` map."""
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise MalformedMessage(f"{what} is not a map")
-    if "id" not in body:
-        raise MalformedMessage(f"{what} has no id")
-    msg.sender = _hash(body["id"], "id")
+    sender = body.get("id")
+    if type(sender) is not bytes or len(sender) != HASH_LEN:
+        raise MalformedMessage(f"{what} has no 20-byte BIN id")
+    msg.sender = _as_hash(sender)
+    if len(body) == 1:
+        return
     for key, val in body.items():
         if key == "id" or type(key) is not str:
             continue
@@ -218,51 +230,53 @@ def decode(datagram: bytes) -> Message:
         top = unpackb(datagram)
     except ValueError as exc:
         raise MalformedMessage(f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(top, dict):
+    if type(top) is not dict:
         raise MalformedMessage("not a map")
-    agent = top.get("v")
+    get = top.get
+    agent = get("v")
     if agent is not None and type(agent) is not str:
         raise MalformedMessage("v is not STR")
-    network = top.get("n", 0)
-    network = _uint(network, "n", 32)
-    is_client = top.get("s", False)
+    network = get("n", 0)
+    if type(network) is not int or not 0 <= network <= _UINT32:
+        raise MalformedMessage("n is not a uint32")
+    is_client = get("s", False)
     if type(is_client) is not bool:
         raise MalformedMessage("s is not a boolean")
-    if "t" not in top:
-        raise MalformedMessage("no t")
-    tid = _tid(top["t"])
+    tid = get("t")
+    if type(tid) is not int or not 0 <= tid <= _UINT32:
+        tid = _tid(tid)  # a 4-byte BIN or STR, or malformed (None: no t)
 
     if "e" in top:
         err = top["e"]
         if not isinstance(err, list) or not err or type(err[0]) is not int:
             raise MalformedMessage("e is not [code, text]")
-        msg = Message(Kind.ERROR, tid, network=network, is_client=is_client, agent=agent)
+        msg = Message(Kind.ERROR, tid, "", None, network, is_client, agent)
         msg.error_code = err[0]
         msg.error_text = err[1] if len(err) > 1 and isinstance(err[1], str) else ""
         if "r" in top:
             _decode_body(msg, top["r"], "r")
         return msg
     if "r" in top:
-        msg = Message(Kind.REPLY, tid, network=network, is_client=is_client, agent=agent)
+        msg = Message(Kind.REPLY, tid, "", None, network, is_client, agent)
         _decode_body(msg, top["r"], "r")
         return msg
     if "p" in top:
-        msg = Message(Kind.FRAGMENT, tid, network=network, is_client=is_client, agent=agent)
+        msg = Message(Kind.FRAGMENT, tid, "", None, network, is_client, agent)
         _decode_parts(msg, top["p"])
         return msg
     if "u" in top:
-        msg = Message(Kind.LEGACY_UPDATE, tid, network=network, is_client=is_client, agent=agent)
+        msg = Message(Kind.LEGACY_UPDATE, tid, "", None, network, is_client, agent)
         _decode_body(msg, top["u"], "u")
         return msg
-    kind = top.get("y", "q")
+    kind = get("y", "q")
     if kind != "q":
         raise MalformedMessage(f"unexpected y {kind!r}")
-    method = top.get("q")
+    method = get("q")
     if type(method) is not str or method not in METHODS:
         raise MalformedMessage("unknown query")
-    msg = Message(Kind.REQUEST, tid, method=method, network=network, is_client=is_client, agent=agent)
     if "a" not in top:
         raise MalformedMessage("query without a")
+    msg = Message(Kind.REQUEST, tid, method, None, network, is_client, agent)
     _decode_body(msg, top["a"], "a")
     return msg
 
@@ -296,21 +310,39 @@ def fragments(tid: int, packed_values: list[bytes], network: int = 0, is_client:
     return out
 
 
+_FIXMAP = [bytes((0x80 | entries,)) for entries in range(16)]
+"""The one-byte header of a msgpack map, by its number of entries (below 16)."""
+
+
 class Encoder:
-    """Builds a node's outgoing datagrams (its id, network and client flag are fixed)."""
+    """Builds a node's outgoing datagrams (its id, network, client flag and agent are fixed).
+
+    Replies, the datagrams a node sends most, are put together from bytes packed once: a msgpack map is its
+    header followed by its packed keys and values, so only the body and the tid are packed per reply.
+    """
 
     def __init__(self, node_id: InfoHash, network: int = 0, is_client: bool = False, agent: str = USER_AGENT):
         self.node_id = node_id
         self.network = network
         self.is_client = is_client
         self.agent = agent
+        after_tid = {"y": "r", **self._trailer()}
+        self._reply_head = _FIXMAP[2 + len(after_tid)] + packb("r")  # then the "r" map, "t", the rest
+        self._reply_id = packb("id") + packb(node_id)
+        self._reply_t = packb("t")
+        self._reply_tail = packb(after_tid)[1:]  # its entries without the map header
+
+    def _trailer(self) -> dict[str, Any]:
+        """The keys every datagram ends with."""
+        trailer: dict[str, Any] = {"v": self.agent}
+        if self.network:
+            trailer["n"] = self.network
+        if self.is_client:
+            trailer["s"] = True
+        return trailer
 
     def _finish(self, top: dict[str, Any]) -> bytes:
-        top["v"] = self.agent
-        if self.network:
-            top["n"] = self.network
-        if self.is_client:
-            top["s"] = True
+        top.update(self._trailer())
         return packb(top)
 
     def request(self, tid: int, method: str, args: dict[str, Any]) -> bytes:
@@ -331,7 +363,20 @@ class Encoder:
         return [self.request(tid, method, args), *fragments(tid, packed, self.network, self.is_client)]
 
     def reply(self, tid: int, body: dict[str, Any]) -> bytes:
-        return self._finish({"r": {"id": self.node_id, **body}, "t": tid, "y": "r"})
+        """The bytes of ``{"r": {"id": node_id, **body}, "t": tid, "y": "r", "v": agent, ...}``."""
+        if len(body) >= 15:
+            return self._finish({"r": {"id": self.node_id, **body}, "t": tid, "y": "r"})
+        return b"".join(
+            (
+                self._reply_head,
+                _FIXMAP[1 + len(body)],
+                self._reply_id,
+                packb(body)[1:],  # the body's entries, after id
+                self._reply_t,
+                packb(tid),
+                self._reply_tail,
+            )
+        )
 
     def reply_with_values(self, tid: int, body: dict[str, Any], values: list[Value]) -> list[bytes]:
         field_, packed = pack_values(values)
