@@ -144,3 +144,31 @@ async def test_dispatcher_gateway_down_then_back_delivers_each_subscription_once
         assert gone == ["dead"]
         assert dispatcher.stats["no-gateway"] == 1 and dispatcher.stats["dropped"] == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_dispatcher_without_window_batches_what_one_step_submits_and_what_queues_in_flight(
+    autojump_clock,
+):
+    gateway = ScriptedGateway()
+    closed = []
+    gateway.close = lambda: closed.append(True)
+    sizes = []
+    send = gateway.send
+
+    async def recording_send(pushes):
+        sizes.append(len(pushes))
+        return await send(pushes)
+
+    gateway.send = recording_send
+    dispatcher = Dispatcher({Platform.ANDROID: gateway}, queue=DeliveryQueue(batch_window=0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        for sid in range(5):  # one scheduling step: one request
+            dispatcher.submit(vpush(sid))
+        await trio.sleep(0.001)  # that request is in flight (10 ms): these wait for it, then go together
+        for sid in range(5, 8):
+            dispatcher.submit(vpush(sid))
+        await trio.sleep(1)
+        assert sizes == [5, 3] and len(gateway.delivered) == 8
+        nursery.cancel_scope.cancel()
+    assert closed == [True]  # the dispatcher closes its gateways as it ends

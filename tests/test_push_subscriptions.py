@@ -116,3 +116,31 @@ def test_heap_stays_bounded_under_refreshes():
         book.subscribe(KEY, sub_req(), now=i)
     assert len(book._heap) <= 2 * len(book) + 64
     assert book.next_due() == 999 + 5.5 * H
+
+
+@pytest.mark.parametrize("dialect", list(Dialect))
+@pytest.mark.parametrize("char", ["a", '"', "\x01", "é", "\U0001f600"])
+def test_payload_size_check_matches_the_encoded_payloads(dialect, char):
+    """The check skips encoding when a bound proves the pushes fit; around the limit it must still agree
+    with the exact encoded sizes."""
+    from trio_dht.push.payloads import MAX_GATEWAY_DATA, encode_data, timeout_data, values_data
+    from trio_dht.push.subscriptions import _check_payload_size
+
+    for n in range(0, 1100, 7):
+        client_id, session_id = char * n, char * (n // 2)
+        fields = {
+            "key_hex": KEY.hex(),
+            "client_id": client_id,
+            "session_id": session_id,
+            "sub_token": 2**63 - 1,
+        }
+        largest = max(
+            len(encode_data(values_data(dialect, t_ms=10**13, expired_id=2**64 - 1, **fields))),
+            len(encode_data(timeout_data(dialect, **fields))),
+        )
+        try:
+            _check_payload_size(dialect, KEY, client_id, session_id, 2**63 - 1, Platform.ANDROID)
+            fits = True
+        except BadRequest:
+            fits = False
+        assert fits == (largest <= MAX_GATEWAY_DATA), (n, largest)

@@ -286,6 +286,8 @@ class Dispatcher:
         self._workers = workers
         self._in_flight = 0
         self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._kicked = False
         self._token_gone: Callable[[str], None] = lambda token: None
 
     @property
@@ -303,25 +305,72 @@ class Dispatcher:
             self.queue.stats["no-gateway"] += 1
             return
         self.queue.submit(push, (gateway.name, gateway.lane(push)), gateway.max_batch, trio.current_time())
-        self._wake.set()
+        if not self._kicked:
+            if self._nursery is None:
+                self._wake.set()
+            else:
+                self._kicked = True
+                self._nursery.start_soon(self._kick)
 
     def discard(self, sid: int) -> None:
         """Forget the pushes of a subscription that ended."""
         self.queue.discard(sid)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send until cancelled."""
-        async with trio.open_nursery() as nursery:
-            task_status.started()
+        """Send until cancelled; then close the gateways' kept connections (those with a ``close()``).
+
+        Workers (at most ``workers``) send batches one after another while some are ready. What
+        :meth:`submit` makes ready is taken by a worker the scheduling step after it, not two steps (this
+        loop, then a worker) later; this loop starts workers for the rest (other lanes, retries, windows).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    now = trio.current_time()
+                    while (batch := self._take(now)) is not None:
+                        nursery.start_soon(self._work, batch)
+                    self._wake = trio.Event()
+                    due = self.queue.next_due() if self._in_flight < self._workers else math.inf
+                    with trio.move_on_at(due):
+                        await self._wake.wait()
+        finally:
+            self._nursery = None
+            for gateway in self._by_name.values():
+                close = getattr(gateway, "close", None)
+                if close is not None:
+                    close()
+
+    def _take(self, now: float) -> Batch | None:
+        """A batch to send now, counted in flight, if a worker is free and one is ready."""
+        if self._in_flight >= self._workers:
+            return None
+        batch = self.queue.next_batch(now)
+        if batch is not None:
+            self._in_flight += 1
+        return batch
+
+    async def _kick(self) -> None:
+        """Started by :meth:`submit`: sends what the submits of this scheduling step made ready."""
+        self._kicked = False
+        self._wake.set()  # the run loop recomputes its deadline (a batch window may have opened)
+        batch = self._take(trio.current_time())
+        if batch is not None:
+            await self._work(batch)
+
+    async def _work(self, batch: Batch) -> None:
+        """Send ``batch``, then whatever is ready by then, until nothing is (one worker)."""
+        try:
             while True:
-                now = trio.current_time()
-                while self._in_flight < self._workers and (batch := self.queue.next_batch(now)) is not None:
-                    self._in_flight += 1
-                    nursery.start_soon(self._send, batch)
-                self._wake = trio.Event()
-                due = self.queue.next_due() if self._in_flight < self._workers else math.inf
-                with trio.move_on_at(due):
-                    await self._wake.wait()
+                await self._send(batch)
+                ready = self.queue.next_batch(trio.current_time())
+                if ready is None:
+                    return
+                batch = ready
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
 
     async def _send(self, batch: Batch) -> None:
         gateway = self._by_name[batch.lane[0]]
@@ -344,6 +393,3 @@ class Dispatcher:
             else:
                 for token in self.queue.batch_done(batch, outcomes, trio.current_time()):
                     self._token_gone(token)
-        finally:
-            self._in_flight -= 1
-            self._wake.set()

@@ -20,6 +20,9 @@ import httpx
 
 from trio_dht.push.payloads import Push
 
+USER_AGENT = "trio-dht push"
+TIMEOUT = 15.0
+"""Seconds a gateway request may take."""
 MAX_RETRY_AFTER = 3600.0
 """A longer ``Retry-After`` is clamped: a gateway may not park pushes for longer than an hour at a time."""
 
@@ -52,7 +55,8 @@ class PermanentGatewayError(GatewayError):
 
 
 class Gateway(Protocol):
-    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly)."""
+    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly). One that keeps connections of its own
+    also has a ``close()`` method, which :class:`~trio_dht.push.dispatcher.Dispatcher` calls as it ends."""
 
     name: str
     max_batch: int
@@ -100,7 +104,7 @@ def raise_for_transient(response: httpx.Response, now_wall: float) -> None:
         )
 
 
-def new_http_client(*, timeout: float = 15.0, max_connections: int = 32) -> httpx.AsyncClient:
+def new_http_client(*, timeout: float = TIMEOUT, max_connections: int = 32) -> httpx.AsyncClient:
     """The one HTTP client all gateways share: keep-alive, bounded, never following redirects.
 
     ``trust_env`` is off so that environment proxies cannot reroute pushes around the SSRF guard.
@@ -110,5 +114,5 @@ def new_http_client(*, timeout: float = 15.0, max_connections: int = 32) -> http
         trust_env=False,
         timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        headers={"User-Agent": "trio-dht push"},
+        headers={"User-Agent": USER_AGENT},
     )

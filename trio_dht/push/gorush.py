@@ -12,21 +12,33 @@ FCM HTTP v1 ``android`` block as OpenDHT's HEAD does:
 - A missing or unknown platform is sent as iOS, deliberately, as OpenDHT does: clients that predate the
   ``platform`` field are iOS clients, and gorush reports an unusable token as a failed push, which prunes it.
 
-Notifications are batched, one token each, up to gorush's ``max_notification`` (100) per request. With gorush
-in sync mode its ``logs`` name failed tokens: dead ones (APNs ``Unregistered``/``BadDeviceToken``/..., FCM
-"not found"/"not a valid FCM registration token") are pruned, throttled ones retried, others dropped. Give
-gorush ``log.hide_token: false``, or ``notif_ids=True`` here, so that failures map back to pushes.
+Notifications are batched, one token each, up to gorush's ``max_notification`` (100) per request, posted
+through a :class:`~trio_dht.push.keepalive.KeepAliveClient` to an ``http://`` gorush (through the shared
+httpx client to an ``https://`` one). With gorush in sync mode its ``logs`` name failed tokens: dead ones
+(APNs ``Unregistered``/``BadDeviceToken``/..., FCM "not found"/"not a valid FCM registration token") are
+pruned, throttled ones retried, others dropped. Give gorush ``log.hide_token: false``, or ``notif_ids=True``
+here, so that failures map back to pushes.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.parse
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import httpx
 
-from trio_dht.push.gateway import Outcome, PermanentGatewayError, TemporaryGatewayError, raise_for_transient
+from trio_dht.push.gateway import (
+    TIMEOUT,
+    USER_AGENT,
+    Outcome,
+    PermanentGatewayError,
+    TemporaryGatewayError,
+    raise_for_transient,
+)
+from trio_dht.push.keepalive import KeepAliveClient
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
 
 GORUSH_ANDROID = 2
@@ -44,6 +56,8 @@ _DEAD_TOKEN_ERRORS = (
     "registration-token-not-registered",
 )
 _RETRY_ERRORS = ("toomanyrequests", "serviceunavailable", "internalservererror", "shutdown", "unavailable")
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+"""The request body's JSON, as httpx's ``json=`` writes it."""
 
 
 def gorush_notification(push: Push, *, bundle_id: str, now_wall: float) -> dict[str, Any]:
@@ -90,7 +104,7 @@ class GorushGateway:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None,
         url: str,
         *,
         bundle_id: str = "",
@@ -99,9 +113,15 @@ class GorushGateway:
         notif_ids: bool = False,
     ) -> None:
         """``url`` is gorush's base URL (``http://host:port``); ``lanes`` requests may be in flight at
-        once."""
+        once. ``client`` is used only for an ``https://`` URL; :meth:`close` closes the kept connections."""
         self._client = client
         self._url = url.rstrip("/") + "/api/push"
+        self._path = urllib.parse.urlsplit(self._url).path
+        self._lean = (
+            KeepAliveClient(url, timeout=TIMEOUT, user_agent=USER_AGENT)
+            if url.lower().startswith("http://")
+            else None
+        )
         self._bundle_id = bundle_id
         self.max_batch = max_batch
         self._lanes = lanes
@@ -117,10 +137,21 @@ class GorushGateway:
                 note["notif_id"] = str(i)
         return {"notifications": notes}
 
+    def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
         now_wall = time.time()
+        body = _encode_json(self.request_body(pushes, now_wall)).encode()
         try:
-            response = await self._client.post(self._url, json=self.request_body(pushes, now_wall))
+            if self._lean is not None:
+                response = await self._lean.post(self._path, body, "application/json")
+            else:
+                assert self._client is not None, "an https:// gorush needs the httpx client"
+                response = await self._client.post(
+                    self._url, content=body, headers={"Content-Type": "application/json"}
+                )
         except httpx.TransportError as exc:
             raise TemporaryGatewayError(f"gorush unreachable: {exc!r}") from exc
         raise_for_transient(response, now_wall)

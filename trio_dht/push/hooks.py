@@ -63,6 +63,11 @@ class CountingGateway:
     def lane(self, push: Push) -> Hashable:
         return self.inner.lane(push)
 
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
         for push in pushes:
             self._counts.count(push)

@@ -32,7 +32,14 @@ MAX_WEBPUSH_DATA = 4096 - 86 - 16 - 1
 """Largest cleartext in one 4096-byte ``aes128gcm`` Web Push message (UnifiedPush AND_3: 3993 bytes)."""
 
 
-class Platform(enum.Enum):
+class _Enum(enum.Enum):
+    """An enum hashed by identity, in C: ``enum.Enum`` hashes a member's name with a Python call, and these
+    are dict keys (with the subscription id, in tuples, which do not cache hashes) at every step of a push."""
+
+    __hash__ = object.__hash__
+
+
+class Platform(_Enum):
     """Where a subscription's pushes go. ``NONE`` is a missing or unknown ``platform``."""
 
     NONE = ""
@@ -42,13 +49,13 @@ class Platform(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Platform:
-        try:
-            return cls(text)
-        except ValueError:
-            return cls.NONE
+        return _PLATFORMS.get(text, cls.NONE)
 
 
-class Dialect(enum.Enum):
+_PLATFORMS = {p.value: p for p in Platform}
+
+
+class Dialect(_Enum):
     """Which SUBSCRIBE body a subscription came with, hence its replies and push payloads."""
 
     CURRENT = "current"
@@ -57,7 +64,7 @@ class Dialect(enum.Enum):
     """The seed document: ``callback_id``, reply ``{"token": x}``."""
 
 
-class PushKind(enum.Enum):
+class PushKind(_Enum):
     VALUES = "values"
     """New or expired values: the device should GET the key."""
     TIMEOUT = "timeout"

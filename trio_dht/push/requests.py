@@ -57,10 +57,14 @@ class UnsubscribeRequest:
     """The seed dialect's ``token`` (the value SUBSCRIBE replied), if given."""
 
 
+_DECODER = json.JSONDecoder()
+"""Stateless: one for every body (``raw_decode``, so that trailing bytes are ignored, as OpenDHT does)."""
+
+
 def _object(body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8").lstrip()
-        obj, _ = json.JSONDecoder().raw_decode(text)
+        obj, _ = _DECODER.raw_decode(text)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("Incorrect JSON") from None
     if not isinstance(obj, dict):
@@ -76,7 +80,7 @@ def _text(obj: dict[str, Any], name: str, limit: int = MAX_ID_LEN, *, numbers: b
         value = str(value)
     if not isinstance(value, str):
         raise BadRequest(f"Bad field {name}")
-    if len(value.encode("utf-8", "surrogatepass")) > limit:
+    if len(value) * 4 > limit and len(value.encode("utf-8", "surrogatepass")) > limit:
         raise BadRequest(f"Field {name} too long")
     return value
 

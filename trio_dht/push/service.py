@@ -68,6 +68,10 @@ class PushReply:
     values: list[Value] | None = None
 
 
+_CREATED = PushReply(200, _EMPTY_OBJECT)
+_REFRESHED = PushReply(200, _EMPTY_OBJECT, chunked=True)
+
+
 class _Watch:
     """The DHT listen of one key, and its callback: its handle (None until started) and the ids, with their
     priorities, of the values it has seen (None while there are none: most keys never hold a value)."""
@@ -166,18 +170,20 @@ class PushService:
             return PushReply(500, _INTERNAL_ERROR)
         self.stats["subscribed" if created else "refreshed"] += 1
         watch = self._watches.get(key)
-        if created and watch is not None and watch.live:  # a late joiner hears of the values already there
+        if watch is None:
+            watch = self._watches[key] = _Watch(self, key)
+            self._start_watch(key, watch)
+        elif created and watch.live:  # a late joiner hears of the values already there
             high = any(prio == 0 for prio in watch.live.values())
             self._dispatcher.submit(self.book.values_push(sub, t_ms=self._now_ms(), high_priority=high))
-        self._update_watch(key)
         if sub.due < self._timer_due:
             self._timer_wake.set()
         if sub.dialect is Dialect.SEED:
             return PushReply(200, json.dumps({"token": sub.sid}).encode() + b"\n")
         if created:
-            return PushReply(200, _EMPTY_OBJECT)
+            return _CREATED
         if request.refresh:
-            return PushReply(200, _EMPTY_OBJECT, chunked=True)
+            return _REFRESHED
         return PushReply(200, chunked=True, values=await self._dht.get(key))
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
@@ -220,7 +226,7 @@ class PushService:
         """Start or stop the listen of ``key`` to match whether it has subscriptions (``start=False``: only
         record the watch; :meth:`_start_restored` starts it later)."""
         watch = self._watches.get(key)
-        if next(self.book.on_key(key), None) is None:
+        if not self.book.watched(key):
             if watch is not None:
                 watch.cancel()
                 del self._watches[key]

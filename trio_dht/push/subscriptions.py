@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-import secrets
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -154,11 +154,17 @@ class SubscriptionBook:
         return self._by_sid.get(sid)
 
     def find(self, token: str, identity: tuple[Dialect, InfoHash, str]) -> Subscription | None:
-        return self._by_token.get(token, {}).get(identity)
+        of_token = self._by_token.get(token)
+        return None if of_token is None else of_token.get(identity)
 
     def on_key(self, key: InfoHash) -> Iterator[Subscription]:
         """The subscriptions on ``key``."""
-        yield from self._by_key.get(key, {}).values()
+        subs = self._by_key.get(key)
+        return iter(()) if subs is None else iter(subs.values())
+
+    def watched(self, key: InfoHash) -> bool:
+        """Whether ``key`` has subscriptions (so needs a DHT listen)."""
+        return key in self._by_key
 
     def key_deadline(self, key: InfoHash) -> float | None:
         """When the last subscription on ``key`` ends (the deadline of the key's DHT listen), or None."""
@@ -187,8 +193,7 @@ class SubscriptionBook:
         A refresh updates platform, topic and (if the body had one) session, as OpenDHT's HEAD does. Raises
         :class:`BadRequest` if this subscription's pushes could not fit the platform's payload limit.
         """
-        identity = (request.dialect, key, request.client_id)
-        sub = self.find(request.token, identity)
+        sub = self.find(request.token, (request.dialect, key, request.client_id))
         created = sub is None
         session = request.session_id if request.session_id is not None or sub is None else sub.session_id
         sid = self._new_sid() if sub is None else sub.sid
@@ -299,7 +304,7 @@ class SubscriptionBook:
 
     def _new_sid(self) -> int:
         while True:
-            sid = secrets.randbits(63)
+            sid = _random_sids.next()
             if sid and sid not in self._by_sid:
                 return sid
 
@@ -333,14 +338,50 @@ class SubscriptionBook:
             heapq.heapify(self._heap)
 
 
-def _check_payload_size(
-    dialect: Dialect, key: InfoHash, client_id: str, session_id: str, sid: int, platform: Platform
-) -> None:
-    """Refuse a subscription whose largest push would not fit its platform's limit."""
-    fields = {"key_hex": key.hex(), "client_id": client_id, "session_id": session_id, "sub_token": sid}
-    largest = max(
+class _RandomSids:
+    """Random 63-bit ids from the OS's CSPRNG (as ``secrets.randbits``), read 4 KB at a time: one system call
+    per 512 subscriptions instead of one each."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+
+    def next(self) -> int:
+        if not self._ids:
+            raw = os.urandom(4096)
+            self._ids = [int.from_bytes(raw[i : i + 8], "little") >> 1 for i in range(0, 4096, 8)]
+        return self._ids.pop()
+
+
+_random_sids = _RandomSids()
+
+_ESCAPED_CHAR_MAX = 12
+"""Most bytes one character of a string takes in ``ensure_ascii`` JSON (a surrogate pair: two ``\\uXXXX``)."""
+
+
+def _largest_data(dialect: Dialect, key_hex: str, client_id: str, session_id: str, sid: int) -> int:
+    """Length of the largest ``data`` JSON a subscription's pushes may carry."""
+    fields = {"key_hex": key_hex, "client_id": client_id, "session_id": session_id, "sub_token": sid}
+    return max(
         len(encode_data(values_data(dialect, t_ms=10**13, expired_id=2**64 - 1, **fields))),
         len(encode_data(timeout_data(dialect, **fields))),
     )
-    if largest > data_limit(platform):
+
+
+_LARGEST_FIXED = {d: _largest_data(d, "0" * 40, "", "", 2**63 - 1) for d in Dialect}
+"""The largest ``data`` JSON per dialect with empty strings: what the strings add comes on top."""
+
+
+def _check_payload_size(
+    dialect: Dialect, key: InfoHash, client_id: str, session_id: str, sid: int, platform: Platform
+) -> None:
+    """Refuse a subscription whose largest push would not fit its platform's limit.
+
+    Encodes the payloads only when the bound (fixed part + every character escaped at its longest) does not
+    already prove they fit: short ids, the usual case, cost no JSON encoding.
+    """
+    limit = data_limit(platform)
+    bound = _LARGEST_FIXED[dialect] + _ESCAPED_CHAR_MAX * (len(client_id) + len(session_id))
+    if bound > limit and _largest_data(dialect, key.hex(), client_id, session_id, sid) > limit:
         raise BadRequest("Push payload too large")
