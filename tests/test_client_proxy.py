@@ -23,8 +23,10 @@ KEY = InfoHash.get("chan")
 
 
 @pytest.fixture
-def dht() -> MemoryDht:
-    return MemoryDht(lifetime=lambda value: 0.5 if value.type == 5 else 600.0)
+async def dht(nursery: trio.Nursery) -> MemoryDht:
+    dht = MemoryDht(lifetime=lambda value: 0.5 if value.type == 5 else 600.0)
+    await nursery.start(dht.run)  # expiries for callback listens (the proxy's listen streams)
+    return dht
 
 
 async def start_proxy(nursery: trio.Nursery, dht: MemoryDht, port: int = 0) -> tuple[str, trio.CancelScope]:

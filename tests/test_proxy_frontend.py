@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy
+from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy, streams
 from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT
 from trio_dht.proxy.handlers import BASE_HEADERS
 from trio_dht.proxy.http1 import UNUSUAL, Head, Writer, chunk, read_head
@@ -72,6 +72,37 @@ def test_writer() -> None:
     )
     assert writer.stream_head().endswith(b"Transfer-Encoding: chunked\r\n\r\n")
     assert chunk(b"abc") == b"3\r\nabc\r\n"
+
+
+H = KEY.hex()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "push", "handler"),
+    [
+        ("GET", f"/key/{H}", False, "get"),
+        ("POST", f"/{H}", False, "put"),
+        ("GET", f"/key/{H}/listen", False, "listen"),
+        ("GET", "/KEY/front/listen/", False, "listen"),
+        ("LISTEN", f"/{H}", False, "listen"),
+        ("LISTEN", "/front", False, "listen"),
+        ("LISTEN", f"/key/{H}", False, None),  # Quart's 405, as before
+        ("POST", f"/key/{H}/listen", False, None),
+        ("GET", f"/{H}/listen", False, None),
+        ("SUBSCRIBE", f"/key/{H}", False, None),
+        ("SUBSCRIBE", f"/key/{H}", True, "subscribe"),
+        ("GET", "/node/info", False, "node_info"),
+        ("GET", "/node/stats", False, None),
+        ("OPTIONS", f"/key/{H}/listen", False, None),
+    ],
+)
+def test_hot_routes(method: str, target: str, push: bool, handler: str | None) -> None:
+    route = frontend.hot_route(Head(method, target.encode(), 0, 0, False), push=push)
+    if handler is None:
+        assert route is None
+    else:
+        assert route is not None and route[0] is getattr(frontend.FrontEnd, handler)
+        assert route[1] == (None if handler == "node_info" else KEY)
 
 
 # -- the front end on a socket -------------------------------------------------------------------------------
@@ -383,3 +414,111 @@ async def test_node_info_is_cached_for_a_second(
     dht.good_nodes = 5
     await other.stream.send_all(request)
     assert json.loads((await other.response())[2])["ipv4"]["good"] == 5
+
+
+# -- listen streams ------------------------------------------------------------------------------------------
+
+
+async def read_until(client: Client, needle: bytes) -> None:
+    with trio.fail_after(BOUND):
+        while needle not in client.buffer:
+            await client._more()
+
+
+async def wait_for_no_listener(dht: MemoryDht) -> None:
+    with trio.fail_after(BOUND):
+        while dht.listener_count():
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "request_line", [f"GET /key/{KEY.hex()}/listen", f"LISTEN /{KEY.hex()}", "GET /KEY/front/Listen/"]
+)
+@pytest.mark.parametrize("end", ["half-close", "close"])
+async def test_listen_is_served_by_the_front_end(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, request_line: str, end: str
+) -> None:
+    """Stored values, new ones and expirations as chunks; the client's end (even a half-close) cancels the
+    listen; no hand-over to hypercorn.
+    """
+
+    async def no_hand_over(*args: object, **kwargs: object) -> None:
+        raise AssertionError("handed over to hypercorn")
+
+    monkeypatch.setattr(frontend.FrontEnd, "_hand_over", no_hand_over)
+    dht = MemoryDht(lifetime=lambda value: 0.2 if value.type == 5 else 600.0)
+    await nursery.start(dht.run)
+    await dht.put(KEY, Value(data=b"old", id=1))
+    port = await start(nursery, dht)
+    client = await connect(port)
+    await client.stream.send_all(f"{request_line} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await read_until(client, b'"id":"1"')
+    head, body = client.buffer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nTransfer-Encoding: chunked" in head
+    assert b"\r\nAccess-Control-Allow-Origin: *" in head and b"\r\nContent-Type: application/json" in head
+    assert body == chunk(b'{"data":"b2xk","id":"1","type":0}\n')
+    client.buffer = b""
+    await dht.put(KEY, Value(data=b"new", id=2, type=5))
+    await read_until(client, b'"expired":true')
+    assert client.buffer == chunk(b'{"data":"bmV3","id":"2","type":5}\n') + chunk(
+        b'{"data":"bmV3","expired":true,"id":"2","type":5}\n'
+    )
+    assert dht.listener_count(KEY) == 1
+    if end == "half-close":
+        await client.stream.send_eof()
+    else:
+        await client.stream.aclose()
+    await wait_for_no_listener(dht)
+    if end == "half-close":
+        assert await client.at_eof()
+
+
+async def test_listen_count_and_a_listen_that_others_share(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    port = await start(nursery, dht)
+    clients = [await connect(port) for _ in range(3)]
+    for client in clients:
+        await client.stream.send_all(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\n\r\n".encode())
+        await read_until(client, b"\r\n\r\n")
+    stats = await connect(port)
+    await stats.stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert json.loads((await stats.response())[2])["listenCount"] == 3
+    value = Value(data=b"all", id=5)
+    await dht.put(KEY, value)
+    for client in clients:
+        await read_until(client, b'"id":"5"')
+    assert value._json is not None  # encoded once, for all three
+    for client in clients:
+        await client.stream.aclose()
+    await wait_for_no_listener(dht)
+    await stats.stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert json.loads((await stats.response())[2])["listenCount"] == 0
+
+
+async def test_a_listen_whose_client_does_not_read_is_cut(
+    nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_LISTEN_BACKLOG bytes held (beyond what the socket took), the stream ends: bounded memory."""
+    monkeypatch.setattr(streams, "MAX_LISTEN_BACKLOG", 200_000)
+    port = await start(nursery, dht)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\n\r\n".encode())
+    with trio.fail_after(BOUND):
+        while not dht.listener_count():
+            await trio.sleep(0.01)
+    big = b"x" * 50_000
+    for vid in range(1, 1000):
+        await dht.put(KEY, Value(data=big, id=vid))
+        if not dht.listener_count():
+            break
+        await trio.sleep(0)
+    assert dht.listener_count() == 0 and vid < 1000
+    sock.setblocking(False)
+    client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    with pytest.raises((EOFError, trio.BrokenResourceError)), trio.fail_after(BOUND):  # cut, no last chunk
+        while True:
+            await client._more()
+            if client.buffer.endswith(b"\r\n0\r\n\r\n"):
+                raise AssertionError("the stream ended cleanly")
+            client.buffer = client.buffer[-16:]

@@ -27,8 +27,10 @@ def port_of(url: str) -> int:
 
 
 @pytest.fixture
-def dht() -> MemoryDht:
-    return MemoryDht(lifetime=lambda value: 0.5 if value.type == 5 else 600.0)
+async def dht(nursery: trio.Nursery) -> MemoryDht:
+    dht = MemoryDht(lifetime=lambda value: 0.5 if value.type == 5 else 600.0)
+    await nursery.start(dht.run)  # expiries for callback listens (the proxy's listen streams)
+    return dht
 
 
 @pytest.fixture(params=[True, False], ids=["fast", "quart"])

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from typing import NoReturn
 
 import pytest
 
 from trio_dht.infohash import InfoHash
+from trio_dht.proxy import streams
 from trio_dht.proxy.config import ProxyConfig, RateLimit
 from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
 from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.streams import ListenFeed
 from trio_dht.proxy.value_json import (
     PushTarget,
     ValueJsonError,
@@ -22,6 +26,7 @@ from trio_dht.proxy.value_json import (
     value_line,
     value_to_json,
 )
+from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
 HEX = "03b4fb47d3a9e3a5c6fa8e9b6e2b9d4c1a2f3e4d"
@@ -102,6 +107,65 @@ def test_value_json_matches_opendht() -> None:
     assert value_line(Value(data=b"exp", id=900), expired=True) == (
         b'{"data":"ZXhw","expired":true,"id":"900","type":0}\n'
     )
+
+
+KEY = InfoHash.get("feed")
+
+
+def test_value_lines_are_cached_on_the_value() -> None:
+    v = Value(data=b"hello", id=5)
+    line, expired = value_line(v), value_line(v, expired=True)
+    assert value_line(v) is line and value_line(v, expired=True) is expired and b'"expired"' in expired
+    assert line == b'{"data":"aGVsbG8=","id":"5","type":0}\n'
+    assert value_line(dataclasses.replace(v, data=b"x")) == b'{"data":"eA==","id":"5","type":0}\n'
+    unset = Value(data=b"x")  # an id about to be assigned: not cached
+    assert value_line(unset) == b'{"data":"eA==","id":"0","type":0}\n'
+    unset.id = 9
+    assert value_line(unset) == b'{"data":"eA==","id":"9","type":0}\n'
+
+
+async def test_listen_feed_lines_close_and_registry() -> None:
+    dht = MemoryDht()
+    await dht.put(KEY, Value(data=b"a", id=1))
+    registry: set[object] = set()
+    calls: list[int] = []
+    feed = ListenFeed(dht, KEY, registry, lambda: calls.append(1))
+    assert feed in registry and feed.ready and dht.listener_count(KEY) == 1
+    assert feed.take() == b'{"data":"YQ==","id":"1","type":0}\n' and not feed.ready
+    await dht.put(KEY, Value(data=b"b", id=2))
+    await dht.put(KEY, Value(data=b"c", id=3))
+    assert feed.take() == value_line(Value(data=b"b", id=2)) + value_line(Value(data=b"c", id=3))
+    assert len(calls) == 3  # one per value
+    feed.close()  # the shutdown: the writer sends what waits, then the last chunk
+    assert feed.ended and not feed.overflowed and not registry and dht.listener_count(KEY) == 0
+    assert len(calls) == 4 and feed.ready and feed.take() == b""
+    feed.close()
+    feed.cancel()
+    await dht.put(KEY, Value(data=b"d", id=4))
+    assert len(calls) == 4 and feed.take() == b""
+
+
+async def test_listen_feed_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "MAX_LISTEN_BACKLOG", 10_000)
+    dht = MemoryDht()
+    registry: set[object] = set()
+    feed = ListenFeed(dht, KEY, registry, lambda: None)
+    for vid in range(1, 4):
+        await dht.put(KEY, Value(data=b"x" * 2000, id=vid))
+    assert not feed.ended
+    await dht.put(KEY, Value(data=b"x" * 2000, id=4))  # past 10 000 bytes waiting: the client does not read
+    assert feed.ended and feed.overflowed and feed.take() == b""
+    assert not registry and dht.listener_count(KEY) == 0
+
+
+async def test_listen_feed_of_a_failing_dht() -> None:
+    class Failing(MemoryDht):
+        def add_listener(self, *args: object, **kwargs: object) -> NoReturn:
+            raise RuntimeError("no")
+
+    registry: set[object] = set()
+    feed = ListenFeed(Failing(), KEY, registry, lambda: None)
+    assert feed.ended and not feed.overflowed and not registry
 
 
 def test_encrypted_value_carries_only_cypher() -> None:

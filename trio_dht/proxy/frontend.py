@@ -4,7 +4,8 @@ Why: hypercorn's Trio worker costs about 0.5 ms of CPU per request before any ro
 which caps the whole proxy near 2 k requests/s per core, while ``dhtnode`` serves about 11 k GET/s and 50 k
 node-info/s. So the plain listening sockets are served here:
 
-* GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info``, and (when the app has push
+* GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info``, the listen streams
+  (``GET /key/{hash}/listen``, ``LISTEN /{hash}``: :class:`_ListenWriter`), and (when the app has push
   hooks) SUBSCRIBE/UNSUBSCRIBE ``/key/{hash}`` and ``/{hash}``: the routes clients and load hit
   (:func:`hot_route`). They are read with :mod:`~trio_dht.proxy.http1` and answered by the same
   :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of bytes
@@ -57,6 +58,7 @@ from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_
 from trio_dht.proxy.keys import hash_from_segment
 from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.streams import ListenFeed
 
 if TYPE_CHECKING:
     from trio_dht.push.service import PushReply
@@ -582,6 +584,21 @@ class FrontEnd:
             raise ClientGone
         await conn.send(out + LAST_CHUNK)
 
+    async def listen(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
+        """A never-ending stream (see :class:`_ListenWriter`); the connection closes when it ends."""
+        assert key is not None
+        if self._poller is not None:
+            self._poller.remove(conn)  # the task watches the socket itself from now on
+        conn.ending = True  # the response ends only on shutdown (or badly): no next request
+        writer = _ListenWriter(conn, self.writer.stream_head(close=head.close))
+        feed = writer.feed = handlers.listen_feed(self.state, key, writer.on_ready)
+        if self._closing:  # shutting down: the open streams were closed already
+            feed.close()
+        try:
+            await writer.run()
+        finally:
+            feed.cancel()
+
     async def put(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         assert key is not None
         await self.send_reply(conn, head, await handlers.put(self.state, key, body))
@@ -605,12 +622,15 @@ class FrontEnd:
 
 HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]
 """A front-end handler and the request's key."""
-_PLAIN_VALUE_TARGET = re.compile(rb"/(?:key/)?([0-9a-f]{40})")
-"""``/key/{hash}`` or ``/{hash}`` with the hash as 40 lowercase hex digits, already in canonical form."""
+_PLAIN_KEY_TARGET = re.compile(rb"/(key/)?([0-9a-f]{40})(/listen)?")
+"""``/key/{hash}``, ``/{hash}`` or ``/key/{hash}/listen`` with the hash as 40 lowercase hex digits, already in
+canonical form.
+"""
 _PLAIN_NODE_INFO_TARGETS = frozenset((b"/", b"/node/info"))
 _NODE_INFO_ROUTE: HotRoute = (FrontEnd.node_info, None)
 _VALUE_ROUTES = {"GET": FrontEnd.get, "POST": FrontEnd.put}
 _PUSH_ROUTES = {**_VALUE_ROUTES, "SUBSCRIBE": FrontEnd.subscribe, "UNSUBSCRIBE": FrontEnd.unsubscribe}
+_HOT_METHODS = frozenset((*_PUSH_ROUTES, "LISTEN"))
 
 
 def hot_route(head: Head, *, push: bool = False) -> HotRoute | None:
@@ -619,23 +639,112 @@ def hot_route(head: Head, *, push: bool = False) -> HotRoute | None:
     SUBSCRIBE and UNSUBSCRIBE are hot only with ``push`` (the app has push hooks); without, they go to
     Quart, where a blueprint of the caller's may serve them.
     """
-    value_routes = _PUSH_ROUTES if push else _VALUE_ROUTES
-    if head.method not in value_routes:
+    method = head.method
+    if method not in _HOT_METHODS:
         return None
     if head.target in _PLAIN_NODE_INFO_TARGETS:  # the usual spellings, read without canonical_path's rules
-        return _NODE_INFO_ROUTE if head.method == "GET" else None
-    plain = _PLAIN_VALUE_TARGET.fullmatch(head.target)
+        return _NODE_INFO_ROUTE if method == "GET" else None
+    plain = _PLAIN_KEY_TARGET.fullmatch(head.target)
     if plain is not None:
-        return value_routes[head.method], hash_from_segment(plain[1])
+        if plain[1] is None and plain[3] is not None:  # "/<hex>/listen": not a route
+            return None
+        shape = _LISTEN if plain[3] is not None else _KEY if plain[1] is not None else _BARE
+        return _key_route(method, shape, hash_from_segment(plain[2]), push)
     match = canonical_path(head.target)
     if match is None:
         return None
     path, key = match
     if path in ("/", "/node/info"):
-        return _NODE_INFO_ROUTE if head.method == "GET" else None
-    if len(path) == 41 or (len(path) == 45 and path.startswith("/key/")):  # "/<hex>", "/key/<hex>"
-        return value_routes[head.method], key
+        return _NODE_INFO_ROUTE if method == "GET" else None
+    if key is None:
+        return None
+    if len(path) == 41:  # "/<hex>"
+        return _key_route(method, _BARE, key, push)
+    if len(path) == 45 and path.startswith("/key/"):  # "/key/<hex>"
+        return _key_route(method, _KEY, key, push)
+    if len(path) == 52 and path.endswith("/listen"):  # "/key/<hex>/listen"
+        return _key_route(method, _LISTEN, key, push)
     return None
+
+
+_BARE, _KEY, _LISTEN = "/{hash}", "/key/{hash}", "/key/{hash}/listen"
+"""The shapes of a key's routes."""
+
+
+def _key_route(method: str, shape: str, key: InfoHash, push: bool) -> HotRoute | None:
+    """``GET /key/{hash}/listen`` and ``LISTEN /{hash}`` are listens; the other methods on ``/{hash}`` and
+    ``/key/{hash}`` the value routes; anything else is hypercorn's (Quart's 405, or a blueprint's route).
+    """
+    if shape is _LISTEN:
+        return (FrontEnd.listen, key) if method == "GET" else None
+    if method == "LISTEN":
+        return (FrontEnd.listen, key) if shape is _BARE else None
+    handler = (_PUSH_ROUTES if push else _VALUE_ROUTES).get(method)
+    return (handler, key) if handler is not None else None
+
+
+class _ListenWriter:
+    """Writes a :class:`~trio_dht.proxy.streams.ListenFeed` to a front-end connection.
+
+    New lines are sent from the DHT's callback (:meth:`on_ready`) as far as the socket takes them: one value
+    sent to many streams costs each a ``send`` and no task wake-up. The connection's task (:meth:`run`) sends
+    the head and what the socket did not take, and otherwise waits for the client's bytes: its close or
+    half-close ends the stream (the listen is cancelled); bytes it sends are dropped (nothing can be answered
+    after a never-ending response). A stream whose client does not read ends when its feed overflows (the
+    connection is cut); a closed feed (shutdown) ends with the last chunk.
+    """
+
+    def __init__(self, conn: _Connection, head: bytes) -> None:
+        self.conn = conn
+        self.feed: ListenFeed | None = None
+        self._out = head
+        """Bytes to send before any other (the head first): only the task sends them."""
+        self._waiting: trio.CancelScope | None = None
+        """While the task waits for the client (nothing to send): cancelled to wake it."""
+        self._gone = False
+
+    def on_ready(self) -> None:
+        feed = self.feed
+        if feed is None:  # lines of the values already there: the task sends them with the head
+            return
+        if feed.overflowed:
+            self.conn.scope.cancel()  # the task may be waiting to send to a client that does not read
+            return
+        waiting = self._waiting
+        if waiting is None or self._out or self._gone:  # the task is busy or woken: it takes the lines next
+            return
+        if not feed.ended:
+            try:
+                self._out = self.conn.send_now(chunk(feed.take()))
+            except ClientGone:
+                self._gone = True
+            if not self._out and not self._gone:
+                return
+        waiting.cancel()
+
+    async def run(self) -> None:
+        conn = self.conn
+        feed = self.feed
+        assert feed is not None
+        while True:
+            if self._gone or feed.overflowed:
+                raise ClientGone
+            lines = feed.take()
+            if lines:
+                self._out += chunk(lines)
+            if self._out:
+                await conn.send(self._out)
+                self._out = b""
+                continue
+            if feed.ended:
+                await conn.send(LAST_CHUNK)
+                return
+            with trio.CancelScope() as self._waiting:
+                await trio.lowlevel.wait_readable(conn.fd)
+            self._waiting = None
+            if not self._out and not feed.ready and not self._gone:  # the client sent bytes, or its end
+                conn.recv_now()  # ClientGone at the end
+                conn.buffer.clear()
 
 
 class _Replayed(trio.abc.HalfCloseableStream):

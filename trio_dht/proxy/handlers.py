@@ -18,7 +18,7 @@ import trio
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import streams
 from trio_dht.proxy.state import ProxyState, PushHooks
-from trio_dht.proxy.streams import GetStream, ListenStream
+from trio_dht.proxy.streams import GetStream, ListenFeed, ListenStream
 from trio_dht.proxy.value_json import (
     PushTarget,
     ValueJsonError,
@@ -154,6 +154,12 @@ def listen(state: ProxyState, key: InfoHash) -> ListenStream:
     """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream."""
     state.count_request()
     return ListenStream(state.dht, key, state.listens)
+
+
+def listen_feed(state: ProxyState, key: InfoHash, on_ready: Callable[[], None]) -> ListenFeed:
+    """:func:`listen` for an HTTP layer that writes from a callback: the stream's :class:`ListenFeed`."""
+    state.count_request()
+    return ListenFeed(state.dht, key, state.listens, on_ready)
 
 
 async def put(state: ProxyState, key: InfoHash, body: bytes) -> Reply:

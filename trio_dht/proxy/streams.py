@@ -2,8 +2,9 @@
 
 Both are Quart ``ResponseBody`` objects, so a Quart handler returns them as they are, and the raw-ASGI fast
 path drives them the same way: ``async with body as chunks: async for chunk in chunks: ...``. Each chunk is
-one or more NDJSON lines. A GET's lines come from :func:`get_lines`, which the plain-HTTP front end calls
-directly (it writes from the callback: no task, no channel).
+one or more NDJSON lines. The plain-HTTP front end uses their cores directly: a GET's lines come from
+:func:`get_lines` and a listen's from a :class:`ListenFeed`, both through callbacks it writes from (no task
+per event, no channel).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 from quart.wrappers.response import ResponseBody
 
-from trio_dht.api import Dht, ValueEvent
+from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.value_json import value_line
 from trio_dht.value import Value
@@ -86,58 +87,128 @@ class GetStream(ResponseBody):
             self._send.send_nowait(lines)
 
 
-class ListenStream(ResponseBody):
-    """A ``dht.listen`` on ``key``: current values, then new ones and ``"expired":true`` lines, until the
-    client goes away (the listen is then cancelled) or :meth:`close` ends it cleanly.
+MAX_LISTEN_BACKLOG = 4 * 1024 * 1024
+"""Bytes of lines a listen stream may hold for a client that does not read them (past what its socket took):
+beyond, the stream ends (:attr:`ListenFeed.overflowed`) rather than memory growing without bound.
+"""
 
-    While open it is in ``registry`` (``listenCount``; closed on shutdown).
+
+class ListenFeed:
+    """The source of one listen stream on ``key``, whatever HTTP layer writes it: a ``dht.add_listener``
+    (no task) whose events become NDJSON lines (current values first, then new ones and ``"expired":true``
+    lines), held until the writer takes them.
+
+    ``on_ready`` is called (from the DHT's callback) when lines arrive and when the feed ends: the writer
+    then takes the lines (:meth:`take`), and ends the stream once :attr:`ended`. It ends on :meth:`close` (the
+    shutdown: end cleanly, with the last chunk), if the listen fails, or when more than
+    :data:`MAX_LISTEN_BACKLOG` bytes wait (:attr:`overflowed`: the client does not read). While it runs it
+    is in ``registry`` (``listenCount``; closed on shutdown). :meth:`cancel` when the stream is over.
+    """
+
+    def __init__(self, dht: Dht, key: InfoHash, registry: set[Any], on_ready: Callable[[], None]) -> None:
+        self.key = key
+        self.registry = registry
+        self.ended = False
+        self.overflowed = False
+        self._on_ready = on_ready
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._handle: ListenHandle | None = None
+        registry.add(self)
+        try:
+            self._handle = dht.add_listener(key, self._on_event)
+        except Exception:
+            log.exception("proxy listen on %s failed", key)
+            self.close()
+
+    @property
+    def ready(self) -> bool:
+        """Lines wait, or the feed has ended."""
+        return bool(self._lines) or self.ended
+
+    def take(self) -> bytes:
+        """The lines waiting (possibly none), now the writer's."""
+        lines = b"".join(self._lines) if len(self._lines) != 1 else self._lines[0]
+        self._lines.clear()
+        self._size = 0
+        return lines
+
+    def _on_event(self, event: ValueEvent) -> None:
+        if self.ended:
+            return
+        line = value_line(event.value, expired=event.expired)
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size > MAX_LISTEN_BACKLOG:
+            log.info("listen stream on %s ends: its client does not read", self.key)
+            self.overflowed = True
+            self._lines.clear()
+            self._size = 0
+            self.close()
+            return
+        self._on_ready()
+
+    def close(self) -> None:
+        """End the stream cleanly: the writer sends what waits and the last chunk; the listen is cancelled."""
+        if self.ended:
+            return
+        self.ended = True
+        self._stop()
+        self._on_ready()
+
+    def cancel(self) -> None:
+        """The stream is over (or the client gone): stop listening, leave the registry (idempotent)."""
+        self.ended = True
+        self._stop()
+
+    def _stop(self) -> None:
+        self.registry.discard(self)
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class ListenStream(ResponseBody):
+    """A :class:`ListenFeed` as a Quart response body (the routes hypercorn serves: TLS, handed-over
+    connections): each chunk is the lines that arrived since the last one; it ends when the feed does. The
+    client going away cancels the body's task, which cancels the feed.
     """
 
     def __init__(self, dht: Dht, key: InfoHash, registry: set[Any]) -> None:
         self.dht = dht
         self.key = key
         self.registry = registry
-        self._stack = AsyncExitStack()
-        self._events: Any = None
-        self._scope: trio.CancelScope | None = None
-        self._closed = False
+        self._feed: ListenFeed | None = None
+        self._ready = trio.Event()
 
     async def __aenter__(self) -> ListenStream:
-        try:
-            events = await self._stack.enter_async_context(self.dht.listen(self.key))
-        except Exception:
-            log.exception("proxy listen on %s failed", self.key)
-            self._closed = True
-            return self
-        self._events = events.__aiter__()
-        self.registry.add(self)
-        self._stack.callback(self.registry.discard, self)
+        self._feed = ListenFeed(self.dht, self.key, self.registry, self._wake)
         return self
+
+    def _wake(self) -> None:
+        self._ready.set()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._stack.__aexit__(exc_type, exc, tb)
+        if self._feed is not None:
+            self._feed.cancel()
 
     def __aiter__(self) -> ListenStream:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._closed:
-            raise StopAsyncIteration
-        with trio.CancelScope() as self._scope:
-            try:
-                event: ValueEvent = await self._events.__anext__()
-            except StopAsyncIteration:
-                raise
-            except Exception:
-                log.exception("proxy listen on %s failed", self.key)
-                raise StopAsyncIteration from None
-            return value_line(event.value, expired=event.expired)
-        raise StopAsyncIteration  # closed while waiting
+        feed = self._feed
+        assert feed is not None, "use the stream with async with"
+        while not feed.ready:
+            await self._ready.wait()
+            self._ready = trio.Event()
+        lines = feed.take()
+        if lines:
+            return lines
+        raise StopAsyncIteration  # ended, nothing left
 
     def close(self) -> None:
         """End the stream: the client gets the last chunk, and the DHT listen is cancelled."""
-        self._closed = True
-        if self._scope is not None:
-            self._scope.cancel()
+        if self._feed is not None:
+            self._feed.close()

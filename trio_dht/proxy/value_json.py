@@ -100,8 +100,21 @@ def dumps(obj: Any) -> bytes:
 
 
 def value_line(value: Value, *, expired: bool = False) -> bytes:
-    """One NDJSON line for ``value``, newline included."""
-    return dumps(value_to_json(value, expired=expired)) + b"\n"
+    """One NDJSON line for ``value``, newline included.
+
+    Cached on the value (values are not mutated once stored; see :meth:`Value.packed`), so one event sent to
+    many listen streams, or a value in many GET replies, is encoded once. A value without an id yet is not
+    cached: its id is about to be assigned.
+    """
+    line = value._json_expired if expired else value._json
+    if line is None:
+        line = dumps(value_to_json(value, expired=expired)) + b"\n"
+        if value.id:
+            if expired:
+                value._json_expired = line
+            else:
+                value._json = line
+    return line
 
 
 # -- reading -------------------------------------------------------------------------------------------------
