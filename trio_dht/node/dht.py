@@ -917,6 +917,8 @@ class DhtNode:
             value.id = random_value_id()
         now = trio.current_time()
         self._store(key, value, now, local=True, permanent=permanent)
+        if key in self.listens.by_key:
+            await trio.lowlevel.checkpoint()  # what local listeners started (a push) goes before the announce
         ok = await self._announce(key, value)
         if permanent:
             assert self._nursery is not None
