@@ -88,6 +88,26 @@ def _reply_or_raise(reply: Message | None, method: str, addr: Address) -> Messag
     return reply
 
 
+async def _wait_for(start: Callable[[Callable[[Any], None]], Callable[[], None]]) -> Any:
+    """Run a callback-style operation to its end: ``start(on_done)`` begins it and returns its stop
+    function, called if the wait is cancelled."""
+    done = trio.Event()
+    results: list[Any] = []
+
+    def on_done(result: Any) -> None:
+        results.append(result)
+        done.set()
+
+    stop = start(on_done)
+    try:
+        if not results:
+            await done.wait()
+    finally:
+        if not results:
+            stop()
+    return results[0]
+
+
 @dataclass(slots=True, eq=False)
 class _GetRound:
     """One remote get of a key (and ``where`` filter), shared by every caller that asks while it runs.
@@ -316,14 +336,16 @@ class DhtNode:
                 self.abandon_request(tid)
         return _reply_or_raise(replies[0], method, addr)
 
-    async def request_all(
-        self, requests: list[tuple[Address, str, dict[str, Any], InfoHash | None, list[Value] | None]]
-    ) -> list[Message | None]:
-        """Send every ``(addr, method, args, node_id, values)`` request at once; their replies, in order
-        (None for each that failed or got an error)."""
+    def start_requests(
+        self,
+        requests: list[tuple[Address, str, dict[str, Any], InfoHash | None, list[Value] | None]],
+        on_done: Callable[[list[Message | None]], None],
+    ) -> Callable[[], None]:
+        """Send every ``(addr, method, args, node_id, values)`` request at once; ``on_done`` gets their
+        replies, in order (None for each that failed or got an error), once all are in. Returns a function
+        that abandons the ones still out (``on_done`` is then never called)."""
         replies: list[Message | None] = [None] * len(requests)
         left = len(requests)
-        done = trio.Event()
         tids: list[int] = []
 
         def finisher(i: int) -> Callable[[Message | None], None]:
@@ -332,20 +354,26 @@ class DhtNode:
                 replies[i] = reply if reply is not None and reply.kind is Kind.REPLY else None
                 left -= 1
                 if not left:
-                    done.set()
+                    on_done(replies)
 
             return finish
 
         for i, (addr, method, args, node_id, values) in enumerate(requests):
             tids.append(self.start_request(addr, method, args, finisher(i), node_id=node_id, values=values))
-        try:
-            if left:
-                await done.wait()
-        finally:
-            if left:
-                for tid in tids:
-                    self.abandon_request(tid)
-        return replies
+        if not requests:
+            on_done(replies)
+
+        def abandon() -> None:
+            for tid in tids:
+                self.abandon_request(tid)
+
+        return abandon
+
+    async def request_all(
+        self, requests: list[tuple[Address, str, dict[str, Any], InfoHash | None, list[Value] | None]]
+    ) -> list[Message | None]:
+        """:meth:`start_requests`, awaited."""
+        return await _wait_for(lambda done: self.start_requests(requests, done))
 
     async def _request_timer(self) -> None:
         """Retransmit, report slow requests and fail unanswered ones when due (see ``node.requests``)."""
@@ -799,6 +827,67 @@ class DhtNode:
                 state.add(node)
         return state
 
+    def _start_search(
+        self,
+        target: InfoHash,
+        v6: bool,
+        method: str,
+        args: dict[str, Any],
+        on_done: Callable[[SearchState], None],
+        on_reply: Callable[[SearchNode, Message], None] | None = None,
+    ) -> Callable[[], None]:
+        """Iterative lookup: ask the closest nodes (4 in flight) until the 8 closest answered with a token,
+        then ``on_done(state)`` (at once if there is nobody to ask). No task: each reply, failure or slow
+        request takes the next step. Returns a function that stops it (``on_done`` is then never called)."""
+        state = self._search_start(target, v6)
+        out: set[int] = set()  # transaction ids of the requests in flight
+        table = self.tables[v6]
+        finished = False
+
+        def stop() -> None:
+            nonlocal finished
+            finished = True
+            for tid in out:
+                self.abandon_request(tid)
+            out.clear()
+
+        def step() -> None:
+            if finished:
+                return
+            if not state.done:
+                for sn in state.next_nodes():
+                    ask(sn)
+            if state.done or not state.waiting:
+                stop()
+                on_done(state)
+
+        def ask(sn: SearchNode) -> None:
+            tid = 0
+
+            def slow() -> None:
+                state.on_slow(sn.node.id)
+                step()
+
+            def done(reply: Message | None) -> None:
+                out.discard(tid)
+                try:
+                    if reply is None or reply.kind is Kind.ERROR:
+                        state.on_failure(sn.node.id)
+                        return
+                    state.on_reply(sn.node.id, reply.token)
+                    for nid, addr in self._usable_records(reply.nodes6 if v6 else reply.nodes4, sn.node.addr):
+                        state.add(table.get(nid) or Node(nid, addr))
+                    if on_reply is not None:
+                        on_reply(sn, reply)
+                finally:
+                    step()
+
+            tid = self.start_request(sn.node.addr, method, args, done, node_id=sn.node.id, on_slow=slow)
+            out.add(tid)
+
+        step()
+        return stop
+
     async def _search(
         self,
         target: InfoHash,
@@ -807,46 +896,8 @@ class DhtNode:
         args: dict[str, Any],
         on_reply: Callable[[SearchNode, Message], None] | None = None,
     ) -> SearchState:
-        """Iterative lookup: ask the closest nodes (4 in flight) until the 8 closest answered with a token."""
-        state = self._search_start(target, v6)
-        wake = trio.Event()
-        out: set[int] = set()  # transaction ids of the requests in flight
-        table = self.tables[v6]
-
-        def ask(sn: SearchNode) -> None:
-            tid = 0
-
-            def slow() -> None:
-                state.on_slow(sn.node.id)
-                wake.set()
-
-            def done(reply: Message | None) -> None:
-                out.discard(tid)
-                wake.set()
-                if reply is None or reply.kind is Kind.ERROR:
-                    state.on_failure(sn.node.id)
-                    return
-                state.on_reply(sn.node.id, reply.token)
-                for nid, addr in self._usable_records(reply.nodes6 if v6 else reply.nodes4, sn.node.addr):
-                    state.add(table.get(nid) or Node(nid, addr))
-                if on_reply is not None:
-                    on_reply(sn, reply)
-
-            tid = self.start_request(sn.node.addr, method, args, done, node_id=sn.node.id, on_slow=slow)
-            out.add(tid)
-
-        try:
-            while not state.done:
-                for sn in state.next_nodes():
-                    ask(sn)
-                if state.done or not state.waiting:
-                    break
-                await wake.wait()
-                wake = trio.Event()
-        finally:
-            for tid in out:
-                self.abandon_request(tid)
-        return state
+        """:meth:`_start_search`, awaited."""
+        return await _wait_for(lambda done: self._start_search(target, v6, method, args, done, on_reply))
 
     async def _each_family(self, fn: Callable[[bool], Awaitable[Any]]) -> None:
         """``await fn(v6)`` for each address family with known nodes, concurrently if both."""
