@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import logging
 import re
 import select
@@ -509,15 +510,20 @@ class FrontEnd:
                 )
                 continue
             end = head.size + head.content_length
-            if handler is not FrontEnd.node_info or len(buffer) < end:
+            answer = _ANSWERED_AT_ONCE.get(handler)
+            if answer is None or len(buffer) < end:
                 return _Request(head, handler, key)
+            body = bytes(buffer[head.size : end]) if head.content_length else b""
             del buffer[:end]
             try:
-                response = self.node_info_response(conn, head)
+                response = answer(self, conn, head, key, body)
             except Exception:
                 log.exception("proxy front end failed on %s %r", head.method, head.target)
                 response = self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True)
                 conn.ending = True
+            if not isinstance(response, bytes):  # a reply that needs the key's values: a DHT get, in the task
+                bare = head._replace(size=0, content_length=0)  # the body is read already
+                return _Request(bare, functools.partial(FrontEnd.finish_subscribe, reply=response), key)
             conn.ending = conn.ending or head.close or self._closing
             conn.pending = conn.send_now(response)
         return _Step.YIELD
@@ -537,7 +543,9 @@ class FrontEnd:
     async def send_reply(self, conn: _Connection, head: Head, reply: Reply) -> None:
         await conn.send(self.writer.reply(reply.status, reply.body, reply.headers, close=head.close))
 
-    def node_info_response(self, conn: _Connection, head: Head) -> bytes:
+    def node_info_response(
+        self, conn: _Connection, head: Head, key: InfoHash | None = None, body: bytes = b""
+    ) -> bytes:
         """The response to a node-info request; the connection keeps it while the document stays the same
         (the client's address is the only other part).
         """
@@ -611,13 +619,36 @@ class FrontEnd:
         assert key is not None
         await self.send_push_reply(conn, head, handlers.unsubscribe(self.state, key, body))
 
+    def subscribe_response(
+        self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes
+    ) -> bytes | PushReply:
+        """The response to a SUBSCRIBE whose body is buffered, answered by whoever read it (the poller,
+        usually); or its reply, when that still needs the key's values (:meth:`finish_subscribe`)."""
+        assert key is not None
+        reply = handlers.subscribe_now(self.state, key, body)
+        return reply if reply.fetch_values else self.push_response(head, reply)
+
+    def unsubscribe_response(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> bytes:
+        """The response to an UNSUBSCRIBE whose body is buffered."""
+        assert key is not None
+        return self.push_response(head, handlers.unsubscribe(self.state, key, body))
+
+    async def finish_subscribe(
+        self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes, *, reply: PushReply
+    ) -> None:
+        """Send a SUBSCRIBE's reply with the values now under its key."""
+        assert key is not None
+        await self.send_push_reply(conn, head, await handlers.push_reply_values(self.state, key, reply))
+
     async def send_push_reply(self, conn: _Connection, head: Head, reply: PushReply) -> None:
-        """A complete reply, or a chunked one (the whole of it known already) in one send."""
+        await conn.send(self.push_response(head, reply))
+
+    def push_response(self, head: Head, reply: PushReply) -> bytes:
+        """A complete reply, or a chunked one (the whole of it known already), as bytes for one send."""
         if not reply.chunked:
-            await conn.send(self.writer.reply(reply.status, reply.body, close=head.close))
-            return
+            return self.writer.reply(reply.status, reply.body, close=head.close)
         chunks = b"".join(chunk(data) for data in handlers.push_reply_chunks(reply))
-        await conn.send(self.writer.stream_head(reply.status, close=head.close) + chunks + LAST_CHUNK)
+        return self.writer.stream_head(reply.status, close=head.close) + chunks + LAST_CHUNK
 
 
 HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]
@@ -628,6 +659,13 @@ canonical form.
 """
 _PLAIN_NODE_INFO_TARGETS = frozenset((b"/", b"/node/info"))
 _NODE_INFO_ROUTE: HotRoute = (FrontEnd.node_info, None)
+_ANSWERED_AT_ONCE: dict[Callable[..., Awaitable[None]], Callable[..., bytes | PushReply]] = {
+    FrontEnd.node_info: FrontEnd.node_info_response,
+    FrontEnd.subscribe: FrontEnd.subscribe_response,
+    FrontEnd.unsubscribe: FrontEnd.unsubscribe_response,
+}
+"""Hot routes whose buffered requests are answered without waiting by whoever read them (usually the poller,
+which then wakes no task): handler -> ``(front end, conn, head, key, body) -> response bytes``."""
 _VALUE_ROUTES = {"GET": FrontEnd.get, "POST": FrontEnd.put}
 _PUSH_ROUTES = {**_VALUE_ROUTES, "SUBSCRIBE": FrontEnd.subscribe, "UNSUBSCRIBE": FrontEnd.unsubscribe}
 _HOT_METHODS = frozenset((*_PUSH_ROUTES, "LISTEN"))

@@ -232,8 +232,20 @@ async def subscribe(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
     """``SUBSCRIBE /key/{hash}``, ``SUBSCRIBE /{hash}``: the push hooks' reply, written as
     :func:`push_reply_chunks` says when it is chunked.
     """
+    return await push_reply_values(state, key, subscribe_now(state, key, body))
+
+
+def subscribe_now(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
+    """``SUBSCRIBE``, without waiting: a reply with ``fetch_values`` still needs :func:`push_reply_values`."""
     state.count_request()
-    return await _push_hooks(state).subscribe(key, body)
+    return _push_hooks(state).subscribe(key, body)
+
+
+async def push_reply_values(state: ProxyState, key: InfoHash, reply: PushReply) -> PushReply:
+    """``reply`` with the values now under ``key`` when it asks for them (a DHT get)."""
+    if not reply.fetch_values:
+        return reply
+    return reply.with_values(await state.dht.get(key))
 
 
 def unsubscribe(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:

@@ -32,8 +32,9 @@ STATS_WINDOW = 120.0
 class PushHooks(Protocol):
     """What the push side plugs into the proxy (see ``create_app(push=...)``)."""
 
-    async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
-        """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body."""
+    def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body, answered without waiting (a reply
+        with ``fetch_values`` leaves the DHT get of the key's values to the HTTP layer)."""
         ...
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:

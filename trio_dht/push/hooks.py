@@ -89,9 +89,9 @@ class ProxyPushHooks:
         self.dispatcher = dispatcher
         self.counts = counts or PushCounts()
 
-    async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
-        """``SUBSCRIBE``: :meth:`PushService.subscribe`."""
-        return await self.service.subscribe(key, body)
+    def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+        """``SUBSCRIBE``: :meth:`PushService.subscribe_now`."""
+        return self.service.subscribe_now(key, body)
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
         """``UNSUBSCRIBE``: :meth:`PushService.unsubscribe`."""

@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -59,17 +59,24 @@ class PushReply:
 
     Write ``status`` with ``Content-Type: application/json``; if ``chunked``, stream the response
     (``Transfer-Encoding: chunked``): ``body`` (if any) then, if ``values`` is not None, one value JSON per
-    line; otherwise send ``body`` with a ``Content-Length``.
+    line; otherwise send ``body`` with a ``Content-Length``. ``fetch_values``: the values are those now under
+    the key, which the HTTP layer gets from the DHT (:func:`trio_dht.proxy.handlers.push_reply_values`).
     """
 
     status: int
     body: bytes = b""
     chunked: bool = False
     values: list[Value] | None = None
+    fetch_values: bool = False
+
+    def with_values(self, values: list[Value]) -> PushReply:
+        """This reply, chunked, with ``values`` after its body."""
+        return replace(self, chunked=True, values=values, fetch_values=False)
 
 
 _CREATED = PushReply(200, _EMPTY_OBJECT)
 _REFRESHED = PushReply(200, _EMPTY_OBJECT, chunked=True)
+_FETCH_VALUES = PushReply(200, chunked=True, fetch_values=True)
 
 
 class _Watch:
@@ -151,7 +158,14 @@ class PushService:
     # -- HTTP entry points -----------------------------------------------------------------------------------
 
     async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
-        """Handle ``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body."""
+        """Handle ``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body (:meth:`subscribe_now`, and the
+        values it asks for)."""
+        reply = self.subscribe_now(key, body)
+        return reply.with_values(await self._dht.get(key)) if reply.fetch_values else reply
+
+    def subscribe_now(self, key: InfoHash, body: bytes) -> PushReply:
+        """Handle ``SUBSCRIBE`` without waiting: a repeated subscription without ``refresh`` is answered with
+        the key's values, which the reply's ``fetch_values`` leaves to the caller to get."""
         if self._nursery is None:
             raise RuntimeError("PushService.run is not running")
         try:
@@ -184,7 +198,7 @@ class PushService:
             return _CREATED
         if request.refresh:
             return _REFRESHED
-        return PushReply(200, chunked=True, values=await self._dht.get(key))
+        return _FETCH_VALUES
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
         """Handle ``UNSUBSCRIBE /key/{key}`` (or ``/{key}``): 200 with an empty body, even if nothing
