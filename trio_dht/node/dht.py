@@ -969,7 +969,11 @@ class DhtNode:
         now = trio.current_time()
         self._store(key, value, now, local=True, permanent=permanent)
         if key in self.listens.by_key:
-            await trio.lowlevel.checkpoint()  # what local listeners started (a push) goes before the announce
+            # What local listeners started (a push) goes out before the announce: the first step lets the
+            # tasks they spawned start (Trio runs a step's tasks in no fixed order), the second lets those
+            # run to their first wait (the push's send) before this task goes on.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
         ok = await self._announce(key, value)
         if permanent:
             assert self._nursery is not None
