@@ -8,6 +8,7 @@ and the background work of listens and permanent puts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -321,20 +322,14 @@ class DhtNode:
         on_slow: Callable[[], None] | None = None,
     ) -> Message:
         """Send a request with OpenDHT's retransmissions; return the reply or raise :class:`RequestFailed`."""
-        done = trio.Event()
-        replies: list[Message | None] = []
 
-        def finish(reply: Message | None) -> None:
-            replies.append(reply)
-            done.set()
+        def start(on_done: Callable[[Message | None], None]) -> Callable[[], None]:
+            tid = self.start_request(
+                addr, method, args, on_done, node_id=node_id, values=values, on_slow=on_slow
+            )
+            return functools.partial(self.abandon_request, tid)
 
-        tid = self.start_request(addr, method, args, finish, node_id=node_id, values=values, on_slow=on_slow)
-        try:
-            await done.wait()
-        finally:
-            if not done.is_set():
-                self.abandon_request(tid)
-        return _reply_or_raise(replies[0], method, addr)
+        return _reply_or_raise(await _wait_for(start), method, addr)
 
     def start_requests(
         self,
@@ -610,7 +605,7 @@ class DhtNode:
         if new:
             values = self.storage.get(msg.info_hash, msg.query)
             if values:
-                self._spawn_update(addr, msg.sender, sid, {"ve": 1, "h": msg.info_hash}, values)
+                self._send_update(addr, msg.sender, sid, {"ve": 1, "h": msg.info_hash}, values)
         return [self.encoder.reply(msg.tid, {"sa": sa, "token": self._tokens.issue(addr)})]
 
     def _handle_update(self, msg: Message, addr: Address, sa: bytes, now: float) -> list[bytes]:
@@ -674,7 +669,7 @@ class DhtNode:
                 self.listens.deliver(key, value, self._expiration(key, value, now))
                 self._listen_wake.set()
             for rl in self.remote_listeners.for_new_value(key, value):
-                self._spawn_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
+                self._send_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
         elif result.outcome is PutOutcome.REFRESHED:
             self._push_ids(key, "re", [value.id])
 
@@ -685,14 +680,14 @@ class DhtNode:
 
     def _push_ids(self, key: InfoHash, field_name: str, vids: list[int]) -> None:
         for rl in self.remote_listeners.for_key(key):
-            self._spawn_update(rl.addr, rl.node_id, rl.sid, {field_name: vids}, None)
+            self._send_update(rl.addr, rl.node_id, rl.sid, {field_name: vids}, None)
 
     def _on_expired(self, key: InfoHash, vids: list[int]) -> None:
         for vid in vids:
             self.listens.expire(key, vid)
         self._push_ids(key, "exp", vids)
 
-    def _spawn_update(
+    def _send_update(
         self, addr: Address, node_id: InfoHash, sid: int, args: dict[str, Any], values: list[Value] | None
     ) -> None:
         token = self._tokens.issue(addr)
