@@ -23,13 +23,19 @@ log = logging.getLogger("trio_dht")
 
 
 def tune_garbage_collector() -> None:
-    """A server's settings (the process's, not a library's to make): move what start-up allocated out of the
-    collector's sight, and collect young objects less often. Under load, CPython's default thresholds ran
-    full collections that paused requests for 50-400 ms while freeing almost nothing (bench/RESULTS.md).
+    """A server's settings (the process's, not a library's to make).
+
+    What start-up allocated is moved out of the collector's sight, and full collections wait for a thousand
+    young ones (and CPython's own rule: the old generation grown by a quarter). Young collections stay small
+    and frequent (1,500 allocations; CPython's 700): an object is then traversed while still in the CPU's
+    cache, and no pause is long. Measured under a SUBSCRIBE flood (``bench/push_bench.py --only rate``): with
+    CPython's defaults, full collections paused requests for 50-800 ms; with large young generations
+    (20,000 and 20), each young collection walked up to 400 k objects, 60-100 ms pauses and a 50 ms p99;
+    with these, 0.5 s of collection per 10 s instead of 0.75 s, no pause over 6 ms, and a 10-25 ms p99.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 100)
+    gc.set_threshold(1_500, 10, 1_000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
