@@ -31,7 +31,7 @@ from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.node.requests import FAIL_AFTER, Action, PendingRequest, RequestTracker
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.search import SearchNode, SearchState
-from trio_dht.node.storage import PutOutcome, Storage
+from trio_dht.node.storage import PutOutcome, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
 from trio_dht.node.udp import UdpEndpoint
 from trio_dht.value import Query, Value, random_value_id, type_expiration
@@ -87,6 +87,12 @@ def _reply_or_raise(reply: Message | None, method: str, addr: Address) -> Messag
     if reply.kind is Kind.ERROR:
         raise RequestFailed(f"{method} to {addr[0]}:{addr[1]}: error {reply.error_code}", reply)
     return reply
+
+
+def _expiry(stored: StoredValue | None, value: Value, now: float) -> float:
+    """When a value expires for local listeners: its stored expiration (never, for a permanent put), or its
+    type's lifetime from ``now`` when it is not stored here."""
+    return stored.expiration if stored is not None else now + type_expiration(value.type)
 
 
 async def _wait_for(start: Callable[[Callable[[Any], None]], Callable[[], None]]) -> Any:
@@ -666,7 +672,7 @@ class DhtNode:
             self._on_expired(ekey, [vid])
         if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):
             if key in self.listens.by_key:
-                self.listens.deliver(key, value, self._expiration(key, value, now))
+                self.listens.deliver(key, value, _expiry(stored, value, now))
                 self._listen_wake.set()
             for rl in self.remote_listeners.for_new_value(key, value):
                 self._send_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
@@ -675,8 +681,7 @@ class DhtNode:
 
     def _expiration(self, key: InfoHash, value: Value, now: float) -> float:
         """When a value we store expires (never, for our permanent puts)."""
-        stored = self.storage.stored(key, value.id)
-        return stored.expiration if stored is not None else now + type_expiration(value.type)
+        return _expiry(self.storage.stored(key, value.id), value, now)
 
     def _push_ids(self, key: InfoHash, field_name: str, vids: list[int]) -> None:
         for rl in self.remote_listeners.for_key(key):
