@@ -58,3 +58,16 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
     assert text.count("\n| ") >= len(rows)
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_a_repeated_scenario_reports_its_median_run_and_every_figure() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from push_bench import median_run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    runs = [{"rps": 3.0, "p99": 9.0}, {"rps": 1.0, "p99": 8.0}, {"rps": 2.0, "p99": 7.0}]
+    assert median_run(runs, "rps") == {"rps": 2.0, "p99": 7.0, "runs": [3.0, 1.0, 2.0]}
+    assert median_run(runs[:2], "rps")["rps"] == 1.0  # of an even count, the lower middle
+    assert median_run(runs[:1], "rps") is runs[0]
+    assert median_run(runs, None) is runs[0]  # a scenario that runs once
