@@ -418,6 +418,13 @@ async def test_lenient_requests_are_answered(lone_node, raw_peer):
 # -- a node without sockets, under MockClock ---------------------------------------------------------------
 
 
+class _IPv4Only:
+    """Stands for a driven node's IPv4 socket, so that it searches and listens over IPv4."""
+
+    def close(self) -> None:
+        pass
+
+
 class FakePeer:
     """A peer of a driven node: an id, an address and its encoder."""
 
@@ -680,3 +687,57 @@ async def test_a_cancelled_get_leaves_the_shared_round_to_the_others(lone_node, 
             nursery.start_soon(lambda: lone_node.get(key))
             await next_request(raw_peer, "get")
             nursery.cancel_scope.cancel()
+
+
+async def test_listen_refresh_resends_every_20_s_and_searches_only_when_needed(
+    open_driven_node, autojump_clock
+):
+    """The listening side of a listen (wire spec 2.7): the same ``sid`` every 20 s; a ``find`` for the storing
+    nodes first, then only when one is lost (or at the 10 min re-sync), not at each refresh of a network of
+    fewer than 4 nodes."""
+    key = InfoHash.get("refreshed listen")
+    async with open_driven_node() as driven:
+        node = driven.node
+        node._socks[False] = _IPv4Only()  # type: ignore[assignment]  # the fixture captures what is sent
+        storer = FakePeer(5002)
+        await driven.feed(storer.request("ping", {}), storer.addr)  # the node now knows one node
+        driven.take()
+
+        def of_key(method: str) -> list[Message]:
+            """Take the node's ``method`` requests about ``key`` to the storer."""
+            sent = [(m, a) for m, a in driven.take() if a == storer.addr]
+            driven.sent += [(m, a) for m, a in sent if m.method != method]
+            return [m for m, a in sent if m.method == method and key in (m.target, m.info_hash)]
+
+        async def answer(method: str, within: float = 1, **extra: Any) -> Message:
+            """Answer the one ``method`` request about ``key`` the node sent to the storer; returns it."""
+            with trio.fail_after(within):
+                while not (sent := of_key(method)):
+                    await trio.sleep(0.01)
+            (request,) = sent
+            await driven.feed(storer.encoder.reply(request.tid, {"sa": SA, **extra}), storer.addr)
+            return request
+
+        listener = node.add_listener(key, lambda event: None)
+        await answer("find", token=b"tok1", n4=b"")
+        first = await answer("listen")
+        assert (first.info_hash, first.token) == (key, b"tok1")
+        sids = [first.sid]
+        for _ in range(3):  # the steady state: listen again, same sid, and nothing else
+            await trio.sleep(15)
+            assert not of_key("listen")
+            await trio.sleep(6)
+            sids.append((await answer("listen")).sid)
+            assert not of_key("find")
+        assert sids == [first.sid] * 4
+        # The storer stops answering: the listen fails and is dropped. Once the storer is heard from again,
+        # the next attempt looks for storing nodes first.
+        with trio.fail_after(30):
+            while not of_key("listen"):
+                await trio.sleep(0.5)
+        await trio.sleep(20)  # unanswered, with its resends
+        assert len(of_key("listen")) == 2  # the resends: same request
+        await driven.feed(storer.request("ping", {}), storer.addr)
+        await answer("find", token=b"tok2", n4=b"", within=60)
+        assert (await answer("listen")).token == b"tok2"
+        listener.cancel()

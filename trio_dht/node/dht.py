@@ -57,6 +57,9 @@ LISTEN_REFRESH = 20.0
 LISTEN_RETRY = 5.0
 LISTEN_RETRY_MAX = 60.0
 LISTEN_WORKERS = 32
+LISTEN_REFRESHES_IN_FLIGHT = 1024
+"""Refreshes sent without a search (:meth:`DhtNode._listen_driver`) that may await their replies at once: at a
+100 ms round trip, 10 k refreshes a second, enough for 200 k listened keys."""
 LISTEN_RESYNC = 10 * 60.0
 LISTENER_EXPIRE = 10 * 60.0
 STORE_CLOSENESS = 14
@@ -184,6 +187,8 @@ class DhtNode:
         self._clock = trio.lowlevel.current_clock().current_time  # trio.current_time, minus 2 calls
         self.listens = ListenRegistry()
         self._listen_wake = trio.Event()
+        self._listen_wake_at = -math.inf
+        """When the listen driver plans to wake (set before it waits)."""
         self.listen_refresh = LISTEN_REFRESH
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
         self._get_rounds: dict[tuple[InfoHash, tuple[tuple[int, Any], ...]], _GetRound] = {}
@@ -630,7 +635,7 @@ class DhtNode:
                     self.listens.refresh(kl.key, vid, now + type_expiration(cached[0].type))
             for vid in msg.expired:
                 self.listens.expire(kl.key, vid)
-            self._listen_wake.set()
+            self._listens_changed()
         return [self.encoder.reply(msg.tid, {"sa": sa})]
 
     # -- storage and push to listeners ----------------------------------------------------------------------
@@ -673,7 +678,7 @@ class DhtNode:
         if result.outcome in (PutOutcome.STORED, PutOutcome.EDITED):
             if key in self.listens.by_key:
                 self.listens.deliver(key, value, _expiry(stored, value, now))
-                self._listen_wake.set()
+                self._listens_changed()
             for rl in self.remote_listeners.for_new_value(key, value):
                 self._send_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value])
         elif result.outcome is PutOutcome.REFRESHED:
@@ -1033,7 +1038,7 @@ class DhtNode:
             self.listens.deliver(key, v, self._expiration(key, v, now))
         if new_key:
             self.listens.schedule(kl, now)
-        self._listen_wake.set()
+        self._listens_changed()
         return listener
 
     @asynccontextmanager
@@ -1050,20 +1055,56 @@ class DhtNode:
             listener.cancel()
             send.close()
 
+    def _listens_changed(self) -> None:
+        """Wake the listen driver if a listen refresh or a cached value's expiry is now due before it planned
+        to wake (not for each value delivered or refresh done: most change nothing it waits for)."""
+        if self.listens.next_wake() < self._listen_wake_at:
+            self._listen_wake.set()
+
     async def _listen_driver(self) -> None:
-        """Expire cached listen values and hand due remote-listen refreshes to a pool of workers."""
+        """Expire cached listen values and refresh remote listens when due.
+
+        A refresh that only re-sends ``listen`` to the nodes holding it (every 20 s, the steady state) is sent
+        from here and finished in its replies' callbacks, with no task; at most ``LISTEN_REFRESHES_IN_FLIGHT``
+        await their replies. One that must look for the storing nodes first (a new listen, a lost node, the
+        10 min re-sync) goes to a pool of worker tasks, whose number bounds how much of the process a burst of
+        new listens takes.
+        """
         send, recv = trio.open_memory_channel[KeyListen](0)
+        slots = trio.Semaphore(LISTEN_REFRESHES_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             for _ in range(LISTEN_WORKERS):
                 nursery.start_soon(self._listen_worker, recv.clone())
             while True:
                 self._listen_wake = trio.Event()
-                with trio.move_on_at(self.listens.next_wake()):
+                self._listen_wake_at = self.listens.next_wake()
+                with trio.move_on_at(self._listen_wake_at):
                     await self._listen_wake.wait()
+                self._listen_wake_at = -math.inf  # busy: nobody need wake it
                 now = trio.current_time()
                 self.listens.expire_due(now)
-                for kl in self.listens.pop_due(now):
-                    await send.send(kl)
+                for i, kl in enumerate(self.listens.pop_due(now), 1):
+                    if kl.key not in self.listens.by_key:
+                        continue
+                    if self._search_families(kl, trio.current_time()):
+                        await send.send(kl)
+                        continue
+                    if i % 64 == 0:
+                        await trio.lowlevel.checkpoint()  # a burst of refreshes lets other tasks run
+                    try:
+                        slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        await slots.acquire()
+
+                    def refreshed(held: bool, kl: KeyListen = kl) -> None:
+                        slots.release()
+                        self._listen_refreshed(kl, held)
+
+                    try:
+                        self._send_listens(kl, refreshed)
+                    except Exception:
+                        log.exception("listen refresh for %s failed", kl.key.hex())
+                        refreshed(False)
 
     async def _listen_worker(self, jobs: trio.MemoryReceiveChannel[KeyListen]) -> None:
         async for kl in jobs:
@@ -1074,30 +1115,60 @@ class DhtNode:
             except Exception:  # a worker must survive anything one listen does
                 log.exception("listen refresh for %s failed", kl.key.hex())
                 found = False
-            if kl.key in self.listens.by_key and not kl.scheduled:
-                # Refresh in 20 s; with no node to hold it, retry after 5 s, backing off to 1 min.
-                kl.retry = 0.0 if found else min(2 * kl.retry or LISTEN_RETRY, LISTEN_RETRY_MAX)
-                self.listens.schedule(kl, trio.current_time() + (self.listen_refresh if found else kl.retry))
-                self._listen_wake.set()
+            self._listen_refreshed(kl, found)
+
+    def _listen_refreshed(self, kl: KeyListen, found: bool) -> None:
+        """Schedule a listen's next refresh: in 20 s; with no node to hold it, retry after 5 s, backing off to
+        1 min."""
+        if kl.key in self.listens.by_key and not kl.scheduled:
+            kl.retry = 0.0 if found else min(2 * kl.retry or LISTEN_RETRY, LISTEN_RETRY_MAX)
+            self.listens.schedule(kl, trio.current_time() + (self.listen_refresh if found else kl.retry))
+            self._listens_changed()
+
+    def _search_families(self, kl: KeyListen, now: float) -> list[bool]:
+        """The address families (``v6``) whose storing nodes a listen must look for before its refresh.
+
+        They are looked for again (a ``find`` search) when none holds the listen, every 10 min, and when fewer
+        than 4 hold it while the routing table has grown since the last look; not at every 20 s refresh of a
+        network with fewer than 4 nodes, which would double a refresh's traffic.
+        """
+        families = []
+        for v6 in self._socks:
+            table = self.tables[v6]
+            if not table.closest(kl.key, 1, now=now, good_only=False):
+                continue  # no node known: nothing to search
+            have = sum(1 for t in kl.targets.values() if t.v6 == v6)
+            last = kl.searched.get(v6)
+            if (
+                last is None
+                or not have
+                or now - last[0] > LISTEN_RESYNC
+                or (have < LISTEN_NODES and len(table) > last[1])
+            ):
+                families.append(v6)
+        return families
 
     async def _refresh_listen(self, kl: KeyListen) -> bool:
-        """Find the closest synced nodes when due, then (re)send ``listen`` to each; True if any holds it."""
-        now = trio.current_time()
-        for v6 in self._socks:
-            if not self.tables[v6].closest(kl.key, 1, now=now, good_only=False):
-                continue
-            have = [t for t in kl.targets.values() if t.v6 == v6]
-            if len(have) < LISTEN_NODES or now - kl.searched_at.get(v6, -math.inf) > LISTEN_RESYNC:
-                state = await self._search(kl.key, v6, "find", {"target": kl.key})
-                kl.searched_at[v6] = trio.current_time()
-                old = {t.node.id: t for t in have}
-                targets = [
-                    old.get(sn.node.id) or ListenTarget(sn.node, self._next_tid(), sn.token or b"", v6)
-                    for sn in state.synced(LISTEN_NODES)
-                ]
-                for t in targets:
-                    t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
-                self.listens.set_targets(kl, v6, targets)
+        """Look for the listen's storing nodes where due (:meth:`_search_families`), then (re)send ``listen``
+        to each; True if any holds it."""
+        for v6 in self._search_families(kl, trio.current_time()):
+            known = len(self.tables[v6])
+            state = await self._search(kl.key, v6, "find", {"target": kl.key})
+            kl.searched[v6] = (trio.current_time(), known)
+            old = {t.node.id: t for t in kl.targets.values() if t.v6 == v6}
+            targets = [
+                old.get(sn.node.id) or ListenTarget(sn.node, self._next_tid(), sn.token or b"", v6)
+                for sn in state.synced(LISTEN_NODES)
+            ]
+            for t in targets:
+                t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
+            self.listens.set_targets(kl, v6, targets)
+        return await _wait_for(lambda done: self._send_listens(kl, done))
+
+    def _send_listens(self, kl: KeyListen, on_done: Callable[[bool], None]) -> Callable[[], None]:
+        """Send ``listen`` to each node that holds (or should hold) the listen; ``on_done(held)`` once all
+        answered or failed, with whether any holds it. A node that did not answer is dropped, and the next
+        refresh looks for others. Returns a function that abandons the requests still out."""
         targets = list(kl.targets.items())
         queries = [listener.query for listener in kl.listeners]
         where = None
@@ -1109,16 +1180,20 @@ class DhtNode:
             if where is not None:
                 args["q"] = where
             requests.append((target.node.addr, "listen", args, target.node.id, None))
-        held = 0
-        for (sock, target), reply in zip(targets, await self.request_all(requests), strict=True):
-            if reply is None:
-                self.listens.drop_target(kl, sock)
-                kl.searched_at.clear()  # find other nodes next time
-                continue
-            if reply.token:
-                target.token = reply.token
-            held += 1
-        return held > 0
+
+        def replied(replies: list[Message | None]) -> None:
+            held = 0
+            for (sock, target), reply in zip(targets, replies, strict=True):
+                if reply is None:
+                    self.listens.drop_target(kl, sock)
+                    kl.searched.clear()  # find other nodes next time
+                    continue
+                if reply.token:
+                    target.token = reply.token
+                held += 1
+            on_done(held > 0)
+
+        return self.start_requests(requests, replied)
 
 
 # Request handlers by method (``decode`` admits only these methods).

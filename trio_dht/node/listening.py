@@ -59,7 +59,8 @@ class KeyListen:
     listeners: list[Listener] = field(default_factory=list)
     values: dict[int, tuple[Value, float]] = field(default_factory=dict)
     targets: dict[Socket, ListenTarget] = field(default_factory=dict)
-    searched_at: dict[bool, float] = field(default_factory=dict)
+    searched: dict[bool, tuple[float, int]] = field(default_factory=dict)
+    """Per family, when the storing nodes were last looked for, and how many nodes the routing table knew."""
     scheduled: bool = False
     retry: float = 0.0
     """Delay before the next attempt while no node holds the listen (0 while one does)."""
