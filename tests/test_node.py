@@ -741,3 +741,43 @@ async def test_listen_refresh_resends_every_20_s_and_searches_only_when_needed(
         await answer("find", token=b"tok2", n4=b"", within=60)
         assert (await answer("listen")).token == b"tok2"
         listener.cancel()
+
+
+async def test_new_listens_on_a_slow_network_look_for_their_nodes_at_once(open_driven_node, autojump_clock):
+    """New listens look for their storing nodes concurrently, each on callbacks: 1,000 new keys on a network
+    with a 100 ms round trip all send their ``listen`` within 2 s (32 worker tasks, a key each, took 6 s)."""
+    async with open_driven_node() as driven:
+        node = driven.node
+        node._socks[False] = _IPv4Only()  # type: ignore[assignment]
+        storer = FakePeer(5002)
+        await driven.feed(storer.request("ping", {}), storer.addr)
+        driven.take()
+        keys = [InfoHash.get(f"slow network {i}") for i in range(1000)]
+        listened: set[InfoHash] = set()
+
+        async def answer_later(request: Message) -> None:
+            await trio.sleep(0.1)  # the round trip
+            extra = {"token": b"tok", "n4": b""} if request.method == "find" else {}
+            await node.handle_datagram(storer.encoder.reply(request.tid, {"sa": SA, **extra}), storer.addr)
+
+        async with trio.open_nursery() as nursery:
+
+            async def storer_serves() -> None:
+                while True:
+                    for m, a in driven.take():
+                        if a == storer.addr and m.kind is Kind.REQUEST and m.method in ("find", "listen"):
+                            if m.method == "listen":
+                                listened.add(m.info_hash)
+                            nursery.start_soon(answer_later, m)
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(storer_serves)
+            start = trio.current_time()
+            for key in keys:
+                node.add_listener(key, lambda event: None)
+            with trio.fail_after(60):
+                while len(listened) < len(keys):
+                    await trio.sleep(0.01)
+            elapsed = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        assert elapsed < 2.0, elapsed

@@ -56,10 +56,11 @@ LISTEN_NODES = 4
 LISTEN_REFRESH = 20.0
 LISTEN_RETRY = 5.0
 LISTEN_RETRY_MAX = 60.0
-LISTEN_WORKERS = 32
 LISTEN_REFRESHES_IN_FLIGHT = 1024
 """Refreshes sent without a search (:meth:`DhtNode._listen_driver`) that may await their replies at once: at a
 100 ms round trip, 10 k refreshes a second, enough for 200 k listened keys."""
+LISTEN_SETUPS_IN_FLIGHT = 256
+"""Listens that may be looking for their storing nodes at once (:meth:`DhtNode._listen_setups`)."""
 LISTEN_RESYNC = 10 * 60.0
 LISTENER_EXPIRE = 10 * 60.0
 STORE_CLOSENESS = 14
@@ -1067,14 +1068,12 @@ class DhtNode:
         A refresh that only re-sends ``listen`` to the nodes holding it (every 20 s, the steady state) is sent
         from here and finished in its replies' callbacks, with no task; at most ``LISTEN_REFRESHES_IN_FLIGHT``
         await their replies. One that must look for the storing nodes first (a new listen, a lost node, the
-        10 min re-sync) goes to a pool of worker tasks, whose number bounds how much of the process a burst of
-        new listens takes.
+        10 min re-sync) is queued for :meth:`_listen_setups`.
         """
-        send, recv = trio.open_memory_channel[KeyListen](0)
+        send, recv = trio.open_memory_channel[KeyListen](math.inf)
         slots = trio.Semaphore(LISTEN_REFRESHES_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
-            for _ in range(LISTEN_WORKERS):
-                nursery.start_soon(self._listen_worker, recv.clone())
+            nursery.start_soon(self._listen_setups, recv)
             while True:
                 self._listen_wake = trio.Event()
                 self._listen_wake_at = self.listens.next_wake()
@@ -1087,7 +1086,7 @@ class DhtNode:
                     if kl.key not in self.listens.by_key:
                         continue
                     if self._search_families(kl, trio.current_time()):
-                        await send.send(kl)
+                        send.send_nowait(kl)
                         continue
                     if i % 64 == 0:
                         await trio.lowlevel.checkpoint()  # a burst of refreshes lets other tasks run
@@ -1095,27 +1094,35 @@ class DhtNode:
                         slots.acquire_nowait()
                     except trio.WouldBlock:
                         await slots.acquire()
+                    self._refresh_listen(kl, [], self._listen_finisher(kl, slots))
 
-                    def refreshed(held: bool, kl: KeyListen = kl) -> None:
-                        slots.release()
-                        self._listen_refreshed(kl, held)
-
-                    try:
-                        self._send_listens(kl, refreshed)
-                    except Exception:
-                        log.exception("listen refresh for %s failed", kl.key.hex())
-                        refreshed(False)
-
-    async def _listen_worker(self, jobs: trio.MemoryReceiveChannel[KeyListen]) -> None:
-        async for kl in jobs:
+    async def _listen_setups(self, due: trio.MemoryReceiveChannel[KeyListen]) -> None:
+        """Start the refreshes that look for storing nodes first: one per scheduling pass, at most
+        ``LISTEN_SETUPS_IN_FLIGHT`` at once. Each runs on callbacks, so a slow network lets many be in
+        flight; a fast one (loopback) still gets one new start per pass, so that a burst of new listens
+        shares the process with requests being served instead of taking it."""
+        slots = trio.Semaphore(LISTEN_SETUPS_IN_FLIGHT)
+        async for kl in due:
             if kl.key not in self.listens.by_key:
                 continue
-            try:
-                found = await self._refresh_listen(kl)
-            except Exception:  # a worker must survive anything one listen does
-                log.exception("listen refresh for %s failed", kl.key.hex())
-                found = False
-            self._listen_refreshed(kl, found)
+            await slots.acquire()  # always a scheduling point: one start per pass
+            self._refresh_listen(
+                kl, self._search_families(kl, trio.current_time()), self._listen_finisher(kl, slots)
+            )
+
+    def _listen_finisher(self, kl: KeyListen, slots: trio.Semaphore) -> Callable[[bool], None]:
+        """What ends one refresh of ``kl`` (once): its slot freed, its next refresh scheduled."""
+        finished = False
+
+        def finish(held: bool) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            slots.release()
+            self._listen_refreshed(kl, held)
+
+        return finish
 
     def _listen_refreshed(self, kl: KeyListen, found: bool) -> None:
         """Schedule a listen's next refresh: in 20 s; with no node to hold it, retry after 5 s, backing off to
@@ -1148,22 +1155,42 @@ class DhtNode:
                 families.append(v6)
         return families
 
-    async def _refresh_listen(self, kl: KeyListen) -> bool:
-        """Look for the listen's storing nodes where due (:meth:`_search_families`), then (re)send ``listen``
-        to each; True if any holds it."""
-        for v6 in self._search_families(kl, trio.current_time()):
-            known = len(self.tables[v6])
-            state = await self._search(kl.key, v6, "find", {"target": kl.key})
-            kl.searched[v6] = (trio.current_time(), known)
-            old = {t.node.id: t for t in kl.targets.values() if t.v6 == v6}
-            targets = [
-                old.get(sn.node.id) or ListenTarget(sn.node, self._next_tid(), sn.token or b"", v6)
-                for sn in state.synced(LISTEN_NODES)
-            ]
-            for t in targets:
-                t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
-            self.listens.set_targets(kl, v6, targets)
-        return await _wait_for(lambda done: self._send_listens(kl, done))
+    def _refresh_listen(self, kl: KeyListen, families: list[bool], on_done: Callable[[bool], None]) -> None:
+        """Look for the listen's storing nodes in ``families`` (a ``find`` search each, at once), then
+        (re)send ``listen`` to each node that holds it (:meth:`_send_listens`); ``on_done(held)`` at the end,
+        also after a failure (logged). No task."""
+        left = len(families)
+
+        def searched(v6: bool, known: int, state: SearchState) -> None:
+            nonlocal left
+            try:
+                kl.searched[v6] = (trio.current_time(), known)
+                old = {t.node.id: t for t in kl.targets.values() if t.v6 == v6}
+                targets = [
+                    old.get(sn.node.id) or ListenTarget(sn.node, self._next_tid(), sn.token or b"", v6)
+                    for sn in state.synced(LISTEN_NODES)
+                ]
+                for t in targets:
+                    t.token = state.get(t.node.id).token or t.token  # a fresh token from this search
+                self.listens.set_targets(kl, v6, targets)
+                left -= 1
+                if not left:
+                    self._send_listens(kl, on_done)
+            except Exception:
+                log.exception("listen refresh for %s failed", kl.key.hex())
+                on_done(False)
+
+        try:
+            if not families:
+                self._send_listens(kl, on_done)
+            for v6 in families:
+                known = len(self.tables[v6])
+                self._start_search(
+                    kl.key, v6, "find", {"target": kl.key}, functools.partial(searched, v6, known)
+                )
+        except Exception:
+            log.exception("listen refresh for %s failed", kl.key.hex())
+            on_done(False)
 
     def _send_listens(self, kl: KeyListen, on_done: Callable[[bool], None]) -> Callable[[], None]:
         """Send ``listen`` to each node that holds (or should hold) the listen; ``on_done(held)`` once all
