@@ -1192,10 +1192,10 @@ class DhtNode:
             log.exception("listen refresh for %s failed", kl.key.hex())
             on_done(False)
 
-    def _send_listens(self, kl: KeyListen, on_done: Callable[[bool], None]) -> Callable[[], None]:
+    def _send_listens(self, kl: KeyListen, on_done: Callable[[bool], None]) -> None:
         """Send ``listen`` to each node that holds (or should hold) the listen; ``on_done(held)`` once all
         answered or failed, with whether any holds it. A node that did not answer is dropped, and the next
-        refresh looks for others. Returns a function that abandons the requests still out."""
+        refresh looks for others."""
         targets = list(kl.targets.items())
         queries = [listener.query for listener in kl.listeners]
         where = None
@@ -1220,7 +1220,7 @@ class DhtNode:
                 held += 1
             on_done(held > 0)
 
-        return self.start_requests(requests, replied)
+        self.start_requests(requests, replied)
 
 
 # Request handlers by method (``decode`` admits only these methods).
