@@ -781,3 +781,39 @@ async def test_new_listens_on_a_slow_network_look_for_their_nodes_at_once(open_d
             elapsed = trio.current_time() - start
             nursery.cancel_scope.cancel()
         assert elapsed < 2.0, elapsed
+
+
+async def test_a_listen_ended_while_it_searches_does_not_listen_for_its_successor(
+    open_driven_node, autojump_clock
+):
+    """Unsubscribed then subscribed again while the first listen still looked for its nodes: only the new
+    listen sends ``listen`` (the old one's search ends quietly), and values reach the new listener."""
+    key = InfoHash.get("listen again")
+    async with open_driven_node() as driven:
+        node = driven.node
+        node._socks[False] = _IPv4Only()  # type: ignore[assignment]
+        storer = FakePeer(5002)
+        await driven.feed(storer.request("ping", {}), storer.addr)
+        driven.take()
+
+        async def sent(method: str) -> list[Message]:
+            await trio.sleep(0.5)
+            return [m for m, a in driven.take(method) if a == storer.addr and key in (m.target, m.info_hash)]
+
+        first = node.add_listener(key, lambda event: None)
+        finds = await sent("find")  # the first listen looks for its nodes...
+        first.cancel()  # ... and ends before it found them
+        got: list[bytes] = []
+        node.add_listener(key, lambda event: got.append(event.value.data))
+        finds += await sent("find")
+        assert len(finds) == 2
+        for find in finds:
+            await driven.feed(
+                storer.encoder.reply(find.tid, {"sa": SA, "token": b"tok", "n4": b""}), storer.addr
+            )
+        (listen,) = await sent("listen")
+        await driven.feed(storer.encoder.reply(listen.tid, {"sa": SA}), storer.addr)
+        update = {"ve": 1, "h": key, "sid": listen.sid, "values": [Value(b"new", id=7).to_wire()]}
+        await driven.feed(storer.request("update", update), storer.addr)
+        assert got == [b"new"]
+        assert len(node.listens.by_socket) == 1

@@ -1083,7 +1083,7 @@ class DhtNode:
                 now = trio.current_time()
                 self.listens.expire_due(now)
                 for i, kl in enumerate(self.listens.pop_due(now), 1):
-                    if kl.key not in self.listens.by_key:
+                    if not self.listens.is_live(kl):
                         continue
                     if self._search_families(kl, trio.current_time()):
                         send.send_nowait(kl)
@@ -1103,7 +1103,7 @@ class DhtNode:
         shares the process with requests being served instead of taking it."""
         slots = trio.Semaphore(LISTEN_SETUPS_IN_FLIGHT)
         async for kl in due:
-            if kl.key not in self.listens.by_key:
+            if not self.listens.is_live(kl):
                 continue
             await slots.acquire()  # always a scheduling point: one start per pass
             self._refresh_listen(
@@ -1127,7 +1127,7 @@ class DhtNode:
     def _listen_refreshed(self, kl: KeyListen, found: bool) -> None:
         """Schedule a listen's next refresh: in 20 s; with no node to hold it, retry after 5 s, backing off to
         1 min."""
-        if kl.key in self.listens.by_key and not kl.scheduled:
+        if self.listens.is_live(kl) and not kl.scheduled:
             kl.retry = 0.0 if found else min(2 * kl.retry or LISTEN_RETRY, LISTEN_RETRY_MAX)
             self.listens.schedule(kl, trio.current_time() + (self.listen_refresh if found else kl.retry))
             self._listens_changed()

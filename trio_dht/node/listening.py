@@ -168,14 +168,19 @@ class ListenRegistry:
         exp = self._expiries[0][0] if self._expiries else math.inf
         return min(due, exp)
 
+    def is_live(self, kl: KeyListen) -> bool:
+        """Whether ``kl`` is its key's listen: not ended, nor ended and replaced by a new listen of the key
+        (whose refreshes are its own)."""
+        return self.by_key.get(kl.key) is kl
+
     def set_targets(self, kl: KeyListen, v6: bool, targets: list[ListenTarget]) -> None:
         """Replace the family's targets (sockets of nodes kept keep their ``sid``)."""
         for sock, t in list(kl.targets.items()):
             if t.v6 == v6:
                 del kl.targets[sock]
                 self.by_socket.pop(sock, None)
-        if kl.key not in self.by_key:
-            return  # cancelled while searching
+        if not self.is_live(kl):
+            return  # ended while searching
         for t in targets:
             sock = (t.node.id, t.sid)
             kl.targets[sock] = t
