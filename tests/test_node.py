@@ -439,6 +439,16 @@ class FakePeer:
         return self.encoder.request(self.tid, method, args)
 
 
+async def known_storer(driven) -> FakePeer:
+    """A peer the driven node knows (it pinged), as the one node of an IPv4-only network: where the node's
+    listens look for storing nodes and send ``listen``. What the node sent so far is dropped."""
+    driven.node._socks[False] = _IPv4Only()  # the fixture captures what is sent
+    storer = FakePeer(5002)
+    await driven.feed(storer.request("ping", {}), storer.addr)
+    driven.take()
+    return storer
+
+
 async def driven_token(driven, peer: FakePeer, key: InfoHash) -> bytes:
     await driven.feed(peer.request("get", {"h": key}), peer.addr)
     (reply,) = [m for m, a in driven.take() if m.kind is Kind.REPLY and a == peer.addr]
@@ -698,10 +708,7 @@ async def test_listen_refresh_resends_every_20_s_and_searches_only_when_needed(
     key = InfoHash.get("refreshed listen")
     async with open_driven_node() as driven:
         node = driven.node
-        node._socks[False] = _IPv4Only()  # type: ignore[assignment]  # the fixture captures what is sent
-        storer = FakePeer(5002)
-        await driven.feed(storer.request("ping", {}), storer.addr)  # the node now knows one node
-        driven.take()
+        storer = await known_storer(driven)
 
         def of_key(method: str) -> list[Message]:
             """Take the node's ``method`` requests about ``key`` to the storer."""
@@ -748,10 +755,7 @@ async def test_new_listens_on_a_slow_network_look_for_their_nodes_at_once(open_d
     with a 100 ms round trip all send their ``listen`` within 2 s (32 worker tasks, a key each, took 6 s)."""
     async with open_driven_node() as driven:
         node = driven.node
-        node._socks[False] = _IPv4Only()  # type: ignore[assignment]
-        storer = FakePeer(5002)
-        await driven.feed(storer.request("ping", {}), storer.addr)
-        driven.take()
+        storer = await known_storer(driven)
         keys = [InfoHash.get(f"slow network {i}") for i in range(1000)]
         listened: set[InfoHash] = set()
 
@@ -791,10 +795,7 @@ async def test_a_listen_ended_while_it_searches_does_not_listen_for_its_successo
     key = InfoHash.get("listen again")
     async with open_driven_node() as driven:
         node = driven.node
-        node._socks[False] = _IPv4Only()  # type: ignore[assignment]
-        storer = FakePeer(5002)
-        await driven.feed(storer.request("ping", {}), storer.addr)
-        driven.take()
+        storer = await known_storer(driven)
 
         async def sent(method: str) -> list[Message]:
             await trio.sleep(0.5)
