@@ -50,6 +50,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (our proxy's HTTP worker)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` plus its live children's."""
+    return cpu_seconds(pid) + sum(tree_cpu_seconds(child) for child in children(pid))
+
+
+def tree_rss_kb(pid: int) -> int:
+    """VmRSS of ``pid`` plus its live children's, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) + sum(tree_rss_kb(child) for child in children(pid))
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy since boot (all cores)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

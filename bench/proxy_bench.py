@@ -51,6 +51,7 @@ from common import (
     spawn,
     start_all,
     start_b_nodes,
+    tree_cpu_seconds,
 )
 
 WRK_DIR = HERE / "wrk"
@@ -60,16 +61,6 @@ SCENARIOS = {
     "post": ("POST /key/{random h}", "/", "post_distinct.lua"),
     "info": ("GET /node/info", "/node/info", "get.lua"),
 }
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of ``pid`` plus its live children (our proxy's worker processes)."""
-    total = cpu_seconds(pid)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        children = []
-    return total + sum(tree_cpu_seconds(int(c)) for c in children)
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:

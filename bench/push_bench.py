@@ -29,7 +29,8 @@ median figure (requests/s, p99, pushes/s) is reported, with every run's figure b
 
 Our proxy runs with the CLI: ``python -m trio_dht -p PORT --bind 127.0.0.1 --no-ipv6 -b 127.0.0.1:B
 --proxyserver PORT --proxy-addr 127.0.0.1 --pushserver 127.0.0.1:G``; dhtnode with ``-s -U -p PORT
--b 127.0.0.1:B --proxyserver PORT --proxy-addr 127.0.0.1 --pushserver 127.0.0.1:G``.
+-b 127.0.0.1:B --proxyserver PORT --proxy-addr 127.0.0.1 --pushserver 127.0.0.1:G``. Ours runs its HTTP
+worker process there (the default on 2 cores): A's CPU and VmRSS include the worker's.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ from common import (
     spawn,
     start_all,
     start_b_nodes,
+    tree_cpu_seconds,
+    tree_rss_kb,
 )
 from proxy_bench import http, parse_duration_ms
 
@@ -283,10 +286,8 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.a.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        """A's VmRSS, with its HTTP worker's."""
+        return tree_rss_kb(self.a.pid)
 
     def sink_stats(self) -> dict:
         return json.loads(http("GET", f"http://127.0.0.1:{self.sink_port}/bench/stats", timeout=30)[1])
@@ -369,15 +370,14 @@ class CpuMeter:
 
     def __enter__(self) -> CpuMeter:
         s = self.stack
-        self._start = [cpu_seconds(p.pid) for p in (s.a, s.b, s.sink)] + [
-            time.process_time(),
-            machine_busy_seconds(),
-        ]
+        self._start = [tree_cpu_seconds(s.a.pid), cpu_seconds(s.b.pid), cpu_seconds(s.sink.pid)]
+        self._start += [time.process_time(), machine_busy_seconds()]
         return self
 
     def __exit__(self, *exc: object) -> None:
         s = self.stack
-        end = [cpu_seconds(p.pid) for p in (s.a, s.b, s.sink)] + [time.process_time(), machine_busy_seconds()]
+        end = [tree_cpu_seconds(s.a.pid), cpu_seconds(s.b.pid), cpu_seconds(s.sink.pid)]
+        end += [time.process_time(), machine_busy_seconds()]
         a, b, sink, client, busy = (e - s0 for e, s0 in zip(end, self._start, strict=True))
         self.result = {
             "a_cpu": a,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from trio_dht.config import (
     parse_host_port,
 )
 from trio_dht.node import DEFAULT_PORT
+from trio_dht.proxy.config import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME
 
 
@@ -228,3 +231,15 @@ def test_no_rate_limit_and_private_endpoint_flags() -> None:
     assert default.rate_limit and not default.allow_private_endpoints
     config = parse_args(["-U", "--push-allow-private-endpoints"])
     assert not config.rate_limit and config.allow_private_endpoints
+
+
+def test_http_workers() -> None:
+    assert parse_args([]).proxy.http_workers == default_http_workers()
+    assert default_http_workers() == (1 if sys.platform == "linux" and (os.cpu_count() or 1) >= 2 else 0)
+    assert parse_args(["--http-workers", "0"]).proxy.http_workers == 0
+    assert parse_args(["--http-workers", "3"]).proxy.http_workers == 3
+    for bad in ("-1", "65", "two"):
+        with pytest.raises(SystemExit):
+            parse_args(["--http-workers", bad])
+    with pytest.raises(ValueError, match="http_workers"):
+        ProxyConfig(http_workers=-1)

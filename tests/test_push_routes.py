@@ -1,6 +1,7 @@
 """SUBSCRIBE / UNSUBSCRIBE routes and the proxy's push hooks, over loopback against an in-memory DHT.
 
-Every test runs twice: with the plain-HTTP front end serving SUBSCRIBE/UNSUBSCRIBE (``fast``), and with
+Every test runs three times: with the plain-HTTP front end serving SUBSCRIBE/UNSUBSCRIBE (``fast``); with an
+HTTP worker process relaying them to it (``worker``: every other request hands its connection over); and with
 ``fast_path`` off, so that hypercorn and the Quart blueprint serve them (``quart``).
 """
 
@@ -63,7 +64,7 @@ class Stack:
         assert r.reason_phrase == ("OK" if self.fast else "") or r.status_code != 200
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "quart"])
+@pytest.fixture(params=["fast", "worker", "quart"])
 async def stack(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Stack]:
     dht = MemoryDht()
     gateway = RecordingGateway()
@@ -75,11 +76,13 @@ async def stack(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncI
     await nursery.start(dispatcher.run)
     await nursery.start(service.run)
     hooks = ProxyPushHooks(service, dispatcher, counts)
-    config = ProxyConfig(host="127.0.0.1", port=0, fast_path=request.param, max_body=1000)
+    fast = request.param != "quart"
+    workers = 1 if request.param == "worker" else 0
+    config = ProxyConfig(host="127.0.0.1", port=0, fast_path=fast, max_body=1000, http_workers=workers)
     serve = partial(serve_proxy, dht, config, blueprints=[subscribe_blueprint()], push=hooks)
     (url,) = await nursery.start(serve)
     async with httpx.AsyncClient(base_url=url, timeout=BOUND) as client:
-        yield Stack(dht, gateway, service, hooks, client, request.param)
+        yield Stack(dht, gateway, service, hooks, client, fast)
 
 
 def body(**fields) -> bytes:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from trio_dht.node import DEFAULT_PORT
-from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.config import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
 
-DEFAULT_PROXY = ProxyConfig()  # plain HTTP on port 8000, every interface, as dhtnode's proxy
+DEFAULT_PROXY = ProxyConfig(http_workers=default_http_workers())
+"""Plain HTTP on port 8000, every interface, as dhtnode's proxy; an HTTP worker where there are 2 cores."""
 DEFAULT_PROXY_PORT = DEFAULT_PROXY.port
 
 T = TypeVar("T")
@@ -141,6 +142,12 @@ def _version() -> str:
         return "unknown"
 
 
+def _workers(text: str) -> int:
+    if not text.isdecimal() or int(text) > 64:
+        raise ValueError(f"not a count from 0 to 64: {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``trio-dht`` argument parser (dhtnode's flag names where dhtnode has the flag)."""
     port = _argparse_type(_port, "port")
@@ -241,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PASSWORD",
         help="of --proxy-privkey",
     )
+    proxy.add_argument(
+        "--http-workers",
+        type=_argparse_type(_workers, "count"),
+        default=None,
+        metavar="N",
+        help="processes that serve the plain-HTTP connections beside the node's, with push notifications on "
+        "(default: 1 on Linux with 2 cores or more, else 0; 0: the node's process serves them all)",
+    )
 
     push = parser.add_argument_group("push notifications")
     push.add_argument(
@@ -297,6 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
                 certificate=str(args.proxy_certificate) if args.proxy_certificate else None,
                 private_key=str(args.proxy_private_key) if args.proxy_private_key else None,
                 private_key_password=args.proxy_private_key_password,
+                http_workers=default_http_workers() if args.http_workers is None else args.http_workers,
             )
         except ValueError as exc:
             parser.error(str(exc))

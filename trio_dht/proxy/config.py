@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 
@@ -17,6 +19,11 @@ class RateLimit:
     def __post_init__(self) -> None:
         if self.per_second <= 0 or self.burst < 1:
             raise ValueError("a rate limit needs per_second > 0 and burst >= 1")
+
+
+def default_http_workers() -> int:
+    """The command line's default for :attr:`ProxyConfig.http_workers`: 1 on Linux with 2 cores or more."""
+    return 1 if sys.platform == "linux" and (os.cpu_count() or 1) >= 2 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,14 @@ class ProxyConfig:
     (:mod:`~trio_dht.proxy.frontend`), and on a raw-ASGI path for TLS and handed-over connections. Off: every
     request goes through hypercorn and Quart."""
 
+    http_workers: int = 0
+    """Worker processes that accept the plain-HTTP connections, relay SUBSCRIBE and UNSUBSCRIBE to this
+    process and hand every other connection over to it (:mod:`~trio_dht.proxy.http_worker`): the bytes of
+    the hot push routes move on other cores. Used only with push hooks, the fast path and Linux; 0: none."""
+
     def __post_init__(self) -> None:
+        if self.http_workers < 0:
+            raise ValueError("http_workers must not be negative")
         if self.port is None and self.tls_port is None:
             raise ValueError("the proxy needs a port or a TLS port")
         if self.tls_port is not None and (self.certificate is None or self.private_key is None):

@@ -52,7 +52,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import handlers
+from trio_dht.proxy import handlers, relay
 from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
@@ -60,6 +60,7 @@ from trio_dht.proxy.keys import hash_from_segment
 from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.streams import ListenFeed
+from trio_dht.proxy.worker_link import WorkerLink
 
 if TYPE_CHECKING:
     from trio_dht.push.service import PushReply
@@ -274,7 +275,9 @@ class _Poller:
 class FrontEnd:
     """Serves the plain listening sockets of one proxy app (see the module docstring)."""
 
-    def __init__(self, app: ProxyApp, hypercorn_config: Config, *, fast_path: bool = True) -> None:
+    def __init__(
+        self, app: ProxyApp, hypercorn_config: Config, *, fast_path: bool = True, http_workers: int = 0
+    ) -> None:
         self.app = app
         self.state = app.state
         self.fast_path = fast_path
@@ -288,6 +291,8 @@ class FrontEnd:
         self._poller: _Poller | None = None
         self._closing = False
         self._shutdown = trio.Event()
+        self._http_workers = http_workers
+        self._workers: list[WorkerLink] = []
 
     async def serve(
         self,
@@ -313,10 +318,17 @@ class FrontEnd:
                 async with trio.open_nursery() as connections:
                     try:
                         async with trio.open_nursery() as acceptors:
-                            for sock in plain:
-                                acceptors.start_soon(self._accept_loop, sock, connections, None)
+                            if self._poller is not None and self._push and self._http_workers > 0:
+                                self._workers = [WorkerLink(self, plain) for _ in range(self._http_workers)]
+                                for link in self._workers:  # drained (not cancelled) on shutdown
+                                    connections.start_soon(link.run, connections)
+                                for link in self._workers:
+                                    await link.serving.wait()
+                            else:
+                                for sock in plain:
+                                    acceptors.start_soon(self.accept_loop, sock, connections)
                             for sock in tls:
-                                acceptors.start_soon(self._accept_loop, sock, connections, ssl_context)
+                                acceptors.start_soon(self.accept_loop, sock, connections, ssl_context)
                             acceptors.start_soon(self._close_idle_connections)
                             if self._poller is not None:
                                 acceptors.start_soon(self._poller.run)
@@ -338,6 +350,8 @@ class FrontEnd:
 
     async def _drain(self) -> None:
         self._closing = True  # from now on a connection's task waits for its own bytes (the poller is gone)
+        for link in self._workers:
+            link.drain()
         for conn in self._connections:
             if conn.idle_since is not None:
                 conn.scope.cancel()
@@ -354,9 +368,10 @@ class FrontEnd:
                 if conn.idle_since is not None and conn.idle_since < limit:
                     conn.scope.cancel()
 
-    async def _accept_loop(
-        self, listener: socket.socket, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None
+    async def accept_loop(
+        self, listener: socket.socket, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None
     ) -> None:
+        """Accept connections on ``listener`` and serve each in a task of ``nursery``."""
         listener.setblocking(False)
         while True:
             try:
@@ -377,20 +392,18 @@ class FrontEnd:
             nursery.start_soon(self._serve_connection, sock, str(addr[0]), ssl_context)
 
     async def _serve_connection(
-        self, sock: socket.socket, client: str, ssl_context: ssl.SSLContext | None
+        self, sock: socket.socket, client: str, ssl_context: ssl.SSLContext | None, read: bytes = b""
     ) -> None:
+        """Serve an accepted connection; ``read``: its bytes a worker read already."""
         conn = _Connection(sock, client)
+        conn.buffer += read
         try:
             if ssl_context is not None:
                 await self._hand_over(conn, ssl_context)
             elif not self.fast_path:
                 await self._hand_over(conn)
             else:
-                limiter = self.state.limiter
-                if limiter is not None:
-                    client_key = limiter.client_key(client)
-                    if client_key is None or not client_key[1] or limiter.limit.loopback:
-                        conn.limiter = limiter  # else a loopback client, trusted (see RateLimit.loopback)
+                conn.limiter = self._limiter_for(client)
                 self._connections.add(conn)
                 if self._poller is not None:
                     self._poller.add(conn)
@@ -410,6 +423,23 @@ class FrontEnd:
             log.exception("proxy connection from %s failed", client)
         finally:
             sock.close()  # also after hypercorn, which leaves it open when a TLS handshake fails
+
+    def _limiter_for(self, client: str) -> RateLimiter | None:
+        """The rate limiter that applies to a client: None for a trusted one (see RateLimit.loopback)."""
+        limiter = self.state.limiter
+        if limiter is not None:
+            client_key = limiter.client_key(client)
+            if client_key is None or not client_key[1] or limiter.limit.loopback:
+                return limiter
+        return None
+
+    def _refusal(self, limiter: RateLimiter | None, client: str, content_length: int) -> Reply | None:
+        """The reply that refuses a hot request before it is read (over the rate or the body limit)."""
+        if limiter is not None and not limiter.allow(client, trio.current_time()):
+            return TOO_MANY_REQUESTS
+        if content_length > self._max_body:
+            return TOO_LARGE
+        return None
 
     async def _serve_requests(self, conn: _Connection) -> bool:
         """Answer hot requests until the connection is to be closed (False) or handed to hypercorn (True)."""
@@ -497,12 +527,7 @@ class FrontEnd:
                 return _Step.HAND_OVER
             conn.idle_since = None
             handler, key = route
-            if conn.limiter is not None and not conn.limiter.allow(conn.client, trio.current_time()):
-                refusal: Reply | None = TOO_MANY_REQUESTS
-            elif head.content_length > self._max_body:
-                refusal = TOO_LARGE
-            else:
-                refusal = None
+            refusal = self._refusal(conn.limiter, conn.client, head.content_length)
             if refusal is not None:  # the body (if any) is not read, so the connection ends
                 conn.ending = True
                 conn.pending = conn.send_now(
@@ -626,12 +651,12 @@ class FrontEnd:
         usually); or its reply, when that still needs the key's values (:meth:`finish_subscribe`)."""
         assert key is not None
         reply = handlers.subscribe_now(self.state, key, body)
-        return reply if reply.fetch_values else self.push_response(head, reply)
+        return reply if reply.fetch_values else self.push_response(head.close, reply)
 
     def unsubscribe_response(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> bytes:
         """The response to an UNSUBSCRIBE whose body is buffered."""
         assert key is not None
-        return self.push_response(head, handlers.unsubscribe(self.state, key, body))
+        return self.push_response(head.close, handlers.unsubscribe(self.state, key, body))
 
     async def finish_subscribe(
         self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes, *, reply: PushReply
@@ -641,14 +666,55 @@ class FrontEnd:
         await self.send_push_reply(conn, head, await handlers.push_reply_values(self.state, key, reply))
 
     async def send_push_reply(self, conn: _Connection, head: Head, reply: PushReply) -> None:
-        await conn.send(self.push_response(head, reply))
+        await conn.send(self.push_response(head.close, reply))
 
-    def push_response(self, head: Head, reply: PushReply) -> bytes:
+    def push_response(self, close: bool, reply: PushReply) -> bytes:
         """A complete reply, or a chunked one (the whole of it known already), as bytes for one send."""
         if not reply.chunked:
-            return self.writer.reply(reply.status, reply.body, close=head.close)
+            return self.writer.reply(reply.status, reply.body, close=close)
         chunks = b"".join(chunk(data) for data in handlers.push_reply_chunks(reply))
-        return self.writer.stream_head(reply.status, close=head.close) + chunks + LAST_CHUNK
+        return self.writer.stream_head(reply.status, close=close) + chunks + LAST_CHUNK
+
+    # -- what HTTP worker processes relay (see trio_dht.proxy.worker_link) -----------------------------------
+
+    def relayed_response(self, request: relay.Relayed) -> tuple[bytes | PushReply, bool]:
+        """The response to a request a worker relayed, and whether its connection closes after it; or a
+        SUBSCRIBE's reply that still needs the key's values (:meth:`relayed_values_response`)."""
+        close = request.close or self._closing
+        refusal = self._refusal(self._limiter_for(request.client), request.client, len(request.body))
+        if refusal is not None:
+            return self.writer.reply(refusal.status, refusal.body, refusal.headers, close=True), True
+        key = InfoHash(request.key)
+        try:
+            if request.method == relay.SUBSCRIBE:
+                reply = handlers.subscribe_now(self.state, key, request.body)
+            else:
+                reply = handlers.unsubscribe(self.state, key, request.body)
+        except Exception:
+            log.exception("proxy front end failed on a relayed %s", relay.METHOD_NAMES[request.method])
+            return self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True), True
+        if reply.fetch_values:
+            return reply, close
+        return self.push_response(close, reply), close
+
+    async def relayed_values_response(self, key: bytes, reply: PushReply, close: bool) -> tuple[bytes, bool]:
+        """The response to a relayed SUBSCRIBE with the values now under its key."""
+        try:
+            reply = await handlers.push_reply_values(self.state, InfoHash(key), reply)
+        except Exception:
+            log.exception("proxy front end failed on a relayed SUBSCRIBE")
+            return self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True), True
+        return self.push_response(close, reply), close
+
+    def take_over(self, sock: socket.socket, read: bytes, connections: trio.Nursery) -> None:
+        """Serve a connection a worker handed over, starting with the bytes it read."""
+        try:
+            sock.setblocking(False)
+            client = str(sock.getpeername()[0])
+        except OSError:  # gone already
+            sock.close()
+            return
+        connections.start_soon(self._serve_connection, sock, client, None, read)
 
 
 HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]

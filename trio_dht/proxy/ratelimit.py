@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ class RateLimiter:
         self.refused = 0
 
     @staticmethod
+    @functools.lru_cache(maxsize=4096)  # a request's client is usually a recent one: parse its address once
     def client_key(host: str) -> tuple[str, bool] | None:
         """(bucket key, is loopback) for a client address, or None if it is not an IP address."""
         try:

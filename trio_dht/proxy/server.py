@@ -77,7 +77,7 @@ async def serve_proxy(
     sockets = cfg.create_sockets()
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(cfg.backlog)
-    front = FrontEnd(app, cfg, fast_path=config.fast_path)
+    front = FrontEnd(app, cfg, fast_path=config.fast_path, http_workers=config.http_workers)
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope(shield=True)
 

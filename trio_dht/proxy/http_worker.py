@@ -1,0 +1,340 @@
+"""An HTTP worker process: serves the proxy's plain listening sockets beside the front end's process.
+
+Why: on one core, a SUBSCRIBE costs the front end about 60 µs, a third of it moving bytes (the ``recv``, the
+``send`` of the response, reading the head). A worker takes that part to another core. It accepts the
+connections, reads their requests with :mod:`~trio_dht.proxy.http1`, relays each SUBSCRIBE and UNSUBSCRIBE of
+a key route to the front end (:mod:`~trio_dht.proxy.relay`) and writes the response it gets back. It hands any
+other request's connection over, with the bytes already read; the front end serves it from then on, as if it
+had accepted it. So a worker holds no state of the proxy, and every answer comes from the one process that
+owns the DHT node and the subscriptions.
+
+The front end starts a worker with :func:`worker_command` and supervises it (see
+:meth:`~trio_dht.proxy.frontend.FrontEnd.serve`). One Trio task serves everything here through one epoll: no
+task per connection. A connection has at most one request relayed at a time; it is read on meanwhile, up to
+a limit, so that pipelined requests keep their order. The worker ignores SIGINT (Ctrl-C reaches the whole
+process group; the front end drains it), exits when the front end's end of the channel closes, and after a
+:data:`~trio_dht.proxy.relay.DRAIN` once its last response is sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import select
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from trio_dht.proxy import relay
+from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT, RECV_SIZE, FrontEnd, hot_route
+from trio_dht.proxy.http1 import UNUSUAL, Head, read_head
+
+log = logging.getLogger(__name__)
+
+_RELAYED = {FrontEnd.subscribe: relay.SUBSCRIBE, FrontEnd.unsubscribe: relay.UNSUBSCRIBE}
+_READ = select.EPOLLIN | select.EPOLLRDHUP
+_BLOCKING = (BlockingIOError, InterruptedError)
+MAX_BUFFERED = RECV_SIZE
+"""A connection with a request relayed is not read further once this many bytes wait behind it."""
+ACCEPTS_PER_TURN = 64
+
+
+def worker_command(channel_fd: int, listener_fds: list[int]) -> list[str]:
+    """The command line of a worker that serves these inherited file descriptors, for this interpreter and
+    this copy of trio_dht (a directory, or the zipapp)."""
+    import trio_dht
+
+    home = str(Path(trio_dht.__file__).absolute().parent.parent)
+    code = f"import sys; sys.path.insert(0, {home!r}); from trio_dht.proxy.http_worker import main; main()"
+    return [sys.executable, "-c", code, str(channel_fd), *map(str, listener_fds)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A worker's entry point: ``CHANNEL_FD LISTENER_FD...``."""
+    args = [int(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    channel = socket.socket(fileno=args[0])
+    listeners = [socket.socket(fileno=fd) for fd in args[1:]]
+    trio.run(HttpWorker(channel, listeners).run)
+
+
+def relayed_request(head: Head) -> tuple[int, bytes] | None:
+    """``(method, key)`` of a request the worker relays; None for a connection to hand over."""
+    if head.content_length > relay.MAX_RELAYED_BODY:
+        return None
+    route = hot_route(head, push=True)
+    if route is None:
+        return None
+    method = _RELAYED.get(route[0])
+    return None if method is None or route[1] is None else (method, bytes(route[1]))
+
+
+class _Client:
+    """One accepted connection."""
+
+    __slots__ = (
+        "active",
+        "address",
+        "buffer",
+        "closing",
+        "fd",
+        "in_flight",
+        "out",
+        "reading",
+        "sock",
+        "writing",
+    )
+
+    def __init__(self, sock: socket.socket, address: str, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.buffer = bytearray()
+        self.out = b""
+        """Response bytes the socket did not take yet."""
+        self.in_flight: int | None = None
+        """The id of the request relayed and not answered yet."""
+        self.closing = False
+        """Close once :attr:`out` is sent."""
+        self.reading = True
+        self.writing = False
+        self.active = now
+        """When the client last sent bytes or was answered."""
+
+
+class HttpWorker:
+    """The worker's event loop (see the module docstring)."""
+
+    def __init__(self, channel: socket.socket, listeners: list[socket.socket]) -> None:
+        self._channel = channel
+        self._listeners = {sock.fileno(): sock for sock in listeners}
+        self._clients: dict[int, _Client] = {}
+        self._waiting: dict[int, _Client] = {}
+        self._records = relay.RecordWriter()
+        self._unsent: collections.deque[tuple[bytes, _Client | None]] = collections.deque()
+        """Records the channel did not take yet; a hand-over's with its connection."""
+        self._next_id = 1
+        self._draining = False
+        self._epoll = select.epoll()
+        channel.setblocking(False)
+        self._epoll.register(channel.fileno(), select.EPOLLIN)
+        for sock in listeners:
+            sock.setblocking(False)
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    async def run(self) -> None:
+        """Serve until drained, or until the front end's end of the channel closes."""
+        channel_fd = self._channel.fileno()
+        self._records.add(relay.frame(relay.READY))
+        self._flush_channel()
+        next_sweep = trio.current_time() + KEEP_ALIVE_TIMEOUT / 8
+        try:
+            while not (self._draining and not self._clients):
+                with trio.move_on_at(next_sweep):
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                now = trio.current_time()
+                for fd, events in self._epoll.poll(0):
+                    if fd == channel_fd:
+                        if events & select.EPOLLOUT:
+                            self._flush_channel()
+                        if events & ~select.EPOLLOUT and not self._read_channel():
+                            return
+                    elif fd in self._listeners:
+                        self._accept(self._listeners[fd], now)
+                    else:
+                        client = self._clients.get(fd)
+                        if client is not None:
+                            self._on_client(client, events, now)
+                self._flush_channel()
+                if now >= next_sweep:
+                    self._close_idle(now - KEEP_ALIVE_TIMEOUT)
+                    next_sweep = now + KEEP_ALIVE_TIMEOUT / 8
+        finally:
+            for client in list(self._clients.values()):
+                self._close(client)
+            self._epoll.close()
+
+    # -- the channel ----------------------------------------------------------------------------------------
+
+    def _read_channel(self) -> bool:
+        """Act on the records waiting; False once the front end's end is closed."""
+        for _ in range(64):
+            try:
+                record = self._channel.recv(4 * relay.MAX_RECORD)
+            except _BLOCKING:
+                return True
+            except OSError:
+                return False
+            if not record:
+                return False
+            for frame in relay.frames(record):
+                if frame.kind in (relay.RESPONSE, relay.PART):
+                    self._on_response(frame)
+                elif frame.kind == relay.DRAIN:
+                    self._drain()
+                else:
+                    raise relay.BadRecord(f"a frame of kind {frame.kind} sent to a worker")
+        return True
+
+    def _flush_channel(self) -> None:
+        unsent = self._unsent
+        unsent.extend((record, None) for record in self._records.take())
+        while unsent:
+            record, handed = unsent[0]
+            try:
+                if handed is None:
+                    self._channel.send(record)
+                else:
+                    socket.send_fds(self._channel, [record], [handed.fd])
+            except _BLOCKING:
+                self._epoll.modify(self._channel.fileno(), select.EPOLLIN | select.EPOLLOUT)
+                return
+            unsent.popleft()
+            if handed is not None:
+                handed.sock.close()  # the front end holds its own copy now
+        self._epoll.modify(self._channel.fileno(), select.EPOLLIN)
+
+    def _on_response(self, frame: relay.Frame) -> None:
+        if frame.kind == relay.PART:
+            client = self._waiting.get(frame.request_id)
+            data, close = frame.payload, False
+        else:
+            client = self._waiting.pop(frame.request_id, None)
+            close, data = relay.parse_response(frame.payload)
+        if client is None or self._clients.get(client.fd) is not client:  # it went away meanwhile
+            return
+        client.out += data
+        if frame.kind == relay.RESPONSE:
+            client.in_flight = None
+            client.closing = client.closing or close
+            client.active = trio.current_time()
+        self._write(client)
+
+    def _drain(self) -> None:
+        self._draining = True
+        for sock in self._listeners.values():
+            self._epoll.unregister(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        for client in list(self._clients.values()):
+            if client.in_flight is None and not client.out:
+                self._close(client)
+            else:
+                client.closing = True
+
+    # -- connections -----------------------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket, now: float) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, address = listener.accept()
+            except _BLOCKING:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                log.warning("accept failed (%s)", exc)  # EMFILE and the like: the next turn tries again
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = _Client(sock, str(address[0]), now)
+            self._clients[client.fd] = client
+            self._epoll.register(client.fd, _READ)
+
+    def _on_client(self, client: _Client, events: int, now: float) -> None:
+        if events & select.EPOLLOUT:
+            self._write(client)
+            if self._clients.get(client.fd) is not client:
+                return
+        if events & ~select.EPOLLOUT:
+            try:
+                data = client.sock.recv(RECV_SIZE)
+            except _BLOCKING:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(client)
+                return
+            client.buffer += data
+            client.active = now
+            self._serve(client)
+
+    def _serve(self, client: _Client) -> None:
+        """Relay the next buffered request, or hand the connection over, unless one is relayed already."""
+        buffer = client.buffer
+        if client.in_flight is not None or client.out or client.closing or not buffer:
+            self._watch(client)
+            return
+        head = read_head(buffer)
+        if head is None:
+            self._watch(client)
+            return
+        route = None if head is UNUSUAL else relayed_request(head)  # type: ignore[arg-type]
+        if route is None:
+            self._hand_over(client)
+            return
+        assert isinstance(head, Head)
+        end = head.size + head.content_length
+        if len(buffer) < end:
+            self._watch(client)
+            return
+        body = bytes(buffer[head.size : end])
+        del buffer[:end]
+        request_id = self._next_id
+        self._next_id = request_id % 0xFFFFFFFF + 1
+        client.in_flight = request_id
+        self._waiting[request_id] = client
+        method, key = route
+        self._records.add(relay.relay_frame(request_id, method, head.close, key, client.address, body))
+        if self._records.frames >= relay.BATCH:
+            self._flush_channel()
+        self._watch(client)
+
+    def _write(self, client: _Client) -> None:
+        while client.out:
+            try:
+                sent = client.sock.send(client.out)
+            except _BLOCKING:
+                self._watch(client)
+                return
+            except OSError:
+                self._close(client)
+                return
+            client.out = client.out[sent:]
+        if client.closing and client.in_flight is None:
+            self._close(client)
+        else:
+            self._serve(client)
+
+    def _watch(self, client: _Client) -> None:
+        """Wait for what the connection needs: its socket to take the rest of a response, more bytes (not
+        past :data:`MAX_BUFFERED` behind a relayed request)."""
+        writing = bool(client.out)
+        reading = client.in_flight is None or len(client.buffer) < MAX_BUFFERED
+        if (reading, writing) != (client.reading, client.writing):
+            client.reading, client.writing = reading, writing
+            self._epoll.modify(client.fd, (_READ if reading else 0) | (select.EPOLLOUT if writing else 0))
+
+    def _hand_over(self, client: _Client) -> None:
+        self._forget(client)
+        self._unsent.extend((record, None) for record in self._records.take())  # what was gathered goes first
+        self._unsent.append((relay.frame(relay.HAND_OVER, 0, bytes(client.buffer)), client))
+
+    def _close(self, client: _Client) -> None:
+        self._forget(client)
+        client.sock.close()
+
+    def _forget(self, client: _Client) -> None:
+        if self._clients.pop(client.fd, None) is not None:
+            self._epoll.unregister(client.fd)
+
+    def _close_idle(self, before: float) -> None:
+        for client in list(self._clients.values()):
+            if client.active < before and client.in_flight is None:
+                self._close(client)

@@ -1,0 +1,200 @@
+"""The front end's side of one HTTP worker process (:mod:`~trio_dht.proxy.http_worker`).
+
+A :class:`WorkerLink` starts the worker over the plain listening sockets and serves its channel
+(:mod:`~trio_dht.proxy.relay`): it answers each relayed request through the front end and gives every
+handed-over connection to the front end to serve. It supervises the process: a worker that dies is started
+again a second later; one that never says it serves (it cannot start here) leaves the sockets to the front
+end's own accept loops. On shutdown, :meth:`drain` asks the worker to finish; the caller's deadline bounds
+that (a cancelled link kills its worker).
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import functools
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from trio_dht.proxy import relay
+
+if TYPE_CHECKING:
+    from trio_dht.proxy.frontend import FrontEnd
+    from trio_dht.push.service import PushReply
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0
+_BLOCKING = (BlockingIOError, InterruptedError)
+_INT_SIZE = array.array("i").itemsize
+
+
+class WorkerLink:
+    """One worker process of a front end, and its channel (see the module docstring)."""
+
+    def __init__(self, front: FrontEnd, plain: list[socket.socket]) -> None:
+        self._front = front
+        self._plain = plain
+        self._sock: socket.socket | None = None
+        self._records = relay.RecordWriter()
+        self._unsent: collections.deque[bytes] = collections.deque()
+        self._blocked = trio.Event()
+        self._ready = False
+        self._pid = 0
+        self._draining = False
+        self._fallback = trio.CancelScope()
+        self.serving = trio.Event()
+        """Set once the worker serves, or once the front end accepts in its place."""
+        self.restarts = 0
+        self.dropped_hand_overs = 0
+        """Connections handed over whose socket did not arrive (this process was out of file descriptors)."""
+
+    def drain(self) -> None:
+        """Ask the worker to stop accepting and end once its responses are sent (and stop accepting here)."""
+        self._draining = True
+        self._fallback.cancel()
+        self._send([relay.frame(relay.DRAIN)])
+
+    async def run(self, connections: trio.Nursery) -> None:
+        """Run the worker until it is drained (again after a second if it dies); handed-over connections and
+        the values a SUBSCRIBE waits for are served in ``connections``."""
+        from trio_dht.proxy.http_worker import worker_command
+
+        while not self._draining:
+            mine, theirs = relay.socket_pair()
+            fds = (theirs.fileno(), *(sock.fileno() for sock in self._plain))
+            command = worker_command(fds[0], list(fds[1:]))
+            self._sock, self._ready = mine, False
+            exit_code: int | str = "none: it could not be run"
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        process = await nursery.start(
+                            functools.partial(trio.run_process, command, check=False, pass_fds=fds)
+                        )
+                    except OSError as exc:
+                        log.error("cannot run an HTTP worker: %s", exc)
+                    else:
+                        theirs.close()
+                        self._pid = process.pid
+                        nursery.start_soon(self._write_blocked)
+                        await self._serve_channel(connections)
+                        nursery.cancel_scope.cancel()  # the writer; the worker closed its end: it is ending
+                        with trio.CancelScope(shield=True):
+                            exit_code = await process.wait()
+            finally:
+                theirs.close()
+                mine.close()
+                self._sock = None
+                self._unsent.clear()
+                self._records.take()
+            if self._draining:
+                return
+            if not self._ready:
+                log.error("an HTTP worker could not start (exit code %s): serving here", exit_code)
+                with self._fallback:
+                    async with trio.open_nursery() as accepting:
+                        for sock in self._plain:
+                            accepting.start_soon(self._front.accept_loop, sock, connections)
+                        self.serving.set()
+                return
+            log.warning("an HTTP worker ended (exit code %s); starting another", exit_code)
+            self.restarts += 1
+            await trio.sleep(RESTART_DELAY)
+
+    async def _serve_channel(self, connections: trio.Nursery) -> None:
+        """Answer what the worker relays and take what it hands over, until it closes its end (or sends what
+        does not parse: then this end closes, and the worker ends)."""
+        sock = self._sock
+        assert sock is not None
+        fd_space = socket.CMSG_SPACE(_INT_SIZE)
+        while True:
+            try:
+                record, ancillary, _, _ = sock.recvmsg(4 * relay.MAX_RECORD, fd_space)
+            except _BLOCKING:
+                self._flush()
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not record and not ancillary:
+                return
+            handed = (
+                [
+                    socket.socket(fileno=fd)
+                    for level, kind, data in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                    for fd in array.array("i", data[: len(data) - len(data) % _INT_SIZE])
+                ]
+                if ancillary
+                else []
+            )
+            try:
+                for frame in relay.frames(record):
+                    if frame.kind == relay.RELAY:
+                        self._answer(frame.request_id, relay.parse_relayed(frame.payload), connections)
+                    elif frame.kind == relay.HAND_OVER:
+                        if handed:
+                            self._front.take_over(handed.pop(), frame.payload, connections)
+                        else:
+                            self.dropped_hand_overs += 1
+                            log.warning("a connection handed over by an HTTP worker did not arrive")
+                    elif frame.kind == relay.READY:
+                        self._ready = True
+                        self.serving.set()
+                        log.info("HTTP worker %d serves the plain-HTTP connections", self._pid)
+                    else:
+                        raise relay.BadRecord(f"a frame of kind {frame.kind} from a worker")
+            except relay.BadRecord as exc:
+                log.error("an HTTP worker sent a bad record (%s): ending it", exc)
+                return
+            finally:
+                for extra in handed:
+                    extra.close()
+
+    def _answer(self, request_id: int, request: relay.Relayed, connections: trio.Nursery) -> None:
+        response, close = self._front.relayed_response(request)
+        if isinstance(response, bytes):
+            self._send(relay.response_frames(request_id, close, response))
+        else:
+            connections.start_soon(self._answer_with_values, request_id, request.key, response, close)
+
+    async def _answer_with_values(self, request_id: int, key: bytes, reply: PushReply, close: bool) -> None:
+        response, close = await self._front.relayed_values_response(key, reply, close)
+        self._send(relay.response_frames(request_id, close, response))
+        self._flush()
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Gather frames for the worker; a record goes every :data:`~trio_dht.proxy.relay.BATCH` frames."""
+        if self._sock is None:  # no worker: its requests ended with it
+            return
+        for data in frames:
+            self._records.add(data)
+        if self._records.frames >= relay.BATCH or self._draining:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the socket takes; :meth:`_write_blocked` sends the rest."""
+        unsent = self._unsent
+        unsent.extend(self._records.take())
+        while unsent and self._sock is not None:
+            try:
+                self._sock.send(unsent[0])
+            except _BLOCKING:
+                self._blocked.set()
+                return
+            except OSError:  # the worker is gone: its requests end with it
+                unsent.clear()
+                return
+            unsent.popleft()
+
+    async def _write_blocked(self) -> None:
+        while True:
+            await self._blocked.wait()
+            self._blocked = trio.Event()
+            while self._unsent and self._sock is not None:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._flush()
