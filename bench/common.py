@@ -51,11 +51,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (our proxy's HTTP worker)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
+    """The live child processes of ``pid`` (our proxy's HTTP worker), whichever of its threads started them
+    (Trio starts processes from a worker thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def tree_cpu_seconds(pid: int) -> float:

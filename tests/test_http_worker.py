@@ -24,7 +24,7 @@ from test_proxy_frontend import Client, connect
 from test_push_routes import RecordingGateway, body
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import ProxyConfig, RateLimit, http_worker, relay, serve_proxy
+from trio_dht.proxy import ProxyConfig, RateLimit, http_worker, relay, serve_proxy, worker_link
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
@@ -404,3 +404,35 @@ async def test_shutdown_drains_the_worker() -> None:
         nursery.cancel_scope.cancel()
     assert await client.at_eof()
     assert worker_pids() == []
+
+
+def fake_worker(code: str) -> object:
+    """A ``worker_command`` that runs ``code`` with the channel's end as ``channel``."""
+    prelude = "import socket, sys, time; channel = socket.socket(fileno=int(sys.argv[1])); "
+    return lambda channel_fd, listener_fds: [sys.executable, "-c", prelude + code, str(channel_fd)]
+
+
+@pytestmark_linux
+@pytest.mark.parametrize(
+    ("code", "logged"),
+    [
+        ("channel.send(b'\\x01\\x02'); time.sleep(60)", "sent a bad record"),  # then killed
+        ("time.sleep(60)", "did not start within 0.5 s"),
+    ],
+    ids=["bad-record", "silent"],
+)
+async def test_a_worker_that_misbehaves_is_stopped(
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: str,
+    logged: str,
+) -> None:
+    monkeypatch.setattr(http_worker, "worker_command", fake_worker(code))
+    monkeypatch.setattr(worker_link, "STARTUP_TIMEOUT", 0.5)
+    monkeypatch.setattr(worker_link, "STOP_TIMEOUT", 0.5)
+    proxy = await push_proxy(nursery)
+    client = await connect(proxy.port)
+    assert (await subscribe(client))[0] == "HTTP/1.1 200 OK"  # served by the front end itself
+    messages = [r.message for r in caplog.records]
+    assert any(logged in m for m in messages) and any("serving here" in m for m in messages)

@@ -39,7 +39,8 @@ _RELAYED = {FrontEnd.subscribe: relay.SUBSCRIBE, FrontEnd.unsubscribe: relay.UNS
 _READ = select.EPOLLIN | select.EPOLLRDHUP
 _BLOCKING = (BlockingIOError, InterruptedError)
 MAX_BUFFERED = RECV_SIZE
-"""A connection with a request relayed is not read further once this many bytes wait behind it."""
+"""A connection is not read further once this many bytes wait in its buffer (behind a request relayed and
+not answered yet, or a response the socket has not taken)."""
 ACCEPTS_PER_TURN = 64
 
 
@@ -120,6 +121,10 @@ class HttpWorker:
         """Records the channel did not take yet; a hand-over's with its connection."""
         self._next_id = 1
         self._draining = False
+        self._channel_blocked = False
+        """The channel did not take a record: wait until it is writable."""
+        self._channel_gone = False
+        self._receive_buffer = bytearray(relay.RECEIVE_SIZE)
         self._epoll = select.epoll()
         channel.setblocking(False)
         self._epoll.register(channel.fileno(), select.EPOLLIN)
@@ -134,7 +139,7 @@ class HttpWorker:
         self._flush_channel()
         next_sweep = trio.current_time() + KEEP_ALIVE_TIMEOUT / 8
         try:
-            while not (self._draining and not self._clients):
+            while not (self._draining and not self._clients and not self._unsent):
                 with trio.move_on_at(next_sweep):
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                 now = trio.current_time()
@@ -151,6 +156,8 @@ class HttpWorker:
                         if client is not None:
                             self._on_client(client, events, now)
                 self._flush_channel()
+                if self._channel_gone:
+                    return
                 if now >= next_sweep:
                     self._close_idle(now - KEEP_ALIVE_TIMEOUT)
                     next_sweep = now + KEEP_ALIVE_TIMEOUT / 8
@@ -163,16 +170,17 @@ class HttpWorker:
 
     def _read_channel(self) -> bool:
         """Act on the records waiting; False once the front end's end is closed."""
+        buffer = self._receive_buffer
         for _ in range(64):
             try:
-                record = self._channel.recv(4 * relay.MAX_RECORD)
+                size = self._channel.recv_into(buffer)
             except _BLOCKING:
                 return True
             except OSError:
                 return False
-            if not record:
+            if not size:
                 return False
-            for frame in relay.frames(record):
+            for frame in relay.frames(memoryview(buffer)[:size]):
                 if frame.kind in (relay.RESPONSE, relay.PART):
                     self._on_response(frame)
                 elif frame.kind == relay.DRAIN:
@@ -192,12 +200,21 @@ class HttpWorker:
                 else:
                     socket.send_fds(self._channel, [record], [handed.fd])
             except _BLOCKING:
-                self._epoll.modify(self._channel.fileno(), select.EPOLLIN | select.EPOLLOUT)
+                self._watch_channel(writable=True)
+                return
+            except OSError:  # the front end is gone: so is every response
+                self._channel_gone = True
+                unsent.clear()
                 return
             unsent.popleft()
             if handed is not None:
                 handed.sock.close()  # the front end holds its own copy now
-        self._epoll.modify(self._channel.fileno(), select.EPOLLIN)
+        self._watch_channel(writable=False)
+
+    def _watch_channel(self, *, writable: bool) -> None:
+        if writable != self._channel_blocked:
+            self._channel_blocked = writable
+            self._epoll.modify(self._channel.fileno(), select.EPOLLIN | (select.EPOLLOUT if writable else 0))
 
     def _on_response(self, frame: relay.Frame) -> None:
         if frame.kind == relay.PART:
@@ -316,7 +333,7 @@ class HttpWorker:
         """Wait for what the connection needs: its socket to take the rest of a response, more bytes (not
         past :data:`MAX_BUFFERED` behind a relayed request)."""
         writing = bool(client.out)
-        reading = client.in_flight is None or len(client.buffer) < MAX_BUFFERED
+        reading = len(client.buffer) < MAX_BUFFERED  # more is buffered only behind a request not answered
         if (reading, writing) != (client.reading, client.writing):
             client.reading, client.writing = reading, writing
             self._epoll.modify(client.fd, (_READ if reading else 0) | (select.EPOLLOUT if writing else 0))

@@ -39,6 +39,9 @@ BATCH = 4
 the end of a pass moves the 32 requests of a load client in lockstep, each stage waiting for the whole batch
 of the one before (16 k SUBSCRIBE/s, a third of the cores idle); a record per frame costs a system call each
 way. In the SUBSCRIBE rig, batches of 1, 2, 4 and 8 gave 19.1, 19.6, 20.8 and 19.9 k requests/s."""
+RECEIVE_SIZE = 4 * MAX_RECORD
+"""Every record fits in this many bytes (none is much over :data:`MAX_RECORD`); each end receives into one
+buffer of this size, reused (a fresh quarter-megabyte object per record fragments the heap)."""
 MAX_RELAYED_BODY = 16 * 1024
 """A larger SUBSCRIBE body is not relayed: its connection is handed over (and answered, or refused with
 413, by the front end)."""
@@ -102,7 +105,7 @@ def response_frames(request_id: int, close: bool, response: bytes) -> list[bytes
     return parts
 
 
-def frames(record: bytes) -> Iterator[Frame]:
+def frames(record: bytes | memoryview) -> Iterator[Frame]:
     """The frames of a record, in order; :class:`BadRecord` at the first that does not fit."""
     view = memoryview(record)
     offset, size = 0, len(record)

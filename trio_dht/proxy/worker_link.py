@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0
+STOP_TIMEOUT = 5.0
+"""How long a worker whose channel is closed gets to end before it is killed."""
+STARTUP_TIMEOUT = 30.0
+"""A worker that has not said it serves by then is stopped, and the front end accepts in its place."""
 _BLOCKING = (BlockingIOError, InterruptedError)
 _INT_SIZE = array.array("i").itemsize
 
@@ -68,7 +72,7 @@ class WorkerLink:
             fds = (theirs.fileno(), *(sock.fileno() for sock in self._plain))
             command = worker_command(fds[0], list(fds[1:]))
             self._sock, self._ready = mine, False
-            exit_code: int | str = "none: it could not be run"
+            process: trio.Process | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     try:
@@ -80,17 +84,17 @@ class WorkerLink:
                     else:
                         theirs.close()
                         self._pid = process.pid
-                        nursery.start_soon(self._write_blocked)
-                        await self._serve_channel(connections)
-                        nursery.cancel_scope.cancel()  # the writer; the worker closed its end: it is ending
-                        with trio.CancelScope(shield=True):
-                            exit_code = await process.wait()
+                        async with trio.open_nursery() as helpers:
+                            helpers.start_soon(self._write_blocked)
+                            helpers.start_soon(self._expect_ready, nursery.cancel_scope)
+                            await self._serve_channel(connections)
+                            helpers.cancel_scope.cancel()
+                        self._close_channel()  # (if the worker did not close it first) it ends on seeing this
+                        nursery.cancel_scope.deadline = trio.current_time() + STOP_TIMEOUT  # or is killed
             finally:
                 theirs.close()
-                mine.close()
-                self._sock = None
-                self._unsent.clear()
-                self._records.take()
+                self._close_channel()
+            exit_code = "none" if process is None else process.returncode
             if self._draining:
                 return
             if not self._ready:
@@ -105,23 +109,39 @@ class WorkerLink:
             self.restarts += 1
             await trio.sleep(RESTART_DELAY)
 
+    def _close_channel(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._unsent.clear()
+        self._records.take()
+
+    async def _expect_ready(self, worker_scope: trio.CancelScope) -> None:
+        """Stop (kill) a worker that does not say it serves within :data:`STARTUP_TIMEOUT`."""
+        await trio.sleep(STARTUP_TIMEOUT)
+        if not self._ready:
+            log.error("HTTP worker %d did not start within %g s", self._pid, STARTUP_TIMEOUT)
+            worker_scope.cancel()
+
     async def _serve_channel(self, connections: trio.Nursery) -> None:
         """Answer what the worker relays and take what it hands over, until it closes its end (or sends what
         does not parse: then this end closes, and the worker ends)."""
         sock = self._sock
         assert sock is not None
         fd_space = socket.CMSG_SPACE(_INT_SIZE)
+        buffer = bytearray(relay.RECEIVE_SIZE)
         while True:
             try:
-                record, ancillary, _, _ = sock.recvmsg(4 * relay.MAX_RECORD, fd_space)
+                size, ancillary, _, _ = sock.recvmsg_into([buffer], fd_space, socket.MSG_CMSG_CLOEXEC)
             except _BLOCKING:
                 self._flush()
                 await trio.lowlevel.wait_readable(sock)
                 continue
             except OSError:
                 return
-            if not record and not ancillary:
+            if not size and not ancillary:
                 return
+            record = memoryview(buffer)[:size]
             handed = (
                 [
                     socket.socket(fileno=fd)
