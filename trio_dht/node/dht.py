@@ -189,6 +189,8 @@ class DhtNode:
         self.listens = ListenRegistry()
         self._listen_wake = trio.Event()
         self._listen_wake_at = -math.inf
+        self._listen_setup_queue: trio.MemorySendChannel[KeyListen] | None = None
+        """Listens to start with a search (:meth:`_listen_setups`), while the listen driver runs."""
         """When the listen driver plans to wake (set before it waits)."""
         self.listen_refresh = LISTEN_REFRESH
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
@@ -1037,9 +1039,15 @@ class DhtNode:
         kl = self.listens.by_key[key]
         for v in self.storage.get(key):
             self.listens.deliver(key, v, self._expiration(key, v, now))
-        if new_key:
+        if not new_key:
+            self._listens_changed()  # a value delivered may expire sooner than the driver planned to wake
+        elif (
+            self._listen_setup_queue is not None
+        ):  # a new listen looks for its nodes first: no heap, no driver
+            self._listen_setup_queue.send_nowait(kl)
+        else:  # before the driver runs
             self.listens.schedule(kl, now)
-        self._listens_changed()
+            self._listens_changed()
         return listener
 
     @asynccontextmanager
@@ -1067,34 +1075,44 @@ class DhtNode:
 
         A refresh that only re-sends ``listen`` to the nodes holding it (every 20 s, the steady state) is sent
         from here and finished in its replies' callbacks, with no task; at most ``LISTEN_REFRESHES_IN_FLIGHT``
-        await their replies. One that must look for the storing nodes first (a new listen, a lost node, the
-        10 min re-sync) is queued for :meth:`_listen_setups`.
+        await their replies. One that must look for the storing nodes first (a lost node, the 10 min re-sync)
+        is queued for :meth:`_listen_setups`; a new listen is queued there at once by :meth:`add_listener`
+        (it needs no heap entry nor a wake-up of this task: under a burst of new subscriptions, that was a
+        wake-up per scheduling pass).
         """
         send, recv = trio.open_memory_channel[KeyListen](math.inf)
         slots = trio.Semaphore(LISTEN_REFRESHES_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen_setups, recv)
-            while True:
-                self._listen_wake = trio.Event()
-                self._listen_wake_at = self.listens.next_wake()
-                with trio.move_on_at(self._listen_wake_at):
-                    await self._listen_wake.wait()
-                self._listen_wake_at = -math.inf  # busy: nobody need wake it
-                now = trio.current_time()
-                self.listens.expire_due(now)
-                for i, kl in enumerate(self.listens.pop_due(now), 1):
-                    if not self.listens.is_live(kl):
-                        continue
-                    if self._search_families(kl, trio.current_time()):
-                        send.send_nowait(kl)
-                        continue
-                    if i % 64 == 0:
-                        await trio.lowlevel.checkpoint()  # a burst of refreshes lets other tasks run
-                    try:
-                        slots.acquire_nowait()
-                    except trio.WouldBlock:
-                        await slots.acquire()
-                    self._refresh_listen(kl, [], self._listen_finisher(kl, slots))
+            self._listen_setup_queue = send
+            try:
+                await self._drive_listens(send, slots)
+            finally:
+                self._listen_setup_queue = None
+
+    async def _drive_listens(self, setups: trio.MemorySendChannel[KeyListen], slots: trio.Semaphore) -> None:
+        """The listen driver's loop: sleep until the next due time (or a wake-up), then act on what is due."""
+        while True:
+            self._listen_wake = trio.Event()
+            self._listen_wake_at = self.listens.next_wake()
+            with trio.move_on_at(self._listen_wake_at):
+                await self._listen_wake.wait()
+            self._listen_wake_at = -math.inf  # busy: nobody need wake it
+            now = trio.current_time()
+            self.listens.expire_due(now)
+            for i, kl in enumerate(self.listens.pop_due(now), 1):
+                if not self.listens.is_live(kl):
+                    continue
+                if self._search_families(kl, trio.current_time()):
+                    setups.send_nowait(kl)
+                    continue
+                if i % 64 == 0:
+                    await trio.lowlevel.checkpoint()  # a burst of refreshes lets other tasks run
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await slots.acquire()
+                self._refresh_listen(kl, [], self._listen_finisher(kl, slots))
 
     async def _listen_setups(self, due: trio.MemoryReceiveChannel[KeyListen]) -> None:
         """Start the refreshes that look for storing nodes first: one per scheduling pass, at most
