@@ -11,9 +11,9 @@ import trio
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy, streams
-from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT
 from trio_dht.proxy.handlers import BASE_HEADERS
-from trio_dht.proxy.http1 import UNUSUAL, Head, Writer, chunk, read_head
+from trio_dht.proxy.hot_routes import Route, hot_route
+from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, UNUSUAL, Head, Writer, chunk, read_head
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
@@ -97,11 +97,11 @@ H = KEY.hex()
     ],
 )
 def test_hot_routes(method: str, target: str, push: bool, handler: str | None) -> None:
-    route = frontend.hot_route(Head(method, target.encode(), 0, 0, False), push=push)
+    route = hot_route(Head(method, target.encode(), 0, 0, False), push=push)
     if handler is None:
         assert route is None
     else:
-        assert route is not None and route[0] is getattr(frontend.FrontEnd, handler)
+        assert route is not None and route[0] is Route[handler.upper()]
         assert route[1] == (None if handler == "node_info" else KEY)
 
 

@@ -100,7 +100,8 @@ def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     python = venv / "bin" / "python"
     for module in ("trio", "msgpack", "quart", "trio_dht"):
-        probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=30)
+        # (not from the checkout, which `python -c` would put on the path)
+        probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=30, cwd=venv)
         assert probe.returncode != 0, f"{module} is importable in the bare venv"
     return python
 

@@ -7,10 +7,10 @@ node-info/s. So the plain listening sockets are served here:
 * GET/POST ``/key/{hash}`` and ``/{hash}``, ``GET /`` and ``GET /node/info``, the listen streams
   (``GET /key/{hash}/listen``, ``LISTEN /{hash}``: :class:`_ListenWriter`), and (when the app has push
   hooks) SUBSCRIBE/UNSUBSCRIBE ``/key/{hash}`` and ``/{hash}``: the routes clients and load hit
-  (:func:`hot_route`). They are read with :mod:`~trio_dht.proxy.http1` and answered by the same
-  :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of bytes
-  is here. Socket I/O goes straight to the non-blocking socket. Between requests a connection's task does
-  not wait on its socket: one task (:class:`_Poller`, an edge-triggered epoll on Linux) reads every
+  (:mod:`~trio_dht.proxy.hot_routes`). They are read with :mod:`~trio_dht.proxy.http1` and answered by the
+  same :mod:`~trio_dht.proxy.handlers` functions as every other HTTP layer of the proxy; only the moving of
+  bytes is here. Socket I/O goes straight to the non-blocking socket. Between requests a connection's task
+  does not wait on its socket: one task (:class:`_Poller`, an edge-triggered epoll on Linux) reads every
   connection that has bytes and answers node info at once, waking a connection's task only for what awaits
   (a GET, a POST, ...): a node-info request then costs no Trio reschedule and no ``epoll_ctl``. Elsewhere
   (and while the server closes) the task waits with ``trio.lowlevel.wait_readable`` itself.
@@ -35,7 +35,6 @@ import enum
 import errno
 import functools
 import logging
-import re
 import select
 import socket
 import ssl
@@ -55,9 +54,17 @@ from trio_dht.infohash import InfoHash
 from trio_dht.proxy import handlers, relay
 from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
-from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
-from trio_dht.proxy.keys import hash_from_segment
-from trio_dht.proxy.paths import canonical_path
+from trio_dht.proxy.hot_routes import Route, hot_route
+from trio_dht.proxy.http1 import (
+    KEEP_ALIVE_TIMEOUT,
+    LAST_CHUNK,
+    RECV_SIZE,
+    UNUSUAL,
+    Head,
+    Writer,
+    chunk,
+    read_head,
+)
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.streams import ListenFeed
 from trio_dht.proxy.worker_link import WorkerLink
@@ -67,9 +74,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 65536
-KEEP_ALIVE_TIMEOUT = 60.0
-"""An idle connection (or one sending a request head that never completes) is closed after this long."""
 INTERNAL_ERROR = error(500, "Internal server error")
 ANSWERS_PER_TURN = 32
 """At most this many pipelined requests of one connection are answered before other tasks get a turn."""
@@ -526,7 +530,7 @@ class FrontEnd:
             if route is None:
                 return _Step.HAND_OVER
             conn.idle_since = None
-            handler, key = route
+            handler, key = _HANDLERS[route[0]], route[1]
             refusal = self._refusal(conn.limiter, conn.client, head.content_length)
             if refusal is not None:  # the body (if any) is not read, so the connection ends
                 conn.ending = True
@@ -717,14 +721,15 @@ class FrontEnd:
         connections.start_soon(self._serve_connection, sock, client, None, read)
 
 
-HotRoute = tuple[Callable[..., Awaitable[None]], InfoHash | None]
-"""A front-end handler and the request's key."""
-_PLAIN_KEY_TARGET = re.compile(rb"/(key/)?([0-9a-f]{40})(/listen)?")
-"""``/key/{hash}``, ``/{hash}`` or ``/key/{hash}/listen`` with the hash as 40 lowercase hex digits, already in
-canonical form.
-"""
-_PLAIN_NODE_INFO_TARGETS = frozenset((b"/", b"/node/info"))
-_NODE_INFO_ROUTE: HotRoute = (FrontEnd.node_info, None)
+_HANDLERS: dict[Route, Callable[..., Awaitable[None]]] = {
+    Route.NODE_INFO: FrontEnd.node_info,
+    Route.GET: FrontEnd.get,
+    Route.PUT: FrontEnd.put,
+    Route.LISTEN: FrontEnd.listen,
+    Route.SUBSCRIBE: FrontEnd.subscribe,
+    Route.UNSUBSCRIBE: FrontEnd.unsubscribe,
+}
+"""The front end's handler of each hot route."""
 _ANSWERED_AT_ONCE: dict[Callable[..., Awaitable[None]], Callable[..., bytes | PushReply]] = {
     FrontEnd.node_info: FrontEnd.node_info_response,
     FrontEnd.subscribe: FrontEnd.subscribe_response,
@@ -732,59 +737,6 @@ _ANSWERED_AT_ONCE: dict[Callable[..., Awaitable[None]], Callable[..., bytes | Pu
 }
 """Hot routes whose buffered requests are answered without waiting by whoever read them (usually the poller,
 which then wakes no task): handler -> ``(front end, conn, head, key, body) -> response bytes``."""
-_VALUE_ROUTES = {"GET": FrontEnd.get, "POST": FrontEnd.put}
-_PUSH_ROUTES = {**_VALUE_ROUTES, "SUBSCRIBE": FrontEnd.subscribe, "UNSUBSCRIBE": FrontEnd.unsubscribe}
-_HOT_METHODS = frozenset((*_PUSH_ROUTES, "LISTEN"))
-
-
-def hot_route(head: Head, *, push: bool = False) -> HotRoute | None:
-    """The front end's handler for a request, with its key; None for what hypercorn serves.
-
-    SUBSCRIBE and UNSUBSCRIBE are hot only with ``push`` (the app has push hooks); without, they go to
-    Quart, where a blueprint of the caller's may serve them.
-    """
-    method = head.method
-    if method not in _HOT_METHODS:
-        return None
-    if head.target in _PLAIN_NODE_INFO_TARGETS:  # the usual spellings, read without canonical_path's rules
-        return _NODE_INFO_ROUTE if method == "GET" else None
-    plain = _PLAIN_KEY_TARGET.fullmatch(head.target)
-    if plain is not None:
-        if plain[1] is None and plain[3] is not None:  # "/<hex>/listen": not a route
-            return None
-        shape = _LISTEN if plain[3] is not None else _KEY if plain[1] is not None else _BARE
-        return _key_route(method, shape, hash_from_segment(plain[2]), push)
-    match = canonical_path(head.target)
-    if match is None:
-        return None
-    path, key = match
-    if path in ("/", "/node/info"):
-        return _NODE_INFO_ROUTE if method == "GET" else None
-    if key is None:
-        return None
-    if len(path) == 41:  # "/<hex>"
-        return _key_route(method, _BARE, key, push)
-    if len(path) == 45 and path.startswith("/key/"):  # "/key/<hex>"
-        return _key_route(method, _KEY, key, push)
-    if len(path) == 52 and path.endswith("/listen"):  # "/key/<hex>/listen"
-        return _key_route(method, _LISTEN, key, push)
-    return None
-
-
-_BARE, _KEY, _LISTEN = "/{hash}", "/key/{hash}", "/key/{hash}/listen"
-"""The shapes of a key's routes."""
-
-
-def _key_route(method: str, shape: str, key: InfoHash, push: bool) -> HotRoute | None:
-    """``GET /key/{hash}/listen`` and ``LISTEN /{hash}`` are listens; the other methods on ``/{hash}`` and
-    ``/key/{hash}`` the value routes; anything else is hypercorn's (Quart's 405, or a blueprint's route).
-    """
-    if shape is _LISTEN:
-        return (FrontEnd.listen, key) if method == "GET" else None
-    if method == "LISTEN":
-        return (FrontEnd.listen, key) if shape is _BARE else None
-    handler = (_PUSH_ROUTES if push else _VALUE_ROUTES).get(method)
-    return (handler, key) if handler is not None else None
 
 
 class _ListenWriter:

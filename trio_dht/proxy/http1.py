@@ -17,6 +17,10 @@ import re
 from http import HTTPStatus
 from typing import Final, NamedTuple
 
+RECV_SIZE = 65536
+"""Bytes read from a connection at a time."""
+KEEP_ALIVE_TIMEOUT = 60.0
+"""An idle connection (or one sending a request head that never completes) is closed after this long."""
 MAX_HEAD = 16 * 1024
 """A request head longer than this is :data:`UNUSUAL` (hypercorn's h11 then judges it)."""
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import trio
 
 from trio_dht.proxy import relay
-from trio_dht.proxy.frontend import KEEP_ALIVE_TIMEOUT, RECV_SIZE, FrontEnd, hot_route
-from trio_dht.proxy.http1 import UNUSUAL, Head, read_head
+from trio_dht.proxy.hot_routes import Route, hot_route
+from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, RECV_SIZE, UNUSUAL, Head, read_head
 
 log = logging.getLogger(__name__)
 
-_RELAYED = {FrontEnd.subscribe: relay.SUBSCRIBE, FrontEnd.unsubscribe: relay.UNSUBSCRIBE}
+_RELAYED = {Route.SUBSCRIBE: relay.SUBSCRIBE, Route.UNSUBSCRIBE: relay.UNSUBSCRIBE}
 _READ = select.EPOLLIN | select.EPOLLRDHUP
 _BLOCKING = (BlockingIOError, InterruptedError)
 MAX_BUFFERED = RECV_SIZE
