@@ -25,6 +25,7 @@ from test_push_routes import RecordingGateway, body
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, http_worker, relay, serve_proxy, worker_link
+from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
@@ -267,6 +268,19 @@ async def test_the_worker_ends_when_the_front_end_does(rig: WorkerRig) -> None:
     with trio.fail_after(BOUND):
         await rig.done.wait()
     assert await client.at_eof()
+
+
+async def test_idle_connections_time_out(rig: WorkerRig, autojump_clock: object) -> None:
+    idle, busy = await connect(rig.port), await connect(rig.port)
+    await busy.stream.send_all(request("SUBSCRIBE", "/key/hello", body()))
+    [relayed], _ = await rig.frames()
+    start_time = trio.current_time()
+    assert await idle.at_eof(timeout=10 * KEEP_ALIVE_TIMEOUT)
+    assert KEEP_ALIVE_TIMEOUT <= trio.current_time() - start_time <= 1.5 * KEEP_ALIVE_TIMEOUT
+    rig.send(
+        *relay.response_frames(relayed.request_id, False, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    )
+    assert (await busy.response())[0] == "HTTP/1.1 200 OK"  # kept while its request was relayed
 
 
 # -- the proxy with a worker process -------------------------------------------------------------------------

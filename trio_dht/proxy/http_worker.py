@@ -134,37 +134,48 @@ class HttpWorker:
 
     async def run(self) -> None:
         """Serve until drained, or until the front end's end of the channel closes."""
-        channel_fd = self._channel.fileno()
         self._records.add(relay.frame(relay.READY))
         self._flush_channel()
-        next_sweep = trio.current_time() + KEEP_ALIVE_TIMEOUT / 8
         try:
-            while not (self._draining and not self._clients and not self._unsent):
-                with trio.move_on_at(next_sweep):
-                    await trio.lowlevel.wait_readable(self._epoll.fileno())
-                now = trio.current_time()
-                for fd, events in self._epoll.poll(0):
-                    if fd == channel_fd:
-                        if events & select.EPOLLOUT:
-                            self._flush_channel()
-                        if events & ~select.EPOLLOUT and not self._read_channel():
-                            return
-                    elif fd in self._listeners:
-                        self._accept(self._listeners[fd], now)
-                    else:
-                        client = self._clients.get(fd)
-                        if client is not None:
-                            self._on_client(client, events, now)
-                self._flush_channel()
-                if self._channel_gone:
-                    return
-                if now >= next_sweep:
-                    self._close_idle(now - KEEP_ALIVE_TIMEOUT)
-                    next_sweep = now + KEEP_ALIVE_TIMEOUT / 8
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_idle_connections)
+                await self._serve_events()
+                nursery.cancel_scope.cancel()
         finally:
             for client in list(self._clients.values()):
                 self._close(client)
             self._epoll.close()
+
+    async def _serve_events(self) -> None:
+        channel_fd = self._channel.fileno()
+        while not (self._draining and not self._clients and not self._unsent):
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            now = trio.current_time()
+            for fd, events in self._epoll.poll(0):
+                if fd == channel_fd:
+                    if events & select.EPOLLOUT:
+                        self._flush_channel()
+                    if events & ~select.EPOLLOUT and not self._read_channel():
+                        return
+                elif fd in self._listeners:
+                    self._accept(self._listeners[fd], now)
+                else:
+                    client = self._clients.get(fd)
+                    if client is not None:
+                        self._on_client(client, events, now)
+            self._flush_channel()
+            if self._channel_gone:
+                return
+
+    async def _close_idle_connections(self) -> None:
+        """Every few seconds, close the connections silent for over ``KEEP_ALIVE_TIMEOUT`` with no request
+        relayed (one task, no timeout per connection or per pass)."""
+        while True:
+            await trio.sleep(KEEP_ALIVE_TIMEOUT / 8)
+            before = trio.current_time() - KEEP_ALIVE_TIMEOUT
+            for client in list(self._clients.values()):
+                if client.active < before and client.in_flight is None:
+                    self._close(client)
 
     # -- the channel ----------------------------------------------------------------------------------------
 
@@ -350,8 +361,3 @@ class HttpWorker:
     def _forget(self, client: _Client) -> None:
         if self._clients.pop(client.fd, None) is not None:
             self._epoll.unregister(client.fd)
-
-    def _close_idle(self, before: float) -> None:
-        for client in list(self._clients.values()):
-            if client.active < before and client.in_flight is None:
-                self._close(client)
