@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argparse_type(_workers, "count"),
         default=None,
         metavar="N",
-        help="processes that serve the plain-HTTP connections beside the node's, with push notifications on "
+        help="processes that accept the plain-HTTP connections beside the node's and relay SUBSCRIBE to it "
         "(default: 1 on Linux with 2 cores or more, else 0; 0: the node's process serves them all)",
     )
 
