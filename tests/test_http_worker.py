@@ -332,6 +332,12 @@ async def subscribe(
     return await client.response()
 
 
+async def node_stats(port: int) -> dict:
+    client = await connect(port)
+    await client.stream.send_all(request("GET", "/node/stats", close=True))
+    return json.loads((await client.response())[2])
+
+
 pytestmark_linux = pytest.mark.skipif(sys.platform != "linux", reason="HTTP workers are Linux only (epoll)")
 
 
@@ -393,6 +399,10 @@ async def test_a_dead_worker_is_replaced(nursery: trio.Nursery, caplog: pytest.L
     assert (await subscribe(client, key="other"))[0] == "HTTP/1.1 200 OK"
     assert len(proxy.service.book) == 2  # nothing was lost
     assert any("HTTP worker ended" in r.message for r in caplog.records)
+    with trio.fail_after(BOUND):
+        while (stats := await node_stats(proxy.port))["httpWorkers"]["serving"] != 1:
+            await trio.sleep(0.05)
+    assert stats["httpWorkers"] == {"serving": 1, "restarts": 1, "droppedHandOvers": 0}
 
 
 @pytestmark_linux

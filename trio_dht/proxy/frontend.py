@@ -324,6 +324,7 @@ class FrontEnd:
                         async with trio.open_nursery() as acceptors:
                             if self._poller is not None and self._push and self._http_workers > 0:
                                 self._workers = [WorkerLink(self, plain) for _ in range(self._http_workers)]
+                                self.state.stats_sources.append(self._worker_stats)
                                 for link in self._workers:  # drained (not cancelled) on shutdown
                                     connections.start_soon(link.run, connections)
                                 for link in self._workers:
@@ -347,6 +348,16 @@ class FrontEnd:
         finally:
             if self._poller is not None:
                 self._poller.close()
+
+    def _worker_stats(self) -> dict[str, Any]:
+        links = self._workers
+        return {
+            "httpWorkers": {
+                "serving": sum(link.ready for link in links),
+                "restarts": sum(link.restarts for link in links),
+                "droppedHandOvers": sum(link.dropped_hand_overs for link in links),
+            }
+        }
 
     def shutdown(self) -> None:
         """Stop accepting and close idle connections; :meth:`serve` returns once the others are done."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -79,6 +80,8 @@ class ProxyState:
         self._timers_changed = trio.Event()
         self.node_info_bytes: tuple[float, bytes, bytes] | None = None
         """The cached ``GET /node/info`` JSON: (valid until, bytes before ``public_ip``'s value, after it)."""
+        self.stats_sources: list[Callable[[], dict[str, Any]]] = []
+        """More of ``/node/stats``: each returns fields to add (the front end's HTTP workers)."""
 
     # -- counters -------------------------------------------------------------------------------------------
 
@@ -121,6 +124,8 @@ class ProxyState:
             doc["nodeInfo"] = info
         if self.push is not None:
             doc.update(self.push.stats())
+        for source in self.stats_sources:
+            doc.update(source())
         return doc
 
     # -- permanent puts -------------------------------------------------------------------------------------

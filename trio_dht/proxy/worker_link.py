@@ -56,6 +56,11 @@ class WorkerLink:
         self.dropped_hand_overs = 0
         """Connections handed over whose socket did not arrive (this process was out of file descriptors)."""
 
+    @property
+    def ready(self) -> bool:
+        """A worker runs and has said it serves."""
+        return self._ready and self._sock is not None
+
     def drain(self) -> None:
         """Ask the worker to stop accepting and end once its responses are sent (and stop accepting here)."""
         self._draining = True
