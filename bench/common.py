@@ -67,12 +67,17 @@ def tree_cpu_seconds(pid: int) -> float:
     return cpu_seconds(pid) + sum(tree_cpu_seconds(child) for child in children(pid))
 
 
-def tree_rss_kb(pid: int) -> int:
-    """VmRSS of ``pid`` plus its live children's, in KiB."""
+def rss_kb(pid: int | str = "self") -> int:
+    """VmRSS of ``pid`` (default: this process), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) + sum(tree_rss_kb(child) for child in children(pid))
+            return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def tree_rss_kb(pid: int) -> int:
+    """VmRSS of ``pid`` plus its live children's, in KiB."""
+    return rss_kb(pid) + sum(tree_rss_kb(child) for child in children(pid))
 
 
 def machine_busy_seconds() -> float:

@@ -63,6 +63,7 @@ from common import (
     our_command,
     our_env,
     processes,
+    rss_kb,
     spawn,
     start_all,
     start_b_nodes,
@@ -583,12 +584,6 @@ def memory_direct(milestones: list[int]) -> dict:
     from trio_dht.node import open_node
     from trio_dht.push.dispatcher import Dispatcher
     from trio_dht.push.service import PushService
-
-    def rss_kb() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
 
     result: dict = {"milestones": {}}
 

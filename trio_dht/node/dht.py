@@ -189,9 +189,9 @@ class DhtNode:
         self.listens = ListenRegistry()
         self._listen_wake = trio.Event()
         self._listen_wake_at = -math.inf
+        """When the listen driver plans to wake (set before it waits)."""
         self._listen_setup_queue: trio.MemorySendChannel[KeyListen] | None = None
         """Listens to start with a search (:meth:`_listen_setups`), while the listen driver runs."""
-        """When the listen driver plans to wake (set before it waits)."""
         self.listen_refresh = LISTEN_REFRESH
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
         self._get_rounds: dict[tuple[InfoHash, tuple[tuple[int, Any], ...]], _GetRound] = {}
@@ -1041,9 +1041,8 @@ class DhtNode:
             self.listens.deliver(key, v, self._expiration(key, v, now))
         if not new_key:
             self._listens_changed()  # a value delivered may expire sooner than the driver planned to wake
-        elif (
-            self._listen_setup_queue is not None
-        ):  # a new listen looks for its nodes first: no heap, no driver
+        elif self._listen_setup_queue is not None:
+            # A new listen looks for its nodes first: to the setups at once (no heap entry, no wake-up).
             self._listen_setup_queue.send_nowait(kl)
         else:  # before the driver runs
             self.listens.schedule(kl, now)

@@ -286,6 +286,7 @@ class FrontEnd:
         self.state = app.state
         self.fast_path = fast_path
         self.writer = Writer(BASE_HEADERS)
+        self._internal_error = self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True)
         self._push = app.state.push is not None
         self._max_body = app.state.config.max_body
         self._asgi = wrap_app(app, hypercorn_config.wsgi_max_body_size, "asgi")
@@ -448,13 +449,16 @@ class FrontEnd:
                 return limiter
         return None
 
-    def _refusal(self, limiter: RateLimiter | None, client: str, content_length: int) -> Reply | None:
-        """The reply that refuses a hot request before it is read (over the rate or the body limit)."""
+    def _refusal(self, limiter: RateLimiter | None, client: str, content_length: int) -> bytes | None:
+        """The response that refuses a hot request before it is read (over the rate or the body limit); the
+        connection closes after it."""
         if limiter is not None and not limiter.allow(client, trio.current_time()):
-            return TOO_MANY_REQUESTS
-        if content_length > self._max_body:
-            return TOO_LARGE
-        return None
+            refusal: Reply = TOO_MANY_REQUESTS
+        elif content_length > self._max_body:
+            refusal = TOO_LARGE
+        else:
+            return None
+        return self.writer.reply(refusal.status, refusal.body, refusal.headers, close=True)
 
     async def _serve_requests(self, conn: _Connection) -> bool:
         """Answer hot requests until the connection is to be closed (False) or handed to hypercorn (True)."""
@@ -499,8 +503,7 @@ class FrontEnd:
                 if conn.responding:
                     raise  # a stream cut short: closing the connection tells the client
                 log.exception("proxy front end failed on %s %r", head.method, head.target)
-                reply = INTERNAL_ERROR
-                await conn.send(self.writer.reply(reply.status, reply.body, close=True))
+                await conn.send(self._internal_error)
                 return False
             if head.close or self._closing:
                 return False
@@ -545,9 +548,7 @@ class FrontEnd:
             refusal = self._refusal(conn.limiter, conn.client, head.content_length)
             if refusal is not None:  # the body (if any) is not read, so the connection ends
                 conn.ending = True
-                conn.pending = conn.send_now(
-                    self.writer.reply(refusal.status, refusal.body, refusal.headers, close=True)
-                )
+                conn.pending = conn.send_now(refusal)
                 continue
             end = head.size + head.content_length
             answer = _ANSWERED_AT_ONCE.get(handler)
@@ -559,7 +560,7 @@ class FrontEnd:
                 response = answer(self, conn, head, key, body)
             except Exception:
                 log.exception("proxy front end failed on %s %r", head.method, head.target)
-                response = self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True)
+                response = self._internal_error
                 conn.ending = True
             if not isinstance(response, bytes):  # a reply that needs the key's values: a DHT get, in the task
                 bare = head._replace(size=0, content_length=0)  # the body is read already
@@ -665,20 +666,32 @@ class FrontEnd:
         """The response to a SUBSCRIBE whose body is buffered, answered by whoever read it (the poller,
         usually); or its reply, when that still needs the key's values (:meth:`finish_subscribe`)."""
         assert key is not None
-        reply = handlers.subscribe_now(self.state, key, body)
-        return reply if reply.fetch_values else self.push_response(head.close, reply)
+        return self._subscribe_answer(key, body, head.close)
 
     def unsubscribe_response(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> bytes:
         """The response to an UNSUBSCRIBE whose body is buffered."""
         assert key is not None
-        return self.push_response(head.close, handlers.unsubscribe(self.state, key, body))
+        return self._unsubscribe_answer(key, body, head.close)
 
     async def finish_subscribe(
         self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes, *, reply: PushReply
     ) -> None:
         """Send a SUBSCRIBE's reply with the values now under its key."""
         assert key is not None
-        await self.send_push_reply(conn, head, await handlers.push_reply_values(self.state, key, reply))
+        await conn.send(await self._values_answer(key, reply, head.close))
+
+    def _subscribe_answer(self, key: InfoHash, body: bytes, close: bool) -> bytes | PushReply:
+        """A SUBSCRIBE's response; or its reply, when that still needs the key's values
+        (:meth:`_values_answer`)."""
+        reply = handlers.subscribe_now(self.state, key, body)
+        return reply if reply.fetch_values else self.push_response(close, reply)
+
+    def _unsubscribe_answer(self, key: InfoHash, body: bytes, close: bool) -> bytes:
+        return self.push_response(close, handlers.unsubscribe(self.state, key, body))
+
+    async def _values_answer(self, key: InfoHash, reply: PushReply, close: bool) -> bytes:
+        """A SUBSCRIBE's response with the values now under its key."""
+        return self.push_response(close, await handlers.push_reply_values(self.state, key, reply))
 
     async def send_push_reply(self, conn: _Connection, head: Head, reply: PushReply) -> None:
         await conn.send(self.push_response(head.close, reply))
@@ -695,31 +708,24 @@ class FrontEnd:
     def relayed_response(self, request: relay.Relayed) -> tuple[bytes | PushReply, bool]:
         """The response to a request a worker relayed, and whether its connection closes after it; or a
         SUBSCRIBE's reply that still needs the key's values (:meth:`relayed_values_response`)."""
-        close = request.close or self._closing
         refusal = self._refusal(self._limiter_for(request.client), request.client, len(request.body))
         if refusal is not None:
-            return self.writer.reply(refusal.status, refusal.body, refusal.headers, close=True), True
-        key = InfoHash(request.key)
+            return refusal, True
+        close = request.close or self._closing
+        answer = self._subscribe_answer if request.method == relay.SUBSCRIBE else self._unsubscribe_answer
         try:
-            if request.method == relay.SUBSCRIBE:
-                reply = handlers.subscribe_now(self.state, key, request.body)
-            else:
-                reply = handlers.unsubscribe(self.state, key, request.body)
+            return answer(InfoHash(request.key), request.body, close), close
         except Exception:
             log.exception("proxy front end failed on a relayed %s", relay.METHOD_NAMES[request.method])
-            return self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True), True
-        if reply.fetch_values:
-            return reply, close
-        return self.push_response(close, reply), close
+            return self._internal_error, True
 
     async def relayed_values_response(self, key: bytes, reply: PushReply, close: bool) -> tuple[bytes, bool]:
         """The response to a relayed SUBSCRIBE with the values now under its key."""
         try:
-            reply = await handlers.push_reply_values(self.state, InfoHash(key), reply)
+            return await self._values_answer(InfoHash(key), reply, close), close
         except Exception:
             log.exception("proxy front end failed on a relayed SUBSCRIBE")
-            return self.writer.reply(INTERNAL_ERROR.status, INTERNAL_ERROR.body, close=True), True
-        return self.push_response(close, reply), close
+            return self._internal_error, True
 
     def take_over(self, sock: socket.socket, read: bytes, connections: trio.Nursery) -> None:
         """Serve a connection a worker handed over, starting with the bytes it read."""

@@ -28,8 +28,7 @@ from typing import NamedTuple
 
 RELAY, RESPONSE, HAND_OVER, READY, DRAIN, PART = 1, 2, 3, 4, 5, 6
 SUBSCRIBE, UNSUBSCRIBE = 1, 2
-METHODS = {"SUBSCRIBE": SUBSCRIBE, "UNSUBSCRIBE": UNSUBSCRIBE}
-METHOD_NAMES = {code: name for name, code in METHODS.items()}
+METHOD_NAMES = {SUBSCRIBE: "SUBSCRIBE", UNSUBSCRIBE: "UNSUBSCRIBE"}
 
 MAX_RECORD = 64 * 1024
 """A writer starts a new record beyond this many bytes; no frame is much larger (a hand-over's bytes are at
@@ -93,13 +92,7 @@ def response_frames(request_id: int, close: bool, response: bytes) -> list[bytes
     """A response as frames of at most :data:`MAX_RECORD` bytes: :data:`PART` ones, then its
     :data:`RESPONSE`."""
     flag = b"\x01" if close else b"\x00"
-    if len(response) <= MAX_RECORD:  # the usual case
-        return [_HEADER.pack(len(response) + 1, request_id, RESPONSE) + flag + response]
-    cut = (
-        len(response) - len(response) % MAX_RECORD
-        if len(response) % MAX_RECORD
-        else len(response) - MAX_RECORD
-    )
+    cut = (len(response) - 1) // MAX_RECORD * MAX_RECORD  # where the last (non-empty) piece starts
     parts = [frame(PART, request_id, response[i : i + MAX_RECORD]) for i in range(0, cut, MAX_RECORD)]
     parts.append(frame(RESPONSE, request_id, flag + response[cut:]))
     return parts

@@ -147,16 +147,12 @@ class WorkerLink:
             if not size and not ancillary:
                 return
             record = memoryview(buffer)[:size]
-            handed = (
-                [
-                    socket.socket(fileno=fd)
-                    for level, kind, data in ancillary
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                    for fd in array.array("i", data[: len(data) - len(data) % _INT_SIZE])
-                ]
-                if ancillary
-                else []
-            )
+            handed = [
+                socket.socket(fileno=fd)
+                for level, kind, data in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for fd in array.array("i", data[: len(data) - len(data) % _INT_SIZE])
+            ]
             try:
                 for frame in relay.frames(record):
                     if frame.kind == relay.RELAY:
