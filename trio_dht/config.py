@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
 from trio_dht.node import DEFAULT_PORT
 from trio_dht.proxy.config import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
@@ -47,6 +49,7 @@ class AppConfig:
     subscription_lifetime: float = DEFAULT_SUBSCRIPTION_LIFETIME
     persist_path: Path | None = None
     allow_private_endpoints: bool = False  # UnifiedPush endpoints on loopback/private addresses (tests, LANs)
+    limits: Limits = DEFAULT_LIMITS  # --limit NAME=VALUE: the budget of every input (trio_dht.limits)
 
 
 def parse_duration(text: str) -> float:
@@ -148,6 +151,15 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+class _ListLimits(argparse.Action):
+    """``--limits``: print every limit, its default and what it bounds, then exit."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        for name, default, doc in Limits().describe():
+            print(f"{name}={default}\n    {doc}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``trio-dht`` argument parser (dhtnode's flag names where dhtnode has the flag)."""
     port = _argparse_type(_port, "port")
@@ -161,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging: -v for INFO, -vv for DEBUG"
+    )
+    parser.add_argument(
+        "--limit",
+        dest="limits",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change one budget on what peers and clients may cost (repeatable; --limits lists them)",
+    )
+    parser.add_argument(
+        "--limits", action=_ListLimits, nargs=0, help="list every limit with its default, and exit"
     )
 
     node = parser.add_argument_group("DHT node")
@@ -302,6 +325,10 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
     for path in tls_files:
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
+    try:
+        limits = Limits().replace(args.limits)
+    except ValueError as exc:
+        parser.error(f"--limit: {exc}")
     proxy = None
     if args.proxy_port or args.proxy_tls_port:
         try:
@@ -331,4 +358,5 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         subscription_lifetime=args.subscription_lifetime,
         persist_path=args.persist_path,
         allow_private_endpoints=args.allow_private_endpoints,
+        limits=limits,
     )

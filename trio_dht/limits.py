@@ -1,0 +1,140 @@
+"""Every budget a stranger's input is held to, in one frozen :class:`Limits`.
+
+The design rule: whatever a peer can make us keep or wait for has a bound here. Every per-peer table has a
+cap and an eviction rule, every wait on a peer a deadline, every queue a bound and an age limit; memory that
+an unsolicited datagram can cost is proportional to its own size; nothing retries a persistent error without
+pause. Reaching a limit is a counted drop or a clear error (HTTP 429/408/413/503), never a crash.
+
+The defaults are meant for a public node. Operators change any of them with ``--limit NAME=VALUE``
+(repeatable; ``trio-dht --limits`` lists them with their defaults); library users pass ``Limits(...)``.
+Durations take the command line's forms (``90``, ``30s``, ``2m``), sizes a ``K``/``M``/``G`` suffix
+(powers of 1024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The budgets; each field's docstring says what reaching it does. Durations are seconds."""
+
+    # -- UDP node ---
+    udp_reassembly_bytes: int = 16 * MIB
+    """Bytes held, in all, by fragmented values being reassembled; a fragment past it is dropped."""
+    udp_confirm_queue: int = 1024
+    """Nodes waiting for a confirmation ping; new ones past it are not queued (counted)."""
+    udp_rate_sources: int = 65536
+    """Source addresses the UDP rate limiter tracks; when full, the idle ones are evicted in bulk."""
+    udp_amplification: float = 3.0
+    """Bytes sent to an address not yet validated, as a multiple of the bytes received from it."""
+    udp_validated_addresses: int = 65536
+    """Addresses remembered as validated (they answered us) or counted for amplification; LRU eviction."""
+    rsa_max_bits: int = 4096
+    """Largest RSA key accepted on a signed value (public exponent 65537 only)."""
+    verify_cache: int = 16384
+    """Signature checks remembered per (key, value); least recently used evicted."""
+
+    # -- HTTP proxy ---
+    http_head_timeout: float = 10.0
+    """From a request's first byte to the end of its head; the connection is closed past it (408)."""
+    http_body_timeout: float = 30.0
+    """From the end of a request's head to the end of its body; the connection is closed past it (408)."""
+    http_send_timeout: float = 30.0
+    """How long a response may wait for a client that does not read; then the connection is closed."""
+    http_send_buffer: int = 4 * MIB
+    """Response bytes buffered for a client that does not read; then the connection is closed."""
+    http_connections_per_ip: int = 256
+    """Open connections per client address (IPv6 per /64); the next one is closed at accept."""
+    http_listens_per_ip: int = 64
+    """Listen streams per client address (IPv6 per /64); the next one is answered 429."""
+
+    # -- push ---
+    push_request_timeout: float = 10.0
+    """One gateway request as a whole (connect, send, the whole response); a temporary failure past it."""
+    push_response_bytes: int = 64 * KIB
+    """Response body read from a gateway; a longer one is cut and the request failed."""
+    push_concurrency: int = 16
+    """Gateway requests in flight per gateway kind (gorush, UnifiedPush, ...)."""
+    push_one_off_attempts: int = 5
+    """Attempts for a one-off push (pingPush); then it is dropped (counted)."""
+    push_max_age: float = 120.0
+    """A queued push older than this is dropped (counted)."""
+    subscriptions_per_source: int = 10000
+    """Push subscriptions per client address (IPv6 per /64); the next SUBSCRIBE is answered 429."""
+    permanent_puts_per_source: int = 1000
+    """Permanent puts held per client address (IPv6 per /64); the next one is answered 429."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"limit {f.name} must be positive")
+
+    def replace(self, assignments: list[str]) -> Limits:
+        """A copy with ``NAME=VALUE`` assignments applied (ValueError naming the bad one)."""
+        changes: dict[str, float | int] = {}
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        for assignment in assignments:
+            name, sep, text = assignment.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in kinds:
+                known = ", ".join(kinds)
+                raise ValueError(f"unknown limit {assignment!r}: use NAME=VALUE with NAME one of {known}")
+            changes[name] = parse_size(text) if kinds[name] in ("int", int) else parse_seconds(text)
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(name, default, what it bounds) for each limit, for ``--limits``."""
+        docs = _field_docs()
+        return [(f.name, str(getattr(self, f.name)), docs.get(f.name, "")) for f in dataclasses.fields(self)]
+
+
+_SIZE = re.compile(r"(\d+)([kmg]?)i?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1024 * MIB}
+_SECONDS = re.compile(r"(\d+(?:\.\d+)?)(ms|[hms]?)")
+_SECONDS_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "ms": 0.001}
+
+
+def parse_size(text: str) -> int:
+    """A whole number, with an optional K/M/G suffix (powers of 1024): ``4M`` is 4,194,304."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 1000, 64K, 4M)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_seconds(text: str) -> float:
+    """Seconds: ``10``, ``2.5``, ``30s``, ``2m``, ``1h``, ``500ms``."""
+    match = _SECONDS.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 10, 30s, 2m, 500ms)")
+    return float(match.group(1)) * _SECONDS_UNITS[match.group(2)]
+
+
+def _field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in this module's source)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Limits))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for field, doc in itertools.pairwise(body):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+        ):
+            docs[field.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
+DEFAULT = Limits()
