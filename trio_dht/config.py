@@ -340,6 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
                 private_key=str(args.proxy_private_key) if args.proxy_private_key else None,
                 private_key_password=args.proxy_private_key_password,
                 http_workers=default_http_workers() if args.http_workers is None else args.http_workers,
+                limits=limits,
             )
         except ValueError as exc:
             parser.error(str(exc))

@@ -6,6 +6,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
@@ -59,6 +62,8 @@ class ProxyConfig:
     """Worker processes that accept the plain-HTTP connections, relay SUBSCRIBE and UNSUBSCRIBE to this
     process and hand every other connection over to it (:mod:`~trio_dht.proxy.http_worker`): the bytes of
     the hot push routes move on other cores. Used only with push hooks, the fast path and Linux; 0: none."""
+    limits: Limits = DEFAULT_LIMITS
+    """The budgets of what clients may cost (``--limit NAME=VALUE``; see :mod:`trio_dht.limits`)."""
 
     def __post_init__(self) -> None:
         if self.http_workers < 0:
