@@ -4,7 +4,13 @@ import ipaddress
 
 import pytest
 
-from trio_dht.push.ssrf import ForbiddenEndpoint, is_forbidden_address, parse_endpoint, resolve_endpoint
+from trio_dht.push.ssrf import (
+    ForbiddenEndpoint,
+    is_forbidden_address,
+    numeric_ipv4,
+    parse_endpoint,
+    resolve_endpoint,
+)
 
 
 @pytest.mark.parametrize(
@@ -46,3 +52,134 @@ async def test_resolution_checks_every_address():
         await resolve_endpoint(parse_endpoint("http://localhost/up", allow_private=True))
     with pytest.raises(ForbiddenEndpoint):
         await resolve_endpoint(parse_endpoint("http://127.0.0.1/up", allow_private=True))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b::c0a8:101",  # NAT64 of 192.168.1.1
+        "64:ff9b:1::a00:1",  # local-use NAT64: refused whole
+        "64:ff9b:1:ffff::808:808",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "::127.0.0.1",  # IPv4-compatible
+        "::10.0.0.1",
+        "::",
+        "::ffff:0:127.0.0.1",  # IPv4-translated (SIIT)
+        "::ffff:169.254.169.254",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "2001:0:7f00:1::",
+        "2001:db8::1",
+        "3fff::1",
+        "2607:f8b0::5efe:c0a8:101",  # ISATAP interface id carrying 192.168.1.1
+        "2607:f8b0::200:5efe:a00:1",  # ISATAP, universal bit set, 10.0.0.1
+        "100::1",  # discard-only
+        "ff02::1",
+        "fec0::1",  # site-local
+        "5f00::1",  # SRv6 SIDs: not global unicast
+        "192.0.0.8",  # IETF protocol assignments
+        "192.88.99.1",  # 6to4 relay anycast
+        "198.18.0.1",
+        "255.255.255.255",
+        "fe80::1%eth0",
+    ],
+)
+def test_embedded_and_special_addresses_are_forbidden(address):
+    assert is_forbidden_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::808:808", "2002:808:808::1", "::ffff:0:8.8.8.8", "2607:f8b0::5efe:808:808", "1.1.1.1"],
+)
+def test_embedded_public_addresses_are_allowed(address):
+    assert not is_forbidden_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("017700000001", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("00000127.0.0.1", "87.0.0.1"),  # octal, as inet_aton reads it
+        ("10.0x10.1", "10.16.0.1"),
+        ("134744072", "8.8.8.8"),
+    ],
+)
+def test_numeric_hosts_decode_as_inet_aton_does(host, address):
+    import socket
+
+    assert numeric_ipv4(host) == ipaddress.IPv4Address(address)
+    assert socket.inet_aton(host) == ipaddress.IPv4Address(address).packed  # the system agrees
+
+
+def test_numeric_hosts_that_do_not_decode_are_refused():
+    for host in ("1.2.3.4.5", "08.1", "256.1.1.1", "1.16777216"):
+        with pytest.raises(ForbiddenEndpoint):
+            numeric_ipv4(host)
+    assert numeric_ipv4("push.example") is None
+    assert numeric_ipv4("123.example") is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/up",
+        "http://0x7f.1/up",
+        "http://017700000001:8080/up",
+        "http://127.1/",
+        "http://127.0.0.1./",
+        "http://0x7f.0.0.1./",
+        "http://localhost./up",
+        "http://a.localhost/up",
+        "http://[64:ff9b::7f00:1]/up",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "http://[2002:7f00:1::1]/up",
+        "http://[::127.0.0.1]/up",
+        "http://[::ffff:127.0.0.1]/up",
+        "http://[::ffff:7f00:1]/up",
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/up",
+        "http://[fe80::1%25eth0]/up",
+        "https://1.2.3.4.5/up",
+    ],
+)
+def test_odd_spellings_of_private_hosts_are_refused(url):
+    with pytest.raises(ForbiddenEndpoint):
+        parse_endpoint(url)
+
+
+def test_public_numeric_and_embedded_hosts_are_accepted():
+    assert parse_endpoint("http://134744072/up").host == "134744072"
+    assert parse_endpoint("https://[64:ff9b::808:808]/up").port == 443
+
+
+async def test_resolution_refuses_numeric_spellings_and_embedded_addresses():
+    for url in ("http://2130706433/up", "http://0x7f.1/up", "http://[64:ff9b::7f00:1]/up"):
+        with pytest.raises(ForbiddenEndpoint):
+            await resolve_endpoint(parse_endpoint(url, allow_private=True))
+
+
+async def test_resolution_checks_what_the_resolver_answers(monkeypatch):
+    """A name whose DNS answer holds any private address is refused; the address returned is one checked."""
+    import trio
+
+    answers = {
+        "mixed.example": ["93.184.216.34", "64:ff9b::a00:1"],
+        "public.example": ["93.184.216.34", "2606:4700::1"],
+    }
+
+    async def fake_getaddrinfo(host, port, **kwargs):
+        return [(0, 0, 0, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
+    with pytest.raises(ForbiddenEndpoint, match="64:ff9b::a00:1"):
+        await resolve_endpoint(parse_endpoint("https://mixed.example/up"))
+    assert await resolve_endpoint(parse_endpoint("https://public.example/up")) == ipaddress.ip_address(
+        "93.184.216.34"
+    )

@@ -1,16 +1,34 @@
 """The guard on UnifiedPush endpoints: a subscriber chooses the URL we POST to, so it must not reach us.
 
 Only ``http``/``https`` URLs of at most :data:`MAX_ENDPOINT_LEN` bytes are accepted. Unless private addresses
-are allowed (tests and self-hosted setups on a LAN), every address the host resolves to must be global:
-loopback, private, link-local, CGNAT, multicast, reserved and unspecified ranges are refused, including IPv4
-addresses mapped into IPv6. The request then goes to the address that was checked (see
-:func:`resolve_endpoint`), so a second DNS answer cannot swap in a private one. Redirects are never followed
-(the HTTP client is built so).
+are allowed (tests and self-hosted setups on a LAN), every address the endpoint names or resolves to must be
+public (:func:`forbidden_reason`):
+
+- IPv4: the special-purpose ranges (this network, private, CGNAT, loopback, link-local, IETF protocol
+  assignments, documentation, benchmarking, the 6to4 relay anycast, multicast, reserved, broadcast) are
+  refused, from a table rather than :attr:`ipaddress.IPv4Address.is_global`, whose answer depends on the
+  Python version.
+- IPv6: only global unicast (``2000::/3``) is accepted, less its special ranges (``2001::/23`` with Teredo,
+  documentation ``2001:db8::/32`` and ``3fff::/20``). An IPv4 address carried inside an IPv6 one is decoded
+  and checked as IPv4: IPv4-mapped ``::ffff:0:0/96``, IPv4-compatible ``::/96``, IPv4-translated
+  ``::ffff:0:0:0/96``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16`` and an ISATAP interface id
+  (``…:0:5efe:a.b.c.d``). The local-use NAT64 prefix ``64:ff9b:1::/48`` is refused whole (where its IPv4
+  address sits depends on the operator's prefix length).
+- Host names: ``localhost`` and ``*.localhost`` are refused (with or without a trailing dot). A host whose
+  labels are all numbers (``2130706433``, ``0x7f.1``, ``127.1``, ``0177.0.0.1``) is an IPv4 address in the
+  spelling ``inet_aton`` accepts, which the system resolver (hence any HTTP client) turns into that address:
+  it is decoded as ``inet_aton`` does and checked, or refused if it does not decode.
+
+A host name is checked again when a push is sent: :func:`resolve_endpoint` resolves it, refuses it if any of
+its addresses is forbidden, and the request is then made to the address that was checked (the gateway puts
+it in the URL and keeps the name for ``Host`` and the TLS server name), so a second DNS answer cannot swap in
+a private address. Redirects are never followed (the HTTP client is built so).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -21,6 +39,51 @@ MAX_ENDPOINT_LEN = 1000
 """UnifiedPush AND_3: endpoints are at most 1000 bytes."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_IPV4_FORBIDDEN = tuple(
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8",  # this network
+        "10.0.0.0/8",  # private
+        "100.64.0.0/10",  # shared address space (CGNAT)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local (cloud metadata services)
+        "172.16.0.0/12",  # private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",  # private
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation
+        "203.0.113.0/24",  # documentation
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the broadcast address
+    )
+)
+_IPV6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_IPV6_FORBIDDEN = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "2001::/23",  # IETF protocol assignments: Teredo 2001::/32, benchmarking, ORCHID
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+    )
+)
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_EMBEDDED_IN_LOW_32 = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "::ffff:0:0/96",  # IPv4-mapped
+        "::/96",  # IPv4-compatible (deprecated); holds :: and ::1 too, which decode to 0.0.0.x
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b::/96",  # NAT64 well-known prefix
+    )
+)
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_ISATAP_MASK, _ISATAP_ID = 0xFCFFFFFF, 0x00005EFE
+"""An ISATAP interface id is ``00-00-5E-FE`` (u/g bits aside) followed by the IPv4 address."""
+
+_NUMERIC_LABEL = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
 
 
 class ForbiddenEndpoint(ValueError):
@@ -39,15 +102,80 @@ class Endpoint:
     """Path and query, ``/`` if empty."""
 
 
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why ``address`` may not be posted to, or None if it is public unicast."""
+    if isinstance(address, ipaddress.IPv4Address):
+        for net in _IPV4_FORBIDDEN:
+            if address in net:
+                return f"{address} is in {net}"
+        return None
+    address = ipaddress.IPv6Address(int(address))  # without a scope id
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        reason = forbidden_reason(embedded)
+        return None if reason is None else f"{address} carries {reason}"
+    if address in _NAT64_LOCAL:
+        return f"{address} is in the local-use NAT64 prefix {_NAT64_LOCAL}"
+    if address not in _IPV6_GLOBAL_UNICAST:
+        return f"{address} is not global unicast"
+    for net in _IPV6_FORBIDDEN:
+        if address in net:
+            return f"{address} is in {net}"
+    interface_id = int(address) & (2**64 - 1)
+    if interface_id >> 32 & _ISATAP_MASK == _ISATAP_ID:
+        reason = forbidden_reason(ipaddress.IPv4Address(interface_id & 0xFFFFFFFF))
+        return None if reason is None else f"{address} (ISATAP) carries {reason}"
+    return None
+
+
 def is_forbidden_address(address: IPAddress) -> bool:
-    """True for any address that is not globally routable unicast."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return not address.is_global or address.is_multicast
+    """True for any address that is not public unicast (:func:`forbidden_reason`)."""
+    return forbidden_reason(address) is not None
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, when its prefix says it carries one."""
+    for net in _EMBEDDED_IN_LOW_32:
+        if address in net:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address(int(address) >> 80 & 0xFFFFFFFF)
+    return None
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a host of numeric labels stands for, decoded as ``inet_aton`` does (``127.1``,
+    ``2130706433``, ``0x7f.0.0.1``, ``0177.0.0.1``); None for a host with another label.
+
+    Raises :class:`ForbiddenEndpoint` if the labels are all numeric but do not decode (``1.2.3.4.5``,
+    ``08.1``, ``256.1.1.1``): no DNS name looks so.
+    """
+    labels = host.split(".")
+    if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
+        return None
+    try:
+        parts = [
+            int(label, 16) if label[:2].lower() == "0x" and len(label) > 2
+            else 0 if label.lower() == "0x"
+            else int(label, 8) if label.startswith("0")
+            else int(label)
+            for label in labels
+        ]  # fmt: skip
+    except ValueError:
+        raise ForbiddenEndpoint(f"endpoint host {host} is not an IPv4 address") from None
+    if len(parts) > 4:
+        raise ForbiddenEndpoint(f"endpoint host {host} is not an IPv4 address")
+    last_bits = 8 * (5 - len(parts))
+    if any(part > 255 for part in parts[:-1]) or parts[-1] >= 1 << last_bits:
+        raise ForbiddenEndpoint(f"endpoint host {host} is not an IPv4 address")
+    value = parts[-1]
+    for i, part in enumerate(parts[:-1]):
+        value |= part << (24 - 8 * i)
+    return ipaddress.IPv4Address(value)
 
 
 def parse_endpoint(url: str, *, allow_private: bool = False) -> Endpoint:
-    """Check the form of ``url`` (and a literal IP host against the policy); raises
+    """Check the form of ``url`` (and a literal or numeric IP host against the policy); raises
     :class:`ForbiddenEndpoint`."""
     if len(url.encode()) > MAX_ENDPOINT_LEN:
         raise ForbiddenEndpoint("endpoint longer than 1000 bytes")
@@ -64,14 +192,7 @@ def parse_endpoint(url: str, *, allow_private: bool = False) -> Endpoint:
     if parts.username is not None or parts.password is not None:
         raise ForbiddenEndpoint("endpoint carries credentials")
     if not allow_private:
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None and is_forbidden_address(literal):
-            raise ForbiddenEndpoint(f"endpoint address {host} is not public")
-        if literal is None and (host == "localhost" or host.endswith(".localhost")):
-            raise ForbiddenEndpoint("endpoint host is localhost")
+        _check_host(host)
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     target = parts.path or "/"
@@ -80,16 +201,34 @@ def parse_endpoint(url: str, *, allow_private: bool = False) -> Endpoint:
     return Endpoint(url=url, scheme=parts.scheme, host=host, port=port, target=target)
 
 
+def _check_host(host: str) -> None:
+    """Refuse a host that names a forbidden address without resolution."""
+    literal: IPAddress | None
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        name = host[:-1] if host.endswith(".") else host
+        if name == "localhost" or name.endswith(".localhost"):
+            raise ForbiddenEndpoint("endpoint host is localhost") from None
+        literal = numeric_ipv4(name)
+    if literal is not None:
+        reason = forbidden_reason(literal)
+        if reason is not None:
+            raise ForbiddenEndpoint(f"endpoint address {host} is not public: {reason}")
+
+
 async def resolve_endpoint(endpoint: Endpoint) -> IPAddress:
     """Resolve the endpoint's host; the first address, if every address is public.
 
     Raises :class:`ForbiddenEndpoint` if any address is not, and :class:`OSError` if resolution fails.
     """
+    _check_host(endpoint.host)
     infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
     if not addresses:
         raise OSError(f"{endpoint.host} resolves to nothing")
     for address in addresses:
-        if is_forbidden_address(address):
-            raise ForbiddenEndpoint(f"{endpoint.host} resolves to {address}, which is not public")
+        reason = forbidden_reason(address)
+        if reason is not None:
+            raise ForbiddenEndpoint(f"{endpoint.host} resolves to {address}, which is not public: {reason}")
     return addresses[0]
