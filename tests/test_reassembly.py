@@ -160,7 +160,9 @@ def test_early_fragments_are_bounded():
     feed(r, small)
     assert r.dropped == 20
     r = Reassembler()
-    large = [Message(Kind.FRAGMENT, TID, parts={0: (i * 1280, b"x" * 1280)}) for i in range(100)]
+    large = [  # two values' worth (one value is at most 64 KiB + 32)
+        Message(Kind.FRAGMENT, TID, parts={i // 50: (i % 50 * 1280, b"x" * 1280)}) for i in range(100)
+    ]
     feed(r, large)
     assert r.dropped == 100 - MAX_EARLY_BYTES // 1280
 

@@ -59,6 +59,7 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                 bootstrap=config.bootstrap,
                 network=config.network,
                 rate_limiter=None if config.rate_limit else RateLimiter(per_ip=-1, total=-1),
+                limits=config.limits,
             ) as node:
                 _log_node(node, config)
                 async with _open_push(node, config) as push, trio.open_nursery() as services:

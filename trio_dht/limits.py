@@ -28,9 +28,13 @@ class Limits:
 
     # -- UDP node ---
     udp_reassembly_bytes: int = 16 * MIB
-    """Bytes held, in all, by fragmented values being reassembled; a fragment past it is dropped."""
+    """Bytes held, in all, by fragmented messages being reassembled; a fragment past it is dropped."""
+    udp_reassembly_per_source: int = 1 * MIB
+    """Bytes held by fragmented messages from one source (IPv4 address, IPv6 /64; loopback per port)."""
     udp_confirm_queue: int = 1024
     """Nodes waiting for a confirmation ping; new ones past it are not queued (counted)."""
+    udp_confirm_in_flight: int = 64
+    """Confirmation pings awaiting their reply at once; the queue waits for a free slot."""
     udp_rate_sources: int = 65536
     """Source addresses the UDP rate limiter tracks; when full, the idle ones are evicted in bulk."""
     udp_amplification: float = 3.0

@@ -393,10 +393,10 @@ _RSA_ENCRYPTION = bytes.fromhex("2a864886f70d010101")
 """The OID 1.2.840.113549.1.1.1, DER content octets."""
 _SHA512_DIGEST_INFO = bytes.fromhex("3051300d060960864801650304020305000440")
 """DER of DigestInfo{sha512, NULL} up to the 64 digest bytes (RFC 8017 §9.2, note 1)."""
-RSA_MAX_MODULUS_BITS = 16384
-RSA_MAX_EXPONENT_BITS = 64
-"""Bounds on what one verification may cost (about 40 ms at both bounds), OpenSSL's: it refuses larger moduli,
-and larger exponents with moduli over 3072 bits (real keys use 65537)."""
+RSA_MAX_MODULUS_BITS = 4096
+"""The largest modulus accepted by default (OpenDHT generates 4096-bit keys)."""
+RSA_PUBLIC_EXPONENT = 65537
+"""The only public exponent accepted (the one OpenDHT, and nearly every RSA key, uses)."""
 
 
 class _Der:
@@ -437,9 +437,10 @@ class _Der:
         return self.pos == len(self.data)
 
 
-def rsa_public_key_from_spki(spki: bytes) -> tuple[int, int]:
+def rsa_public_key_from_spki(spki: bytes, max_bits: int = RSA_MAX_MODULUS_BITS) -> tuple[int, int]:
     """``(modulus, public exponent)`` of a DER SubjectPublicKeyInfo; ValueError unless it is an RSA key
-    (rsaEncryption) within :data:`RSA_MAX_MODULUS_BITS` and :data:`RSA_MAX_EXPONENT_BITS`."""
+    (rsaEncryption) of at most ``max_bits`` with the exponent :data:`RSA_PUBLIC_EXPONENT`. Checked before
+    any arithmetic: a refused key costs a parse."""
     outer = _Der(spki)
     info = _Der(outer.read(0x30))
     if not outer.at_end():
@@ -457,20 +458,22 @@ def rsa_public_key_from_spki(spki: bytes) -> tuple[int, int]:
     n, e = key.read_positive_integer(), key.read_positive_integer()
     if not key.at_end() or not key_outer.at_end():
         raise ValueError("trailing bytes in the RSAPublicKey")
-    if n.bit_length() > RSA_MAX_MODULUS_BITS or not n & 1 or n < 3:
+    if n.bit_length() > max_bits or not n & 1 or n < 3:
         raise ValueError("bad RSA modulus")
-    if e.bit_length() > RSA_MAX_EXPONENT_BITS or not e & 1 or e < 3 or e >= n:
+    if e != RSA_PUBLIC_EXPONENT or e >= n:
         raise ValueError("bad RSA public exponent")
     return n, e
 
 
-def rsa_verify_pkcs1v15_sha512(spki: bytes, signature: bytes, message: bytes) -> bool:
+def rsa_verify_pkcs1v15_sha512(
+    spki: bytes, signature: bytes, message: bytes, max_bits: int = RSA_MAX_MODULUS_BITS
+) -> bool:
     """True if ``signature`` is an RSASSA-PKCS1-v1_5 signature with SHA-512 of ``message`` by the RSA key
     ``spki`` (DER SubjectPublicKeyInfo); False for any other key type, a malformed key or a bad signature
     (which, as RFC 8017 and OpenSSL have it, is exactly as long as the modulus).
     """
     try:
-        n, e = rsa_public_key_from_spki(spki)
+        n, e = rsa_public_key_from_spki(spki, max_bits)
     except ValueError:
         return False
     k = (n.bit_length() + 7) // 8

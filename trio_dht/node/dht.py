@@ -25,15 +25,18 @@ import trio
 from trio_dht import signature
 from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import DEFAULT, Limits
+from trio_dht.node.confirm import ConfirmQueue
 from trio_dht.node.listeners import ListenerBook
 from trio_dht.node.listening import KeyListen, Listener, ListenRegistry, ListenTarget
-from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.ratelimit import RateLimiter, source_key
 from trio_dht.node.requests import FAIL_AFTER, Action, PendingRequest, RequestTracker
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.search import SearchNode, SearchState
 from trio_dht.node.storage import PutOutcome, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
 from trio_dht.node.udp import UdpEndpoint
+from trio_dht.node.validation import AddressValidation
 from trio_dht.value import Query, Value, random_value_id, type_expiration
 from trio_dht.wire.compact import (
     Address,
@@ -155,6 +158,8 @@ class Counters:
     dropped_rate: int = 0
     dropped_self: int = 0
     dropped_martian: int = 0
+    dropped_unsolicited: int = 0
+    """Fragmented replies (headers) whose ``t`` is no request we sent to that address."""
     requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -169,13 +174,16 @@ class DhtNode:
         is_client: bool = False,
         storage: Storage | None = None,
         rate_limiter: RateLimiter | None = None,
+        limits: Limits = DEFAULT,
     ) -> None:
         self._id = node_id or InfoHash.random()
         self.network = network
+        self.limits = limits
         self.encoder = Encoder(self._id, network, is_client)
-        self.storage = storage or Storage(verify=signature.verify)
+        self.verifier = signature.Verifier(limits)
+        self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
         self.remote_listeners = ListenerBook()
-        self.rate_limiter = rate_limiter or RateLimiter()
+        self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter(limits=limits)
         self.counters = Counters()
         self.tables = {False: RoutingTable(self._id), True: RoutingTable(self._id)}
         self._socks: dict[bool, UdpEndpoint] = {}
@@ -183,7 +191,8 @@ class DhtNode:
         self._requests_at = math.inf
         self._requests_wake = trio.Event()
         self._tid = random.randrange(1, 1 << 32)
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(limits, source_key)
+        self._validation = AddressValidation(limits)
         self._tokens = TokenIssuer(trio.current_time())
         self._clock = trio.lowlevel.current_clock().current_time  # trio.current_time, minus 2 calls
         self.listens = ListenRegistry()
@@ -198,8 +207,7 @@ class DhtNode:
         self._expiry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
-        self._to_confirm: set[Node] = set()
-        self._confirming: set[Node] = set()  # queued in _to_confirm or being pinged
+        self._confirms = ConfirmQueue(limits)
         self._expiry_at = math.inf
         self._confirm_wake = trio.Event()
         self.public_address: Address | None = None
@@ -235,8 +243,31 @@ class DhtNode:
                 "dropped_malformed": self.counters.dropped_malformed,
                 "dropped_rate": self.counters.dropped_rate,
                 "dropped_network": self.counters.dropped_network,
+                **self.limit_counters(),
             },
         )
+
+    def limit_counters(self) -> dict[str, int]:
+        """What each UDP limit dropped, cut or evicted (and what it holds now), for ``/node/stats``."""
+        reassembler, confirms, validation = self._reassembler, self._confirms, self._validation
+        return {
+            "dropped_unsolicited_fragments": self.counters.dropped_unsolicited,
+            "reassembly_dropped": reassembler.dropped,
+            "reassembly_dropped_budget": reassembler.dropped_budget,
+            "reassembly_bytes": reassembler.held,
+            "confirm_queued": len(confirms),
+            "confirm_in_flight": confirms.in_flight,
+            "confirm_dropped_full": confirms.dropped_full,
+            "confirm_dropped_stale": confirms.dropped_stale,
+            "rate_sources": len(self.rate_limiter),
+            "rate_sources_evicted": self.rate_limiter.evicted,
+            "validated_addresses": len(validation),
+            "validation_evicted": validation.evicted,
+            "amplification_limited": validation.limited,
+            "amplification_withheld_bytes": validation.withheld_bytes,
+            "verify_refused_keys": self.verifier.refused_keys,
+            "verify_cache_hits": self.verifier.cache_hits,
+        }
 
     def is_connected(self) -> bool:
         now = trio.current_time()
@@ -444,9 +475,15 @@ class DhtNode:
             kind = msg.kind
             rate_checked = True
         elif msg.value_sizes and (kind is _REQUEST or kind is _REPLY):  # a fragmented message's header
-            if kind is _REQUEST and not self.rate_limiter.allow(addr, now):
-                self.counters.dropped_rate += 1
-                return
+            if kind is _REQUEST:
+                if not self.rate_limiter.allow(addr, now):
+                    self.counters.dropped_rate += 1
+                    return
+            else:  # reassembled only as the answer to a request we sent to that address
+                pending = self._requests.pending.get(msg.tid)
+                if pending is None or pending.addr != addr:
+                    self.counters.dropped_unsolicited += 1
+                    return
             done = self._reassembler.header((addr, msg.tid), msg, now)
             if done is None:
                 return
@@ -460,7 +497,7 @@ class DhtNode:
             if not rate_checked and not self.rate_limiter.allow(addr, now):
                 self.counters.dropped_rate += 1
                 return
-            self._on_request(msg, addr, now)
+            self._on_request(msg, addr, now, len(data))
         elif kind is _REPLY or kind is _ERROR:
             self._on_reply(msg, addr, now)
 
@@ -473,6 +510,8 @@ class DhtNode:
         if pending.node_id is None and pending.addr != addr:
             return
         assert msg.sender is not None
+        if pending.addr == addr:
+            self._validation.validate(addr)  # it got our request there
         table = self.tables[is_ipv6(addr[0])]
         if msg.kind is Kind.REPLY:
             if not msg.is_client:
@@ -521,28 +560,80 @@ class DhtNode:
         return out
 
     def _confirm(self, node: Node) -> None:
-        """Queue a ping so that a node we only heard of (or from) can become good (one at a time per node)."""
-        if node not in self._confirming:
-            self._confirming.add(node)
-            self._to_confirm.add(node)
+        """Queue a ping so that a node we only heard of (or from) can become good, and its address validated
+        (one at a time per node; bounded, see ``node.confirm``)."""
+        if self._confirms.push(node, self._clock()):
             self._confirm_wake.set()
+
+    def _send_confirms(self) -> None:
+        """Ping the queued nodes that free slots allow; each ping's end frees its slot and sends the next."""
+        for node in self._confirms.ready(self._clock()):
+            done = functools.partial(self._confirmed, node)
+            self.start_request(node.addr, "ping", {}, done, node_id=node.id)
+
+    def _confirmed(self, node: Node, reply: Message | None) -> None:
+        self._confirms.done(node)
+        self._send_confirms()
 
     # -- request handlers -----------------------------------------------------------------------------------
 
-    def _on_request(self, msg: Message, addr: Address, now: float) -> None:
+    def _on_request(self, msg: Message, addr: Address, now: float, size: int) -> None:
         sender = msg.sender
         assert sender is not None
         method = msg.method
         self.counters.requests[method] += 1
         v6 = is_ipv6(addr[0])
+        validated = self._validation.is_validated(addr)
+        if not validated:
+            self._validation.received(addr, size)
         if not msg.is_client:
             node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
             if to_ping is not None:
                 self._confirm(to_ping)
-            if node.last_replied == -math.inf:  # never answered us, so not good: confirm it
+            if node.last_replied == -math.inf or not validated:  # not good, or not at this address: confirm
                 self._confirm(node)
-        for datagram in _HANDLERS[method](self, msg, addr, pack_ip(addr[0]), now):
+        elif not validated:  # a client is not a routing table's node, but its address is validated the same
+            self._confirm(Node(sender, addr))
+        sa = pack_ip(addr[0])
+        datagrams = _HANDLERS[method](self, msg, addr, sa, now)
+        if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
+            datagrams = self._within_credit(msg, addr, sa, now, datagrams)
+        for datagram in datagrams:
             self._send(datagram, addr)
+
+    def _within_credit(
+        self, msg: Message, addr: Address, sa: bytes, now: float, datagrams: list[bytes]
+    ) -> list[bytes]:
+        """What may be sent to an unvalidated address: the answer if it fits its credit, else a smaller one
+        (a get or find answered with fewer nodes and no values), else nothing."""
+        validation = self._validation
+        credit = validation.credit(addr)
+        size = sum(map(len, datagrams))
+        if size <= credit:
+            validation.spend(addr, size)
+            return datagrams
+        for smaller in self._smaller_answers(msg, addr, sa, now):
+            if len(smaller) <= credit:
+                validation.spend(addr, len(smaller))
+                validation.withheld(size - len(smaller))
+                return [smaller]
+        validation.withheld(size)
+        return []
+
+    def _smaller_answers(self, msg: Message, addr: Address, sa: bytes, now: float) -> Iterable[bytes]:
+        """Answers to a get or find with less in them, largest first: nodes without values, then half as many
+        nodes, then none (the token alone)."""
+        if msg.method != "get" and msg.method != "find":
+            return
+        target = msg.target or msg.info_hash
+        if target is None:
+            return
+        token = self._tokens.issue(addr)
+        n4, n6 = self._closest_records(target, msg.want, is_ipv6(addr[0]), now)
+        if msg.method == "get":
+            yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, n4, n6, token))
+        yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, n4[: K // 2], n6[: K // 2], token))
+        yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, [], [], token))
 
     def _closest_records(self, target: bytes, want: list[int] | None, requester_v6: bool, now: float):
         v4, v6 = want_families(want, requester_v6)
@@ -586,6 +677,7 @@ class DhtNode:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_hash"])]
         if not self._tokens.check(msg.token, addr):
             return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["put_token"])]
+        self._validation.validate(addr)  # a token is only ever sent to the address it is bound to
         if 0 in [v.id for v in msg.values]:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_id"])]
         created = self._created_from_wire(msg.created, now)
@@ -602,6 +694,7 @@ class DhtNode:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["put_hash"])]
         if not self._tokens.check(msg.token, addr):
             return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["put_token"])]
+        self._validation.validate(addr)
         vid = msg.value_id or 0
         if self.storage.refresh(msg.info_hash, vid, now) is None:
             return [self.encoder.error(msg.tid, ErrorCode.NOT_FOUND, ERROR_TEXTS["refresh_unknown"])]
@@ -613,6 +706,7 @@ class DhtNode:
             return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["listen_hash"])]
         if not self._tokens.check(msg.token, addr):
             return [self.encoder.error(msg.tid, ErrorCode.UNAUTHORIZED, ERROR_TEXTS["listen_token"])]
+        self._validation.validate(addr)
         assert msg.sender is not None
         sid = msg.sid if msg.sid is not None else msg.tid
         new = self.remote_listeners.listen(msg.info_hash, msg.sender, sid, addr, msg.query, now)
@@ -731,31 +825,12 @@ class DhtNode:
     # -- maintenance ----------------------------------------------------------------------------------------
 
     async def _confirm_loop(self) -> None:
-        """Ping nodes we heard of, so the routing table fills with good nodes."""
-        async with trio.open_nursery() as nursery:
-            limiter = trio.CapacityLimiter(16)
-            while True:
-                await self._confirm_wake.wait()
-                self._confirm_wake = trio.Event()
-                batch, self._to_confirm = self._to_confirm, set()
-                for node in batch:
-                    nursery.start_soon(self._confirm_node, node, limiter)
-
-    async def _confirm_node(self, node: Node, limiter: trio.CapacityLimiter) -> None:
-        try:
-            await self._ping_node(node, limiter)
-        finally:
-            self._confirming.discard(node)
-
-    async def _ping_node(self, node: Node, limiter: trio.CapacityLimiter | None = None) -> bool:
-        if limiter is not None:
-            async with limiter:
-                return await self._ping_node(node)
-        try:
-            await self.request(node.addr, "ping", {}, node_id=node.id)
-            return True
-        except RequestFailed:
-            return False
+        """Ping nodes we heard of, so the routing table fills with good nodes (the queue's pings are sent
+        here, after the datagram that queued them was answered, and as earlier pings end)."""
+        while True:
+            await self._confirm_wake.wait()
+            self._confirm_wake = trio.Event()
+            self._send_confirms()
 
     async def _maintenance_loop(self) -> None:
         await trio.sleep(random.uniform(3, 5))
@@ -1258,6 +1333,7 @@ async def open_node(
     is_client: bool = False,
     storage: Storage | None = None,
     rate_limiter: RateLimiter | None = None,
+    limits: Limits = DEFAULT,
 ) -> AsyncIterator[DhtNode]:
     """Run a DHT node for the duration of the block.
 
@@ -1266,7 +1342,12 @@ async def open_node(
     background.
     """
     node = DhtNode(
-        node_id=node_id, network=network, is_client=is_client, storage=storage, rate_limiter=rate_limiter
+        node_id=node_id,
+        network=network,
+        is_client=is_client,
+        storage=storage,
+        rate_limiter=rate_limiter,
+        limits=limits,
     )
     node._bind(host, port, host6)
     try:

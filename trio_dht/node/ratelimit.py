@@ -2,19 +2,35 @@
 
 IPv6 sources are grouped by /64. Loopback sources are limited per (IP, port) instead, so that many nodes on
 one machine (tests, benchmarks) do not share one budget.
+
+The table of sources holds at most ``Limits.udp_rate_sources``. When full, it is pruned in bulk: the sources
+idle for a window go first, then the oldest ones, until a quarter of it is free, so a flood of new sources
+costs one scan per quarter-table of them (amortised O(1) each), never one scan per packet. A source evicted
+while active starts a fresh window: the global limit still holds.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from ipaddress import IPv6Address
 
+from trio_dht.limits import DEFAULT, Limits
 from trio_dht.wire.compact import Address, is_ipv6, is_loopback
 
 PER_IP_DEFAULT = 1024
 GLOBAL_DEFAULT = 8192
 WINDOW = 1.0
-MAX_TRACKED = 65536
+
+
+def source_key(addr: Address) -> object:
+    """What a source's budgets are kept per: the IPv4 address, the IPv6 /64, or a loopback (IP, port)."""
+    ip = addr[0]
+    if is_loopback(ip):
+        return addr
+    if is_ipv6(ip):
+        return IPv6Address(ip).packed[:8]
+    return ip
 
 
 class _Window:
@@ -37,28 +53,24 @@ class _Window:
 class RateLimiter:
     """``allow(addr, now)`` is False when a request must be dropped. A limit below 0 disables it."""
 
-    def __init__(self, per_ip: int = PER_IP_DEFAULT, total: int = GLOBAL_DEFAULT) -> None:
+    def __init__(
+        self, per_ip: int = PER_IP_DEFAULT, total: int = GLOBAL_DEFAULT, *, limits: Limits = DEFAULT
+    ) -> None:
         self.per_ip = per_ip
         self._global = _Window(total) if total >= 0 else None
         self._sources: dict[object, _Window] = {}
+        self.max_sources = limits.udp_rate_sources
         self.dropped = 0
-
-    @staticmethod
-    def _source(addr: Address) -> object:
-        ip = addr[0]
-        if is_loopback(ip):
-            return addr
-        if is_ipv6(ip):
-            return IPv6Address(ip).packed[:8]
-        return ip
+        self.evicted = 0
+        """Sources forgotten to make room (idle or not)."""
 
     def allow(self, addr: Address, now: float) -> bool:
         """Per source first, then global (as OpenDHT): a flooding source cannot use up the global budget."""
         if self.per_ip >= 0:
-            key = self._source(addr)
+            key = source_key(addr)
             window = self._sources.get(key)
             if window is None:
-                if len(self._sources) >= MAX_TRACKED:
+                if len(self._sources) >= self.max_sources:
                     self._prune(now)
                 window = self._sources[key] = _Window(self.per_ip)
             if not window.allow(now):
@@ -69,6 +81,18 @@ class RateLimiter:
             return False
         return True
 
+    def __len__(self) -> int:
+        return len(self._sources)
+
     def _prune(self, now: float) -> None:
-        for key in [k for k, w in self._sources.items() if not w.times or now - w.times[-1] >= WINDOW]:
-            del self._sources[key]
+        """Free at least a quarter of the table: idle sources first, then the oldest (in insertion order)."""
+        sources = self._sources
+        goal = self.max_sources - max(1, self.max_sources // 4)
+        idle = [k for k, w in sources.items() if not w.times or now - w.times[-1] >= WINDOW]
+        for key in idle:
+            del sources[key]
+        excess = len(sources) - goal
+        if excess > 0:
+            for key in list(itertools.islice(sources, excess)):
+                del sources[key]
+        self.evicted += len(idle) + max(0, excess)

@@ -1,14 +1,23 @@
-"""Reassembly of fragmented values (a header announcing sizes, then ``p`` fragments), sans-IO.
+"""Reassembly of fragmented messages (a header announcing value sizes, then ``p`` fragments), sans-IO.
 
 Keyed by (source address, ``t``) as OpenDHT 4.3+. Fragments may arrive in any order, even before their header
-(buffered within limits); overlapping fragments and values over the size limit are refused.
+(at most 100 fragments and 120 KiB per message then). Memory follows the bytes actually received, never the
+sizes a header announces: each fragment is kept as it came, and a value's fragments are joined once they cover
+it exactly. Everything held is charged, bytes plus a fixed cost per fragment and per message, against a global
+budget and a budget per source; what would go past either is dropped and counted. Overlapping fragments and
+values over the size limit are refused.
+
+Which headers to admit is the caller's rule: a node passes the header of a reply only when its ``t`` is a
+request it sent to that address.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import bisect
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from trio_dht.limits import DEFAULT, Limits
 from trio_dht.value import MAX_VALUE_SIZE, InvalidValue, Value
 from trio_dht.wire.message import Message
 
@@ -18,117 +27,235 @@ MAX_IDLE = 3.0
 MAX_EARLY_BYTES = 120 * 1024
 MAX_EARLY_FRAGMENTS = 100
 MAX_PARTIALS = 4096
+PARTIAL_COST = 256
+"""Bytes charged for a message being reassembled, beside its fragments."""
+SIZE_COST = 8
+"""Bytes charged per value size its header announces."""
+FRAGMENT_COST = 64
+"""Bytes charged per fragment kept, beside its data."""
+
+Key = tuple[Hashable, int]
+"""(source address, ``t``)."""
+
+
+@dataclass(slots=True)
+class _Value:
+    """The fragments of one value received so far, sorted by offset (none overlap)."""
+
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
+    received: int = 0
+
+    def add(self, offset: int, data: bytes) -> bool:
+        """Keep a fragment unless it overlaps one already here (a duplicate, a retransmission)."""
+        end = offset + len(data)
+        i = bisect.bisect_right(self.starts, offset)
+        if (i and self.ends[i - 1] > offset) or (i < len(self.starts) and self.starts[i] < end):
+            return False
+        self.starts.insert(i, offset)
+        self.ends.insert(i, end)
+        self.data.insert(i, data)
+        self.received += len(data)
+        return True
+
+    def cost(self) -> int:
+        return self.received + FRAGMENT_COST * len(self.data)
 
 
 @dataclass(slots=True)
 class _Partial:
+    source: Hashable
     started: float
     last: float
     header: Message | None = None
-    buffers: dict[int, bytearray] = field(default_factory=dict)
-    received: dict[int, int] = field(default_factory=dict)
-    spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    early: list[tuple[int, int, bytes]] = field(default_factory=list)
+    values: dict[int, _Value] = field(default_factory=dict)
+    missing: int = 0
+    """Values the header announces (within the size limit) that are not whole yet."""
+    fragments: int = 0
     early_bytes: int = 0
+    cost: int = PARTIAL_COST
 
 
 class Reassembler:
-    """Collects fragmented messages until every value is whole."""
+    """Collects fragmented messages until every value is whole, within ``Limits.udp_reassembly_bytes`` in all
+    and ``Limits.udp_reassembly_per_source`` per source (``source(address)`` groups addresses)."""
 
-    def __init__(self) -> None:
-        self._partials: dict[Hashable, _Partial] = {}
+    def __init__(
+        self, limits: Limits = DEFAULT, source: Callable[[Hashable], Hashable] = lambda addr: addr
+    ) -> None:
+        self._partials: dict[Key, _Partial] = {}
+        self._by_source: dict[Hashable, int] = {}
+        self._source = source
+        self.max_bytes = limits.udp_reassembly_bytes
+        self.max_per_source = limits.udp_reassembly_per_source
+        self.held = 0
+        """Bytes charged for what is held now."""
         self._swept = float("-inf")
         self.dropped = 0
+        """Fragments, headers and values dropped, for any reason."""
+        self.dropped_budget = 0
+        """Fragments and headers dropped because a budget (global, per source, table size) was full."""
 
     def __len__(self) -> int:
         return len(self._partials)
 
-    def header(self, key: Hashable, msg: Message, now: float) -> Message | None:
+    def header(self, key: Key, msg: Message, now: float) -> Message | None:
         """A message whose ``values`` are sizes; returns it completed if every fragment is already here."""
-        p = self._partial(key, now)
-        if p is None:
-            return None
-        if p.header is not None:
+        p = self._partials.get(key)
+        if p is not None and p.header is not None:
             return None  # a retransmitted header: the first one is being filled
-        p.header = msg
-        for index, size in enumerate(msg.value_sizes):
-            if size <= MAX_SERIALISED_VALUE:
-                p.buffers[index] = bytearray(size)
-                p.received[index] = 0
-                p.spans[index] = []
-        early, p.early = p.early, []
-        for index, offset, data in early:
-            self._add(p, index, offset, data)
-        return self._complete(key, p)
-
-    def fragment(self, key: Hashable, msg: Message, now: float) -> Message | None:
-        """A ``p`` datagram; returns the completed message once its last fragment is in."""
-        p = self._partial(key, now)
+        cost = SIZE_COST * len(msg.value_sizes)
         if p is None:
+            p = self._start(key, now, cost)
+            if p is None:
+                return None
+        elif not self._charge(key, p, cost, now):
             return None
+        p.header = msg
         p.last = now
-        for index, (offset, data) in msg.parts.items():
-            if p.header is None:
-                if len(p.early) >= MAX_EARLY_FRAGMENTS or p.early_bytes + len(data) > MAX_EARLY_BYTES:
-                    self.dropped += 1
-                    continue
-                p.early.append((index, offset, data))
-                p.early_bytes += len(data)
-            else:
-                self._add(p, index, offset, data)
-        return self._complete(key, p) if p.header is not None else None
+        sizes = msg.value_sizes
+        for index, value in list(p.values.items()):
+            size = sizes[index] if index < len(sizes) else -1
+            if size < 0 or size > MAX_SERIALISED_VALUE or any(end > size for end in value.ends):
+                self._refund(p, value.cost())  # fragments of no announced value, or beyond its end
+                del p.values[index]
+                self.dropped += 1
+        p.missing = sum(
+            1
+            for index, size in enumerate(sizes)
+            if size <= MAX_SERIALISED_VALUE and self._received(p, index) < size
+        )
+        return self._complete(key, p) if not p.missing else None
 
-    def _room(self, now: float) -> bool:
-        """Room for one more partial message; when full, drop stale ones (at most one sweep a second)."""
-        if len(self._partials) < MAX_PARTIALS:
-            return True
-        if now - self._swept >= 1.0:
-            self._swept = now
-            self.expire(now)
-        return len(self._partials) < MAX_PARTIALS
-
-    def _partial(self, key: Hashable, now: float) -> _Partial | None:
-        """The partial message for ``key``, started now if new (None when the table is full)."""
+    def fragment(self, key: Key, msg: Message, now: float) -> Message | None:
+        """A ``p`` datagram; returns the completed message once its last fragment is in."""
         p = self._partials.get(key)
         if p is None:
-            if not self._room(now):
-                self.dropped += 1
+            p = self._start(key, now, 0)
+            if p is None:
                 return None
-            p = self._partials[key] = _Partial(started=now, last=now)
-        return p
-
-    def _add(self, p: _Partial, index: int, offset: int, data: bytes) -> None:
-        buf = p.buffers.get(index)
-        if buf is None or offset + len(data) > len(buf) or not data:
-            self.dropped += 1
-            return
-        end = offset + len(data)
-        spans = p.spans[index]
-        if any(offset < e and s < end for s, e in spans):
-            return  # overlap (or a duplicate from a retransmission)
-        spans.append((offset, end))
-        buf[offset:end] = data
-        p.received[index] += len(data)
-
-    def _complete(self, key: Hashable, p: _Partial) -> Message | None:
-        assert p.header is not None
-        if any(p.received[i] < len(b) for i, b in p.buffers.items()):
-            return None
-        del self._partials[key]
-        msg = p.header
-        msg.values = []
-        for index in sorted(p.buffers):
-            try:
-                msg.values.append(Value.unpack(bytes(p.buffers[index])))
-            except InvalidValue:
+        p.last = now
+        header = p.header
+        for index, (offset, data) in msg.parts.items():
+            end = offset + len(data)
+            if header is None:
+                limit = MAX_SERIALISED_VALUE
+                if p.fragments >= MAX_EARLY_FRAGMENTS or p.early_bytes + len(data) > MAX_EARLY_BYTES:
+                    self.dropped += 1
+                    continue
+            else:
+                sizes = header.value_sizes
+                limit = sizes[index] if index < len(sizes) else 0
+                if limit > MAX_SERIALISED_VALUE:
+                    limit = 0
+            if not data or end > limit:
                 self.dropped += 1
-        msg.value_sizes = []
-        return msg
+                continue
+            value = p.values.get(index)
+            if value is None:
+                value = p.values[index] = _Value()
+            elif header is not None and value.received >= limit:
+                continue  # already whole: a retransmission
+            if not self._charge(key, p, len(data) + FRAGMENT_COST, now):
+                if key not in self._partials:
+                    return None  # swept as stale while making room
+                continue
+            if not value.add(offset, data):
+                self._refund(p, len(data) + FRAGMENT_COST)
+                continue
+            p.fragments += 1
+            if header is None:
+                p.early_bytes += len(data)
+            elif value.received == limit:
+                p.missing -= 1
+        if header is not None and not p.missing and key in self._partials:
+            return self._complete(key, p)
+        return None
 
     def expire(self, now: float) -> int:
         """Drop partial messages older than 10 s or idle for 3 s; returns how many."""
         stale = [k for k, p in self._partials.items() if now - p.started > MAX_AGE or now - p.last > MAX_IDLE]
         for k in stale:
-            del self._partials[k]
+            self._remove(k)
         self.dropped += len(stale)
         return len(stale)
+
+    # -- budgets --------------------------------------------------------------------------------------------
+
+    def _sweep(self, now: float) -> None:
+        """Drop stale partial messages to make room (at most one sweep a second)."""
+        if now - self._swept >= 1.0:
+            self._swept = now
+            self.expire(now)
+
+    def _fits(self, source: Hashable, cost: int) -> bool:
+        return (
+            self.held + cost <= self.max_bytes
+            and self._by_source.get(source, 0) + cost <= self.max_per_source
+        )
+
+    def _start(self, key: Key, now: float, cost: int) -> _Partial | None:
+        """A new partial message for ``key`` (None, counted, when the table or a budget is full)."""
+        source = self._source(key[0])
+        cost += PARTIAL_COST
+        if len(self._partials) >= MAX_PARTIALS or not self._fits(source, cost):
+            self._sweep(now)
+            if len(self._partials) >= MAX_PARTIALS or not self._fits(source, cost):
+                self.dropped += 1
+                self.dropped_budget += 1
+                return None
+        p = self._partials[key] = _Partial(source, now, now, cost=cost)
+        self.held += cost
+        self._by_source[source] = self._by_source.get(source, 0) + cost
+        return p
+
+    def _charge(self, key: Key, p: _Partial, cost: int, now: float) -> bool:
+        """Charge ``cost`` more to ``p`` if it fits (a sweep may make room, or remove ``p`` itself)."""
+        if not self._fits(p.source, cost):
+            self._sweep(now)
+            if not self._fits(p.source, cost) or self._partials.get(key) is not p:
+                self.dropped += 1
+                self.dropped_budget += 1
+                return False
+        p.cost += cost
+        self.held += cost
+        self._by_source[p.source] += cost
+        return True
+
+    def _refund(self, p: _Partial, cost: int) -> None:
+        p.cost -= cost
+        self.held -= cost
+        self._by_source[p.source] -= cost
+
+    def _remove(self, key: Key) -> None:
+        p = self._partials.pop(key)
+        self.held -= p.cost
+        left = self._by_source[p.source] - p.cost
+        if left:
+            self._by_source[p.source] = left
+        else:
+            del self._by_source[p.source]
+
+    # -- completion -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _received(p: _Partial, index: int) -> int:
+        value = p.values.get(index)
+        return value.received if value is not None else 0
+
+    def _complete(self, key: Key, p: _Partial) -> Message:
+        assert p.header is not None
+        self._remove(key)
+        msg = p.header
+        msg.values = []
+        for index, size in enumerate(msg.value_sizes):
+            if size > MAX_SERIALISED_VALUE:
+                continue
+            value = p.values.get(index)
+            try:
+                msg.values.append(Value.unpack(b"".join(value.data) if value is not None else b""))
+            except InvalidValue:
+                self.dropped += 1
+        msg.value_sizes = []
+        return msg

@@ -1,0 +1,73 @@
+"""The queue of nodes waiting for a confirmation ping, sans-IO.
+
+A node we only heard of (listed in a reply) or heard from (its request) becomes good once it answers a ping of
+ours, and an address that answers is validated for sending (``node.validation``). Every stranger's request can
+ask for one, so the queue is bounded twice:
+
+- at most ``Limits.udp_confirm_queue`` nodes wait; a new one past that is dropped (``dropped_full``), and
+  one that waited longer than :data:`MAX_WAIT` is dropped when its turn comes (``dropped_stale``);
+- at most ``Limits.udp_confirm_in_flight`` pings await their reply at once (a ping that gets none fails after
+  8 s, so a flood of spoofed ids costs at most that many pings every 8 s).
+
+A node is queued or pinged once at a time (by id). The node's shell sends what :meth:`ConfirmQueue.ready`
+returns and calls :meth:`ConfirmQueue.done` when each ping ends.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from trio_dht.infohash import InfoHash
+from trio_dht.limits import DEFAULT, Limits
+from trio_dht.node.routing import Node
+
+MAX_WAIT = 60.0
+"""Seconds a node may wait in the queue; older ones are dropped unpinged."""
+
+
+class ConfirmQueue:
+    """Nodes to ping, in arrival order, with a bounded number of pings in flight."""
+
+    def __init__(self, limits: Limits = DEFAULT) -> None:
+        self.capacity = limits.udp_confirm_queue
+        self.in_flight_max = limits.udp_confirm_in_flight
+        self._queue: OrderedDict[InfoHash, tuple[Node, float]] = OrderedDict()
+        self._in_flight: set[InfoHash] = set()
+        self.dropped_full = 0
+        self.dropped_stale = 0
+
+    def __len__(self) -> int:
+        """Nodes waiting (not counting pings in flight)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def push(self, node: Node, now: float) -> bool:
+        """Queue ``node`` unless it is queued or pinged already; False (counted) when the queue is full."""
+        nid = node.id
+        if nid in self._queue or nid in self._in_flight:
+            return True
+        if len(self._queue) >= self.capacity:
+            self.dropped_full += 1
+            return False
+        self._queue[nid] = (node, now)
+        return True
+
+    def ready(self, now: float) -> list[Node]:
+        """The nodes to ping now (as many as free slots allow), each counted in flight until :meth:`done`."""
+        out = []
+        queue = self._queue
+        while queue and len(self._in_flight) < self.in_flight_max:
+            nid, (node, queued) = queue.popitem(last=False)
+            if now - queued > MAX_WAIT:
+                self.dropped_stale += 1
+                continue
+            self._in_flight.add(nid)
+            out.append(node)
+        return out
+
+    def done(self, node: Node) -> None:
+        """The ping of ``node`` ended (answered or not): its slot is free."""
+        self._in_flight.discard(node.id)

@@ -1,0 +1,82 @@
+"""Anti-amplification: what a node may send to an address it has not validated, sans-IO.
+
+UDP source addresses can be forged, so an answer may land on a victim who never asked. As QUIC does for an
+unvalidated client, a node sends an address at most ``Limits.udp_amplification`` times the bytes it received
+from it until the address is validated: it answered a request of ours (a reply whose ``t`` is a request we
+sent to that address), or it presented a write token, which we only ever send to the address it is bound to.
+What does not fit is not sent (the node answers with less: a get without its values, fewer nodes).
+
+Both tables (validated addresses, and the byte counts of unvalidated ones) hold at most
+``Limits.udp_validated_addresses`` entries each; the least recently used entry is evicted, which only ever
+makes the node send less (an evicted address is unvalidated again, with no credit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from trio_dht.limits import DEFAULT, Limits
+from trio_dht.wire.compact import Address
+
+
+class AddressValidation:
+    """Validated addresses, and the credit (factor x bytes received - bytes sent) of the others."""
+
+    def __init__(self, limits: Limits = DEFAULT) -> None:
+        self.factor = limits.udp_amplification
+        self.capacity = limits.udp_validated_addresses
+        self._validated: OrderedDict[Address, None] = OrderedDict()
+        self._credit: OrderedDict[Address, float] = OrderedDict()
+        self.evicted = 0
+        self.limited = 0
+        """Answers cut down (or not sent) to stay within the credit of an unvalidated address."""
+        self.withheld_bytes = 0
+        """Bytes not sent for that reason."""
+
+    def __len__(self) -> int:
+        return len(self._validated)
+
+    def is_validated(self, addr: Address) -> bool:
+        validated = self._validated
+        if addr in validated:
+            validated.move_to_end(addr)
+            return True
+        return False
+
+    def validate(self, addr: Address) -> None:
+        """``addr`` proved it receives what we send it."""
+        validated = self._validated
+        if addr in validated:
+            validated.move_to_end(addr)
+            return
+        self._credit.pop(addr, None)
+        validated[addr] = None
+        if len(validated) > self.capacity:
+            validated.popitem(last=False)
+            self.evicted += 1
+
+    def received(self, addr: Address, size: int) -> float:
+        """Count ``size`` bytes received from an unvalidated ``addr``; returns its credit."""
+        credit = self._credit
+        left = credit.pop(addr, 0.0) + self.factor * size
+        credit[addr] = left  # most recently used last
+        if len(credit) > self.capacity:
+            credit.popitem(last=False)
+            self.evicted += 1
+        return left
+
+    def credit(self, addr: Address) -> float:
+        """Bytes we may still send to ``addr`` (infinite once validated)."""
+        if addr in self._validated:
+            return float("inf")
+        return self._credit.get(addr, 0.0)
+
+    def spend(self, addr: Address, size: int) -> None:
+        """``size`` bytes sent to an unvalidated ``addr`` (within its credit)."""
+        if addr in self._credit:
+            self._credit[addr] -= size
+
+    def withheld(self, size: int) -> None:
+        """Count an answer cut down by ``size`` bytes."""
+        self.limited += 1
+        self.withheld_bytes += size
