@@ -1,5 +1,6 @@
 """SQLite state: subscriptions and permanent puts survive a reopen, with absolute deadlines."""
 
+import os
 import sqlite3
 
 import pytest
@@ -38,7 +39,10 @@ def test_rows_round_trip_and_survive_reopen(tmp_path):
     assert store.load_subscriptions() == [row(1, 3000.0, "timeout-push-sent")]
     assert store.load_puts() == [StoredPut(bytes(KEY), 7, b"\x82packed", 5000.0, token="t", platform="ios")]
     raw = sqlite3.connect(path)
-    raw.execute("INSERT INTO subscriptions VALUES (9, 'current', 't', x'00', '', '', '', '', 1.0, 'active')")
+    raw.execute(
+        "INSERT INTO subscriptions (sid, dialect, token, key, client_id, session_id, platform, topic,"
+        " deadline, state) VALUES (9, 'current', 't', x'00', '', '', '', '', 1.0, 'active')"
+    )
     raw.commit()
     raw.close()
     assert len(store.load_subscriptions()) == 1 and store.skipped == 1
@@ -128,3 +132,146 @@ async def test_expired_rows_are_dropped_and_startup_is_spread(tmp_path, autojump
         assert dht.listener_count() == 10
         nursery.cancel_scope.cancel()
     assert len(StateStore(path).load_subscriptions()) == 10
+
+
+SUB_COLUMNS = "sid, dialect, token, key, client_id, session_id, platform, topic, deadline, state, source"
+PUT_COLUMNS = "key, value_id, value, deadline, token, client_id, session_id, platform, topic, source"
+
+
+def test_rows_of_the_wrong_type_are_skipped_and_counted(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    with StateStore(path) as store:
+        store.save_subscription(row(1, 5000.0))
+        store.save_put(StoredPut(bytes(KEY), 7, b"v", 5000.0))
+    raw = sqlite3.connect(path)
+    key = bytes(KEY)
+    bad_subscriptions = [
+        (2, "current", b"tok", key, "c", "s", "android", "", 5000.0, "active", ""),  # token a blob
+        (3, "current", "t", "not bytes", "c", "s", "android", "", 5000.0, "active", ""),
+        (4, "current", "t", key, "c", "s", "android", "", "soon", "active", ""),  # deadline text
+        (5, "current", "t", key, b"\x00", "s", "android", "", 5000.0, "active", ""),  # client_id a blob
+        (6, "current", "t", key, "c", "s", "android", "", 5000.0, "active", b"\x07"),  # source a blob
+        (7, "current", "t", key, "c", "s", "android", "", float("inf"), "active", ""),
+    ]
+    raw.executemany(
+        f"INSERT INTO subscriptions ({SUB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", bad_subscriptions
+    )
+    bad_puts = [
+        (key, "seven", b"v", 5000.0, "", "", "", "", "", ""),  # value id text
+        (key, 8, "text", 5000.0, "", "", "", "", "", ""),  # value text
+        (b"short", 9, b"v", 5000.0, "", "", "", "", "", ""),
+        (key, 10, b"v", "later", "", "", "", "", "", ""),
+        (key, 11, b"v", 5000.0, b"t", "", "", "", "", ""),  # token a blob
+    ]
+    raw.executemany(f"INSERT INTO permanent_puts ({PUT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", bad_puts)
+    raw.commit()
+    raw.close()
+    with StateStore(path) as store:
+        assert store.load_subscriptions() == [row(1, 5000.0)]
+        assert store.load_puts() == [StoredPut(bytes(KEY), 7, b"v", 5000.0)]
+        assert store.skipped == len(bad_subscriptions) + len(bad_puts)
+    assert sum("skipping a row" in r.message for r in caplog.records) == store.skipped
+
+
+def test_every_64_bit_value_id_round_trips(tmp_path):
+    path = tmp_path / "state.db"
+    ids = [1, 2**31, 2**63 - 1, 2**63, 2**63 + 1, 2**64 - 1]
+    with StateStore(path) as store:
+        for vid in ids:
+            store.save_put(StoredPut(bytes(KEY), vid, b"v", 5000.0))
+        store.delete_put(bytes(KEY), 2**63 + 1)
+    with StateStore(path) as store:
+        assert sorted(p.value_id for p in store.load_puts()) == [i for i in ids if i != 2**63 + 1]
+
+
+def test_a_schema_1_file_is_read_and_upgraded(tmp_path):
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.executescript(
+        """
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE subscriptions (sid INTEGER PRIMARY KEY, dialect TEXT NOT NULL, token TEXT NOT NULL,
+            key BLOB NOT NULL, client_id TEXT NOT NULL, session_id TEXT NOT NULL, platform TEXT NOT NULL,
+            topic TEXT NOT NULL, deadline REAL NOT NULL, state TEXT NOT NULL);
+        CREATE TABLE permanent_puts (key BLOB NOT NULL, value_id INTEGER NOT NULL, value BLOB NOT NULL,
+            deadline REAL NOT NULL, token TEXT NOT NULL DEFAULT '', client_id TEXT NOT NULL DEFAULT '',
+            session_id TEXT NOT NULL DEFAULT '', platform TEXT NOT NULL DEFAULT '',
+            topic TEXT NOT NULL DEFAULT '', PRIMARY KEY (key, value_id));
+        """
+    )
+    raw.execute(
+        "INSERT INTO subscriptions VALUES (1, 'current', 'tok', ?, 'c1', 's', 'android', '', 9.0, 'active')",
+        (bytes(KEY),),
+    )
+    raw.execute(
+        "INSERT INTO permanent_puts (key, value_id, value, deadline) VALUES (?, 42, x'01', 9.0)",
+        (bytes(KEY),),
+    )
+    raw.commit()
+    raw.close()
+    with StateStore(path) as store:
+        assert store.load_subscriptions() == [row(1, 9.0)]
+        assert store.load_puts() == [StoredPut(bytes(KEY), 42, b"\x01", 9.0)]
+        store.save_put(StoredPut(bytes(KEY), 2**64 - 1, b"v", 9.0, source="10.0.0.1"))
+    with StateStore(path) as store:
+        assert store.load_puts()[-1].source == "10.0.0.1"
+    newer = tmp_path / "newer.db"
+    raw = sqlite3.connect(newer)
+    raw.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    raw.execute("INSERT INTO meta VALUES ('schema', '99')")
+    raw.commit()
+    raw.close()
+    with pytest.raises(PersistError, match="schema version 99"):
+        StateStore(newer)
+
+
+def test_the_file_is_private(tmp_path, caplog):
+    import stat
+
+    path = tmp_path / "state.db"
+    old_umask = os.umask(0o022)
+    try:
+        with StateStore(path) as store:
+            store.save_subscription(row(1, 5000.0))  # the -wal and -shm files exist now
+            siblings = [p for p in tmp_path.iterdir() if p.name.startswith("state.db")]
+            assert {p.name for p in siblings} >= {"state.db", "state.db-wal", "state.db-shm"}
+            for p in siblings:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    finally:
+        os.umask(old_umask)
+    assert "others may read" not in caplog.text
+    path.chmod(0o644)
+    StateStore(path).close()
+    assert "has mode 644: others may read" in caplog.text
+
+
+def test_a_write_that_fails_is_a_counted_persist_error(tmp_path):
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    with pytest.raises(PersistError, match="locked"):
+        store.save_subscription(row(1, 5000.0))
+    with pytest.raises(PersistError):
+        store.save_put(StoredPut(bytes(KEY), 7, b"v", 5000.0))
+    with pytest.raises(PersistError):
+        store.delete_subscriptions([1])
+    assert store.write_errors == 3
+    other.execute("ROLLBACK")
+    other.close()
+    store.save_subscription(row(1, 5000.0))  # the file works again
+    assert store.load_subscriptions() == [row(1, 5000.0)]
+    store.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file")
+def test_a_read_only_file_refuses_writes(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    path.chmod(0o400)
+    with StateStore(path) as store:
+        assert "read-only" in caplog.text
+        with pytest.raises(PersistError, match="readonly"):
+            store.save_subscription(row(1, 5000.0))
+        assert store.load_subscriptions() == []

@@ -210,3 +210,54 @@ async def test_unifiedpush_endpoints_are_guarded(stack, autojump_clock):
     assert reply.status == 400
     reply = await service.subscribe(KEY, body(platform="unifiedpush", key="https://push.example:8443/up/x"))
     assert reply.status == 200
+
+
+async def test_subscriptions_per_source_answer_429(nursery, autojump_clock):
+    from trio_dht.limits import Limits
+
+    dht = MemoryDht()
+    service = PushService(dht, Dispatcher({}), limits=Limits(subscriptions_per_source=2))
+    await nursery.start(service.run)
+    for client in ("a", "b"):
+        assert (await service.subscribe(KEY, body(client_id=client), "192.0.2.1")).status == 200
+    refused = await service.subscribe(KEY, body(client_id="c"), "192.0.2.1")
+    assert refused.status == 429
+    assert json.loads(refused.body) == {"err": "Too many push subscriptions from this address"}
+    assert (await service.subscribe(KEY, body(client_id="a", refresh=True), "192.0.2.1")).status == 200
+    assert (await service.subscribe(KEY, body(client_id="c"), "192.0.2.2")).status == 200
+    assert service.unsubscribe(KEY, b'{"key":"tok","client_id":"a"}').status == 200
+    assert (await service.subscribe(KEY, body(client_id="d"), "192.0.2.1")).status == 200
+    assert service.book.refused_per_source == 1 and len(service.book) == 3
+
+
+async def test_a_state_file_that_refuses_writes_changes_nothing(tmp_path, nursery, autojump_clock):
+    import sqlite3
+
+    from trio_dht.persist import StateStore
+
+    path = tmp_path / "state.db"
+    dht = MemoryDht()
+    store = StateStore(path)
+    service = PushService(dht, Dispatcher({}), store=store, wall_clock=lambda: WALL)
+    await nursery.start(service.run)
+    start = trio.current_time()
+    assert (await service.subscribe(KEY, body(client_id="kept"), "192.0.2.1")).status == 200
+    [before] = store.load_subscriptions()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock: every write fails
+    await trio.sleep(H)
+    new = await service.subscribe(InfoHash.get("other key"), body(client_id="new"), "192.0.2.1")
+    refresh = await service.subscribe(KEY, body(client_id="kept", refresh=True, session_id="s9"), "192.0.2.9")
+    gone = service.unsubscribe(KEY, b'{"key":"tok","client_id":"kept"}')
+    for reply in (new, refresh, gone):
+        assert reply.status == 503
+        assert json.loads(reply.body) == {"err": "Cannot save the change: state file unavailable"}
+    [sub] = service.book
+    assert (sub.client_id, sub.session_id, sub.deadline) == ("kept", "s1", start + 6 * H)
+    assert dht.listener_count(InfoHash.get("other key")) == 0 and service.watched_keys == 1
+    assert service.stats["save-errors"] == 3 and store.write_errors == 3
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.load_subscriptions() == [before]  # memory and disk agree
+    assert service.unsubscribe(KEY, b'{"key":"tok","client_id":"kept"}').status == 200
+    assert store.load_subscriptions() == [] and len(service.book) == 0

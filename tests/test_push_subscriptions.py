@@ -144,3 +144,52 @@ def test_payload_size_check_matches_the_encoded_payloads(dialect, char):
         except BadRequest:
             fits = False
         assert fits == (largest <= MAX_GATEWAY_DATA), (n, largest)
+
+
+def test_subscriptions_per_source_are_capped_and_counted_down():
+    book = SubscriptionBook(per_source=2)
+    a, _ = book.subscribe(KEY, sub_req(client_id="a"), 0, source="10.0.0.1")
+    book.subscribe(KEY, sub_req(client_id="b"), 0, source="10.0.0.1")
+    with pytest.raises(BadRequest) as refused:
+        book.subscribe(KEY, sub_req(client_id="c"), 0, source="10.0.0.1")
+    assert refused.value.status == 429 and b"Too many push subscriptions" in refused.value.body
+    assert book.refused_per_source == 1 and len(book) == 2 and book.held_by("10.0.0.1") == 2
+    # A refresh is not a new subscription, even from another address; it keeps its creator's count.
+    again, created = book.subscribe(KEY, sub_req(client_id="a", refresh=True), 1, source="10.0.0.2")
+    assert again is a and not created and a.source == "10.0.0.1" and book.held_by("10.0.0.2") == 0
+    book.subscribe(KEY, sub_req(client_id="c"), 0, source="10.0.0.2")  # another source has its own cap
+    book.subscribe(KEY, sub_req(client_id="d"), 0, source="")  # unknown: never refused
+    book.subscribe(KEY, sub_req(client_id="e"), 0, source="")
+    book.subscribe(KEY, sub_req(client_id="f"), 0, source="")
+    assert book.source_count == 3
+    # Unsubscribe, expiry and pruning give the slots back.
+    book.unsubscribe(KEY, parse_unsubscribe(b'{"key":"tok","client_id":"a"}'))
+    assert book.held_by("10.0.0.1") == 1
+    book.subscribe(KEY, sub_req(client_id="g"), 0, source="10.0.0.1")
+    book.advance(100 * H)
+    assert len(book) == 0 and book.source_count == 0 and book.held_by("10.0.0.1") == 0
+    book.subscribe(KEY, sub_req(client_id="h", key="tok2"), 100 * H, source="10.0.0.1")
+    book.remove_token("tok2")
+    assert book.held_by("10.0.0.1") == 0
+
+
+def test_prepare_changes_nothing_until_commit():
+    book = SubscriptionBook(per_source=1)
+    prepared, created = book.prepare(KEY, sub_req(), 0, source="10.0.0.1")
+    assert created and len(book) == 0 and book.held_by("10.0.0.1") == 0 and book.next_due() is None
+    sub = book.commit(prepared, created)
+    assert sub is prepared and len(book) == 1 and book.held_by("10.0.0.1") == 1
+    # A prepared refresh leaves the live subscription as it was until committed.
+    refresh, created = book.prepare(KEY, sub_req(session_id="s2"), 2 * H, source="10.0.0.1")
+    assert not created and refresh is not sub and refresh.sid == sub.sid
+    assert (sub.deadline, sub.session_id, refresh.deadline, refresh.session_id) == (6 * H, "s1", 8 * H, "s2")
+    assert book.commit(refresh, created) is sub and (sub.deadline, sub.session_id) == (8 * H, "s2")
+    assert book.held_by("10.0.0.1") == 1 and book.next_due() == 7.5 * H
+
+
+def test_a_restored_subscription_counts_for_its_source():
+    book = SubscriptionBook(per_source=1)
+    prepared, _ = book.prepare(KEY, sub_req(), 0, source="2001:db8::")
+    assert book.restore(prepared, 1)
+    with pytest.raises(BadRequest):
+        book.subscribe(KEY, sub_req(client_id="other"), 1, source="2001:db8::")

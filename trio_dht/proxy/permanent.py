@@ -3,17 +3,25 @@ rule.
 
 A permanent put is re-announced by the node until the proxy cancels it when its lifetime lapses; the client
 keeps it alive by re-POSTing (at 22 h, or when told to by a ``timeout``/``vid`` push). A POST *without* an id
-whose content, push token and client id match a held put just renews that put (spec §2.7).
+whose content, push token and client id match a held put just renews that put.
+
+Each put belongs to the source (client address bucket) that first made it. A source holds at most
+``per_source`` puts: a new one beyond is refused with :class:`TooManyPuts` (a renewal or a re-POST of a held
+id is not new). With a journal, every change is written first: if the write fails (the journal raises), the
+held puts stay as they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.proxy.value_json import PushTarget
 from trio_dht.value import Value, random_value_id
 
@@ -25,35 +33,55 @@ REFRESH_MARGIN = 2 * 3600.0
 
 @dataclass(slots=True)
 class PermanentPut:
-    """One held put. ``push`` (if any) is whom to warn at ``refresh_at``."""
+    """One held put. ``push`` (if any) is whom to warn at ``refresh_at``; ``source`` made it."""
 
     key: InfoHash
     value: Value
     expires_at: float
     push: PushTarget | None = None
     refresh_at: float | None = None
+    source: str = ""
+
+
+class TooManyPuts(Exception):
+    """A new permanent put from a source that holds its limit already."""
 
 
 class PutJournal(Protocol):
     """Where held puts are written as they change (``-f/--persist``), to survive a restart."""
 
-    def saved(self, held: PermanentPut) -> None: ...
+    def saved(self, held: PermanentPut) -> None:
+        """Write ``held`` (as it is about to be held); raise :class:`~trio_dht.persist.PersistError` if it
+        cannot be written."""
+        ...
 
-    def removed(self, key: InfoHash, value_id: int) -> None: ...
+    def removed(self, key: InfoHash, value_id: int) -> None:
+        """Forget a put that lapsed (a failure is the journal's to log: a lapsed row is dropped on load)."""
+        ...
 
     def load(self) -> list[PermanentPut]:
         """The puts written before a restart and still alive."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the journal's file, for ``/node/stats`` (``stateFile``)."""
         ...
 
 
 class PermanentPuts:
     """The held permanent puts, by key then value id, with their two deadlines on one heap."""
 
-    def __init__(self, journal: PutJournal | None = None) -> None:
+    def __init__(
+        self, journal: PutJournal | None = None, *, per_source: int = DEFAULT_LIMITS.permanent_puts_per_source
+    ) -> None:
         self.journal = journal
+        self.per_source = per_source
         self._puts: dict[InfoHash, dict[int, PermanentPut]] = {}
         self._heap: list[tuple[float, int, InfoHash, int]] = []
         self._seq = itertools.count()
+        self._by_source: Counter[str] = Counter()
+        self.refused = 0
+        """New puts refused because their source held ``per_source`` already."""
 
     @property
     def key_count(self) -> int:
@@ -64,6 +92,15 @@ class PermanentPuts:
     def total(self) -> int:
         """All held puts (``totalPermanentPuts``)."""
         return sum(len(by_id) for by_id in self._puts.values())
+
+    @property
+    def source_count(self) -> int:
+        """Sources holding at least one put."""
+        return len(self._by_source)
+
+    def held_by(self, source: str) -> int:
+        """Puts held for ``source``."""
+        return self._by_source.get(source, 0)
 
     def get(self, key: InfoHash, value_id: int) -> PermanentPut | None:
         return self._puts.get(key, {}).get(value_id)
@@ -83,37 +120,50 @@ class PermanentPuts:
         """Merge path: re-arm the lifetime and take a non-empty new session id (the refresh time is kept, as
         OpenDHT does).
         """
-        held.expires_at = now + LIFETIME
-        self._schedule(held.expires_at, held)
-        if push and push.session_id and held.push:
-            held.push = _with_session(held.push, push.session_id)
+        changed = dataclasses.replace(held, expires_at=now + LIFETIME, push=_merged(held.push, push))
         if self.journal is not None:
-            self.journal.saved(held)
+            self.journal.saved(changed)
+        held.expires_at, held.push = changed.expires_at, changed.push
+        self._schedule(held.expires_at, held)
 
-    def record(self, key: InfoHash, value: Value, push: PushTarget | None, now: float) -> PermanentPut:
-        """Hold (or re-hold) ``value`` for 24 h, giving it a random id if it has none."""
+    def record(
+        self, key: InfoHash, value: Value, push: PushTarget | None, now: float, source: str = ""
+    ) -> PermanentPut:
+        """Hold (or re-hold) ``value`` for 24 h, giving it a random id if it has none.
+
+        Raises :class:`TooManyPuts` (and holds nothing) if the put is new and ``source`` (``""``: unknown,
+        never refused) holds ``per_source`` puts already; the journal's error if it cannot write the put.
+        """
         if not value.id:
             value.id = random_value_id()
-        by_id = self._puts.setdefault(key, {})
-        held = by_id.get(value.id)
+        held = self.get(key, value.id)
         if held is None:
-            held = by_id[value.id] = PermanentPut(key, value, now + LIFETIME, push)
+            if source and self._by_source[source] >= self.per_source:
+                self.refused += 1
+                raise TooManyPuts(source)
+            changed = PermanentPut(key, value, now + LIFETIME, push, source=source)
         else:
-            held.value = value
-            held.expires_at = now + LIFETIME
-            if push and push.session_id and held.push:
-                held.push = _with_session(held.push, push.session_id)
-        self._schedule(held.expires_at, held)
-        if held.push is not None:
-            held.refresh_at = now + LIFETIME - REFRESH_MARGIN
-            self._schedule(held.refresh_at, held)
+            changed = dataclasses.replace(
+                held, value=value, expires_at=now + LIFETIME, push=_merged(held.push, push)
+            )
+        if changed.push is not None:
+            changed.refresh_at = now + LIFETIME - REFRESH_MARGIN
         if self.journal is not None:
-            self.journal.saved(held)
+            self.journal.saved(changed)
+        if held is None:
+            held = changed
+            self._hold(held)
+        else:
+            held.value, held.expires_at, held.push = changed.value, changed.expires_at, changed.push
+            held.refresh_at = changed.refresh_at
+        self._schedule(held.expires_at, held)
+        if held.refresh_at is not None:
+            self._schedule(held.refresh_at, held)
         return held
 
     def restore(self, held: PermanentPut) -> None:
         """Hold a put read back from the journal, with its deadlines as they were (not written again)."""
-        self._puts.setdefault(held.key, {})[held.value.id] = held
+        self._hold(held)
         self._schedule(held.expires_at, held)
         if held.refresh_at is not None:
             self._schedule(held.refresh_at, held)
@@ -123,8 +173,10 @@ class PermanentPuts:
         held = by_id.pop(value_id, None) if by_id else None
         if by_id is not None and not by_id:
             del self._puts[key]
-        if held is not None and self.journal is not None:
-            self.journal.removed(key, value_id)
+        if held is not None:
+            self._release(held.source)
+            if self.journal is not None:
+                self.journal.removed(key, value_id)
         return held
 
     def all(self) -> list[PermanentPut]:
@@ -155,6 +207,19 @@ class PermanentPuts:
                 warn.append(held)
         return expired, warn
 
+    def _hold(self, held: PermanentPut) -> None:
+        by_id = self._puts.setdefault(held.key, {})
+        replaced = by_id.get(held.value.id)
+        if replaced is not None:
+            self._release(replaced.source)
+        by_id[held.value.id] = held
+        self._by_source[held.source] += 1
+
+    def _release(self, source: str) -> None:
+        self._by_source[source] -= 1
+        if not self._by_source[source]:
+            del self._by_source[source]
+
     def _schedule(self, when: float, held: PermanentPut) -> None:
         heapq.heappush(self._heap, (when, next(self._seq), held.key, held.value.id))
         if len(self._heap) > 64 + 4 * self.total:  # renewals leave stale entries behind: compact
@@ -168,5 +233,8 @@ class PermanentPuts:
             self._heap = live
 
 
-def _with_session(push: PushTarget, session_id: str) -> PushTarget:
-    return PushTarget(push.token, push.client_id, push.platform, session_id, push.topic)
+def _merged(held: PushTarget | None, push: PushTarget | None) -> PushTarget | None:
+    """A held put's push target after a re-POST: with the re-POST's session id, if it has one (as OpenDHT)."""
+    if held is None or push is None or not push.session_id:
+        return held
+    return PushTarget(held.token, held.client_id, held.platform, push.session_id, held.topic)

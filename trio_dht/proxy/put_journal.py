@@ -1,11 +1,14 @@
 """Permanent puts kept in the state file (``-f/--persist``): the :class:`PutJournal` over :class:`StateStore`.
 
 Deadlines are stored as Unix times and come back on the Trio clock, so a put restored after a restart lapses
-when it would have without one. A row that no longer parses is skipped (and counted by the store).
+when it would have without one. A row that no longer parses is skipped with a warning and counted
+(:attr:`StateStore.skipped`). A put that cannot be written raises :class:`~trio_dht.persist.PersistError`
+before anything is held; a lapsed put that cannot be deleted is only logged (its row is dropped on load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +25,7 @@ log = logging.getLogger("trio_dht.proxy.put_journal")
 
 
 class StorePutJournal:
-    """Writes each change of a held put to the state file (a failed write is logged, never fatal)."""
+    """Writes each change of a held put to the state file."""
 
     def __init__(self, store: StateStore, wall_clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -40,17 +43,18 @@ class StorePutJournal:
             session_id=push.session_id,
             platform=push.platform,
             topic=push.topic,
+            source=held.source,
         )
-        try:
-            self.store.save_put(row)
-        except PersistError as exc:
-            log.error("could not save a permanent put: %s", exc)
+        self.store.save_put(row)  # PersistError: the caller holds nothing new
 
     def removed(self, key: InfoHash, value_id: int) -> None:
-        try:
+        # A failure is logged and counted by the store; the row has lapsed and is dropped on load.
+        with contextlib.suppress(PersistError):
             self.store.delete_put(bytes(key), value_id)
-        except PersistError as exc:
-            log.error("could not delete a permanent put: %s", exc)
+
+    def stats(self) -> dict[str, int]:
+        """The state file's counters (shared with the push subscriptions kept in it)."""
+        return {"skippedRows": self.store.skipped, "writeErrors": self.store.write_errors}
 
     def load(self) -> list[PermanentPut]:
         """The puts still alive, on the Trio clock (lapsed rows are deleted)."""
@@ -62,8 +66,11 @@ class StorePutJournal:
                 continue
             try:
                 value = Value.unpack(row.value)
-            except InvalidValue as exc:
+                if value.id != row.value_id:
+                    raise InvalidValue(f"value id {value.id} stored as {row.value_id}")
+            except (ValueError, TypeError, RecursionError) as exc:  # InvalidValue is a ValueError
                 log.warning("skipping a stored permanent put: %s", exc)
+                self.store.skipped += 1
                 continue
             expires_at = row.deadline - wall + now
             push = (
@@ -76,5 +83,5 @@ class StorePutJournal:
                 if push is not None and expires_at - REFRESH_MARGIN > now
                 else None
             )
-            out.append(PermanentPut(InfoHash(row.key), value, expires_at, push, refresh_at))
+            out.append(PermanentPut(InfoHash(row.key), value, expires_at, push, refresh_at, row.source))
         return out

@@ -13,8 +13,11 @@ small :class:`_Watch` here. A key's values and expirations become one wake-up pe
 coalesces bursts). The deadlines live in the book's heap (see :mod:`~trio_dht.push.subscriptions`), so a
 subscription costs a few hundred bytes on top of its key's listen.
 
-With a :class:`~trio_dht.persist.StateStore`, every change is committed before the reply acknowledges it, and
-:meth:`run` restores subscriptions with their absolute deadlines. Restored listens and overdue timeout pushes
+With a :class:`~trio_dht.persist.StateStore`, a SUBSCRIBE or UNSUBSCRIBE is written to it before the book
+changes: if the write fails, nothing changes and the reply is a 503 (:data:`STATE_UNAVAILABLE`). Changes the
+timers make (a timeout push sent, an expiry, a pruned token) are written as well as the file allows (a
+failure is logged and counted: an expired row is dropped on load anyway). :meth:`run` restores subscriptions
+with their absolute deadlines and their sources. Restored listens and overdue timeout pushes
 are spread at ``startup_rate`` per second, so a restart does not burst the gateways.
 """
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +35,9 @@ import trio
 
 from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
-from trio_dht.persist import StateStore, StoredSubscription
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
+from trio_dht.persist import PersistError, StateStore, StoredSubscription
 from trio_dht.push import ssrf
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.payloads import Dialect, Platform
@@ -50,7 +54,8 @@ from trio_dht.value import Value
 log = logging.getLogger(__name__)
 
 _EMPTY_OBJECT = b"{}\n"
-_INTERNAL_ERROR = b'{"err":"Internal server error"}\n'
+STATE_UNAVAILABLE = BadRequest("Cannot save the change: state file unavailable", 503)
+"""The reply when the state file refuses a write (nothing changed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +119,13 @@ class PushService:
         allow_private_endpoints: bool = False,
         startup_rate: float = 200.0,
         wall_clock: Callable[[], float] = time.time,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._dht = dht
         self._dispatcher = dispatcher
-        self.book = SubscriptionBook(lifetime=lifetime, margin=margin)
+        self.book = SubscriptionBook(
+            lifetime=lifetime, margin=margin, per_source=limits.subscriptions_per_source
+        )
         self._store = store
         self._allow_private = allow_private_endpoints
         self._startup_rate = startup_rate
@@ -157,15 +165,17 @@ class PushService:
 
     # -- HTTP entry points -----------------------------------------------------------------------------------
 
-    async def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+    async def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
         """Handle ``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body (:meth:`subscribe_now`, and the
         values it asks for)."""
-        reply = self.subscribe_now(key, body)
+        reply = self.subscribe_now(key, body, source)
         return reply.with_values(await self._dht.get(key)) if reply.fetch_values else reply
 
-    def subscribe_now(self, key: InfoHash, body: bytes) -> PushReply:
-        """Handle ``SUBSCRIBE`` without waiting: a repeated subscription without ``refresh`` is answered with
-        the key's values, which the reply's ``fetch_values`` leaves to the caller to get."""
+    def subscribe_now(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
+        """Handle ``SUBSCRIBE`` from ``source`` (the client's address bucket; ``""`` if unknown) without
+        waiting: a repeated subscription without ``refresh`` is answered with the key's values, which the
+        reply's ``fetch_values`` leaves to the caller to get. 429 if it is new and ``source`` holds
+        ``Limits.subscriptions_per_source`` already; 503 if the state file cannot take it."""
         if self._nursery is None:
             raise RuntimeError("PushService.run is not running")
         try:
@@ -175,13 +185,12 @@ class PushService:
                     ssrf.parse_endpoint(request.token, allow_private=self._allow_private)
                 except ssrf.ForbiddenEndpoint as exc:
                     raise BadRequest(f"Bad endpoint: {exc}") from None
-            sub, created = self.book.subscribe(key, request, trio.current_time())
+            prepared, created = self.book.prepare(key, request, trio.current_time(), source)
+            if not self._save(prepared):
+                raise STATE_UNAVAILABLE
         except BadRequest as exc:
             return PushReply(exc.status, exc.body)
-        if not self._save(sub):
-            if created:
-                self.book.remove(sub)
-            return PushReply(500, _INTERNAL_ERROR)
+        sub = self.book.commit(prepared, created)
         self.stats["subscribed" if created else "refreshed"] += 1
         watch = self._watches.get(key)
         if watch is None:
@@ -205,11 +214,15 @@ class PushService:
         matched."""
         try:
             request = parse_unsubscribe(body)
+            sub = self.book.named(key, request)
+            if sub is not None and not self._delete([sub]):
+                raise STATE_UNAVAILABLE
         except BadRequest as exc:
             return PushReply(exc.status, exc.body)
-        removed = self.book.unsubscribe(key, request)
-        self.stats["unsubscribed"] += len(removed)
-        self._ended(removed)
+        if sub is not None:
+            self.book.remove(sub)
+            self.stats["unsubscribed"] += 1
+            self._ended([sub], deleted=True)
         return PushReply(200)
 
     # -- timers ----------------------------------------------------------------------------------------------
@@ -284,17 +297,15 @@ class PushService:
 
     # -- endings, pruning, persistence -----------------------------------------------------------------------
 
-    def _ended(self, subs: list[Subscription]) -> None:
-        """Clean up after subscriptions the book removed: pending pushes, stored rows, listens."""
+    def _ended(self, subs: list[Subscription], *, deleted: bool = False) -> None:
+        """Clean up after subscriptions the book removed: pending pushes, stored rows (unless ``deleted``
+        already), listens."""
         if not subs:
             return
         for sub in subs:
             self._dispatcher.discard(sub.sid)
-        if self._store is not None:
-            try:
-                self._store.delete_subscriptions([sub.sid for sub in subs])
-            except sqlite3.Error:
-                log.exception("cannot delete %d stored subscriptions", len(subs))
+        if not deleted:
+            self._delete(subs)
         for key in {sub.key for sub in subs}:
             self._update_watch(key)
 
@@ -306,7 +317,19 @@ class PushService:
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
 
+    def _delete(self, subs: list[Subscription]) -> bool:
+        """Delete the stored rows of ``subs``; False if the state file refused (logged and counted by it)."""
+        if self._store is None:
+            return True
+        try:
+            self._store.delete_subscriptions([sub.sid for sub in subs])
+        except PersistError:
+            self.stats["save-errors"] += 1
+            return False
+        return True
+
     def _save(self, sub: Subscription) -> bool:
+        """Store ``sub`` as it is; False if the state file refused (logged and counted by it)."""
         if self._store is None:
             return True
         wall_deadline = sub.deadline - trio.current_time() + self._wall_clock()
@@ -323,10 +346,11 @@ class PushService:
                     topic=sub.topic,
                     deadline=wall_deadline,
                     state=sub.state.value,
+                    source=sub.source,
                 )
             )
-        except sqlite3.Error:
-            log.exception("cannot store subscription %d", sub.sid)
+        except PersistError:
+            self.stats["save-errors"] += 1
             return False
         return True
 
@@ -351,8 +375,11 @@ class PushService:
                     topic=row.topic,
                     deadline=row.deadline - wall + now,
                     state=SubscriptionState(row.state),
+                    source=row.source,
                 )
-            except ValueError:
+            except ValueError as exc:
+                log.warning("skipping stored subscription %d: %s", row.sid, exc)
+                self._store.skipped += 1
                 stale.append(row.sid)
                 continue
             if not self.book.restore(sub, now, delay=delay):
@@ -360,7 +387,10 @@ class PushService:
                 continue
             first_delay.setdefault(sub.key, delay)
         if stale:
-            self._store.delete_subscriptions(stale)
+            try:
+                self._store.delete_subscriptions(stale)
+            except PersistError:  # logged by the store; the rows are stale again at the next start
+                self.stats["save-errors"] += 1
         for key in first_delay:
             self._update_watch(key, start=False)
         self.stats["restored"] += len(self.book)

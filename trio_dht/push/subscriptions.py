@@ -11,13 +11,21 @@ Life of a subscription (explicit states, one transition per event)::
                     │  └────────── refreshed ──────────┘        (any state) ──unsubscribe──► UNSUBSCRIBED
                     └─ refreshed (deadline moves)                (any state) ──token gone──► UNSUBSCRIBED
 
-A refresh (any SUBSCRIBE of an existing identity, as OpenDHT) moves the deadline to ``now + lifetime`` and
-returns the subscription to ACTIVE, so its timeout push moves too. Lifetime defaults to 6 h (the seed
-document); 24 h gives OpenDHT's behaviour. The margin defaults to 1/12 of the lifetime (OpenDHT: 2 h of 24 h),
-so a device that refreshes on the timeout push never has a gap.
+A SUBSCRIBE is two steps, so that a caller can write the change to disk before memory changes:
+:meth:`SubscriptionBook.prepare` checks it and builds the subscription as it will be (nothing changes), and
+:meth:`SubscriptionBook.commit` applies it (:meth:`SubscriptionBook.subscribe` does both).
 
-Why a heap and not a task per subscription: a Trio task costs about 3 KB and 35 µs to start or cancel
-(``trio-stack.md`` §4), a heap entry about 220 B. The book keeps every subscription's next due time in one
+A refresh (any SUBSCRIBE of an existing identity, as OpenDHT) moves the deadline to ``now + lifetime`` and
+returns the subscription to ACTIVE, so its timeout push moves too. A refresh is not a new subscription: each
+subscription counts for the ``source`` (the client's address bucket) that created it, and a source holds at
+most ``per_source`` of them; a new one beyond is refused with a 429 :class:`BadRequest` (counted in
+:attr:`SubscriptionBook.refused_per_source`). A source of ``""`` (unknown) is never refused.
+
+The lifetime defaults to 6 h; 24 h gives OpenDHT's behaviour. The margin defaults to 1/12 of the lifetime
+(OpenDHT: 2 h of 24 h), so a device that refreshes on the timeout push never has a gap.
+
+Why a heap and not a task per subscription: a Trio task costs about 3 KB and 35 µs to start or cancel, a
+heap entry about 220 B. The book keeps every subscription's next due time in one
 heap (lazily invalidated: an entry counts only if it still equals the subscription's ``due``), and one Trio
 task in the service sleeps until :meth:`SubscriptionBook.next_due` and calls :meth:`SubscriptionBook.advance`.
 The DHT listens, which need a task anyway, are per key (shared by all subscriptions on it) and run under a
@@ -32,10 +40,12 @@ import enum
 import heapq
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.push.payloads import (
     Dialect,
     Platform,
@@ -49,7 +59,7 @@ from trio_dht.push.payloads import (
 from trio_dht.push.requests import BadRequest, SubscribeRequest, UnsubscribeRequest
 
 DEFAULT_LIFETIME = 6 * 3600.0
-"""The seed document's six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""
+"""Six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""
 MARGIN_FRACTION = 1 / 12
 
 
@@ -72,6 +82,7 @@ class Subscription:
         "platform",
         "session_id",
         "sid",
+        "source",
         "state",
         "token",
         "topic",
@@ -90,6 +101,7 @@ class Subscription:
         topic: str,
         deadline: float,
         state: SubscriptionState = SubscriptionState.ACTIVE,
+        source: str = "",
     ) -> None:
         self.sid = sid
         self.dialect = dialect
@@ -101,6 +113,7 @@ class Subscription:
         self.topic = topic
         self.deadline = deadline
         self.state = state
+        self.source = source
         self.due = math.inf
 
     @property
@@ -128,7 +141,13 @@ class Transition:
 class SubscriptionBook:
     """Every push subscription, indexed by sid, by device token and by key, with one deadline heap."""
 
-    def __init__(self, *, lifetime: float = DEFAULT_LIFETIME, margin: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lifetime: float = DEFAULT_LIFETIME,
+        margin: float | None = None,
+        per_source: int = DEFAULT_LIMITS.subscriptions_per_source,
+    ) -> None:
         if lifetime <= 0:
             raise ValueError("lifetime must be positive")
         self.lifetime = lifetime
@@ -139,6 +158,10 @@ class SubscriptionBook:
         self._by_token: dict[str, dict[tuple[Dialect, InfoHash, str], Subscription]] = {}
         self._by_key: dict[InfoHash, dict[int, Subscription]] = {}
         self._heap: list[tuple[float, int]] = []
+        self.per_source = per_source
+        self._by_source: Counter[str] = Counter()
+        self.refused_per_source = 0
+        """New subscriptions refused because their source held ``per_source`` already."""
 
     # -- queries ---------------------------------------------------------------------------------------------
 
@@ -149,6 +172,15 @@ class SubscriptionBook:
     def token_count(self) -> int:
         """Distinct device tokens (OpenDHT's ``pushListenersCount``)."""
         return len(self._by_token)
+
+    @property
+    def source_count(self) -> int:
+        """Sources (client address buckets) holding at least one subscription."""
+        return len(self._by_source)
+
+    def held_by(self, source: str) -> int:
+        """Subscriptions created by ``source``."""
+        return self._by_source.get(source, 0)
 
     def get(self, sid: int) -> Subscription | None:
         return self._by_sid.get(sid)
@@ -187,35 +219,57 @@ class SubscriptionBook:
 
     # -- transitions -----------------------------------------------------------------------------------------
 
-    def subscribe(self, key: InfoHash, request: SubscribeRequest, now: float) -> tuple[Subscription, bool]:
-        """Create or refresh the subscription ``request`` names; ``(subscription, created)``.
+    def subscribe(
+        self, key: InfoHash, request: SubscribeRequest, now: float, source: str = ""
+    ) -> tuple[Subscription, bool]:
+        """Create or refresh the subscription ``request`` names: :meth:`prepare`, then :meth:`commit`."""
+        prepared, created = self.prepare(key, request, now, source)
+        return self.commit(prepared, created), created
+
+    def prepare(
+        self, key: InfoHash, request: SubscribeRequest, now: float, source: str = ""
+    ) -> tuple[Subscription, bool]:
+        """The subscription ``request`` creates or refreshes, as it will be once committed, and whether it is
+        new; the book does not change.
 
         A refresh updates platform, topic and (if the body had one) session, as OpenDHT's HEAD does. Raises
-        :class:`BadRequest` if this subscription's pushes could not fit the platform's payload limit.
+        :class:`BadRequest`: 400 if this subscription's pushes could not fit the platform's payload limit,
+        429 if it is new and ``source`` holds ``per_source`` subscriptions already.
         """
         sub = self.find(request.token, (request.dialect, key, request.client_id))
-        created = sub is None
         session = request.session_id if request.session_id is not None or sub is None else sub.session_id
         sid = self._new_sid() if sub is None else sub.sid
         _check_payload_size(request.dialect, key, request.client_id, session or "", sid, request.platform)
-        if sub is None:
-            sub = Subscription(
-                sid=sid,
-                dialect=request.dialect,
-                token=request.token,
-                key=key,
-                client_id=request.client_id,
-                session_id=session or "",
-                platform=request.platform,
-                topic=request.topic,
-                deadline=now + self.lifetime,
-            )
+        if sub is None and source and self._by_source[source] >= self.per_source:
+            self.refused_per_source += 1
+            raise BadRequest("Too many push subscriptions from this address", 429)
+        prepared = Subscription(
+            sid=sid,
+            dialect=request.dialect,
+            token=request.token,
+            key=key,
+            client_id=request.client_id,
+            session_id=session or "",
+            platform=request.platform,
+            topic=request.topic,
+            deadline=now + self.lifetime,
+            source=source if sub is None else sub.source,
+        )
+        return prepared, sub is None
+
+    def commit(self, prepared: Subscription, created: bool) -> Subscription:
+        """Apply what :meth:`prepare` returned (with no other change to the book in between); the
+        subscription in the book."""
+        if created:
+            sub = prepared
             self._add(sub)
-        sub.platform, sub.topic, sub.session_id = request.platform, request.topic, session or ""
-        sub.deadline = now + self.lifetime
-        sub.state = SubscriptionState.ACTIVE
+        else:
+            sub = self._by_sid[prepared.sid]
+            sub.platform, sub.topic, sub.session_id = prepared.platform, prepared.topic, prepared.session_id
+            sub.deadline = prepared.deadline
+            sub.state = SubscriptionState.ACTIVE
         self._schedule(sub)
-        return sub, created
+        return sub
 
     def restore(self, sub: Subscription, now: float, *, delay: float = 0.0) -> bool:
         """Add a subscription read back from storage; overdue timeout pushes are put off by ``delay``.
@@ -232,16 +286,18 @@ class SubscriptionBook:
 
     def unsubscribe(self, key: InfoHash, request: UnsubscribeRequest) -> list[Subscription]:
         """Remove what ``request`` names (nothing if unknown: UNSUBSCRIBE is idempotent); the removed ones."""
-        if request.sub_token is not None:
-            sub = self._by_sid.get(request.sub_token)
-            if sub is None or sub.token != request.token or sub.key != key:
-                return []
-        else:
-            sub = self.find(request.token, (request.dialect, key, request.client_id))
-            if sub is None:
-                return []
+        sub = self.named(key, request)
+        if sub is None:
+            return []
         self.remove(sub)
         return [sub]
+
+    def named(self, key: InfoHash, request: UnsubscribeRequest) -> Subscription | None:
+        """The subscription an UNSUBSCRIBE names, if any (not removed)."""
+        if request.sub_token is not None:
+            sub = self._by_sid.get(request.sub_token)
+            return None if sub is None or sub.token != request.token or sub.key != key else sub
+        return self.find(request.token, (request.dialect, key, request.client_id))
 
     def remove_token(self, token: str) -> list[Subscription]:
         """Remove every subscription of a device token the gateway reported gone."""
@@ -312,6 +368,7 @@ class SubscriptionBook:
         self._by_sid[sub.sid] = sub
         self._by_token.setdefault(sub.token, {})[sub.identity] = sub
         self._by_key.setdefault(sub.key, {})[sub.sid] = sub
+        self._by_source[sub.source] += 1
 
     def _remove(self, sub: Subscription, state: SubscriptionState) -> None:
         sub.state = state
@@ -325,6 +382,9 @@ class SubscriptionBook:
         del of_key[sub.sid]
         if not of_key:
             del self._by_key[sub.key]
+        self._by_source[sub.source] -= 1
+        if not self._by_source[sub.source]:
+            del self._by_source[sub.source]
 
     def _schedule(self, sub: Subscription, not_before: float = -math.inf) -> None:
         if sub.state is SubscriptionState.ACTIVE:
