@@ -433,7 +433,7 @@ async def test_shutdown_drains_the_worker() -> None:
 def fake_worker(code: str) -> object:
     """A ``worker_command`` that runs ``code`` with the channel's end as ``channel``."""
     prelude = "import socket, sys, time; channel = socket.socket(fileno=int(sys.argv[1])); "
-    return lambda channel_fd, listener_fds: [sys.executable, "-c", prelude + code, str(channel_fd)]
+    return lambda channel_fd, listener_fds, *_: [sys.executable, "-c", prelude + code, str(channel_fd)]
 
 
 @pytestmark_linux

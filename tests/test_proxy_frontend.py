@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy, streams
+from trio_dht.limits import Limits
+from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy
 from trio_dht.proxy.handlers import BASE_HEADERS
 from trio_dht.proxy.hot_routes import Route, hot_route
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, UNUSUAL, Head, Writer, chunk, read_head
@@ -494,12 +495,10 @@ async def test_listen_count_and_a_listen_that_others_share(nursery: trio.Nursery
     assert json.loads((await stats.response())[2])["listenCount"] == 0
 
 
-async def test_a_listen_whose_client_does_not_read_is_cut(
-    nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past MAX_LISTEN_BACKLOG bytes held (beyond what the socket took), the stream ends: bounded memory."""
-    monkeypatch.setattr(streams, "MAX_LISTEN_BACKLOG", 200_000)
-    port = await start(nursery, dht)
+async def test_a_listen_whose_client_does_not_read_is_cut(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    """Past Limits.http_send_buffer bytes held (beyond what the socket took), the stream ends: bounded memory
+    (counted)."""
+    port = await start(nursery, dht, limits=Limits(http_send_buffer=200_000))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))

@@ -10,13 +10,12 @@ from typing import NoReturn
 import pytest
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import streams
 from trio_dht.proxy.config import ProxyConfig, RateLimit
 from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
 from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
-from trio_dht.proxy.streams import ListenFeed
+from trio_dht.proxy.streams import ListenFeed, ListenRegistry
 from trio_dht.proxy.value_json import (
     PushTarget,
     ValueJsonError,
@@ -127,7 +126,7 @@ def test_value_lines_are_cached_on_the_value() -> None:
 async def test_listen_feed_lines_close_and_registry() -> None:
     dht = MemoryDht()
     await dht.put(KEY, Value(data=b"a", id=1))
-    registry: set[object] = set()
+    registry = ListenRegistry()
     calls: list[int] = []
     feed = ListenFeed(dht, KEY, registry, lambda: calls.append(1))
     assert feed in registry and feed.ready and dht.listener_count(KEY) == 1
@@ -145,17 +144,30 @@ async def test_listen_feed_lines_close_and_registry() -> None:
     assert len(calls) == 4 and feed.take() == b""
 
 
-async def test_listen_feed_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streams, "MAX_LISTEN_BACKLOG", 10_000)
+async def test_listen_feed_overflow() -> None:
     dht = MemoryDht()
-    registry: set[object] = set()
+    registry = ListenRegistry(max_backlog=10_000)
     feed = ListenFeed(dht, KEY, registry, lambda: None)
     for vid in range(1, 4):
         await dht.put(KEY, Value(data=b"x" * 2000, id=vid))
     assert not feed.ended
     await dht.put(KEY, Value(data=b"x" * 2000, id=4))  # past 10 000 bytes waiting: the client does not read
     assert feed.ended and feed.overflowed and feed.take() == b""
-    assert not registry and dht.listener_count(KEY) == 0
+    assert not registry and dht.listener_count(KEY) == 0 and registry.overflows == 1
+
+
+async def test_listen_registry_counts_streams_per_address() -> None:
+    dht = MemoryDht()
+    registry = ListenRegistry(per_address=2)
+    feeds = [ListenFeed(dht, KEY, registry, lambda: None, "2001:db8::1") for _ in range(2)]
+    assert not registry.admits("2001:db8::2")  # the same /64
+    assert registry.admits("2001:db8:0:1::1") and registry.admits("127.0.0.1") and registry.admits(None)
+    assert registry.refused == 1 and len(registry) == 2
+    feeds[0].cancel()
+    feeds[0].cancel()  # idempotent: released once
+    assert registry.admits("2001:db8::2") and len(registry) == 1
+    feeds[1].cancel()
+    assert len(registry) == 0
 
 
 async def test_listen_feed_of_a_failing_dht() -> None:
@@ -163,7 +175,7 @@ async def test_listen_feed_of_a_failing_dht() -> None:
         def add_listener(self, *args: object, **kwargs: object) -> NoReturn:
             raise RuntimeError("no")
 
-    registry: set[object] = set()
+    registry = ListenRegistry()
     feed = ListenFeed(Failing(), KEY, registry, lambda: None)
     assert feed.ended and not feed.overflowed and not registry
 

@@ -47,6 +47,7 @@ def create_quart(state: ProxyState, blueprints: Iterable[Blueprint] = ()) -> Qua
     app.response_class = ProxyResponse
     app.config.update(
         MAX_CONTENT_LENGTH=state.config.max_body,
+        BODY_TIMEOUT=state.config.limits.http_body_timeout,  # then a 408 (counted below)
         PROVIDE_AUTOMATIC_OPTIONS=False,
         JSON_SORT_KEYS=True,
     )
@@ -71,6 +72,8 @@ def create_quart(state: ProxyState, blueprints: Iterable[Blueprint] = ()) -> Qua
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
+        if exc.code == 408:
+            state.http_counters.body_timeouts += 1
         reply = error(exc.code or 500, exc.name)
         response = to_response(reply)
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:

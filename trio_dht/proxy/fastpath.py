@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import handlers
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
@@ -27,6 +29,7 @@ FastHandler = Callable[[ProxyState, Scope, Receive, Send, InfoHash | None], Awai
 
 _BASE = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in BASE_HEADERS]
 TOO_LARGE = error(413, "Request Entity Too Large")
+REQUEST_TIMEOUT = error(408, "Request Timeout")
 INTERNAL_ERROR = error(500, "Internal server error")
 
 
@@ -86,8 +89,14 @@ async def _get(state: ProxyState, scope: Scope, receive: Receive, send: Send, ke
 
 async def _put(state: ProxyState, scope: Scope, receive: Receive, send: Send, key: InfoHash | None) -> None:
     assert key is not None
+    body: bytes | None = None
     try:
-        body = await read_body(receive, state.config.max_body)
+        with trio.move_on_after(state.config.limits.http_body_timeout):  # hypercorn's path: not the hot one
+            body = await read_body(receive, state.config.max_body)
+        if body is None:
+            state.http_counters.body_timeouts += 1
+            await send_reply(send, REQUEST_TIMEOUT)  # the body is not all read: the connection closes
+            return
     except BodyTooLarge:
         await send_reply(send, TOO_LARGE)
         return

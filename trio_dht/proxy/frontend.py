@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import functools
 import logging
+import math
 import select
 import socket
 import ssl
@@ -53,10 +53,19 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import handlers, relay
 from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
+from trio_dht.proxy.conn_limits import (
+    ACCEPT_ERRORS,
+    ACCEPT_SKIPPED,
+    AcceptPause,
+    Budgets,
+    Expiry,
+    HttpCounters,
+    PerAddress,
+    next_wait,
+)
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.hot_routes import Route, hot_route
 from trio_dht.proxy.http1 import (
-    KEEP_ALIVE_TIMEOUT,
     LAST_CHUNK,
     RECV_SIZE,
     UNUSUAL,
@@ -75,6 +84,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = error(500, "Internal server error")
+REQUEST_TIMEOUT = error(408, "Request Timeout")
+_INF = math.inf
+_IDLE = Expiry.IDLE
+_DEFAULT_BUDGETS = Budgets()
 ANSWERS_PER_TURN = 32
 """At most this many pipelined requests of one connection are answered before other tasks get a turn."""
 
@@ -91,10 +104,11 @@ class ClientGone(Exception):
 class _Connection:
     """One accepted socket: buffered non-blocking reads and writes through Trio's I/O waits."""
 
-    def __init__(self, sock: socket.socket, client: str) -> None:
+    def __init__(self, sock: socket.socket, client: str, budgets: Budgets = _DEFAULT_BUDGETS) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.client = client
+        self.budgets = budgets
         self.limiter: RateLimiter | None = None
         """The rate limiter that applies to this client (None for a trusted one)."""
         self.buffer = bytearray()
@@ -112,12 +126,22 @@ class _Connection:
         """The connection's task, while it waits for the poller to bring the next request."""
         self.node_info: tuple[handlers.NodeInfoDocument, bytes] | None = None
         """The last node-info response sent here, and the document it was made from."""
-        self.idle_since: float | None = None
-        """When the connection started waiting for a request (None while one is served)."""
+        self.deadline = _INF
+        """When the wait on the client (:attr:`expiry`) ends the connection; infinite while it waits for
+        nothing (a request is served). One sweeping task compares it with the time."""
+        self.expiry = Expiry.IDLE
         self.scope = trio.CancelScope()
-        """Cancelled to close the connection: idle too long, shutdown while it waits for a request, or the
+        """Cancelled to close the connection: past its deadline, shutdown while it waits for a request, or the
         client gone in the middle of a GET (which stops the get).
         """
+
+    def wait_for_request(self, now: float) -> None:
+        """Start the deadline of waiting for a request (its next byte, or the rest of its head), unless that
+        wait has one already."""
+        expiry = next_wait(self.deadline, self.expiry, bool(self.buffer))
+        if expiry is not None:
+            self.expiry = expiry
+            self.deadline = now + self.budgets.timeout(expiry)
 
     async def fill(self, *, wait_first: bool = False) -> None:
         """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF. ``wait_first``: wait until the
@@ -169,17 +193,26 @@ class _Connection:
         return data[sent:]
 
     async def send(self, data: bytes) -> None:
+        """Send all of ``data``; a client that does not take it within ``budgets.send`` has its connection
+        closed (the sweep)."""
         view = memoryview(data)
+        blocked = False
         while view:
             try:
                 sent = self.sock.send(view)
             except _BLOCKING:
+                if not blocked:
+                    blocked = True
+                    self.expiry = Expiry.SEND
+                    self.deadline = trio.current_time() + self.budgets.send
                 await trio.lowlevel.wait_writable(self.fd)
                 continue
             except _GONE as exc:
                 raise ClientGone from exc
             view = view[sent:]
             self.responding = True
+        if blocked:
+            self.deadline = _INF
 
 
 class _Request(NamedTuple):
@@ -268,8 +301,8 @@ class _Poller:
                     result = outcome.Error(exc)
                 else:
                     if next_step is None and not conn.readable:  # stays parked
-                        if conn.idle_since is None:
-                            conn.idle_since = now
+                        if conn.deadline == _INF or (conn.buffer and conn.expiry is _IDLE):
+                            conn.wait_for_request(now)
                         continue
                     result = outcome.Value(next_step)
                 conn.parked = None
@@ -298,6 +331,15 @@ class FrontEnd:
         self._shutdown = trio.Event()
         self._http_workers = http_workers
         self._workers: list[WorkerLink] = []
+        limits = app.state.config.limits
+        self.budgets = Budgets.from_limits(limits)
+        self.counters = app.state.http_counters
+        """The HTTP limits reached in this process (a worker's are added in :meth:`_limit_stats`)."""
+        self._per_address = PerAddress(limits.http_connections_per_ip)
+        self._accept_pause = AcceptPause()
+        self.timeout_response = self.writer.reply(REQUEST_TIMEOUT.status, REQUEST_TIMEOUT.body, close=True)
+        """What a client whose request is late gets before its connection closes."""
+        app.state.stats_sources.append(self._limit_stats)
 
     async def serve(
         self,
@@ -335,7 +377,7 @@ class FrontEnd:
                                     acceptors.start_soon(self.accept_loop, sock, connections)
                             for sock in tls:
                                 acceptors.start_soon(self.accept_loop, sock, connections, ssl_context)
-                            acceptors.start_soon(self._close_idle_connections)
+                            acceptors.start_soon(self._close_late_connections)
                             if self._poller is not None:
                                 acceptors.start_soon(self._poller.run)
                             task_status.started(urls)
@@ -360,6 +402,16 @@ class FrontEnd:
             }
         }
 
+    def _limit_stats(self) -> dict[str, Any]:
+        counters = HttpCounters(*self.counters.as_list())
+        counters.connections_refused += self._per_address.refused
+        counters.accept_pauses += self._accept_pause.pauses
+        counters.listens_refused += self.state.listens.refused
+        counters.send_buffer_overflows += self.state.listens.overflows
+        for link in self._workers:
+            counters.add(link.counts())
+        return {"http": {**counters.as_json(), "connectionAddresses": len(self._per_address)}}
+
     def shutdown(self) -> None:
         """Stop accepting and close idle connections; :meth:`serve` returns once the others are done."""
         self._shutdown.set()
@@ -369,26 +421,42 @@ class FrontEnd:
         for link in self._workers:
             link.drain()
         for conn in self._connections:
-            if conn.idle_since is not None:
+            if conn.deadline != _INF and conn.expiry in (Expiry.IDLE, Expiry.HEAD):  # waits for a request
                 conn.scope.cancel()
         await self._context.terminated.set()  # hypercorn's idle connections close
 
-    async def _close_idle_connections(self) -> None:
-        """Every few seconds, close the connections that have waited for a request over KEEP_ALIVE_TIMEOUT
-        (one task for all, instead of a timeout per request).
-        """
+    async def _close_late_connections(self) -> None:
+        """Every quarter of the shortest deadline, close the connections past theirs (one task for all,
+        instead of a timeout per request)."""
         while True:
-            await trio.sleep(KEEP_ALIVE_TIMEOUT / 8)
-            limit = trio.current_time() - KEEP_ALIVE_TIMEOUT
+            await trio.sleep(self.budgets.sweep_interval)
+            now = trio.current_time()
             for conn in self._connections:
-                if conn.idle_since is not None and conn.idle_since < limit:
-                    conn.scope.cancel()
+                if conn.deadline < now:
+                    self._expire(conn)
+
+    def _expire(self, conn: _Connection) -> None:
+        """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
+        expiry, conn.deadline = conn.expiry, _INF
+        counters = self.counters
+        if expiry is Expiry.HEAD or expiry is Expiry.BODY:
+            if expiry is Expiry.HEAD:
+                counters.head_timeouts += 1
+            else:
+                counters.body_timeouts += 1
+            if not conn.pending and not conn.responding:
+                with contextlib.suppress(OSError):
+                    conn.sock.send(self.timeout_response)
+        elif expiry is Expiry.SEND:
+            counters.send_timeouts += 1
+        conn.scope.cancel()
 
     async def accept_loop(
         self, listener: socket.socket, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         """Accept connections on ``listener`` and serve each in a task of ``nursery``."""
         listener.setblocking(False)
+        pause = self._accept_pause
         while True:
             try:
                 sock, addr = listener.accept()
@@ -396,22 +464,30 @@ class FrontEnd:
                 await trio.lowlevel.wait_readable(listener)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s); retrying in 0.1 s", exc)
-                    await trio.sleep(0.1)
+                if exc.errno in ACCEPT_ERRORS:  # out of descriptors or memory: wait for some to free
+                    delay, warning = pause.failed(exc, trio.current_time())
+                    if warning is not None:
+                        log.warning("%s", warning)
+                    await trio.sleep(delay)
                     continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                if exc.errno in ACCEPT_SKIPPED:
                     continue
                 raise
+            pause.accepted()
+            client = str(addr[0]) if isinstance(addr, tuple) else ""
+            if not self._per_address.acquire(client):  # counted
+                sock.close()
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(self._serve_connection, sock, str(addr[0]), ssl_context)
+            nursery.start_soon(self._serve_connection, sock, client, ssl_context)
 
     async def _serve_connection(
         self, sock: socket.socket, client: str, ssl_context: ssl.SSLContext | None, read: bytes = b""
     ) -> None:
-        """Serve an accepted connection; ``read``: its bytes a worker read already."""
-        conn = _Connection(sock, client)
+        """Serve an accepted connection (counted for its client's address until it ends); ``read``: its bytes
+        a worker read already."""
+        conn = _Connection(sock, client, self.budgets)
         conn.buffer += read
         try:
             if ssl_context is not None:
@@ -439,6 +515,7 @@ class FrontEnd:
             log.exception("proxy connection from %s failed", client)
         finally:
             sock.close()  # also after hypercorn, which leaves it open when a TLS handshake fails
+            self._per_address.release(client)
 
     def _limiter_for(self, client: str) -> RateLimiter | None:
         """The rate limiter that applies to a client: None for a trusted one (see RateLimit.loopback)."""
@@ -466,11 +543,11 @@ class FrontEnd:
         while True:
             if next_step is None:
                 next_step = self._serve_buffered(conn)
-            if next_step is None:  # wait for (the rest of) a request head, at most about KEEP_ALIVE_TIMEOUT
+            if next_step is None:  # wait for (the rest of) a request head, until its deadline
                 if self._closing and not conn.buffer:
                     return False
-                if conn.idle_since is None:
-                    conn.idle_since = trio.current_time()
+                if conn.deadline == _INF or (conn.buffer and conn.expiry is _IDLE):
+                    conn.wait_for_request(trio.current_time())
                 next_step = await self._wait_for_request(conn)
                 continue
             if next_step is _Step.YIELD:  # a client that always has more must not starve the others
@@ -490,8 +567,11 @@ class FrontEnd:
             head, handler, key = next_step
             next_step = None
             end = head.size + head.content_length
-            while len(conn.buffer) < end:
-                await conn.fill()
+            if len(conn.buffer) < end:  # the body's deadline counts from the end of its head
+                conn.expiry, conn.deadline = Expiry.BODY, trio.current_time() + conn.budgets.body
+                while len(conn.buffer) < end:
+                    await conn.fill()
+                conn.deadline = _INF
             body = bytes(conn.buffer[head.size : end]) if head.content_length else b""
             del conn.buffer[:end]
             conn.responding = False
@@ -543,7 +623,7 @@ class FrontEnd:
             route = hot_route(head, push=self._push)
             if route is None:
                 return _Step.HAND_OVER
-            conn.idle_since = None
+            conn.deadline = _INF
             handler, key = _HANDLERS[route[0]], route[1]
             refusal = self._refusal(conn.limiter, conn.client, head.content_length)
             if refusal is not None:  # the body (if any) is not read, so the connection ends
@@ -571,13 +651,15 @@ class FrontEnd:
 
     async def _hand_over(self, conn: _Connection, ssl_context: ssl.SSLContext | None = None) -> None:
         """Serve the rest of the connection with hypercorn, starting with the bytes already read."""
-        stream: Any = trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))
+        stream: Any = _Deadlined(
+            trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock)), self, bytes(conn.buffer)
+        )
+        conn.buffer.clear()
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
-        elif conn.buffer:
-            stream = _Replayed(stream, bytes(conn.buffer))
-            conn.buffer.clear()
-        await TCPServer(self._asgi, self._hypercorn_config, self._context, ConnectionState({}), stream).run()
+        await _TCPServer(
+            self, self._asgi, self._hypercorn_config, self._context, ConnectionState({}), stream
+        ).run()
 
     # -- the hot routes -------------------------------------------------------------------------------------
 
@@ -624,6 +706,11 @@ class FrontEnd:
             except ClientGone:
                 gone = True
                 conn.scope.cancel()  # nobody reads: stop the get, close the connection
+                return
+            if len(out) > conn.budgets.send_buffer:  # the client does not read: cut the response
+                self.counters.send_buffer_overflows += 1
+                gone = True
+                conn.scope.cancel()
 
         try:
             await handlers.get_lines(self.state, key, on_lines)
@@ -640,7 +727,11 @@ class FrontEnd:
             self._poller.remove(conn)  # the task watches the socket itself from now on
         conn.ending = True  # the response ends only on shutdown (or badly): no next request
         writer = _ListenWriter(conn, self.writer.stream_head(close=head.close))
-        feed = writer.feed = handlers.listen_feed(self.state, key, writer.on_ready)
+        feed = handlers.listen_feed(self.state, key, writer.on_ready, conn.client)
+        if isinstance(feed, Reply):  # too many streams from this address
+            await conn.send(self.writer.reply(feed.status, feed.body, feed.headers, close=True))
+            return
+        writer.feed = feed
         if self._closing:  # shutting down: the open streams were closed already
             feed.close()
         try:
@@ -728,11 +819,15 @@ class FrontEnd:
             return self._internal_error, True
 
     def take_over(self, sock: socket.socket, read: bytes, connections: trio.Nursery) -> None:
-        """Serve a connection a worker handed over, starting with the bytes it read."""
+        """Serve a connection a worker handed over, starting with the bytes it read (counted for its client's
+        address from now on: the worker no longer counts it)."""
         try:
             sock.setblocking(False)
             client = str(sock.getpeername()[0])
         except OSError:  # gone already
+            sock.close()
+            return
+        if not self._per_address.acquire(client):
             sock.close()
             return
         connections.start_soon(self._serve_connection, sock, client, None, read)
@@ -820,11 +915,45 @@ class _ListenWriter:
                 conn.buffer.clear()
 
 
-class _Replayed(trio.abc.HalfCloseableStream):
-    """A socket stream whose first reads return bytes already taken off the socket."""
+class _TCPServer(TCPServer):
+    """hypercorn's connection, whose keep-alive wait (from its start or last response to the end of the next
+    request head: ``Limits.http_head_timeout`` at most) answers a head begun and not ended with a 408,
+    counted, before it closes."""
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, front: FrontEnd, *args: Any) -> None:
+        super().__init__(*args)
+        self._front = front
+
+    async def _idle_timeout(self) -> None:
+        with trio.move_on_after(self.config.keep_alive_timeout):
+            await self.context.terminated.wait()
+        h11_connection = getattr(getattr(self.protocol, "protocol", None), "connection", None)
+        trailing = getattr(h11_connection, "trailing_data", (b"", False))
+        if trailing[0] and not self.context.terminated.is_set():  # a head begun: the client is late
+            self._front.counters.head_timeouts += 1
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1.0),
+                contextlib.suppress(
+                    trio.BusyResourceError, OSError, trio.BrokenResourceError, trio.ClosedResourceError
+                ),
+            ):
+                await self.stream.send_all(self._front.timeout_response)
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+
+class _Deadlined(trio.abc.HalfCloseableStream):
+    """A socket stream for hypercorn: its first reads return the bytes already taken off the socket, and a
+    send the client does not take within ``Limits.http_send_timeout`` breaks the connection (counted).
+
+    hypercorn shields its sends from cancellation, so the deadline must be inside them; hypercorn serves the
+    routes off the hot path, where a cancel scope per send costs little.
+    """
+
+    def __init__(self, stream: trio.SocketStream, front: FrontEnd, prefix: bytes = b"") -> None:
         self._stream = stream
+        self._front = front
         self._prefix = prefix
         self.socket = stream.socket
 
@@ -836,7 +965,12 @@ class _Replayed(trio.abc.HalfCloseableStream):
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        with trio.move_on_after(self._front.budgets.send):
+            await self._stream.send_all(data)
+            return
+        self._front.counters.send_timeouts += 1
+        await self._stream.aclose()
+        raise trio.BrokenResourceError("the client did not take the response in time")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

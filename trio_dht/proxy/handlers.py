@@ -150,16 +150,26 @@ async def get_lines(state: ProxyState, key: InfoHash, on_lines: Callable[[bytes]
     await streams.get_lines(state.dht, key, on_lines)
 
 
-def listen(state: ProxyState, key: InfoHash) -> ListenStream:
-    """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream."""
+TOO_MANY_LISTENS = error(429, "Too many listen streams from this address")
+
+
+def listen(state: ProxyState, key: InfoHash, client: str | None = None) -> ListenStream | Reply:
+    """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream; 429 when
+    ``client`` holds ``Limits.http_listens_per_ip`` streams already."""
     state.count_request()
-    return ListenStream(state.dht, key, state.listens)
+    if not state.listens.admits(client):
+        return TOO_MANY_LISTENS
+    return ListenStream(state.dht, key, state.listens, client)
 
 
-def listen_feed(state: ProxyState, key: InfoHash, on_ready: Callable[[], None]) -> ListenFeed:
+def listen_feed(
+    state: ProxyState, key: InfoHash, on_ready: Callable[[], None], client: str | None = None
+) -> ListenFeed | Reply:
     """:func:`listen` for an HTTP layer that writes from a callback: the stream's :class:`ListenFeed`."""
     state.count_request()
-    return ListenFeed(state.dht, key, state.listens, on_ready)
+    if not state.listens.admits(client):
+        return TOO_MANY_LISTENS
+    return ListenFeed(state.dht, key, state.listens, on_ready, client)
 
 
 async def put(state: ProxyState, key: InfoHash, body: bytes) -> Reply:

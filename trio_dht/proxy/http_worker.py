@@ -19,19 +19,30 @@ process group; the front end drains it), exits when the front end's end of the c
 from __future__ import annotations
 
 import collections
-import errno
+import contextlib
 import logging
+import math
 import select
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
 from trio_dht.proxy import relay
+from trio_dht.proxy.conn_limits import (
+    ACCEPT_ERRORS,
+    ACCEPT_SKIPPED,
+    AcceptPause,
+    Budgets,
+    Expiry,
+    HttpCounters,
+    PerAddress,
+)
 from trio_dht.proxy.hot_routes import Route, hot_route
-from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, RECV_SIZE, UNUSUAL, Head, read_head
+from trio_dht.proxy.http1 import RECV_SIZE, UNUSUAL, Head, read_head
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +53,47 @@ MAX_BUFFERED = RECV_SIZE
 """A connection is not read further once this many bytes wait in its buffer (behind a request relayed and
 not answered yet, or a response the socket has not taken)."""
 ACCEPTS_PER_TURN = 64
+_INF = math.inf
 
 
-def worker_command(channel_fd: int, listener_fds: list[int]) -> list[str]:
+class Settings(NamedTuple):
+    """A worker's budgets (from :class:`~trio_dht.limits.Limits`), and the 408 the front end builds."""
+
+    budgets: Budgets = Budgets()
+    connections_per_address: int = 256
+    timeout_response: bytes = b""
+
+    def argument(self) -> str:
+        b = self.budgets
+        values = (b.head, b.body, b.send, b.send_buffer, self.connections_per_address)
+        return ",".join(map(repr, values)) + ":" + self.timeout_response.hex()
+
+    @classmethod
+    def parse(cls, argument: str) -> Settings:
+        numbers, _, response = argument.partition(":")
+        head, body, send, send_buffer, per_address = (float(x) for x in numbers.split(","))
+        budgets = Budgets(head=head, body=body, send=send, send_buffer=int(send_buffer))
+        return cls(budgets, int(per_address), bytes.fromhex(response))
+
+
+def worker_command(channel_fd: int, listener_fds: list[int], settings: Settings = Settings()) -> list[str]:  # noqa: B008
     """The command line of a worker that serves these inherited file descriptors, for this interpreter and
     this copy of trio_dht (a directory, or the zipapp)."""
     import trio_dht
 
     home = str(Path(trio_dht.__file__).absolute().parent.parent)
     code = f"import sys; sys.path.insert(0, {home!r}); from trio_dht.proxy.http_worker import main; main()"
-    return [sys.executable, "-c", code, str(channel_fd), *map(str, listener_fds)]
+    return [sys.executable, "-c", code, str(channel_fd), settings.argument(), *map(str, listener_fds)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """A worker's entry point: ``CHANNEL_FD LISTENER_FD...``."""
-    args = [int(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    """A worker's entry point: ``CHANNEL_FD SETTINGS LISTENER_FD...`` (:meth:`Settings.argument`)."""
+    args = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    channel = socket.socket(fileno=args[0])
-    listeners = [socket.socket(fileno=fd) for fd in args[1:]]
-    trio.run(HttpWorker(channel, listeners).run)
+    channel = socket.socket(fileno=int(args[0]))
+    listeners = [socket.socket(fileno=int(fd)) for fd in args[2:]]
+    trio.run(HttpWorker(channel, listeners, Settings.parse(args[1])).run)
 
 
 def relayed_request(head: Head) -> tuple[int, bytes] | None:
@@ -79,10 +111,11 @@ class _Client:
     """One accepted connection."""
 
     __slots__ = (
-        "active",
         "address",
         "buffer",
         "closing",
+        "deadline",
+        "expiry",
         "fd",
         "in_flight",
         "out",
@@ -91,7 +124,7 @@ class _Client:
         "writing",
     )
 
-    def __init__(self, sock: socket.socket, address: str, now: float) -> None:
+    def __init__(self, sock: socket.socket, address: str, deadline: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
@@ -104,15 +137,30 @@ class _Client:
         """Close once :attr:`out` is sent."""
         self.reading = True
         self.writing = False
-        self.active = now
-        """When the client last sent bytes or was answered."""
+        self.deadline = deadline
+        """When the wait on the client (:attr:`expiry`) closes the connection; infinite while a request is
+        relayed."""
+        self.expiry = Expiry.IDLE
 
 
 class HttpWorker:
     """The worker's event loop (see the module docstring)."""
 
-    def __init__(self, channel: socket.socket, listeners: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        channel: socket.socket,
+        listeners: list[socket.socket],
+        settings: Settings = Settings(),  # noqa: B008 (immutable)
+    ) -> None:
         self._channel = channel
+        self._budgets = settings.budgets
+        self._timeout_response = settings.timeout_response
+        self._per_address = PerAddress(settings.connections_per_address)
+        self._accept_pause = AcceptPause()
+        self._accepts_paused = False
+        self.counters = HttpCounters()
+        self._counts_sent: list[int] = self._counts()
+        self._nursery: trio.Nursery | None = None
         self._listeners = {sock.fileno(): sock for sock in listeners}
         self._clients: dict[int, _Client] = {}
         self._waiting: dict[int, _Client] = {}
@@ -138,7 +186,8 @@ class HttpWorker:
         self._flush_channel()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._close_idle_connections)
+                self._nursery = nursery
+                nursery.start_soon(self._close_late_connections)
                 await self._serve_events()
                 nursery.cancel_scope.cancel()
         finally:
@@ -167,15 +216,41 @@ class HttpWorker:
             if self._channel_gone:
                 return
 
-    async def _close_idle_connections(self) -> None:
-        """Every few seconds, close the connections silent for over ``KEEP_ALIVE_TIMEOUT`` with no request
-        relayed (one task, no timeout per connection or per pass)."""
+    async def _close_late_connections(self) -> None:
+        """Every quarter of the shortest deadline, close the connections past theirs (one task, no timeout
+        per connection or per pass); then send the counts of the limits reached, if they changed."""
         while True:
-            await trio.sleep(KEEP_ALIVE_TIMEOUT / 8)
-            before = trio.current_time() - KEEP_ALIVE_TIMEOUT
-            for client in list(self._clients.values()):
-                if client.active < before and client.in_flight is None:
-                    self._close(client)
+            await trio.sleep(self._budgets.sweep_interval)
+            now = trio.current_time()
+            late = [client for client in self._clients.values() if client.deadline < now]
+            for client in late:
+                self._expire(client)
+            counts = self._counts()
+            if counts != self._counts_sent:
+                self._counts_sent = counts
+                self._records.add(relay.stats_frame(counts))
+                self._flush_channel()
+
+    def _expire(self, client: _Client) -> None:
+        """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
+        expiry = client.expiry
+        if expiry is Expiry.HEAD or expiry is Expiry.BODY:
+            if expiry is Expiry.HEAD:
+                self.counters.head_timeouts += 1
+            else:
+                self.counters.body_timeouts += 1
+            if not client.out and self._timeout_response:
+                with contextlib.suppress(OSError):
+                    client.sock.send(self._timeout_response)
+        elif expiry is Expiry.SEND:
+            self.counters.send_timeouts += 1
+        self._close(client)
+
+    def _counts(self) -> list[int]:
+        counters = HttpCounters(*self.counters.as_list())
+        counters.connections_refused += self._per_address.refused
+        counters.accept_pauses += self._accept_pause.pauses
+        return counters.as_list()
 
     # -- the channel ----------------------------------------------------------------------------------------
 
@@ -237,11 +312,15 @@ class HttpWorker:
         if client is None or self._clients.get(client.fd) is not client:  # it went away meanwhile
             return
         client.out += data
+        if len(client.out) > self._budgets.send_buffer:  # the client does not read
+            self.counters.send_buffer_overflows += 1
+            self._waiting.pop(frame.request_id, None)
+            self._close(client)
+            return
         if frame.kind == relay.RESPONSE:
             client.in_flight = None
             client.closing = client.closing or close
-            client.active = trio.current_time()
-        self._write(client)
+        self._write(client, trio.current_time())
 
     def _drain(self) -> None:
         self._draining = True
@@ -264,19 +343,44 @@ class HttpWorker:
             except _BLOCKING:
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                if exc.errno in ACCEPT_SKIPPED:
                     continue
-                log.warning("accept failed (%s)", exc)  # EMFILE and the like: the next turn tries again
+                if exc.errno not in ACCEPT_ERRORS:
+                    raise
+                self._pause_accepts(exc, now)  # until descriptors or memory free up
                 return
+            self._accept_pause.accepted()
+            host = str(address[0])
+            if not self._per_address.acquire(host):  # counted
+                sock.close()
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = _Client(sock, str(address[0]), now)
+            client = _Client(sock, host, now + self._budgets.keep_alive)
             self._clients[client.fd] = client
             self._epoll.register(client.fd, _READ)
 
+    def _pause_accepts(self, error: OSError, now: float) -> None:
+        """Stop watching the listeners for a while (see :class:`~trio_dht.proxy.conn_limits.AcceptPause`)."""
+        delay, warning = self._accept_pause.failed(error, now)
+        if warning is not None:
+            log.warning("%s", warning)
+        if self._accepts_paused or self._nursery is None:
+            return
+        self._accepts_paused = True
+        for fd in self._listeners:
+            self._epoll.modify(fd, 0)
+        self._nursery.start_soon(self._resume_accepts, delay)
+
+    async def _resume_accepts(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._accepts_paused = False
+        for fd in self._listeners:  # none once drained
+            self._epoll.modify(fd, select.EPOLLIN)
+
     def _on_client(self, client: _Client, events: int, now: float) -> None:
         if events & select.EPOLLOUT:
-            self._write(client)
+            self._write(client, now)
             if self._clients.get(client.fd) is not client:
                 return
         if events & ~select.EPOLLOUT:
@@ -290,17 +394,20 @@ class HttpWorker:
                 self._close(client)
                 return
             client.buffer += data
-            client.active = now
-            self._serve(client)
+            self._serve(client, now)
 
-    def _serve(self, client: _Client) -> None:
-        """Relay the next buffered request, or hand the connection over, unless one is relayed already."""
+    def _serve(self, client: _Client, now: float) -> None:
+        """Relay the next buffered request, or hand the connection over, unless one is relayed already; and
+        start the deadline of what the connection then waits for."""
         buffer = client.buffer
         if client.in_flight is not None or client.out or client.closing or not buffer:
+            if client.in_flight is None and not client.out and not buffer:
+                self._wait(client, Expiry.IDLE, now)
             self._watch(client)
             return
         head = read_head(buffer)
         if head is None:
+            self._wait(client, Expiry.HEAD, now)
             self._watch(client)
             return
         route = None if head is UNUSUAL else relayed_request(head)  # type: ignore[arg-type]
@@ -310,6 +417,7 @@ class HttpWorker:
         assert isinstance(head, Head)
         end = head.size + head.content_length
         if len(buffer) < end:
+            self._wait(client, Expiry.BODY, now)
             self._watch(client)
             return
         body = bytes(buffer[head.size : end])
@@ -317,6 +425,7 @@ class HttpWorker:
         request_id = self._next_id
         self._next_id = request_id % 0xFFFFFFFF + 1
         client.in_flight = request_id
+        client.deadline = _INF  # the front end answers
         self._waiting[request_id] = client
         method, key = route
         self._records.add(relay.relay_frame(request_id, method, head.close, key, client.address, body))
@@ -324,21 +433,31 @@ class HttpWorker:
             self._flush_channel()
         self._watch(client)
 
-    def _write(self, client: _Client) -> None:
+    def _write(self, client: _Client, now: float) -> None:
         while client.out:
             try:
                 sent = client.sock.send(client.out)
             except _BLOCKING:
+                self._wait(client, Expiry.SEND, now)
                 self._watch(client)
                 return
             except OSError:
                 self._close(client)
                 return
             client.out = client.out[sent:]
+        if client.expiry is Expiry.SEND:
+            client.deadline = _INF  # taken: what comes next starts its own wait
         if client.closing and client.in_flight is None:
             self._close(client)
         else:
-            self._serve(client)
+            self._serve(client, now)
+
+    def _wait(self, client: _Client, expiry: Expiry, now: float) -> None:
+        """Start ``expiry``'s deadline, unless the connection waits for that already (a head's or a body's
+        deadline counts from its start, not from the last byte)."""
+        if client.expiry is not expiry or client.deadline == _INF:
+            client.expiry = expiry
+            client.deadline = now + self._budgets.timeout(expiry)
 
     def _watch(self, client: _Client) -> None:
         """Wait for what the connection needs: its socket to take the rest of a response, more bytes (not
@@ -359,5 +478,7 @@ class HttpWorker:
         client.sock.close()
 
     def _forget(self, client: _Client) -> None:
+        """Stop serving the connection (closed, or handed over: the front end counts it from then on)."""
         if self._clients.pop(client.fd, None) is not None:
             self._epoll.unregister(client.fd)
+            self._per_address.release(client.address)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from dataclasses import dataclass
 
 from trio_dht.proxy.config import RateLimit
+from trio_dht.proxy.conn_limits import client_key
 
 
 @dataclass(slots=True)
@@ -24,20 +23,7 @@ class RateLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self.refused = 0
 
-    @staticmethod
-    @functools.lru_cache(maxsize=4096)  # a request's client is usually a recent one: parse its address once
-    def client_key(host: str) -> tuple[str, bool] | None:
-        """(bucket key, is loopback) for a client address, or None if it is not an IP address."""
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if isinstance(addr, ipaddress.IPv6Address):
-            net = ipaddress.IPv6Network((addr, 64), strict=False)
-            return str(net.network_address), addr.is_loopback
-        return str(addr), addr.is_loopback
+    client_key = staticmethod(client_key)
 
     def allow(self, host: str, now: float) -> bool:
         """Take one token for ``host``; False (and counted) when its bucket is empty."""

@@ -15,6 +15,8 @@ kind; then the payload:
 * :data:`RESPONSE` (front end to worker): close after it (1 byte), the HTTP response, or its end: a response
   longer than :data:`MAX_RECORD` comes first in :data:`PART` frames of the same id (payload: its bytes).
 * :data:`HAND_OVER` (worker to front end, with one file descriptor, alone in its record): the bytes read.
+* :data:`STATS` (worker, when they changed): its counts of the limits reached, each an unsigned 64-bit
+  integer, in the order of :meth:`~trio_dht.proxy.conn_limits.HttpCounters.as_list`.
 * :data:`READY` (worker, once it serves) and :data:`DRAIN` (front end: stop accepting, close idle
   connections, exit once every response is sent): no payload.
 """
@@ -26,7 +28,7 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-RELAY, RESPONSE, HAND_OVER, READY, DRAIN, PART = 1, 2, 3, 4, 5, 6
+RELAY, RESPONSE, HAND_OVER, READY, DRAIN, PART, STATS = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE = 1, 2
 METHOD_NAMES = {SUBSCRIBE: "SUBSCRIBE", UNSUBSCRIBE: "UNSUBSCRIBE"}
 
@@ -122,6 +124,14 @@ def parse_relayed(payload: bytes) -> Relayed:
         raise BadRecord("a relayed request of an unknown method, or truncated")
     client = payload[_RELAY_HEAD.size : start].decode("ascii", "replace")
     return Relayed(method, bool(close), key, client, payload[start:])
+
+
+def stats_frame(counts: list[int]) -> bytes:
+    return frame(STATS, 0, struct.pack(f"<{len(counts)}Q", *counts))
+
+
+def parse_stats(payload: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(payload) // 8}Q", payload[: len(payload) // 8 * 8]))
 
 
 def parse_response(payload: bytes) -> tuple[bool, bytes]:

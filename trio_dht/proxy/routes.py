@@ -90,7 +90,10 @@ def proxy_blueprint() -> Blueprint:
     @_route(bp, "/key/<hash:key>/listen", ["GET"])
     @_route(bp, "/<hash:key>", ["LISTEN"])
     async def listen(key: InfoHash) -> Response:
-        return streaming_response(handlers.listen(proxy_state(), key), endless=True)
+        body = handlers.listen(proxy_state(), key, request.remote_addr)
+        if isinstance(body, Reply):
+            return to_response(body)
+        return streaming_response(body, endless=True)
 
     @_route(bp, "/node/pingPush", ["POST"])
     async def ping_push() -> Response:

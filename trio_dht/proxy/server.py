@@ -54,6 +54,13 @@ def hypercorn_config(config: ProxyConfig) -> Config:
     cfg.backlog = config.backlog
     cfg.graceful_timeout = config.graceful_timeout
     cfg.include_server_header = False  # the proxy sends its own
+    limits = config.limits
+    # hypercorn's deadlines: its keep-alive wait runs from a connection's start (or its last response) to the
+    # end of the next request's head, so it bounds the head; a request body is bounded by Quart's
+    # BODY_TIMEOUT and the fast path's own deadline, a send by the front end's stream (read_timeout stays
+    # off: it would cut a listen stream whose client has nothing to say).
+    cfg.keep_alive_timeout = min(cfg.keep_alive_timeout, limits.http_head_timeout)
+    cfg.ssl_handshake_timeout = limits.http_head_timeout
     cfg.accesslog = None
     return cfg
 

@@ -15,8 +15,10 @@ import trio
 from trio_dht.api import Dht, FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.conn_limits import HttpCounters
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
 from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.streams import ListenRegistry
 from trio_dht.proxy.value_json import PushTarget
 
 if TYPE_CHECKING:
@@ -71,7 +73,10 @@ class ProxyState:
         self.config = config
         self.push = push
         self.permanent = PermanentPuts(journal)
-        self.listens: set[Closable] = set()
+        limits = config.limits
+        self.listens = ListenRegistry(limits.http_listens_per_ip, limits.http_send_buffer)
+        self.http_counters = HttpCounters()
+        """The HTTP limits reached (``/node/stats`` ``"http"``, reported by the front end)."""
         self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
         self.start_time = time.time()
         self.requests = 0

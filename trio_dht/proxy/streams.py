@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -22,6 +22,7 @@ from quart.wrappers.response import ResponseBody
 
 from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
+from trio_dht.proxy.conn_limits import PerAddress
 from trio_dht.proxy.value_json import value_line
 from trio_dht.value import Value
 
@@ -87,10 +88,52 @@ class GetStream(ResponseBody):
             self._send.send_nowait(lines)
 
 
-MAX_LISTEN_BACKLOG = 4 * 1024 * 1024
-"""Bytes of lines a listen stream may hold for a client that does not read them (past what its socket took):
-beyond, the stream ends (:attr:`ListenFeed.overflowed`) rather than memory growing without bound.
-"""
+class ListenRegistry:
+    """The open listen streams (their :class:`ListenFeed`), counted per client address (IPv6 per /64): at
+    most ``per_address`` each (:meth:`admits`). ``max_backlog``: bytes of lines a stream may hold for a
+    client that does not read them (past what its socket took); beyond, the stream ends.
+    """
+
+    def __init__(self, per_address: int = 64, max_backlog: int = 4 * 1024 * 1024) -> None:
+        self.max_backlog = max_backlog
+        self.overflows = 0
+        """Streams ended because their client did not read."""
+        self._feeds: set[Any] = set()
+        self._clients = PerAddress(per_address)
+
+    @property
+    def refused(self) -> int:
+        """Listens refused: their client held ``per_address`` streams already."""
+        return self._clients.refused
+
+    def admits(self, client: str | None) -> bool:
+        """Whether ``client`` may open one more stream (counted when not)."""
+        if client is None or self._clients.held(client) < self._clients.cap:
+            return True
+        self._clients.refused += 1
+        return False
+
+    def add(self, feed: Any) -> None:
+        self._feeds.add(feed)
+        client = getattr(feed, "client", None)
+        if client is not None:
+            self._clients.acquire(client)
+
+    def discard(self, feed: Any) -> None:
+        if feed in self._feeds:
+            self._feeds.discard(feed)
+            client = getattr(feed, "client", None)
+            if client is not None:
+                self._clients.release(client)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def __contains__(self, feed: object) -> bool:
+        return feed in self._feeds
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._feeds)
 
 
 class ListenFeed:
@@ -100,13 +143,22 @@ class ListenFeed:
 
     ``on_ready`` is called (from the DHT's callback) when lines arrive and when the feed ends: the writer
     then takes the lines (:meth:`take`), and ends the stream once :attr:`ended`. It ends on :meth:`close` (the
-    shutdown: end cleanly, with the last chunk), if the listen fails, or when more than
-    :data:`MAX_LISTEN_BACKLOG` bytes wait (:attr:`overflowed`: the client does not read). While it runs it
-    is in ``registry`` (``listenCount``; closed on shutdown). :meth:`cancel` when the stream is over.
+    shutdown: end cleanly, with the last chunk), if the listen fails, or when more than the registry's
+    ``max_backlog`` bytes wait (:attr:`overflowed`: the client does not read). While it runs it is in
+    ``registry`` (``listenCount``; closed on shutdown), counted for ``client``. :meth:`cancel` when the
+    stream is over.
     """
 
-    def __init__(self, dht: Dht, key: InfoHash, registry: set[Any], on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        dht: Dht,
+        key: InfoHash,
+        registry: ListenRegistry,
+        on_ready: Callable[[], None],
+        client: str | None = None,
+    ) -> None:
         self.key = key
+        self.client = client
         self.registry = registry
         self.ended = False
         self.overflowed = False
@@ -139,14 +191,21 @@ class ListenFeed:
         line = value_line(event.value, expired=event.expired)
         self._lines.append(line)
         self._size += len(line)
-        if self._size > MAX_LISTEN_BACKLOG:
-            log.info("listen stream on %s ends: its client does not read", self.key)
-            self.overflowed = True
-            self._lines.clear()
-            self._size = 0
-            self.close()
+        if self._size > self.registry.max_backlog:
+            self.overflow()
             return
         self._on_ready()
+
+    def overflow(self) -> None:
+        """End the stream because its client does not read (counted): no last chunk, the connection is cut."""
+        if self.overflowed:
+            return
+        log.info("listen stream on %s ends: its client does not read", self.key)
+        self.registry.overflows += 1
+        self.overflowed = True
+        self._lines.clear()
+        self._size = 0
+        self.close()
 
     def close(self) -> None:
         """End the stream cleanly: the writer sends what waits and the last chunk; the listen is cancelled."""
@@ -174,15 +233,16 @@ class ListenStream(ResponseBody):
     client going away cancels the body's task, which cancels the feed.
     """
 
-    def __init__(self, dht: Dht, key: InfoHash, registry: set[Any]) -> None:
+    def __init__(self, dht: Dht, key: InfoHash, registry: ListenRegistry, client: str | None = None) -> None:
         self.dht = dht
         self.key = key
         self.registry = registry
+        self.client = client
         self._feed: ListenFeed | None = None
         self._ready = trio.Event()
 
     async def __aenter__(self) -> ListenStream:
-        self._feed = ListenFeed(self.dht, self.key, self.registry, self._wake)
+        self._feed = ListenFeed(self.dht, self.key, self.registry, self._wake, self.client)
         return self
 
     def _wake(self) -> None:

@@ -55,6 +55,17 @@ class WorkerLink:
         self.restarts = 0
         self.dropped_hand_overs = 0
         """Connections handed over whose socket did not arrive (this process was out of file descriptors)."""
+        self._counts: list[int] = []
+        """The HTTP limits the running worker reached (its last :data:`~trio_dht.proxy.relay.STATS`)."""
+        self._ended_counts: list[int] = []
+        """Those of the workers that ended."""
+
+    def counts(self) -> list[int]:
+        """The HTTP limits reached by this link's workers, in the order of ``HttpCounters.as_list``."""
+        ended, current = self._ended_counts, self._counts
+        size = max(len(ended), len(current))
+        ended, current = ended + [0] * (size - len(ended)), current + [0] * (size - len(current))
+        return [a + b for a, b in zip(ended, current, strict=True)]
 
     @property
     def ready(self) -> bool:
@@ -70,12 +81,18 @@ class WorkerLink:
     async def run(self, connections: trio.Nursery) -> None:
         """Run the worker until it is drained (again after a second if it dies); handed-over connections and
         the values a SUBSCRIBE waits for are served in ``connections``."""
-        from trio_dht.proxy.http_worker import worker_command
+        from trio_dht.proxy.http_worker import Settings, worker_command
+
+        settings = Settings(
+            self._front.budgets,
+            self._front.state.config.limits.http_connections_per_ip,
+            self._front.timeout_response,
+        )
 
         while not self._draining:
             mine, theirs = relay.socket_pair()
             fds = (theirs.fileno(), *(sock.fileno() for sock in self._plain))
-            command = worker_command(fds[0], list(fds[1:]))
+            command = worker_command(fds[0], list(fds[1:]), settings)
             self._sock, self._ready = mine, False
             process: trio.Process | None = None
             try:
@@ -99,6 +116,7 @@ class WorkerLink:
             finally:
                 theirs.close()
                 self._close_channel()
+                self._ended_counts, self._counts = self.counts(), []
             exit_code = "none" if process is None else process.returncode
             if self._draining:
                 return
@@ -163,6 +181,8 @@ class WorkerLink:
                         else:
                             self.dropped_hand_overs += 1
                             log.warning("a connection handed over by an HTTP worker did not arrive")
+                    elif frame.kind == relay.STATS:
+                        self._counts = relay.parse_stats(frame.payload)
                     elif frame.kind == relay.READY:
                         self._ready = True
                         self.serving.set()

@@ -1,0 +1,206 @@
+"""What an HTTP connection may cost, for the proxy's servers (sans-IO: the caller passes the time).
+
+* :func:`client_key`: the address a client is counted under (IPv4-mapped IPv6 as IPv4, IPv6 per /64).
+* :class:`PerAddress`: open connections (or listen streams) per client address, with a cap.
+* :class:`Budgets` and :class:`Expiry`: the deadlines of a connection. A server keeps one ``deadline`` and
+  one :class:`Expiry` per connection, set when it starts waiting on the client (for a request, its head's
+  end, its body's end, the client taking a response) and not moved by the bytes that trickle in; one
+  sweeping task closes the connections past their deadline (no timeout per request).
+* :class:`AcceptPause`: what to do when ``accept`` fails for want of a file descriptor or of memory: pause
+  accepting (100 ms, doubling to 1 s) and log at most one line per 10 s.
+* :class:`HttpCounters`: the limits reached, for ``/node/stats``.
+
+The HTTP worker process imports this module; it imports no more of the proxy than
+:mod:`~trio_dht.proxy.http1`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import ipaddress
+import math
+from dataclasses import dataclass, fields
+
+from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
+
+SWEEPS_PER_TIMEOUT = 4
+"""The sweeping task runs this many times per shortest deadline: a connection is closed at most a quarter of
+that deadline late."""
+ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""``accept`` errors that persist until connections close or memory frees: accepting pauses."""
+ACCEPT_SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+"""``accept`` errors about one connection only: the next accept goes on."""
+
+
+@functools.lru_cache(maxsize=4096)  # a client is usually a recent one: parse its address once
+def client_key(host: str) -> tuple[str, bool] | None:
+    """(the key a client is counted under, is loopback), or None if ``host`` is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        net = ipaddress.IPv6Network((addr, 64), strict=False)
+        return str(net.network_address), addr.is_loopback
+    return str(addr), addr.is_loopback
+
+
+class PerAddress:
+    """How many of something each client address holds, at most ``cap`` (loopback counted too; a host that
+    is not an IP address is not counted). :meth:`acquire` and :meth:`release` pair up."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.refused = 0
+        self._held: dict[str, int] = {}
+
+    def acquire(self, host: str) -> bool:
+        """Take one for ``host``; False (and counted) when it holds ``cap`` already."""
+        key = client_key(host)
+        if key is None:
+            return True
+        held = self._held.get(key[0], 0)
+        if held >= self.cap:
+            self.refused += 1
+            return False
+        self._held[key[0]] = held + 1
+        return True
+
+    def release(self, host: str) -> None:
+        key = client_key(host)
+        if key is None:
+            return
+        held = self._held.get(key[0], 0) - 1
+        if held > 0:
+            self._held[key[0]] = held
+        else:
+            self._held.pop(key[0], None)
+
+    def held(self, host: str) -> int:
+        key = client_key(host)
+        return 0 if key is None else self._held.get(key[0], 0)
+
+    def __len__(self) -> int:
+        """Addresses holding at least one."""
+        return len(self._held)
+
+
+class Expiry(enum.Enum):
+    """What a connection waits for, and so what its deadline closes."""
+
+    IDLE = "the next request (no byte yet): closed silently"
+    HEAD = "the rest of a request head: 408, closed"
+    BODY = "the rest of a request body: 408, closed"
+    SEND = "the client to take a response: closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """A server's deadlines (seconds) and send buffer (bytes), from :class:`~trio_dht.limits.Limits`."""
+
+    head: float = 10.0
+    body: float = 30.0
+    send: float = 30.0
+    send_buffer: int = 4 * 1024 * 1024
+    keep_alive: float = KEEP_ALIVE_TIMEOUT
+
+    @classmethod
+    def from_limits(cls, limits: object) -> Budgets:
+        """From a :class:`~trio_dht.limits.Limits` (its ``http_*`` fields)."""
+        return cls(
+            head=limits.http_head_timeout,  # type: ignore[attr-defined]
+            body=limits.http_body_timeout,  # type: ignore[attr-defined]
+            send=limits.http_send_timeout,  # type: ignore[attr-defined]
+            send_buffer=limits.http_send_buffer,  # type: ignore[attr-defined]
+        )
+
+    def timeout(self, expiry: Expiry) -> float:
+        if expiry is Expiry.HEAD:
+            return self.head
+        if expiry is Expiry.BODY:
+            return self.body
+        if expiry is Expiry.SEND:
+            return self.send
+        return self.keep_alive
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between two sweeps of the connections past their deadline."""
+        return min(self.head, self.body, self.send, self.keep_alive) / SWEEPS_PER_TIMEOUT
+
+
+def next_wait(deadline: float, expiry: Expiry, buffered: bool) -> Expiry | None:
+    """The wait to start when a connection waits for a request with ``buffered`` bytes of it (or none), its
+    current wait being ``expiry`` until ``deadline``; None: keep the current one (a head's deadline counts
+    from its first byte, not the last)."""
+    if buffered:
+        return None if expiry is Expiry.HEAD and deadline != math.inf else Expiry.HEAD
+    return None if expiry is Expiry.IDLE and deadline != math.inf else Expiry.IDLE
+
+
+class AcceptPause:
+    """The pause after an ``accept`` that failed with one of :data:`ACCEPT_ERRORS`, and its log lines.
+
+    The pause starts at :attr:`FIRST` and doubles at each failure in a row, up to :attr:`LONGEST`; an
+    accepted connection resets it. At most one warning per :attr:`LOG_EVERY` seconds, saying how many
+    failures it stands for.
+    """
+
+    FIRST = 0.1
+    LONGEST = 1.0
+    LOG_EVERY = 10.0
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        """Pauses in all (``/node/stats``)."""
+        self._delay = 0.0
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def failed(self, error: OSError, now: float) -> tuple[float, str | None]:
+        """(seconds to pause accepting, a warning to log or None) after ``error``."""
+        self.pauses += 1
+        self._delay = self.FIRST if not self._delay else min(self._delay * 2, self.LONGEST)
+        self._unlogged += 1
+        if now - self._logged_at < self.LOG_EVERY:
+            return self._delay, None
+        self._logged_at = now
+        count, self._unlogged = self._unlogged, 0
+        more = f" ({count} accept failures since the last such line)" if count > 1 else ""
+        return self._delay, f"accept failed ({error}); pausing accepts up to {self.LONGEST:g} s{more}"
+
+    def accepted(self) -> None:
+        self._delay = 0.0
+
+
+@dataclass(slots=True)
+class HttpCounters:
+    """The HTTP limits reached (``/node/stats`` ``"http"``: the field names in camel case)."""
+
+    head_timeouts: int = 0
+    body_timeouts: int = 0
+    send_timeouts: int = 0
+    send_buffer_overflows: int = 0
+    connections_refused: int = 0
+    listens_refused: int = 0
+    accept_pauses: int = 0
+
+    def as_list(self) -> list[int]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def add(self, values: list[int]) -> None:
+        """Add counts in the order of :meth:`as_list` (a worker's, sent over its channel)."""
+        for f, value in zip(fields(self), values, strict=False):
+            setattr(self, f.name, getattr(self, f.name) + value)
+
+    def as_json(self) -> dict[str, int]:
+        return {_camel(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
