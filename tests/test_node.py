@@ -9,6 +9,7 @@ Two ways of driving it:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import Limits
 from trio_dht.node import open_node
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.value import Query, Value
@@ -818,3 +820,106 @@ async def test_a_listen_ended_while_it_searches_does_not_listen_for_its_successo
         await driven.feed(storer.request("update", update), storer.addr)
         assert got == [b"new"]
         assert len(node.listens.by_socket) == 1
+
+
+# -- bounds on what a stranger's datagrams cost --------------------------------------------------------------
+
+
+def count_bytes(driven) -> list[tuple[int, tuple[str, int]]]:
+    """Record the size and destination of every datagram the driven node sends from now on."""
+    sizes: list[tuple[int, tuple[str, int]]] = []
+    send = driven.node._send
+
+    def counting(data: bytes, addr) -> None:
+        sizes.append((len(data), addr))
+        send(data, addr)
+
+    driven.node._send = counting
+    return sizes
+
+
+async def test_an_unsolicited_fragmented_reply_is_dropped_before_any_buffer(open_driven_node):
+    async with open_driven_node() as driven:
+        node, peer = driven.node, FakePeer(5000)
+        header = msgpack.packb(
+            {"r": {"id": bytes(peer.id), "values": [60_000] * 3000}, "t": 99, "y": "r", "v": "o2"}
+        )
+        for _ in range(3):
+            await driven.feed(header, peer.addr)
+        assert node.counters.dropped_unsolicited == 3
+        assert len(node._reassembler) == 0 and node._reassembler.held == 0
+        assert node.info().extra["dropped_unsolicited_fragments"] == 3
+
+
+async def test_a_fragmented_reply_is_reassembled_only_from_the_address_asked(open_driven_node):
+    async with open_driven_node() as driven:
+        node, peer = driven.node, FakePeer(5000)
+        value = Value(os.urandom(20_000), id=5)
+        got: list[Message | None] = []
+        tid = node.start_request(peer.addr, "get", {"h": InfoHash.get("k")}, got.append, node_id=peer.id)
+        reply = peer.encoder.reply_with_values(tid, {"sa": SA, "token": b"t" * 32}, [value])
+        for datagram in reply:
+            await driven.feed(datagram, ("127.0.0.1", 5999))  # another port: not the address asked
+        assert got == [] and node.counters.dropped_unsolicited == 1
+        for datagram in reply:
+            await driven.feed(datagram, peer.addr)
+        assert [v.data for v in got[0].values] == [value.data]
+        assert node._reassembler.held <= 1.1 * sum(map(len, reply))  # the stray fragments, until they expire
+        assert node._validation.is_validated(peer.addr)
+
+
+async def test_spoofed_ids_keep_the_confirm_queue_bounded(open_driven_node, autojump_clock):
+    limits = Limits(udp_confirm_queue=50, udp_confirm_in_flight=4)
+    async with open_driven_node(limits=limits) as driven:
+        node = driven.node
+        autojump_clock.autojump_threshold = math.inf  # no time passes while the flood is fed
+        for i in range(500):
+            await driven.feed(FakePeer(6000 + i).request("ping", {}), ("127.0.0.1", 6000 + i))
+        autojump_clock.autojump_threshold = 0
+        first = {m.tid for m, _ in driven.take("ping")}
+        assert len(first) == 4  # the rest wait for a free slot
+        extra = node.info().extra
+        assert extra["confirm_queued"] == 50 and extra["confirm_in_flight"] == 4
+        assert extra["confirm_dropped_full"] == 500 - 54
+        await trio.sleep(9)  # the 4 pings failed: the next 4 go out
+        assert len({m.tid for m, _ in driven.take("ping")} - first) == 4  # (and the first 4 resent)
+        await trio.sleep(120)  # the rest waited over a minute: dropped unpinged
+        assert node.info().extra["confirm_dropped_stale"] > 0 and len(node._confirms) == 0
+
+
+async def test_an_unvalidated_address_gets_at_most_three_times_its_bytes(open_driven_node):
+    async with open_driven_node() as driven:
+        node, peer = driven.node, FakePeer(5000)
+        key = InfoHash.get("amplified")
+        node.storage.put(key, Value(os.urandom(60_000), id=7), trio.current_time(), local=True)
+        sent = count_bytes(driven)
+        received = 0
+
+        async def get() -> list[Message]:
+            nonlocal received
+            request = peer.request("get", {"h": key})
+            received += len(request)
+            await driven.feed(request, peer.addr)
+            return [m for m, a in driven.take() if a == peer.addr]
+
+        (ping,) = await get()  # the first is not answered, while a ping validates the address
+        assert ping.method == "ping"
+        (reply,) = await get()  # the resend, the ping unanswered: nodes and token, no values
+        assert reply.token and not reply.values and not reply.value_sizes
+        assert sum(size for size, addr in sent if addr == peer.addr) <= 3 * received
+        extra = node.info().extra
+        assert extra["amplification_limited"] == 2 and extra["amplification_deferred"] == 1
+        await driven.feed(peer.encoder.reply(ping.tid, {"sa": SA}), peer.addr)  # it answers our ping
+        answer = await get()
+        assert answer[0].value_sizes and len(answer) == 48  # validated: the header and 47 fragments
+
+
+async def test_a_write_token_validates_the_address(open_driven_node):
+    async with open_driven_node() as driven:
+        node, peer = driven.node, FakePeer(5000)
+        key = InfoHash.get("token")
+        tok = await driven_token(driven, peer, key)
+        assert not node._validation.is_validated(peer.addr)
+        put = peer.request("put", {"h": key, "values": [Value(b"x", id=3).to_wire()], "token": tok})
+        await driven.feed(put, peer.addr)
+        assert node._validation.is_validated(peer.addr)

@@ -4,6 +4,8 @@ signed-value verification with both backends."""
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from trio_dht import purecrypto as pc
 from trio_dht import signature
+from trio_dht.limits import Limits
 from trio_dht.push import webpush_crypto
 from trio_dht.push.webpush_crypto import b64decode_any
 from trio_dht.value import Value
@@ -390,3 +393,58 @@ def test_signed_values_verify_with_both_backends(backend, rsa_2048, monkeypatch:
     assert not signature.verify(
         Value(b"hello", type=3, id=7, seq=2, owner=b"junk", signature=signed.signature)
     )
+
+
+# -- bounds: key size, exponent, and the cache of results ----------------------------------------------------
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    if len(content) < 0x80:
+        return bytes([tag, len(content)]) + content
+    length = len(content).to_bytes((len(content).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _spki(n: int, e: int) -> bytes:
+    ints = [_der(0x02, x.to_bytes(x.bit_length() // 8 + 1, "big")) for x in (n, e)]
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010101")) + b"\x05\x00")
+    return _der(0x30, algorithm + _der(0x03, b"\x00" + _der(0x30, b"".join(ints))))
+
+
+@pytest.mark.parametrize("backend", ["cryptography", "purecrypto"])
+def test_oversized_or_odd_exponent_keys_are_refused_before_any_arithmetic(
+    backend, rsa_2048, monkeypatch: pytest.MonkeyPatch
+):
+    huge = (1 << 16383) | secrets.randbits(16000) | 1  # a 16,384-bit "modulus"
+    n = rsa_2048.public_key().public_numbers().n
+    calls = []
+    real = signature.verify_rsa_sha512 if backend == "cryptography" else pc.rsa_verify_pkcs1v15_sha512
+    monkeypatch.setattr(signature, "verify_rsa_sha512", lambda *args: calls.append(args) or real(*args))
+    monkeypatch.setattr(pc, "pow", lambda *args: pytest.fail("modular exponentiation"), raising=False)
+    verifier = signature.Verifier()
+    for owner in (_spki(huge, 65537), _spki(n, 3), _spki(n, (1 << 64) + 1)):
+        value = Value(b"x", type=3, id=1, seq=1, owner=owner, signature=b"\x01" * 2048)
+        assert not verifier.verify(value)
+    assert verifier.refused_keys == 3 and calls == []
+    assert not pc.rsa_verify_pkcs1v15_sha512(_spki(huge, 65537), b"\x01" * 2048, b"x")
+    small = signature.Verifier(Limits(rsa_max_bits=1024))  # a smaller bound refuses a 2048-bit key
+    monkeypatch.undo()
+    signed = signature.sign(Value(b"hello", type=3, id=7, seq=2), rsa_2048)
+    assert not small.verify(signed) and small.refused_keys == 1
+    assert signature.Verifier().verify(signed)
+
+
+def test_results_are_cached_per_key_and_value_in_a_bounded_lru(rsa_2048, monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    real = signature.verify_rsa_sha512
+    monkeypatch.setattr(signature, "verify_rsa_sha512", lambda *args: calls.append(1) or real(*args))
+    verifier = signature.Verifier(Limits(verify_cache=2))
+    values = [signature.sign(Value(b"v%d" % i, type=3, id=i + 1, seq=1), rsa_2048) for i in range(3)]
+    assert verifier.verify(values[0]) and verifier.verify(Value.from_wire(values[0].to_wire()))
+    assert len(calls) == 1 and verifier.cache_hits == 1
+    forged = Value(b"v0!", type=3, id=1, seq=1, owner=values[0].owner, signature=values[0].signature)
+    assert not verifier.verify(forged) and not verifier.verify(forged)  # a refusal is cached too
+    assert len(calls) == 2
+    verifier.verify(values[1])
+    verifier.verify(values[2])  # evicts values[0]'s entry, the least recently used
+    assert verifier.verify(values[0]) and len(calls) == 5

@@ -7,9 +7,19 @@ import os
 import pytest
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import Limits
 from trio_dht.value import Value
 from trio_dht.wire.message import Encoder, Kind, Message, decode
-from trio_dht.wire.reassembly import MAX_EARLY_BYTES, MAX_EARLY_FRAGMENTS, MAX_PARTIALS, Reassembler
+from trio_dht.wire.reassembly import (
+    FRAGMENT_COST,
+    MAX_EARLY_BYTES,
+    MAX_EARLY_FRAGMENTS,
+    MAX_PARTIALS,
+    MAX_SERIALISED_VALUE,
+    PARTIAL_COST,
+    SIZE_COST,
+    Reassembler,
+)
 
 SENDER = InfoHash(b"\x05" * 20)
 KEY = InfoHash(b"\x07" * 20)
@@ -217,3 +227,73 @@ def test_a_full_table_makes_room_by_dropping_stale_partials():
     assert r.header((ADDR, TID), header, 1.0) is None and r.dropped == 1
     assert r.header((ADDR, TID), header, 4.0) is None
     check(feed(r, frags, now=4.0)[-1], v)
+
+
+# -- bounds: memory follows the bytes received ---------------------------------------------------------------
+
+
+def test_a_header_announcing_huge_sizes_costs_its_own_size():
+    """Thousands of announced 64 KiB values allocate nothing: only the header is charged."""
+    header, _ = fragmented_put(value(1_000))
+    header.value_sizes = [MAX_SERIALISED_VALUE] * 5000
+    r = Reassembler()
+    assert r.header((ADDR, TID), header, 0.0) is None
+    assert r.held == PARTIAL_COST + SIZE_COST * 5000
+    far = Message(Kind.FRAGMENT, TID, parts={4999: (60_000, b"x" * 100)})
+    r.fragment((ADDR, TID), far, 0.0)  # a fragment far into a value costs its bytes, not its offset
+    assert r.held == PARTIAL_COST + SIZE_COST * 5000 + 100 + FRAGMENT_COST
+    assert r.expire(10.0) == 1 and r.held == 0
+
+
+def test_fragments_beyond_their_announced_size_are_dropped():
+    v = value(3_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    r.header((ADDR, TID), header, 0.0)
+    held = r.held
+    beyond = Message(Kind.FRAGMENT, TID, parts={0: (3_000, b"x" * 1280), 1: (0, b"x")})
+    assert r.fragment((ADDR, TID), beyond, 0.0) is None
+    assert r.held == held and r.dropped == 2
+    check(feed(r, frags)[-1], v)
+
+
+def test_the_global_budget_drops_what_does_not_fit():
+    limits = Limits(udp_reassembly_bytes=100_000)
+    r = Reassembler(limits)
+    v = value(60_000)
+    header, frags = fragmented_put(v)
+    keys = [(("127.0.0.1", port), TID) for port in range(3)]
+    for key in keys:  # three sources with all but their last fragment: not all fit in 100 KB
+        r.header(key, header, 0.0)
+        feed(r, frags[:-1], key=key)
+    assert r.dropped_budget > 0 and r.held <= limits.udp_reassembly_bytes
+    assert r.fragment(keys[1], frags[-1], 0.5) is None  # the second lost some to the budget
+    assert r.expire(4.0) == 2 and r.held == 0  # the third never got in; the stale ones free it all
+    r.header(keys[1], header, 4.0)
+    check(feed(r, frags, now=4.0, key=keys[1])[-1], v)
+
+
+def test_one_source_is_capped_and_others_still_get_through():
+    limits = Limits(udp_reassembly_per_source=20_000)
+    r = Reassembler(limits, source=lambda addr: addr[0])
+    header, frags = fragmented_put(value(60_000))
+    for tid in range(5):  # one source, many messages: capped in all
+        r.header((ADDR, tid), header, 0.0)
+        feed(r, frags, key=(ADDR, tid))
+    assert r.held <= 20_000 and r.dropped_budget > 0
+    v = value(5_000)
+    header, frags = fragmented_put(v)
+    other = ("127.0.0.2", 4222)
+    r.header((other, TID), header, 0.0)
+    check(feed(r, frags, key=(other, TID))[-1], v)
+
+
+def test_completion_returns_every_charged_byte():
+    r = Reassembler()
+    v = value(20_000)
+    header, frags = fragmented_put(v)
+    r.header((ADDR, TID), header, 0.0)
+    feed(r, frags[:5])
+    assert r.held > 5 * 1280
+    check(feed(r, frags[5:])[-1], v)
+    assert r.held == 0 and r._by_source == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from trio_dht.limits import Limits
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.node.tokens import MAX_CACHED, ROTATE_MAX, ROTATE_MIN, TOKEN_LEN, TokenIssuer
 
@@ -118,3 +119,38 @@ def test_many_sources_are_pruned():
         limiter.allow((f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 1), i * 0.0001)
     assert len(limiter._sources) <= 65_536
     assert limiter.allow(("10.0.0.0", 1), 100.0)  # pruned sources start afresh
+
+
+def test_a_full_table_is_pruned_in_bulk():
+    """Sources all active within the window: the table is cut by a quarter at once, so a flood of new sources
+    costs one scan per quarter-table of them, not one per packet."""
+    limiter = RateLimiter(per_ip=100, total=-1, limits=Limits(udp_rate_sources=1000))
+    scans = 0
+    prune = limiter._prune
+
+    def counting_prune(now: float) -> None:
+        nonlocal scans
+        scans += 1
+        prune(now)
+
+    limiter._prune = counting_prune  # type: ignore[method-assign]
+    for i in range(10_000):  # every source within one window: none is idle
+        if i % 100:
+            assert limiter.allow((f"10.1.{i >> 8}.{i & 255}", 1), 0.5)
+        else:
+            assert limiter.allow(("10.0.0.1", 1), 0.5)  # 100 of them: its whole budget
+    assert len(limiter) <= 1000
+    assert scans <= (10_000 - 1000) // 250 + 1
+    assert limiter.evicted >= 9_900 - 1000
+    assert not limiter.allow(("10.0.0.1", 1), 0.5)  # the busy source kept its window all along
+
+
+def test_idle_sources_go_first():
+    limiter = RateLimiter(per_ip=5, total=-1, limits=Limits(udp_rate_sources=8))
+    for i in range(4):
+        limiter.allow((f"10.0.0.{i}", 1), 0.0)  # idle by t=2
+    for i in range(4, 8):
+        limiter.allow((f"10.0.0.{i}", 1), 1.9)
+    limiter.allow(("10.0.1.1", 1), 2.0)
+    assert len(limiter) == 5 and limiter.evicted == 4
+    assert all(f"10.0.0.{i}" in limiter._sources for i in range(4, 8))

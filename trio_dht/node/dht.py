@@ -265,6 +265,7 @@ class DhtNode:
             "validation_evicted": validation.evicted,
             "amplification_limited": validation.limited,
             "amplification_withheld_bytes": validation.withheld_bytes,
+            "amplification_deferred": validation.deferred,
             "verify_refused_keys": self.verifier.refused_keys,
             "verify_cache_hits": self.verifier.cache_hits,
         }
@@ -559,11 +560,13 @@ class DhtNode:
             out.append((nid, addr))
         return out
 
-    def _confirm(self, node: Node) -> None:
+    def _confirm(self, node: Node) -> bool:
         """Queue a ping so that a node we only heard of (or from) can become good, and its address validated
-        (one at a time per node; bounded, see ``node.confirm``)."""
+        (one at a time per node; bounded, see ``node.confirm``). False if the queue is full."""
         if self._confirms.push(node, self._clock()):
             self._confirm_wake.set()
+            return True
+        return False
 
     def _send_confirms(self) -> None:
         """Ping the queued nodes that free slots allow; each ping's end frees its slot and sends the next."""
@@ -586,32 +589,37 @@ class DhtNode:
         validated = self._validation.is_validated(addr)
         if not validated:
             self._validation.received(addr, size)
+        pinging = False
         if not msg.is_client:
             node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
             if to_ping is not None:
                 self._confirm(to_ping)
             if node.last_replied == -math.inf or not validated:  # not good, or not at this address: confirm
-                self._confirm(node)
+                pinging = self._confirm(node)
         elif not validated:  # a client is not a routing table's node, but its address is validated the same
-            self._confirm(Node(sender, addr))
+            pinging = self._confirm(Node(sender, addr))
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
         if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
-            datagrams = self._within_credit(msg, addr, sa, now, datagrams)
+            datagrams = self._within_credit(msg, addr, sa, now, datagrams, pinging)
         for datagram in datagrams:
             self._send(datagram, addr)
 
     def _within_credit(
-        self, msg: Message, addr: Address, sa: bytes, now: float, datagrams: list[bytes]
+        self, msg: Message, addr: Address, sa: bytes, now: float, datagrams: list[bytes], pinging: bool
     ) -> list[bytes]:
-        """What may be sent to an unvalidated address: the answer if it fits its credit, else a smaller one
-        (a get or find answered with fewer nodes and no values), else nothing."""
+        """What may be sent to an unvalidated address: the answer if it fits its credit; else, the first time,
+        nothing while ``pinging`` validates the address (the sender's resend gets the whole answer); else a
+        smaller one (a get or find answered with fewer nodes and no values); else nothing."""
         validation = self._validation
         credit = validation.credit(addr)
         size = sum(map(len, datagrams))
         if size <= credit:
             validation.spend(addr, size)
             return datagrams
+        if pinging and msg.method == "get" and validation.defer(addr):
+            validation.withheld(size)
+            return []
         for smaller in self._smaller_answers(msg, addr, sa, now):
             if len(smaller) <= credit:
                 validation.spend(addr, len(smaller))

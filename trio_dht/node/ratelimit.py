@@ -4,14 +4,15 @@ IPv6 sources are grouped by /64. Loopback sources are limited per (IP, port) ins
 one machine (tests, benchmarks) do not share one budget.
 
 The table of sources holds at most ``Limits.udp_rate_sources``. When full, it is pruned in bulk: the sources
-idle for a window go first, then the oldest ones, until a quarter of it is free, so a flood of new sources
-costs one scan per quarter-table of them (amortised O(1) each), never one scan per packet. A source evicted
-while active starts a fresh window: the global limit still holds.
+idle for a window go first, then those with the fewest requests in their window (the least to forget), until
+a quarter of it is free. A flood of new sources then costs one pass per quarter-table of them (amortised
+O(log n) each), never one scan per packet, and the busiest sources keep their windows. A source evicted while
+active starts a fresh window: the global limit still holds.
 """
 
 from __future__ import annotations
 
-import itertools
+import heapq
 from collections import deque
 from ipaddress import IPv6Address
 
@@ -85,7 +86,7 @@ class RateLimiter:
         return len(self._sources)
 
     def _prune(self, now: float) -> None:
-        """Free at least a quarter of the table: idle sources first, then the oldest (in insertion order)."""
+        """Free at least a quarter of the table: idle sources first, then the least busy."""
         sources = self._sources
         goal = self.max_sources - max(1, self.max_sources // 4)
         idle = [k for k, w in sources.items() if not w.times or now - w.times[-1] >= WINDOW]
@@ -93,6 +94,6 @@ class RateLimiter:
             del sources[key]
         excess = len(sources) - goal
         if excess > 0:
-            for key in list(itertools.islice(sources, excess)):
+            for key, _ in heapq.nsmallest(excess, sources.items(), key=lambda item: len(item[1].times)):
                 del sources[key]
         self.evicted += len(idle) + max(0, excess)

@@ -6,6 +6,11 @@ from it until the address is validated: it answered a request of ours (a reply w
 sent to that address), or it presented a write token, which we only ever send to the address it is bound to.
 What does not fit is not sent (the node answers with less: a get without its values, fewer nodes).
 
+A real OpenDHT node takes a get answered without values as "none here" and does not ask again, but it resends
+a request left unanswered after a second. So the first get from an unvalidated address whose values do not
+fit is left unanswered (:meth:`AddressValidation.defer`, once per address) while the node pings the address:
+its resend, once the ping is answered, gets the values. Later ones get the smaller answer at once.
+
 Both tables (validated addresses, and the byte counts of unvalidated ones) hold at most
 ``Limits.udp_validated_addresses`` entries each; the least recently used entry is evicted, which only ever
 makes the node send less (an evicted address is unvalidated again, with no credit).
@@ -26,12 +31,15 @@ class AddressValidation:
         self.factor = limits.udp_amplification
         self.capacity = limits.udp_validated_addresses
         self._validated: OrderedDict[Address, None] = OrderedDict()
-        self._credit: OrderedDict[Address, float] = OrderedDict()
+        self._credit: OrderedDict[Address, list[float]] = OrderedDict()
+        """Per unvalidated address: [bytes we may still send, 1.0 once an answer was deferred]."""
         self.evicted = 0
         self.limited = 0
         """Answers cut down (or not sent) to stay within the credit of an unvalidated address."""
         self.withheld_bytes = 0
         """Bytes not sent for that reason."""
+        self.deferred = 0
+        """Answers left unsent for the sender's resend (see :meth:`defer`)."""
 
     def __len__(self) -> int:
         return len(self._validated)
@@ -58,23 +66,39 @@ class AddressValidation:
     def received(self, addr: Address, size: int) -> float:
         """Count ``size`` bytes received from an unvalidated ``addr``; returns its credit."""
         credit = self._credit
-        left = credit.pop(addr, 0.0) + self.factor * size
-        credit[addr] = left  # most recently used last
-        if len(credit) > self.capacity:
-            credit.popitem(last=False)
-            self.evicted += 1
-        return left
+        entry = credit.get(addr)
+        if entry is None:
+            entry = credit[addr] = [0.0, 0.0]
+            if len(credit) > self.capacity:
+                credit.popitem(last=False)
+                self.evicted += 1
+        else:
+            credit.move_to_end(addr)
+        entry[0] += self.factor * size
+        return entry[0]
 
     def credit(self, addr: Address) -> float:
         """Bytes we may still send to ``addr`` (infinite once validated)."""
         if addr in self._validated:
             return float("inf")
-        return self._credit.get(addr, 0.0)
+        entry = self._credit.get(addr)
+        return entry[0] if entry is not None else 0.0
 
     def spend(self, addr: Address, size: int) -> None:
         """``size`` bytes sent to an unvalidated ``addr`` (within its credit)."""
-        if addr in self._credit:
-            self._credit[addr] -= size
+        entry = self._credit.get(addr)
+        if entry is not None:
+            entry[0] -= size
+
+    def defer(self, addr: Address) -> bool:
+        """True the first time only (per unvalidated address): leave this answer unsent, for the sender's
+        resend to find the address validated."""
+        entry = self._credit.get(addr)
+        if entry is None or entry[1]:
+            return False
+        entry[1] = 1.0
+        self.deferred += 1
+        return True
 
     def withheld(self, size: int) -> None:
         """Count an answer cut down by ``size`` bytes."""

@@ -1,0 +1,103 @@
+"""The UDP node's sans-IO bounds: the confirmation queue (trio_dht.node.confirm) and anti-amplification
+(trio_dht.node.validation), driven synchronously with explicit times."""
+
+from __future__ import annotations
+
+from trio_dht.infohash import InfoHash
+from trio_dht.limits import Limits
+from trio_dht.node.confirm import MAX_WAIT, ConfirmQueue
+from trio_dht.node.routing import Node
+from trio_dht.node.validation import AddressValidation
+
+
+def node(port: int = 4222) -> Node:
+    return Node(InfoHash.random(), ("127.0.0.1", port))
+
+
+# -- confirmation queue --------------------------------------------------------------------------------------
+
+
+def test_confirm_queue_is_bounded_and_counts_drops():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=3))
+    nodes = [node(i) for i in range(25)]
+    assert [q.push(n, 0.0) for n in nodes] == [True] * 10 + [False] * 15
+    assert len(q) == 10 and q.dropped_full == 15
+
+
+def test_confirm_queue_pings_a_bounded_number_at_once():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=3))
+    nodes = [node(i) for i in range(5)]
+    for n in nodes:
+        q.push(n, 0.0)
+    first = q.ready(0.0)
+    assert first == nodes[:3] and q.in_flight == 3 and q.ready(0.0) == []
+    q.done(first[0])
+    assert q.ready(0.1) == [nodes[3]]  # one slot freed: one more, in arrival order
+    for n in first[1:]:
+        q.done(n)
+    assert q.ready(0.2) == [nodes[4]] and len(q) == 0
+
+
+def test_confirm_queue_holds_a_node_once():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=1))
+    n = node()
+    assert q.push(n, 0.0) and q.push(n, 0.0) and len(q) == 1
+    assert q.ready(0.0) == [n]
+    assert q.push(n, 1.0) and len(q) == 0  # being pinged: not queued again
+    q.done(n)
+    assert q.push(n, 2.0) and len(q) == 1
+
+
+def test_confirm_queue_drops_nodes_that_waited_too_long():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=1))
+    old, new = node(1), node(2)
+    q.push(old, 0.0)
+    q.push(new, MAX_WAIT)
+    assert q.ready(MAX_WAIT + 1) == [new] and q.dropped_stale == 1
+
+
+# -- anti-amplification --------------------------------------------------------------------------------------
+
+A = ("192.0.2.1", 4222)
+B = ("192.0.2.2", 4222)
+
+
+def test_an_unvalidated_address_gets_three_times_what_it_sent():
+    v = AddressValidation(Limits(udp_amplification=3.0))
+    assert not v.is_validated(A) and v.credit(A) == 0
+    assert v.received(A, 66) == 198
+    v.spend(A, 150)
+    assert v.credit(A) == 48
+    assert v.received(A, 10) == 78  # credit accumulates over datagrams
+    assert v.credit(B) == 0
+
+
+def test_validated_addresses_are_unlimited():
+    v = AddressValidation()
+    v.received(A, 66)
+    v.validate(A)
+    assert v.is_validated(A) and v.credit(A) == float("inf")
+
+
+def test_both_tables_are_capped_with_lru_eviction():
+    v = AddressValidation(Limits(udp_validated_addresses=3))
+    for i in range(3):
+        v.validate(("192.0.2.1", i))
+    assert v.is_validated(("192.0.2.1", 0))  # used: now the most recent
+    v.validate(("192.0.2.1", 3))
+    assert len(v) == 3 and v.evicted == 1
+    assert v.is_validated(("192.0.2.1", 0)) and not v.is_validated(("192.0.2.1", 1))
+    for i in range(10):
+        v.received(("198.51.100.1", i), 100)
+    assert len(v._credit) == 3 and v.evicted == 8
+    assert v.credit(("198.51.100.1", 0)) == 0  # evicted: no credit left (it may only send less)
+    assert v.credit(("198.51.100.1", 9)) == 300
+
+
+def test_an_answer_is_deferred_once_per_address():
+    v = AddressValidation()
+    assert not v.defer(A)  # nothing received from it
+    v.received(A, 60)
+    assert v.defer(A) and not v.defer(A) and v.deferred == 1
+    v.received(A, 60)
+    assert not v.defer(A)
