@@ -460,3 +460,22 @@ async def test_a_worker_that_misbehaves_is_stopped(
     assert (await subscribe(client))[0] == "HTTP/1.1 200 OK"  # served by the front end itself
     messages = [r.message for r in caplog.records]
     assert any(logged in m for m in messages) and any("serving here" in m for m in messages)
+
+
+@pytestmark_linux
+async def test_relayed_subscriptions_count_for_the_client_address(nursery: trio.Nursery) -> None:
+    """The worker relays the client's address with each SUBSCRIBE: the per-source cap counts the client."""
+    proxy = await push_proxy(nursery)
+    assert len(worker_pids()) == 1
+    proxy.service.book.per_source = 2
+    client = await connect(proxy.port)
+    assert (await subscribe(client, client_id="a"))[0] == "HTTP/1.1 200 OK"
+    assert (await subscribe(client, client_id="b"))[0] == "HTTP/1.1 200 OK"
+    status, _, content = await subscribe(client, client_id="c")
+    assert status.startswith("HTTP/1.1 429") and json.loads(content) == {
+        "err": "Too many push subscriptions from this address"
+    }
+    assert (await subscribe(client, client_id="a", refresh=True))[0] == "HTTP/1.1 200 OK"  # a refresh
+    assert proxy.service.book.held_by("127.0.0.1") == 2 and proxy.service.book.source_count == 1
+    stats = await node_stats(proxy.port)
+    assert stats["pushSubscriptions"]["refusedPerSource"] == 1 and stats["pushSubscriptions"]["sources"] == 1

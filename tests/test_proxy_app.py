@@ -357,3 +357,58 @@ async def test_put_value_round_trips_through_get(client: httpx.AsyncClient) -> N
     async with client_for(app) as c:
         assert (await c.post("/key/big", content=value_line(v))).content == value_line(v)
         assert (await c.get("/key/big")).content == value_line(v)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "quart"])
+async def test_permanent_puts_per_client_address(dht: MemoryDht, fast: bool) -> None:
+    from trio_dht.limits import Limits
+
+    app = create_app(dht, ProxyConfig(fast_path=fast, limits=Limits(permanent_puts_per_source=2)))
+
+    async def post(host: str, value: dict[str, Any]) -> httpx.Response:
+        async with client_for(app, host) as c:
+            return await c.post(f"/key/{HELLO.hex()}", json={**value, "permanent": True})
+
+    assert (await post("2001:db8::1", {"data": "YQ==", "id": "1"})).status_code == 200
+    assert (await post("2001:db8::2", {"data": "Yg=="})).status_code == 200  # the same /64
+    r = await post("2001:db8::3", {"data": "Yw=="})
+    assert r.status_code == 429 and r.json() == {"err": "Too many permanent puts from this address"}
+    assert_base_headers(r)
+    assert (await post("2001:db8::3", {"data": "YTI=", "id": "1"})).status_code == 200  # a refresh
+    assert (await post("2001:db8::4", {"data": "Yg=="})).status_code == 200  # an id-less repeat: merged
+    assert (await post("2001:db8:0:1::1", {"data": "Yw=="})).status_code == 200  # another /64
+    assert (await post("10.0.0.1", {"data": "ZA=="})).status_code == 200
+    assert (await post("::ffff:10.0.0.1", {"data": "ZQ=="})).status_code == 200  # IPv4-mapped: 10.0.0.1
+    assert (await post("10.0.0.1", {"data": "Zg=="})).status_code == 429
+    async with client_for(app) as c:
+        stats = (await c.get("/node/stats")).json()
+    assert stats["totalPermanentPuts"] == 5
+    assert stats["permanentPuts"] == {"sources": 3, "refusedPerSource": 2}
+    assert [v.data for v in await dht.get(HELLO)].count(b"c") == 1
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "quart"])
+async def test_a_permanent_put_the_state_file_refuses_is_a_503(dht: MemoryDht, fast: bool, tmp_path) -> None:
+    import sqlite3
+
+    from trio_dht.persist import StateStore
+    from trio_dht.proxy.put_journal import StorePutJournal
+
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    app = create_app(dht, ProxyConfig(fast_path=fast), journal=StorePutJournal(store))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    async with client_for(app) as c:
+        r = await c.post(f"/key/{HELLO.hex()}", json={"data": "eA==", "permanent": True})
+        assert r.status_code == 503 and r.json() == {"err": "Cannot save the change: state file unavailable"}
+        assert_base_headers(r)
+        assert await dht.get(HELLO) == []  # not put either
+        stats = (await c.get("/node/stats")).json()
+        assert stats["totalPermanentPuts"] == 0 and stats["stateFile"] == {"skippedRows": 0, "writeErrors": 1}
+        other.execute("ROLLBACK")
+        r = await c.post(f"/key/{HELLO.hex()}", json={"data": "eA==", "permanent": True})
+        assert r.status_code == 200
+    assert [p.value_id for p in store.load_puts()] == [int(r.json()["id"])]
+    other.close()
+    store.close()

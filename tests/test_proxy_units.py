@@ -333,3 +333,88 @@ def test_permanent_heap_stays_compact() -> None:
     for i in range(1000):
         book.record(key, Value(data=b"v", id=1), PushTarget("t"), now=float(i))
     assert len(book._heap) <= 64 + 4 * book.total + 2
+
+
+class _Journal:
+    """A journal that records what it is asked to write, or refuses every write."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.saved_rows: list[tuple[int, float]] = []
+
+    def saved(self, held) -> None:
+        from trio_dht.persist import PersistError
+
+        if self.fail:
+            raise PersistError("disk full")
+        self.saved_rows.append((held.value.id, held.expires_at))
+
+    def removed(self, key: InfoHash, value_id: int) -> None:
+        pass
+
+    def load(self) -> list:
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def test_permanent_puts_per_source_are_capped_and_counted_down() -> None:
+    from trio_dht.proxy.permanent import TooManyPuts
+
+    book = PermanentPuts(per_source=2)
+    key = InfoHash.get("k")
+    book.record(key, Value(data=b"a", id=1), None, 0.0, "10.0.0.1")
+    book.record(key, Value(data=b"b", id=2), None, 0.0, "10.0.0.1")
+    with pytest.raises(TooManyPuts):
+        book.record(key, Value(data=b"c", id=3), None, 0.0, "10.0.0.1")
+    assert book.refused == 1 and book.total == 2 and book.held_by("10.0.0.1") == 2
+    # Re-POSTing a held id is a refresh, whoever sends it: no new slot, the creator keeps it.
+    again = book.record(key, Value(data=b"a2", id=1), None, 5.0, "10.0.0.2")
+    assert again.source == "10.0.0.1" and book.held_by("10.0.0.2") == 0 and again.expires_at == 5.0 + LIFETIME
+    book.record(key, Value(data=b"c", id=3), None, 0.0, "10.0.0.2")  # another source, its own cap
+    for i in range(5):
+        book.record(key, Value(data=b"x", id=10 + i), None, 0.0, "")  # unknown source: not capped
+    assert book.source_count == 3
+    # Expiry gives the slots back.
+    book.due(LIFETIME + 1.0)
+    assert book.held_by("10.0.0.1") == 1 and book.held_by("10.0.0.2") == 0
+    book.record(key, Value(data=b"d", id=4), None, 10.0, "10.0.0.1")
+    assert book.held_by("10.0.0.1") == 2
+
+
+def test_a_permanent_put_the_journal_refuses_changes_nothing() -> None:
+    from trio_dht.persist import PersistError
+
+    journal = _Journal()
+    book = PermanentPuts(journal)
+    key = InfoHash.get("k")
+    push = PushTarget("tok", "cid", "android", "s1")
+    held = book.record(key, Value(data=b"v", id=1), push, 0.0, "10.0.0.1")
+    assert journal.saved_rows == [(1, LIFETIME)]
+    journal.fail = True
+    with pytest.raises(PersistError):
+        book.record(key, Value(data=b"new", id=2), None, 0.0, "10.0.0.1")
+    with pytest.raises(PersistError):
+        book.record(key, Value(data=b"v2", id=1), PushTarget("tok", "cid", session_id="s2"), 50.0)
+    with pytest.raises(PersistError):
+        book.renew(held, PushTarget("tok", "cid", session_id="s3"), 60.0)
+    assert book.total == 1 and book.held_by("10.0.0.1") == 1
+    assert (held.value.data, held.expires_at, held.push, held.refresh_at) == (
+        b"v",
+        LIFETIME,
+        push,
+        LIFETIME - REFRESH_MARGIN,
+    )
+    assert book.due(LIFETIME - REFRESH_MARGIN) == ([], [held])  # its deadlines did not move either
+    assert book.due(LIFETIME) == ([held], [])
+
+
+def test_client_source_buckets() -> None:
+    from trio_dht.proxy.handlers import client_source
+
+    assert client_source("192.0.2.7") == "192.0.2.7"
+    assert client_source("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_source("2001:db8:1:2:aaaa::1") == client_source("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::"
+    assert client_source("2001:db8:1:3::1") != client_source("2001:db8:1:2::1")
+    assert client_source(None) == client_source("") == client_source("not-an-ip") == ""

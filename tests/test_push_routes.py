@@ -234,3 +234,24 @@ async def test_stats_ping_and_permanent_put_warning(stack: Stack) -> None:
     assert stats["unifiedPush"] == {"highPriorityCount": 0, "normalPriorityCount": 0}
     assert stats["pushSubscriptions"]["active"] == 2 and stats["pushSubscriptions"]["subscribed"] == 2
     assert stats["pushDelivery"]["delivered"] == 3 and stats["pushDelivery"]["failures"] == 0
+
+
+async def test_subscriptions_per_client_address(stack: Stack) -> None:
+    """Each path (front end, worker relay, Quart) hands the client's address to the caps."""
+    stack.service.book.per_source = 2
+    for client_id in ("a", "b"):
+        r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body(client_id=client_id))
+        assert r.status_code == 200
+    r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body(client_id="c"))
+    assert r.status_code == 429 and r.json() == {"err": "Too many push subscriptions from this address"}
+    assert r.headers["content-type"] == "application/json"
+    r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body(client_id="a", refresh=True))
+    assert r.status_code == 200  # a refresh is not a new subscription
+    assert stack.service.book.held_by("127.0.0.1") == 2
+    r = await stack.client.request("UNSUBSCRIBE", "/key/hello", content=body(client_id="a"))
+    r = await stack.client.request("SUBSCRIBE", "/key/hello", content=body(client_id="c"))
+    assert r.status_code == 200
+
+    r = await stack.client.get("/node/stats")
+    assert r.json()["pushSubscriptions"]["refusedPerSource"] == 1
+    assert r.json()["pushSubscriptions"]["sources"] == 1

@@ -131,6 +131,7 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
                 lifetime=config.subscription_lifetime,
                 store=store,
                 allow_private_endpoints=config.allow_private_endpoints,
+                limits=config.limits,
             )
             await push_tasks.start(service.run)
             yield {

@@ -102,7 +102,8 @@ async def _put(state: ProxyState, scope: Scope, receive: Receive, send: Send, ke
         return
     except ClientGone:
         return
-    await send_reply(send, await handlers.put(state, key, body))
+    client = scope.get("client")
+    await send_reply(send, await handlers.put(state, key, body, client[0] if client else None))
 
 
 def fast_handler(method: str, path: str) -> FastHandler | None:

@@ -741,11 +741,11 @@ class FrontEnd:
 
     async def put(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         assert key is not None
-        await self.send_reply(conn, head, await handlers.put(self.state, key, body))
+        await self.send_reply(conn, head, await handlers.put(self.state, key, body, conn.client))
 
     async def subscribe(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         assert key is not None
-        await self.send_push_reply(conn, head, await handlers.subscribe(self.state, key, body))
+        await self.send_push_reply(conn, head, await handlers.subscribe(self.state, key, body, conn.client))
 
     async def unsubscribe(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> None:
         assert key is not None
@@ -757,12 +757,12 @@ class FrontEnd:
         """The response to a SUBSCRIBE whose body is buffered, answered by whoever read it (the poller,
         usually); or its reply, when that still needs the key's values (:meth:`finish_subscribe`)."""
         assert key is not None
-        return self._subscribe_answer(key, body, head.close)
+        return self._subscribe_answer(key, body, head.close, conn.client)
 
     def unsubscribe_response(self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes) -> bytes:
         """The response to an UNSUBSCRIBE whose body is buffered."""
         assert key is not None
-        return self._unsubscribe_answer(key, body, head.close)
+        return self._unsubscribe_answer(key, body, head.close, conn.client)
 
     async def finish_subscribe(
         self, conn: _Connection, head: Head, key: InfoHash | None, body: bytes, *, reply: PushReply
@@ -771,13 +771,13 @@ class FrontEnd:
         assert key is not None
         await conn.send(await self._values_answer(key, reply, head.close))
 
-    def _subscribe_answer(self, key: InfoHash, body: bytes, close: bool) -> bytes | PushReply:
+    def _subscribe_answer(self, key: InfoHash, body: bytes, close: bool, client: str) -> bytes | PushReply:
         """A SUBSCRIBE's response; or its reply, when that still needs the key's values
         (:meth:`_values_answer`)."""
-        reply = handlers.subscribe_now(self.state, key, body)
+        reply = handlers.subscribe_now(self.state, key, body, client)
         return reply if reply.fetch_values else self.push_response(close, reply)
 
-    def _unsubscribe_answer(self, key: InfoHash, body: bytes, close: bool) -> bytes:
+    def _unsubscribe_answer(self, key: InfoHash, body: bytes, close: bool, client: str) -> bytes:
         return self.push_response(close, handlers.unsubscribe(self.state, key, body))
 
     async def _values_answer(self, key: InfoHash, reply: PushReply, close: bool) -> bytes:
@@ -805,7 +805,7 @@ class FrontEnd:
         close = request.close or self._closing
         answer = self._subscribe_answer if request.method == relay.SUBSCRIBE else self._unsubscribe_answer
         try:
-            return answer(InfoHash(request.key), request.body, close), close
+            return answer(InfoHash(request.key), request.body, close, request.client), close
         except Exception:
             log.exception("proxy front end failed on a relayed %s", relay.METHOD_NAMES[request.method])
             return self._internal_error, True

@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_dht.infohash import InfoHash
+from trio_dht.persist import PersistError
 from trio_dht.proxy import streams
+from trio_dht.proxy.conn_limits import client_key
+from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenFeed, ListenStream
 from trio_dht.proxy.value_json import (
@@ -172,8 +175,23 @@ def listen_feed(
     return ListenFeed(state.dht, key, state.listens, on_ready, client)
 
 
-async def put(state: ProxyState, key: InfoHash, body: bytes) -> Reply:
-    """``POST /key/{hash}``, ``POST /{hash}``: store a value; 200 with its JSON (id assigned) or 502."""
+TOO_MANY_PERMANENT_PUTS = error(429, "Too many permanent puts from this address")
+STATE_UNAVAILABLE = error(503, "Cannot save the change: state file unavailable")
+
+
+def client_source(client: str | None) -> str:
+    """The bucket a client's subscriptions and permanent puts are counted in: its IPv4 address (also when
+    IPv4-mapped), its IPv6 /64; ``""`` when unknown (not counted)."""
+    key = client_key(client) if client else None
+    return "" if key is None else key[0]
+
+
+async def put(state: ProxyState, key: InfoHash, body: bytes, client: str | None = None) -> Reply:
+    """``POST /key/{hash}``, ``POST /{hash}``: store a value; 200 with its JSON (id assigned) or 502.
+
+    A new permanent put from a ``client`` that holds ``Limits.permanent_puts_per_source`` is refused (429);
+    one the state file cannot take is refused (503) before anything is held or put.
+    """
     if not body.strip():
         return MISSING_PARAMETERS
     try:
@@ -186,12 +204,16 @@ async def put(state: ProxyState, key: InfoHash, body: bytes) -> Reply:
     value = request.value
     if request.permanent:
         now = trio.current_time()
-        if not value.id:
-            held = state.permanent.find_same(key, value, request.push)
+        try:
+            held = None if value.id else state.permanent.find_same(key, value, request.push)
             if held is not None:
                 state.permanent.renew(held, request.push, now)
                 return Reply(200, value_line(held.value))
-        state.permanent.record(key, value, request.push, now)
+            state.permanent.record(key, value, request.push, now, client_source(client))
+        except TooManyPuts:
+            return TOO_MANY_PERMANENT_PUTS
+        except PersistError:
+            return STATE_UNAVAILABLE
         state.permanent_changed()
     elif not value.id:
         value.id = random_value_id()
@@ -238,17 +260,17 @@ def _push_hooks(state: ProxyState) -> PushHooks:
     return state.push
 
 
-async def subscribe(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
-    """``SUBSCRIBE /key/{hash}``, ``SUBSCRIBE /{hash}``: the push hooks' reply, written as
+async def subscribe(state: ProxyState, key: InfoHash, body: bytes, client: str | None = None) -> PushReply:
+    """``SUBSCRIBE /key/{hash}``, ``SUBSCRIBE /{hash}`` from ``client``: the push hooks' reply, written as
     :func:`push_reply_chunks` says when it is chunked.
     """
-    return await push_reply_values(state, key, subscribe_now(state, key, body))
+    return await push_reply_values(state, key, subscribe_now(state, key, body, client))
 
 
-def subscribe_now(state: ProxyState, key: InfoHash, body: bytes) -> PushReply:
+def subscribe_now(state: ProxyState, key: InfoHash, body: bytes, client: str | None = None) -> PushReply:
     """``SUBSCRIBE``, without waiting: a reply with ``fetch_values`` still needs :func:`push_reply_values`."""
     state.count_request()
-    return _push_hooks(state).subscribe(key, body)
+    return _push_hooks(state).subscribe(key, body, client_source(client))
 
 
 async def push_reply_values(state: ProxyState, key: InfoHash, reply: PushReply) -> PushReply:

@@ -85,7 +85,7 @@ def proxy_blueprint() -> Blueprint:
     @_route(bp, "/key/<hash:key>", ["POST"])
     async def put(key: InfoHash) -> Response:
         body = await request.get_data(cache=False)
-        return to_response(await handlers.put(proxy_state(), key, body))
+        return to_response(await handlers.put(proxy_state(), key, body, request.remote_addr))
 
     @_route(bp, "/key/<hash:key>/listen", ["GET"])
     @_route(bp, "/<hash:key>", ["LISTEN"])

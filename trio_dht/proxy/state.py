@@ -35,9 +35,10 @@ STATS_WINDOW = 120.0
 class PushHooks(Protocol):
     """What the push side plugs into the proxy (see ``create_app(push=...)``)."""
 
-    def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
-        """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body, answered without waiting (a reply
-        with ``fetch_values`` leaves the DHT get of the key's values to the HTTP layer)."""
+    def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
+        """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body from ``source`` (the client's address
+        bucket, ``""`` if unknown), answered without waiting (a reply with ``fetch_values`` leaves the DHT get
+        of the key's values to the HTTP layer)."""
         ...
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
@@ -72,7 +73,7 @@ class ProxyState:
         self.dht = dht
         self.config = config
         self.push = push
-        self.permanent = PermanentPuts(journal)
+        self.permanent = PermanentPuts(journal, per_source=config.limits.permanent_puts_per_source)
         limits = config.limits
         self.listens = ListenRegistry(limits.http_listens_per_ip, limits.http_send_buffer)
         self.http_counters = HttpCounters()
@@ -119,6 +120,10 @@ class ProxyState:
             "listenCount": len(self.listens),
             "putCount": self.permanent.key_count,
             "totalPermanentPuts": self.permanent.total,
+            "permanentPuts": {
+                "sources": self.permanent.source_count,
+                "refusedPerSource": self.permanent.refused,
+            },
             "pushListenersCount": 0,
             "serverStartTime": int(self.start_time),
             "lastUpdated": int(time.time()),
@@ -127,6 +132,8 @@ class ProxyState:
         info = self.node_info()
         if info is not None:
             doc["nodeInfo"] = info
+        if self.permanent.journal is not None:
+            doc["stateFile"] = self.permanent.journal.stats()
         if self.push is not None:
             doc.update(self.push.stats())
         for source in self.stats_sources:

@@ -46,7 +46,7 @@ def subscribe_blueprint() -> Blueprint:
     @bp.route("/<hash:key>", methods=["SUBSCRIBE"], provide_automatic_options=False)
     async def subscribe(key: InfoHash) -> Response:
         body = await request.get_data(cache=False)
-        return push_response(await handlers.subscribe(proxy_state(), key, body))
+        return push_response(await handlers.subscribe(proxy_state(), key, body, request.remote_addr))
 
     @bp.route("/key/<hash:key>", methods=["UNSUBSCRIBE"], provide_automatic_options=False)
     @bp.route("/<hash:key>", methods=["UNSUBSCRIBE"], provide_automatic_options=False)

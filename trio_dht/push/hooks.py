@@ -89,9 +89,9 @@ class ProxyPushHooks:
         self.dispatcher = dispatcher
         self.counts = counts or PushCounts()
 
-    def subscribe(self, key: InfoHash, body: bytes) -> PushReply:
+    def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
         """``SUBSCRIBE``: :meth:`PushService.subscribe_now`."""
-        return self.service.subscribe_now(key, body)
+        return self.service.subscribe_now(key, body, source)
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
         """``UNSUBSCRIBE``: :meth:`PushService.unsubscribe`."""
@@ -135,6 +135,9 @@ class ProxyPushHooks:
                 "timeoutPushes": service["timeout-pushes"],
                 "restored": service["restored"],
                 "prunedTokens": service["pruned"],
+                "sources": self.service.book.source_count,
+                "refusedPerSource": self.service.book.refused_per_source,
+                "saveErrors": service["save-errors"],
             },
             "pushDelivery": {
                 "queued": len(self.dispatcher.queue),
