@@ -72,9 +72,11 @@ class Limits:
     push_max_age: float = 120.0
     """A queued push older than this is dropped (counted)."""
     subscriptions_per_source: int = 10000
-    """Push subscriptions per client address (IPv6 per /64); the next SUBSCRIBE is answered 429."""
+    """Push subscriptions created per client address (IPv6 per /64); a new SUBSCRIBE past it is answered 429
+    (a refresh is not new; unsubscribe and expiry free slots)."""
     permanent_puts_per_source: int = 1000
-    """Permanent puts held per client address (IPv6 per /64); the next one is answered 429."""
+    """Permanent puts held per client address (IPv6 per /64); a new one past it is answered 429 (a re-POST of
+    a held put is not new; expiry frees slots)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
