@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_dht.infohash import InfoHash
-from trio_dht.node.listeners import LISTENER_EXPIRE_TIME, ListenerBook
+from trio_dht.limits import Limits
+from trio_dht.node.listeners import LISTENER_EXPIRE_TIME, ListenerBook, TooManyListeners
 from trio_dht.value import Query, Value
 
 K = InfoHash.get("key")
@@ -137,3 +139,28 @@ def test_book_matches_a_model(ops) -> None:
         for key in KEYS:
             got = {(key, li.node_id, li.sid): li.last_refresh for li in book.listeners(key)}
             assert got == {k: t for k, t in model.items() if k[0] == key}
+
+
+def test_new_listeners_past_the_per_source_bound_are_refused_until_one_expires() -> None:
+    book = ListenerBook(Limits(udp_listeners_per_source=2))
+    assert book.listen(K, N1, 1, ("10.0.0.1", 4222), None, T0)
+    assert book.listen(K, N1, 2, ("10.0.0.1", 4223), None, T0 + 1)  # another port of the same IPv4 source
+    with pytest.raises(TooManyListeners):
+        book.listen(K2, N2, 1, ("10.0.0.1", 9999), None, T0 + 2)
+    assert book.refused == 1
+    assert book.listen(K, N1, 1, ("10.0.0.1", 4222), None, T0 + 3) is False  # a refresh is not new
+    assert book.listen(K2, N2, 1, ("10.0.0.2", 4222), None, T0 + 3)  # another source has its own budget
+    assert book.expire(T0 + 2 + LISTENER_EXPIRE_TIME) == 1  # (N1, 2), not refreshed since T0 + 1
+    assert book.listen(K2, N2, 2, ("10.0.0.1", 9999), None, T0 + 4)  # its slot came back
+
+
+def test_new_listeners_past_the_total_bound_are_refused_and_slots_follow_address_changes() -> None:
+    book = ListenerBook(Limits(udp_listeners=2, udp_listeners_per_source=1))
+    assert book.listen(K, N1, 1, ("10.0.0.1", 4222), None, T0)
+    assert book.listen(K, N2, 1, ("10.0.0.2", 4222), None, T0)
+    with pytest.raises(TooManyListeners):
+        book.listen(K, N2, 2, ("10.0.0.3", 4222), None, T0)
+    book.listen(K, N1, 1, ("10.0.0.3", 4222), None, T0)  # N1 moved: its slot moves with it
+    assert book.remove_node(N2) == 1
+    assert book.listen(K2, N2, 1, ("10.0.0.1", 4222), None, T0)  # 10.0.0.1 is free again
+    assert len(book) == 2

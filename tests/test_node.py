@@ -923,3 +923,19 @@ async def test_a_write_token_validates_the_address(open_driven_node):
         put = peer.request("put", {"h": key, "values": [Value(b"x", id=3).to_wire()], "token": tok})
         await driven.feed(put, peer.addr)
         assert node._validation.is_validated(peer.addr)
+
+
+async def test_listens_past_the_per_source_bound_are_refused_with_an_error(open_raw_peer):
+    async with open_node(port=0, host=LOCAL, host6=None, limits=Limits(udp_listeners_per_source=1)) as node:
+        to = node_addr(node)
+        first, second = InfoHash.get("first"), InfoHash.get("second")
+        async with open_raw_peer() as listener:
+            tok = await token_from(listener, to, first)
+            ok = await listener.ask(to, "listen", {"ve": 1, "h": first, "token": tok, "sid": 1})
+            assert ok.kind is Kind.REPLY
+            err = await listener.ask(to, "listen", {"ve": 1, "h": second, "token": tok, "sid": 2})
+            assert (err.kind, err.error_code) == (Kind.ERROR, 203)
+            assert err.error_text == "Listen refused: too many listeners"
+            again = await listener.ask(to, "listen", {"ve": 1, "h": first, "token": tok, "sid": 1})
+            assert again.kind is Kind.REPLY  # a refresh of the one it holds
+            assert node.remote_listeners.count() == 1 and node.info().extra["listeners_refused"] == 1

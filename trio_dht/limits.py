@@ -41,6 +41,10 @@ class Limits:
     """Bytes sent to an address not yet validated, as a multiple of the bytes received from it."""
     udp_validated_addresses: int = 65536
     """Addresses remembered as validated (they answered us) or counted for amplification; LRU eviction."""
+    udp_listeners: int = 100000
+    """Remote nodes' listens held in all; a new one past it is refused with an error (counted)."""
+    udp_listeners_per_source: int = 4096
+    """Remote nodes' listens held per source (IPv4 address, IPv6 /64); a new one past it is refused."""
     rsa_max_bits: int = 4096
     """Largest RSA key accepted on a signed value (public exponent 65537 only)."""
     verify_cache: int = 16384
@@ -62,15 +66,25 @@ class Limits:
 
     # -- push ---
     push_request_timeout: float = 10.0
-    """One gateway request as a whole (connect, send, the whole response); a temporary failure past it."""
+    """One gateway request as a whole (connect, send, the whole response); past it the request is a
+    temporary failure (retried with backoff) and counted."""
     push_response_bytes: int = 64 * KIB
-    """Response body read from a gateway; a longer one is cut and the request failed."""
+    """Response body read from a gateway; past it reading stops, the connection is closed and the request
+    fails (counted)."""
     push_concurrency: int = 16
-    """Gateway requests in flight per gateway kind (gorush, UnifiedPush, ...)."""
+    """Gateway requests in flight per gateway kind (gorush, UnifiedPush, ...); within a kind, one request at a
+    time per lane (a gorush connection, a UnifiedPush endpoint host)."""
     push_one_off_attempts: int = 5
-    """Attempts for a one-off push (pingPush); then it is dropped (counted)."""
+    """Failed attempts after which a one-off push (pingPush, a permanent put's warning) is dropped
+    (counted)."""
     push_max_age: float = 120.0
-    """A queued push older than this is dropped (counted)."""
+    """A push still queued this long after its newest news is dropped when its turn comes (counted)."""
+    push_queue: int = 262144
+    """Pushes queued in all (waiting, backed off or parked; one per subscription and kind at most); a new one
+    past it is dropped (counted)."""
+    push_one_off_queue: int = 4096
+    """One-off pushes (pingPush, permanent put warnings) queued at once; a new one past it is dropped
+    (counted)."""
     subscriptions_per_source: int = 10000
     """Push subscriptions created per client address (IPv6 per /64); a new SUBSCRIBE past it is answered 429
     (a refresh is not new; unsubscribe and expiry free slots)."""

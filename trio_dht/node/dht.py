@@ -27,7 +27,7 @@ from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.confirm import ConfirmQueue
-from trio_dht.node.listeners import ListenerBook
+from trio_dht.node.listeners import ListenerBook, TooManyListeners
 from trio_dht.node.listening import KeyListen, Listener, ListenRegistry, ListenTarget
 from trio_dht.node.ratelimit import RateLimiter, source_key
 from trio_dht.node.requests import FAIL_AFTER, Action, PendingRequest, RequestTracker
@@ -74,6 +74,7 @@ ERROR_TEXTS = {
     "get_hash": "Get_values with no info_hash",
     "listen_token": "Listen with incorrect token",
     "listen_hash": "Listen with no info_hash",
+    "listen_full": "Listen refused: too many listeners",
     "refresh_unknown": "Access operation for unknown storage",
 }
 _REQUEST, _REPLY, _ERROR, _FRAGMENT = Kind.REQUEST, Kind.REPLY, Kind.ERROR, Kind.FRAGMENT
@@ -182,7 +183,7 @@ class DhtNode:
         self.encoder = Encoder(self._id, network, is_client)
         self.verifier = signature.Verifier(limits)
         self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
-        self.remote_listeners = ListenerBook()
+        self.remote_listeners = ListenerBook(limits)
         self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter(limits=limits)
         self.counters = Counters()
         self.tables = {False: RoutingTable(self._id), True: RoutingTable(self._id)}
@@ -255,6 +256,7 @@ class DhtNode:
             "reassembly_dropped": reassembler.dropped,
             "reassembly_dropped_budget": reassembler.dropped_budget,
             "reassembly_bytes": reassembler.held,
+            "listeners_refused": self.remote_listeners.refused,
             "confirm_queued": len(confirms),
             "confirm_in_flight": confirms.in_flight,
             "confirm_dropped_full": confirms.dropped_full,
@@ -717,7 +719,10 @@ class DhtNode:
         self._validation.validate(addr)
         assert msg.sender is not None
         sid = msg.sid if msg.sid is not None else msg.tid
-        new = self.remote_listeners.listen(msg.info_hash, msg.sender, sid, addr, msg.query, now)
+        try:
+            new = self.remote_listeners.listen(msg.info_hash, msg.sender, sid, addr, msg.query, now)
+        except TooManyListeners:
+            return [self.encoder.error(msg.tid, ErrorCode.INCOMPLETE, ERROR_TEXTS["listen_full"])]
         if new:
             values = self.storage.get(msg.info_hash, msg.query)
             if values:

@@ -3,17 +3,28 @@
 Sans-IO. A listener is keyed by (node id, ``sid``) under a key. A new one gets the stored matching values
 pushed at once (the caller does that when :meth:`ListenerBook.listen` returns True); a known one only has its
 timer refreshed and its query replaced. Listeners not refreshed for 10 minutes are dropped by
-:meth:`ListenerBook.expire`. The node's own (local) listeners live in the node engine, not here."""
+:meth:`ListenerBook.expire`. The node's own (local) listeners live in the node engine, not here.
+
+The book is bounded: at most ``Limits.udp_listeners`` listeners in all and ``Limits.udp_listeners_per_source``
+per source (IPv4 address, IPv6 /64, loopback address and port). A new listener past either raises
+:class:`TooManyListeners` (counted in :attr:`ListenerBook.refused`); known ones are still refreshed, and every
+slot comes back when its listener expires."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import DEFAULT, Limits
+from trio_dht.node.ratelimit import source_key
 from trio_dht.value import Query, Value
 
 LISTENER_EXPIRE_TIME = 10 * 60.0
 """A listener without a ``listen`` for this long is dropped (OpenDHT's ``NODE_EXPIRE_TIME``)."""
+
+
+class TooManyListeners(Exception):
+    """A new listener past the book's total or per-source bound."""
 
 
 @dataclass(slots=True)
@@ -35,10 +46,14 @@ class RemoteListener:
 class ListenerBook:
     """Remote listeners per key, with an index by node id for :meth:`remove_node`."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = DEFAULT) -> None:
         self._by_key: dict[InfoHash, dict[tuple[bytes, int], RemoteListener]] = {}
         self._by_node: dict[bytes, set[tuple[InfoHash, int]]] = {}
+        self._by_source: dict[object, int] = {}
         self._count = 0
+        self._max_total = limits.udp_listeners
+        self._max_per_source = limits.udp_listeners_per_source
+        self.refused = 0
 
     def listen(
         self,
@@ -51,19 +66,39 @@ class ListenerBook:
     ) -> bool:
         """Record a ``listen``. True for a new (node, sid) on this key: push the current values to it.
 
-        A known one gets its timer refreshed, its query replaced and its address updated.
+        A known one gets its timer refreshed, its query replaced and its address updated. A new one past the
+        bounds raises :class:`TooManyListeners`.
         """
-        listeners = self._by_key.setdefault(key, {})
-        known = listeners.get((node_id, sid))
+        listeners = self._by_key.get(key)
+        known = listeners.get((node_id, sid)) if listeners is not None else None
         if known is not None:
-            known.addr = addr
+            if known.addr != addr:
+                self._uncount(known.addr)
+                self._by_source[source_key(addr)] = self._by_source.get(source_key(addr), 0) + 1
+                known.addr = addr
             known.query = query
             known.last_refresh = now
             return False
+        source = source_key(addr)
+        held = self._by_source.get(source, 0)
+        if self._count >= self._max_total or held >= self._max_per_source:
+            self.refused += 1
+            raise TooManyListeners(f"{held} listeners from this source, {self._count} in all")
+        if listeners is None:
+            listeners = self._by_key[key] = {}
         listeners[(node_id, sid)] = RemoteListener(key, node_id, sid, addr, query, now)
         self._by_node.setdefault(node_id, set()).add((key, sid))
+        self._by_source[source] = held + 1
         self._count += 1
         return True
+
+    def _uncount(self, addr: tuple[str, int]) -> None:
+        source = source_key(addr)
+        left = self._by_source[source] - 1
+        if left:
+            self._by_source[source] = left
+        else:
+            del self._by_source[source]
 
     def get(self, key: InfoHash, node_id: bytes, sid: int) -> RemoteListener | None:
         listeners = self._by_key.get(key)
@@ -104,7 +139,7 @@ class ListenerBook:
             return 0
         for key, sid in entries:
             listeners = self._by_key[key]
-            del listeners[(node_id, sid)]
+            self._uncount(listeners.pop((node_id, sid)).addr)
             if not listeners:
                 del self._by_key[key]
         self._count -= len(entries)
@@ -132,7 +167,7 @@ class ListenerBook:
     def _drop(
         self, listeners: dict[tuple[bytes, int], RemoteListener], key: InfoHash, node_id: bytes, sid: int
     ) -> None:
-        del listeners[(node_id, sid)]
+        self._uncount(listeners.pop((node_id, sid)).addr)
         if not listeners:
             del self._by_key[key]
         entries = self._by_node[node_id]
