@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 """1: no ``source`` columns (added, empty, when such a file is opened)."""
+UNAVAILABLE = "Cannot save the change: state file unavailable"
+"""The error of a request refused (503) because its change could not be written."""
 BUSY_TIMEOUT = 0.1
 """Seconds a write waits for a lock held by another process before it fails."""
 FILE_MODE = 0o600

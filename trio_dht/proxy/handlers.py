@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.persist import PersistError
+from trio_dht.persist import UNAVAILABLE, PersistError
 from trio_dht.proxy import streams
 from trio_dht.proxy.conn_limits import client_key
 from trio_dht.proxy.permanent import TooManyPuts
@@ -176,7 +176,7 @@ def listen_feed(
 
 
 TOO_MANY_PERMANENT_PUTS = error(429, "Too many permanent puts from this address")
-STATE_UNAVAILABLE = error(503, "Cannot save the change: state file unavailable")
+STATE_UNAVAILABLE = error(503, UNAVAILABLE)
 
 
 def client_source(client: str | None) -> str:

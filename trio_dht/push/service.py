@@ -14,9 +14,9 @@ coalesces bursts). The deadlines live in the book's heap (see :mod:`~trio_dht.pu
 subscription costs a few hundred bytes on top of its key's listen.
 
 With a :class:`~trio_dht.persist.StateStore`, a SUBSCRIBE or UNSUBSCRIBE is written to it before the book
-changes: if the write fails, nothing changes and the reply is a 503 (:data:`STATE_UNAVAILABLE`). Changes the
-timers make (a timeout push sent, an expiry, a pruned token) are written as well as the file allows (a
-failure is logged and counted: an expired row is dropped on load anyway). :meth:`run` restores subscriptions
+changes: if the write fails, nothing changes and the reply is a 503. Changes the timers make (a timeout push
+sent, an expiry, a pruned token) are written as well as the file allows (a failure is logged and counted: an
+expired row is dropped on load anyway). :meth:`run` restores subscriptions
 with their absolute deadlines and their sources. Restored listens and overdue timeout pushes
 are spread at ``startup_rate`` per second, so a restart does not burst the gateways.
 """
@@ -37,7 +37,7 @@ from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
-from trio_dht.persist import PersistError, StateStore, StoredSubscription
+from trio_dht.persist import UNAVAILABLE, PersistError, StateStore, StoredSubscription
 from trio_dht.push import ssrf
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.payloads import Dialect, Platform
@@ -54,8 +54,6 @@ from trio_dht.value import Value
 log = logging.getLogger(__name__)
 
 _EMPTY_OBJECT = b"{}\n"
-STATE_UNAVAILABLE = BadRequest("Cannot save the change: state file unavailable", 503)
-"""The reply when the state file refuses a write (nothing changed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +80,7 @@ class PushReply:
 _CREATED = PushReply(200, _EMPTY_OBJECT)
 _REFRESHED = PushReply(200, _EMPTY_OBJECT, chunked=True)
 _FETCH_VALUES = PushReply(200, chunked=True, fetch_values=True)
+_STATE_UNAVAILABLE = PushReply(503, BadRequest(UNAVAILABLE, 503).body)
 
 
 class _Watch:
@@ -186,10 +185,10 @@ class PushService:
                 except ssrf.ForbiddenEndpoint as exc:
                     raise BadRequest(f"Bad endpoint: {exc}") from None
             prepared, created = self.book.prepare(key, request, trio.current_time(), source)
-            if not self._save(prepared):
-                raise STATE_UNAVAILABLE
         except BadRequest as exc:
             return PushReply(exc.status, exc.body)
+        if not self._save(prepared):
+            return _STATE_UNAVAILABLE
         sub = self.book.commit(prepared, created)
         self.stats["subscribed" if created else "refreshed"] += 1
         watch = self._watches.get(key)
@@ -214,12 +213,12 @@ class PushService:
         matched."""
         try:
             request = parse_unsubscribe(body)
-            sub = self.book.named(key, request)
-            if sub is not None and not self._delete([sub]):
-                raise STATE_UNAVAILABLE
         except BadRequest as exc:
             return PushReply(exc.status, exc.body)
+        sub = self.book.named(key, request)
         if sub is not None:
+            if not self._delete([sub]):
+                return _STATE_UNAVAILABLE
             self.book.remove(sub)
             self.stats["unsubscribed"] += 1
             self._ended([sub], deleted=True)
