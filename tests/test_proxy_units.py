@@ -418,3 +418,24 @@ def test_client_source_buckets() -> None:
     assert client_source("2001:db8:1:2:aaaa::1") == client_source("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::"
     assert client_source("2001:db8:1:3::1") != client_source("2001:db8:1:2::1")
     assert client_source(None) == client_source("") == client_source("not-an-ip") == ""
+
+
+def test_permanent_puts_bytes_in_all_are_capped() -> None:
+    from trio_dht.proxy.permanent import TooManyPuts
+
+    key = InfoHash.get("k")
+    size = len(Value(data=b"x" * 1000, id=1).packed())
+    book = PermanentPuts(max_bytes=3 * size)
+    for vid in (1, 2, 3):
+        book.record(key, Value(data=b"x" * 1000, id=vid), None, 0.0, f"10.0.0.{vid}")
+    assert book.bytes == 3 * size
+    with pytest.raises(TooManyPuts) as refused:
+        book.record(key, Value(data=b"y" * 1000, id=4), None, 0.0, "10.0.0.9")
+    assert refused.value.status == 503 and book.refused_full == 1 and book.total == 3
+    with pytest.raises(TooManyPuts):  # a refresh that grows is refused too; one that does not, is not
+        book.record(key, Value(data=b"x" * 1001, id=1), None, 1.0)
+    book.record(key, Value(data=b"z" * 10, id=1), None, 1.0)
+    assert book.bytes == 2 * size + len(Value(data=b"z" * 10, id=1).packed())
+    book.record(key, Value(data=b"y" * 500, id=4), None, 1.0, "10.0.0.9")  # room again
+    book.due(LIFETIME + 2.0)
+    assert book.bytes == 0 and book.total == 0

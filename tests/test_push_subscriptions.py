@@ -193,3 +193,16 @@ def test_a_restored_subscription_counts_for_its_source():
     assert book.restore(prepared, 1)
     with pytest.raises(BadRequest):
         book.subscribe(KEY, sub_req(client_id="other"), 1, source="2001:db8::")
+
+
+def test_subscriptions_in_all_are_capped():
+    book = SubscriptionBook(total=3)
+    for i in range(3):
+        book.subscribe(KEY, sub_req(client_id=f"c{i}"), 0, source=f"10.0.0.{i}")
+    with pytest.raises(BadRequest) as refused:
+        book.subscribe(KEY, sub_req(client_id="c9"), 0, source="10.0.0.9")
+    assert refused.value.status == 503 and book.refused_full == 1 and len(book) == 3
+    book.subscribe(KEY, sub_req(client_id="c0", refresh=True), 1)  # a refresh is not new
+    book.unsubscribe(KEY, parse_unsubscribe(b'{"key":"tok","client_id":"c1"}'))
+    book.subscribe(KEY, sub_req(client_id="c9"), 1, source="10.0.0.9")
+    assert len(book) == 3 and book.refused_per_source == 0

@@ -88,9 +88,15 @@ class Limits:
     subscriptions_per_source: int = 10000
     """Push subscriptions created per client address (IPv6 per /64); a new SUBSCRIBE past it is answered 429
     (a refresh is not new; unsubscribe and expiry free slots)."""
+    subscriptions_total: int = 1_000_000
+    """Push subscriptions in all (about 1 KB each, more for a key of its own); a new SUBSCRIBE past it is
+    answered 503."""
     permanent_puts_per_source: int = 1000
     """Permanent puts held per client address (IPv6 per /64); a new one past it is answered 429 (a re-POST of
     a held put is not new; expiry frees slots)."""
+    permanent_puts_bytes: int = 64 * MIB
+    """Bytes of the values held as permanent puts, in all (their packed size); a put that would hold more is
+    answered 503."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 
@@ -86,7 +87,8 @@ async def test_permanent_puts_per_source_are_capped() -> None:
         assert r.status_code == 200 and r.json()["id"] == ids[1]
         stats = await target.stats()
         assert stats["totalPermanentPuts"] == CAP
-        assert stats["permanentPuts"] == {"sources": 1, "refusedPerSource": ATTEMPTS - CAP}
+        assert stats["permanentPuts"]["sources"] == 1
+        assert stats["permanentPuts"]["refusedPerSource"] == ATTEMPTS - CAP
 
 
 FORBIDDEN_ENDPOINTS = [
@@ -134,3 +136,28 @@ async def test_unifiedpush_endpoints_that_reach_loopback_are_refused() -> None:
         with trio.move_on_after(0.2):
             await listener.accept()
             raise AssertionError("the program connected to a loopback endpoint")
+
+
+async def test_totals_are_capped() -> None:
+    """Past the per-source caps (many addresses), the totals hold: subscriptions and permanent put bytes."""
+    flags = ("--limit", f"subscriptions_total={CAP}", "--limit", "permanent_puts_bytes=100K")
+    async with attacked(*flags) as target, http_client(target) as http:
+        statuses = []
+        for i in range(2 * CAP):
+            r = await http.request("SUBSCRIBE", f"/key/{KEY}", json=subscribe_body(f"c{i}"))
+            statuses.append(r.status_code)
+        assert statuses == [200] * CAP + [503] * CAP
+        assert r.json() == {"err": "Too many push subscriptions on this proxy"}
+        statuses = []
+        for i in range(6):
+            data = base64.b64encode(bytes([i]) * 30_000).decode()
+            r = await http.post(f"/key/{KEY}", json={"data": data, "permanent": True})
+            statuses.append(r.status_code)
+        assert statuses == [200] * 3 + [503] * 3
+        assert r.json() == {"err": "Too many permanent puts on this proxy"}
+        stats = await target.stats()
+        assert (
+            stats["pushSubscriptions"]["refusedFull"] == CAP and stats["pushSubscriptions"]["active"] == CAP
+        )
+        assert stats["permanentPuts"]["refusedFull"] == 3 and stats["totalPermanentPuts"] == 3
+        assert 90_000 < stats["permanentPuts"]["bytes"] <= 100 * 1024

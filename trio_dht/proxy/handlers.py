@@ -175,7 +175,6 @@ def listen_feed(
     return ListenFeed(state.dht, key, state.listens, on_ready, client)
 
 
-TOO_MANY_PERMANENT_PUTS = error(429, "Too many permanent puts from this address")
 STATE_UNAVAILABLE = error(503, UNAVAILABLE)
 
 
@@ -189,8 +188,9 @@ def client_source(client: str | None) -> str:
 async def put(state: ProxyState, key: InfoHash, body: bytes, client: str | None = None) -> Reply:
     """``POST /key/{hash}``, ``POST /{hash}``: store a value; 200 with its JSON (id assigned) or 502.
 
-    A new permanent put from a ``client`` that holds ``Limits.permanent_puts_per_source`` is refused (429);
-    one the state file cannot take is refused (503) before anything is held or put.
+    A new permanent put from a ``client`` that holds ``Limits.permanent_puts_per_source`` is refused (429),
+    so is one past ``Limits.permanent_puts_bytes`` (503), and one the state file cannot take (503), before
+    anything is held or put.
     """
     if not body.strip():
         return MISSING_PARAMETERS
@@ -210,8 +210,8 @@ async def put(state: ProxyState, key: InfoHash, body: bytes, client: str | None 
                 state.permanent.renew(held, request.push, now)
                 return Reply(200, value_line(held.value))
             state.permanent.record(key, value, request.push, now, client_source(client))
-        except TooManyPuts:
-            return TOO_MANY_PERMANENT_PUTS
+        except TooManyPuts as exc:
+            return error(exc.status, exc.message)
         except PersistError:
             return STATE_UNAVAILABLE
         state.permanent_changed()

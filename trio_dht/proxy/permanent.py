@@ -6,9 +6,12 @@ keeps it alive by re-POSTing (at 22 h, or when told to by a ``timeout``/``vid`` 
 whose content, push token and client id match a held put just renews that put.
 
 Each put belongs to the source (client address bucket) that first made it. A source holds at most
-``per_source`` puts: a new one beyond is refused with :class:`TooManyPuts` (a renewal or a re-POST of a held
-id is not new). With a journal, every change is written first: if the write fails (the journal raises), the
-held puts stay as they were.
+``per_source`` puts: a new one beyond is refused with :class:`TooManyPuts` (status 429; a renewal or a
+re-POST of a held id is not new). The values held weigh at most ``max_bytes`` in all (their packed size): a
+put that would weigh more is refused with :class:`TooManyPuts` (status 503).
+
+With a journal, every change is written first: if the write fails (the journal raises), the held puts stay
+as they were.
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ class PermanentPut:
 
 
 class TooManyPuts(Exception):
-    """A new permanent put from a source that holds its limit already."""
+    """A permanent put refused by a limit: ``status`` 429 (its source holds its share already) or 503 (the
+    proxy holds its bytes already); ``message`` says which."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class PutJournal(Protocol):
@@ -72,7 +81,11 @@ class PermanentPuts:
     """The held permanent puts, by key then value id, with their two deadlines on one heap."""
 
     def __init__(
-        self, journal: PutJournal | None = None, *, per_source: int = DEFAULT_LIMITS.permanent_puts_per_source
+        self,
+        journal: PutJournal | None = None,
+        *,
+        per_source: int = DEFAULT_LIMITS.permanent_puts_per_source,
+        max_bytes: int = DEFAULT_LIMITS.permanent_puts_bytes,
     ) -> None:
         self.journal = journal
         self.per_source = per_source
@@ -82,6 +95,11 @@ class PermanentPuts:
         self._by_source: Counter[str] = Counter()
         self.refused = 0
         """New puts refused because their source held ``per_source`` already."""
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        """Packed size of the values held."""
+        self.refused_full = 0
+        """Puts refused because the values held would weigh more than ``max_bytes``."""
 
     @property
     def key_count(self) -> int:
@@ -132,7 +150,8 @@ class PermanentPuts:
         """Hold (or re-hold) ``value`` for 24 h, giving it a random id if it has none.
 
         Raises :class:`TooManyPuts` (and holds nothing) if the put is new and ``source`` (``""``: unknown,
-        never refused) holds ``per_source`` puts already; the journal's error if it cannot write the put.
+        never refused) holds ``per_source`` puts already, or if the values held would weigh more than
+        ``max_bytes``; the journal's error if it cannot write the put.
         """
         if not value.id:
             value.id = random_value_id()
@@ -140,7 +159,7 @@ class PermanentPuts:
         if held is None:
             if source and self._by_source[source] >= self.per_source:
                 self.refused += 1
-                raise TooManyPuts(source)
+                raise TooManyPuts(429, "Too many permanent puts from this address")
             changed = PermanentPut(key, value, now + LIFETIME, push, source=source)
         else:
             changed = dataclasses.replace(
@@ -148,12 +167,17 @@ class PermanentPuts:
             )
         if changed.push is not None:
             changed.refresh_at = now + LIFETIME - REFRESH_MARGIN
+        grows = len(value.packed()) - (0 if held is None else len(held.value.packed()))
+        if grows > 0 and self.bytes + grows > self.max_bytes:
+            self.refused_full += 1
+            raise TooManyPuts(503, "Too many permanent puts on this proxy")
         if self.journal is not None:
             self.journal.saved(changed)
         if held is None:
             held = changed
             self._hold(held)
         else:
+            self.bytes += len(changed.value.packed()) - len(held.value.packed())
             held.value, held.expires_at, held.push = changed.value, changed.expires_at, changed.push
             held.refresh_at = changed.refresh_at
         self._schedule(held.expires_at, held)
@@ -174,7 +198,7 @@ class PermanentPuts:
         if by_id is not None and not by_id:
             del self._puts[key]
         if held is not None:
-            self._release(held.source)
+            self._release(held)
             if self.journal is not None:
                 self.journal.removed(key, value_id)
         return held
@@ -211,14 +235,16 @@ class PermanentPuts:
         by_id = self._puts.setdefault(held.key, {})
         replaced = by_id.get(held.value.id)
         if replaced is not None:
-            self._release(replaced.source)
+            self._release(replaced)
         by_id[held.value.id] = held
         self._by_source[held.source] += 1
+        self.bytes += len(held.value.packed())
 
-    def _release(self, source: str) -> None:
-        self._by_source[source] -= 1
-        if not self._by_source[source]:
-            del self._by_source[source]
+    def _release(self, held: PermanentPut) -> None:
+        self._by_source[held.source] -= 1
+        if not self._by_source[held.source]:
+            del self._by_source[held.source]
+        self.bytes -= len(held.value.packed())
 
     def _schedule(self, when: float, held: PermanentPut) -> None:
         heapq.heappush(self._heap, (when, next(self._seq), held.key, held.value.id))

@@ -73,7 +73,11 @@ class ProxyState:
         self.dht = dht
         self.config = config
         self.push = push
-        self.permanent = PermanentPuts(journal, per_source=config.limits.permanent_puts_per_source)
+        self.permanent = PermanentPuts(
+            journal,
+            per_source=config.limits.permanent_puts_per_source,
+            max_bytes=config.limits.permanent_puts_bytes,
+        )
         limits = config.limits
         self.listens = ListenRegistry(limits.http_listens_per_ip, limits.http_send_buffer)
         self.http_counters = HttpCounters()
@@ -122,7 +126,9 @@ class ProxyState:
             "totalPermanentPuts": self.permanent.total,
             "permanentPuts": {
                 "sources": self.permanent.source_count,
+                "bytes": self.permanent.bytes,
                 "refusedPerSource": self.permanent.refused,
+                "refusedFull": self.permanent.refused_full,
             },
             "pushListenersCount": 0,
             "serverStartTime": int(self.start_time),

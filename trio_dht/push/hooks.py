@@ -137,6 +137,7 @@ class ProxyPushHooks:
                 "prunedTokens": service["pruned"],
                 "sources": self.service.book.source_count,
                 "refusedPerSource": self.service.book.refused_per_source,
+                "refusedFull": self.service.book.refused_full,
                 "saveErrors": service["save-errors"],
             },
             "pushDelivery": {

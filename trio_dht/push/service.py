@@ -123,7 +123,10 @@ class PushService:
         self._dht = dht
         self._dispatcher = dispatcher
         self.book = SubscriptionBook(
-            lifetime=lifetime, margin=margin, per_source=limits.subscriptions_per_source
+            lifetime=lifetime,
+            margin=margin,
+            per_source=limits.subscriptions_per_source,
+            total=limits.subscriptions_total,
         )
         self._store = store
         self._allow_private = allow_private_endpoints
@@ -174,7 +177,8 @@ class PushService:
         """Handle ``SUBSCRIBE`` from ``source`` (the client's address bucket; ``""`` if unknown) without
         waiting: a repeated subscription without ``refresh`` is answered with the key's values, which the
         reply's ``fetch_values`` leaves to the caller to get. 429 if it is new and ``source`` holds
-        ``Limits.subscriptions_per_source`` already; 503 if the state file cannot take it."""
+        ``Limits.subscriptions_per_source`` already; 503 if it is new and the book holds
+        ``Limits.subscriptions_total``, or if the state file cannot take it."""
         if self._nursery is None:
             raise RuntimeError("PushService.run is not running")
         try:

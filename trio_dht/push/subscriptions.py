@@ -19,7 +19,8 @@ A refresh (any SUBSCRIBE of an existing identity, as OpenDHT) moves the deadline
 returns the subscription to ACTIVE, so its timeout push moves too. A refresh is not a new subscription: each
 subscription counts for the ``source`` (the client's address bucket) that created it, and a source holds at
 most ``per_source`` of them; a new one beyond is refused with a 429 :class:`BadRequest` (counted in
-:attr:`SubscriptionBook.refused_per_source`). A source of ``""`` (unknown) is never refused.
+:attr:`SubscriptionBook.refused_per_source`). A source of ``""`` (unknown) is never refused. The book holds
+at most ``total`` subscriptions: a new one beyond is a 503 (:attr:`SubscriptionBook.refused_full`).
 
 The lifetime defaults to 6 h; 24 h gives OpenDHT's behaviour. The margin defaults to 1/12 of the lifetime
 (OpenDHT: 2 h of 24 h), so a device that refreshes on the timeout push never has a gap.
@@ -147,6 +148,7 @@ class SubscriptionBook:
         lifetime: float = DEFAULT_LIFETIME,
         margin: float | None = None,
         per_source: int = DEFAULT_LIMITS.subscriptions_per_source,
+        total: int = DEFAULT_LIMITS.subscriptions_total,
     ) -> None:
         if lifetime <= 0:
             raise ValueError("lifetime must be positive")
@@ -162,6 +164,9 @@ class SubscriptionBook:
         self._by_source: Counter[str] = Counter()
         self.refused_per_source = 0
         """New subscriptions refused because their source held ``per_source`` already."""
+        self.total = total
+        self.refused_full = 0
+        """New subscriptions refused because the book held ``total`` already."""
 
     # -- queries ---------------------------------------------------------------------------------------------
 
@@ -234,15 +239,20 @@ class SubscriptionBook:
 
         A refresh updates platform, topic and (if the body had one) session, as OpenDHT's HEAD does. Raises
         :class:`BadRequest`: 400 if this subscription's pushes could not fit the platform's payload limit,
-        429 if it is new and ``source`` holds ``per_source`` subscriptions already.
+        429 if it is new and ``source`` holds ``per_source`` subscriptions already, 503 if it is new and the
+        book holds ``total``.
         """
         sub = self.find(request.token, (request.dialect, key, request.client_id))
         session = request.session_id if request.session_id is not None or sub is None else sub.session_id
         sid = self._new_sid() if sub is None else sub.sid
         _check_payload_size(request.dialect, key, request.client_id, session or "", sid, request.platform)
-        if sub is None and source and self._by_source[source] >= self.per_source:
-            self.refused_per_source += 1
-            raise BadRequest("Too many push subscriptions from this address", 429)
+        if sub is None:
+            if source and self._by_source[source] >= self.per_source:
+                self.refused_per_source += 1
+                raise BadRequest("Too many push subscriptions from this address", 429)
+            if len(self._by_sid) >= self.total:
+                self.refused_full += 1
+                raise BadRequest("Too many push subscriptions on this proxy", 503)
         prepared = Subscription(
             sid=sid,
             dialect=request.dialect,
