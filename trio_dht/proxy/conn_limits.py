@@ -3,9 +3,9 @@
 * :func:`client_key`: the address a client is counted under (IPv4-mapped IPv6 as IPv4, IPv6 per /64).
 * :class:`PerAddress`: open connections (or listen streams) per client address, with a cap.
 * :class:`Budgets` and :class:`Expiry`: the deadlines of a connection. A server keeps one ``deadline`` and
-  one :class:`Expiry` per connection, set when it starts waiting on the client (for a request, its head's
-  end, its body's end, the client taking a response) and not moved by the bytes that trickle in; one
-  sweeping task closes the connections past their deadline (no timeout per request).
+  one :class:`Expiry` per connection, set when it starts waiting on the client (for a request's first byte,
+  its head's end, its body's end, the client taking a response) and not moved by the bytes that trickle in;
+  one sweeping task closes the connections past their deadline (no timeout per request).
 * :class:`AcceptPause`: what to do when ``accept`` fails for want of a file descriptor or of memory: pause
   accepting (100 ms, doubling to 1 s) and log at most one line per 10 s.
 * :class:`HttpCounters`: the limits reached, for ``/node/stats``.
@@ -133,13 +133,23 @@ class Budgets:
         return min(self.head, self.body, self.send, self.keep_alive) / SWEEPS_PER_TIMEOUT
 
 
-def next_wait(deadline: float, expiry: Expiry, buffered: bool) -> Expiry | None:
-    """The wait to start when a connection waits for a request with ``buffered`` bytes of it (or none), its
-    current wait being ``expiry`` until ``deadline``; None: keep the current one (a head's deadline counts
-    from its first byte, not the last)."""
-    if buffered:
-        return None if expiry is Expiry.HEAD and deadline != math.inf else Expiry.HEAD
-    return None if expiry is Expiry.IDLE and deadline != math.inf else Expiry.IDLE
+class LogLimit:
+    """Lines about a persistent error, at most one per ``every`` seconds; the next says how many were left
+    out."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def line(self, text: str, now: float) -> str | None:
+        """``text`` to log now (with the count left out since the last), or None: leave it out."""
+        self._unlogged += 1
+        if now - self._logged_at < self.every:
+            return None
+        self._logged_at = now
+        count, self._unlogged = self._unlogged, 0
+        return f"{text} ({count} such events since the last such line)" if count > 1 else text
 
 
 class AcceptPause:
@@ -158,20 +168,14 @@ class AcceptPause:
         self.pauses = 0
         """Pauses in all (``/node/stats``)."""
         self._delay = 0.0
-        self._logged_at = -math.inf
-        self._unlogged = 0
+        self._log = LogLimit(self.LOG_EVERY)
 
     def failed(self, error: OSError, now: float) -> tuple[float, str | None]:
         """(seconds to pause accepting, a warning to log or None) after ``error``."""
         self.pauses += 1
         self._delay = self.FIRST if not self._delay else min(self._delay * 2, self.LONGEST)
-        self._unlogged += 1
-        if now - self._logged_at < self.LOG_EVERY:
-            return self._delay, None
-        self._logged_at = now
-        count, self._unlogged = self._unlogged, 0
-        more = f" ({count} accept failures since the last such line)" if count > 1 else ""
-        return self._delay, f"accept failed ({error}); pausing accepts up to {self.LONGEST:g} s{more}"
+        text = f"accept failed ({error}); accepting pauses for up to {self.LONGEST:g} s at a time"
+        return self._delay, self._log.line(text, now)
 
     def accepted(self) -> None:
         self._delay = 0.0

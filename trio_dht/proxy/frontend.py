@@ -21,11 +21,19 @@ node-info/s. So the plain listening sockets are served here:
 
 Per-IP rate limiting and the body-size limit apply here as in :class:`~trio_dht.proxy.app.ProxyApp`. TLS
 connections (and, with ``fast_path`` off, every connection) go to hypercorn at once; this module still owns
-the accept loops, the ASGI lifespan and the drain, so there is one server per proxy. A connection waiting for
-a request is closed after about ``KEEP_ALIVE_TIMEOUT`` by one sweeping task (no timeout per request), and at
-once on shutdown. Unusual-but-valid requests cost a hand-over, never a wrong answer.
+the accept loops, the ASGI lifespan and the drain, so there is one server per proxy. Unusual-but-valid
+requests cost a hand-over, never a wrong answer.
 
-Requires hypercorn 0.18's ``TCPServer``, ``WorkerContext`` and ``Lifespan`` (pinned in pyproject.toml).
+What a connection may cost (:mod:`~trio_dht.proxy.conn_limits`, from ``Limits``): each connection has one
+deadline for what it waits for from the client (its next request, the end of a head counted from its first
+byte, the end of a body counted from the end of its head, the client taking a response), and one sweeping
+task closes those past theirs, a 408 first where a request was not all sent (no timeout per request). A GET
+whose client does not read is cut past ``http_send_buffer`` bytes held, a listen stream likewise. Connections
+are counted per client address where they are accepted (or taken over from a worker); an ``accept`` out of
+file descriptors or memory pauses accepting (:class:`~trio_dht.proxy.conn_limits.AcceptPause`). Every limit
+reached is counted in ``/node/stats`` ``"http"``. Idle connections close at once on shutdown.
+
+Requires hypercorn 0.18's ``WorkerContext`` and ``Lifespan`` (pinned in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -45,9 +53,7 @@ import outcome
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from trio_dht.infohash import InfoHash
@@ -61,7 +67,6 @@ from trio_dht.proxy.conn_limits import (
     Expiry,
     HttpCounters,
     PerAddress,
-    next_wait,
 )
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.hot_routes import Route, hot_route
@@ -74,6 +79,7 @@ from trio_dht.proxy.http1 import (
     chunk,
     read_head,
 )
+from trio_dht.proxy.hypercorn_conn import HypercornLink
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.streams import ListenFeed
 from trio_dht.proxy.worker_link import WorkerLink
@@ -86,7 +92,7 @@ log = logging.getLogger(__name__)
 INTERNAL_ERROR = error(500, "Internal server error")
 REQUEST_TIMEOUT = error(408, "Request Timeout")
 _INF = math.inf
-_IDLE = Expiry.IDLE
+_IDLE, _HEAD, _BODY, _SEND = Expiry.IDLE, Expiry.HEAD, Expiry.BODY, Expiry.SEND
 _DEFAULT_BUDGETS = Budgets()
 ANSWERS_PER_TURN = 32
 """At most this many pipelined requests of one connection are answered before other tasks get a turn."""
@@ -129,19 +135,23 @@ class _Connection:
         self.deadline = _INF
         """When the wait on the client (:attr:`expiry`) ends the connection; infinite while it waits for
         nothing (a request is served). One sweeping task compares it with the time."""
-        self.expiry = Expiry.IDLE
+        self.expiry = _IDLE
         self.scope = trio.CancelScope()
         """Cancelled to close the connection: past its deadline, shutdown while it waits for a request, or the
         client gone in the middle of a GET (which stops the get).
         """
 
     def wait_for_request(self, now: float) -> None:
-        """Start the deadline of waiting for a request (its next byte, or the rest of its head), unless that
-        wait has one already."""
-        expiry = next_wait(self.deadline, self.expiry, bool(self.buffer))
-        if expiry is not None:
-            self.expiry = expiry
-            self.deadline = now + self.budgets.timeout(expiry)
+        """Start the deadline of waiting for a request: its first byte (the keep-alive time) or, with some
+        of it buffered, the end of its head. A head's deadline counts from its first byte: more bytes do not
+        move it."""
+        if not self.buffer:
+            if self.deadline == _INF:
+                self.expiry = _IDLE
+                self.deadline = now + self.budgets.keep_alive
+        elif self.deadline == _INF or self.expiry is _IDLE:
+            self.expiry = _HEAD
+            self.deadline = now + self.budgets.head
 
     async def fill(self, *, wait_first: bool = False) -> None:
         """Read more bytes into :attr:`buffer`; :class:`ClientGone` at EOF. ``wait_first``: wait until the
@@ -203,7 +213,7 @@ class _Connection:
             except _BLOCKING:
                 if not blocked:
                     blocked = True
-                    self.expiry = Expiry.SEND
+                    self.expiry = _SEND
                     self.deadline = trio.current_time() + self.budgets.send
                 await trio.lowlevel.wait_writable(self.fd)
                 continue
@@ -301,7 +311,7 @@ class _Poller:
                     result = outcome.Error(exc)
                 else:
                     if next_step is None and not conn.readable:  # stays parked
-                        if conn.deadline == _INF or (conn.buffer and conn.expiry is _IDLE):
+                        if conn.deadline == _INF or conn.buffer:
                             conn.wait_for_request(now)
                         continue
                     result = outcome.Value(next_step)
@@ -339,6 +349,14 @@ class FrontEnd:
         self._accept_pause = AcceptPause()
         self.timeout_response = self.writer.reply(REQUEST_TIMEOUT.status, REQUEST_TIMEOUT.body, close=True)
         """What a client whose request is late gets before its connection closes."""
+        self._hypercorn = HypercornLink(
+            self._asgi,
+            hypercorn_config,
+            self._context,
+            self.budgets.send,
+            self.counters,
+            self.timeout_response,
+        )
         app.state.stats_sources.append(self._limit_stats)
 
     async def serve(
@@ -421,7 +439,7 @@ class FrontEnd:
         for link in self._workers:
             link.drain()
         for conn in self._connections:
-            if conn.deadline != _INF and conn.expiry in (Expiry.IDLE, Expiry.HEAD):  # waits for a request
+            if conn.deadline != _INF and conn.expiry in (_IDLE, _HEAD):  # waits for a request
                 conn.scope.cancel()
         await self._context.terminated.set()  # hypercorn's idle connections close
 
@@ -439,15 +457,15 @@ class FrontEnd:
         """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
         expiry, conn.deadline = conn.expiry, _INF
         counters = self.counters
-        if expiry is Expiry.HEAD or expiry is Expiry.BODY:
-            if expiry is Expiry.HEAD:
+        if expiry is _HEAD or expiry is _BODY:
+            if expiry is _HEAD:
                 counters.head_timeouts += 1
             else:
                 counters.body_timeouts += 1
             if not conn.pending and not conn.responding:
                 with contextlib.suppress(OSError):
                     conn.sock.send(self.timeout_response)
-        elif expiry is Expiry.SEND:
+        elif expiry is _SEND:
             counters.send_timeouts += 1
         conn.scope.cancel()
 
@@ -546,7 +564,7 @@ class FrontEnd:
             if next_step is None:  # wait for (the rest of) a request head, until its deadline
                 if self._closing and not conn.buffer:
                     return False
-                if conn.deadline == _INF or (conn.buffer and conn.expiry is _IDLE):
+                if conn.deadline == _INF or conn.buffer:
                     conn.wait_for_request(trio.current_time())
                 next_step = await self._wait_for_request(conn)
                 continue
@@ -568,7 +586,7 @@ class FrontEnd:
             next_step = None
             end = head.size + head.content_length
             if len(conn.buffer) < end:  # the body's deadline counts from the end of its head
-                conn.expiry, conn.deadline = Expiry.BODY, trio.current_time() + conn.budgets.body
+                conn.expiry, conn.deadline = _BODY, trio.current_time() + conn.budgets.body
                 while len(conn.buffer) < end:
                     await conn.fill()
                 conn.deadline = _INF
@@ -651,15 +669,9 @@ class FrontEnd:
 
     async def _hand_over(self, conn: _Connection, ssl_context: ssl.SSLContext | None = None) -> None:
         """Serve the rest of the connection with hypercorn, starting with the bytes already read."""
-        stream: Any = _Deadlined(
-            trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock)), self, bytes(conn.buffer)
-        )
+        read = bytes(conn.buffer)
         conn.buffer.clear()
-        if ssl_context is not None:
-            stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
-        await _TCPServer(
-            self, self._asgi, self._hypercorn_config, self._context, ConnectionState({}), stream
-        ).run()
+        await self._hypercorn.serve(conn.sock, read, ssl_context)
 
     # -- the hot routes -------------------------------------------------------------------------------------
 
@@ -913,73 +925,3 @@ class _ListenWriter:
             if not self._out and not feed.ready and not self._gone:  # the client sent bytes, or its end
                 conn.recv_now()  # ClientGone at the end
                 conn.buffer.clear()
-
-
-class _TCPServer(TCPServer):
-    """hypercorn's connection, whose keep-alive wait (from its start or last response to the end of the next
-    request head: ``Limits.http_head_timeout`` at most) answers a head begun and not ended with a 408,
-    counted, before it closes."""
-
-    def __init__(self, front: FrontEnd, *args: Any) -> None:
-        super().__init__(*args)
-        self._front = front
-
-    async def _idle_timeout(self) -> None:
-        with trio.move_on_after(self.config.keep_alive_timeout):
-            await self.context.terminated.wait()
-        h11_connection = getattr(getattr(self.protocol, "protocol", None), "connection", None)
-        trailing = getattr(h11_connection, "trailing_data", (b"", False))
-        if trailing[0] and not self.context.terminated.is_set():  # a head begun: the client is late
-            self._front.counters.head_timeouts += 1
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(1.0),
-                contextlib.suppress(
-                    trio.BusyResourceError, OSError, trio.BrokenResourceError, trio.ClosedResourceError
-                ),
-            ):
-                await self.stream.send_all(self._front.timeout_response)
-        with trio.CancelScope(shield=True):
-            await self._initiate_server_close()
-
-
-class _Deadlined(trio.abc.HalfCloseableStream):
-    """A socket stream for hypercorn: its first reads return the bytes already taken off the socket, and a
-    send the client does not take within ``Limits.http_send_timeout`` breaks the connection (counted).
-
-    hypercorn shields its sends from cancellation, so the deadline must be inside them; hypercorn serves the
-    routes off the hot path, where a cancel scope per send costs little.
-    """
-
-    def __init__(self, stream: trio.SocketStream, front: FrontEnd, prefix: bytes = b"") -> None:
-        self._stream = stream
-        self._front = front
-        self._prefix = prefix
-        self.socket = stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.move_on_after(self._front.budgets.send):
-            await self._stream.send_all(data)
-            return
-        self._front.counters.send_timeouts += 1
-        await self._stream.aclose()
-        raise trio.BrokenResourceError("the client did not take the response in time")
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._stream.setsockopt(*args)

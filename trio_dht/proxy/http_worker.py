@@ -14,6 +14,14 @@ task per connection. A connection has at most one request relayed at a time; it 
 a limit, so that pipelined requests keep their order. The worker ignores SIGINT (Ctrl-C reaches the whole
 process group; the front end drains it), exits when the front end's end of the channel closes, and after a
 :data:`~trio_dht.proxy.relay.DRAIN` once its last response is sent.
+
+Its connections have the front end's budgets (:class:`Settings`, from ``Limits``): a deadline per connection
+for what it waits for (the next request, a head's end from its first byte, a body's end, the client taking a
+response), enforced by one sweeping task with a 408 where a request was not all sent; a relayed response held
+for a client that does not read is cut past the send buffer; connections are counted per client address
+until they close or are handed over (the front end counts them from then on); an ``accept`` out of file
+descriptors or memory stops the listeners being watched for a while. The limits reached go to the front end
+in :data:`~trio_dht.proxy.relay.STATS` frames.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ MAX_BUFFERED = RECV_SIZE
 not answered yet, or a response the socket has not taken)."""
 ACCEPTS_PER_TURN = 64
 _INF = math.inf
+_IDLE, _HEAD, _BODY, _SEND = Expiry.IDLE, Expiry.HEAD, Expiry.BODY, Expiry.SEND
 
 
 class Settings(NamedTuple):
@@ -140,7 +149,7 @@ class _Client:
         self.deadline = deadline
         """When the wait on the client (:attr:`expiry`) closes the connection; infinite while a request is
         relayed."""
-        self.expiry = Expiry.IDLE
+        self.expiry = _IDLE
 
 
 class HttpWorker:
@@ -154,6 +163,7 @@ class HttpWorker:
     ) -> None:
         self._channel = channel
         self._budgets = settings.budgets
+        self._timeouts = {expiry: settings.budgets.timeout(expiry) for expiry in Expiry}
         self._timeout_response = settings.timeout_response
         self._per_address = PerAddress(settings.connections_per_address)
         self._accept_pause = AcceptPause()
@@ -234,15 +244,15 @@ class HttpWorker:
     def _expire(self, client: _Client) -> None:
         """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
         expiry = client.expiry
-        if expiry is Expiry.HEAD or expiry is Expiry.BODY:
-            if expiry is Expiry.HEAD:
+        if expiry is _HEAD or expiry is _BODY:
+            if expiry is _HEAD:
                 self.counters.head_timeouts += 1
             else:
                 self.counters.body_timeouts += 1
             if not client.out and self._timeout_response:
                 with contextlib.suppress(OSError):
                     client.sock.send(self._timeout_response)
-        elif expiry is Expiry.SEND:
+        elif expiry is _SEND:
             self.counters.send_timeouts += 1
         self._close(client)
 
@@ -402,12 +412,12 @@ class HttpWorker:
         buffer = client.buffer
         if client.in_flight is not None or client.out or client.closing or not buffer:
             if client.in_flight is None and not client.out and not buffer:
-                self._wait(client, Expiry.IDLE, now)
+                self._wait(client, _IDLE, now)
             self._watch(client)
             return
         head = read_head(buffer)
         if head is None:
-            self._wait(client, Expiry.HEAD, now)
+            self._wait(client, _HEAD, now)
             self._watch(client)
             return
         route = None if head is UNUSUAL else relayed_request(head)  # type: ignore[arg-type]
@@ -417,7 +427,7 @@ class HttpWorker:
         assert isinstance(head, Head)
         end = head.size + head.content_length
         if len(buffer) < end:
-            self._wait(client, Expiry.BODY, now)
+            self._wait(client, _BODY, now)
             self._watch(client)
             return
         body = bytes(buffer[head.size : end])
@@ -438,14 +448,14 @@ class HttpWorker:
             try:
                 sent = client.sock.send(client.out)
             except _BLOCKING:
-                self._wait(client, Expiry.SEND, now)
+                self._wait(client, _SEND, now)
                 self._watch(client)
                 return
             except OSError:
                 self._close(client)
                 return
             client.out = client.out[sent:]
-        if client.expiry is Expiry.SEND:
+        if client.expiry is _SEND:
             client.deadline = _INF  # taken: what comes next starts its own wait
         if client.closing and client.in_flight is None:
             self._close(client)
@@ -457,7 +467,7 @@ class HttpWorker:
         deadline counts from its start, not from the last byte)."""
         if client.expiry is not expiry or client.deadline == _INF:
             client.expiry = expiry
-            client.deadline = now + self._budgets.timeout(expiry)
+            client.deadline = now + self._timeouts[expiry]
 
     def _watch(self, client: _Client) -> None:
         """Wait for what the connection needs: its socket to take the rest of a response, more bytes (not

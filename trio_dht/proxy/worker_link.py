@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trio_dht.proxy import relay
+from trio_dht.proxy.conn_limits import LogLimit
 
 if TYPE_CHECKING:
     from trio_dht.proxy.frontend import FrontEnd
@@ -59,6 +60,7 @@ class WorkerLink:
         """The HTTP limits the running worker reached (its last :data:`~trio_dht.proxy.relay.STATS`)."""
         self._ended_counts: list[int] = []
         """Those of the workers that ended."""
+        self._drop_log = LogLimit()
 
     def counts(self) -> list[int]:
         """The HTTP limits reached by this link's workers, in the order of ``HttpCounters.as_list``."""
@@ -180,7 +182,13 @@ class WorkerLink:
                             self._front.take_over(handed.pop(), frame.payload, connections)
                         else:
                             self.dropped_hand_overs += 1
-                            log.warning("a connection handed over by an HTTP worker did not arrive")
+                            line = self._drop_log.line(
+                                "a connection handed over by an HTTP worker did not arrive (out of file "
+                                "descriptors?)",
+                                trio.current_time(),
+                            )
+                            if line is not None:
+                                log.warning("%s", line)
                     elif frame.kind == relay.STATS:
                         self._counts = relay.parse_stats(frame.payload)
                     elif frame.kind == relay.READY:
