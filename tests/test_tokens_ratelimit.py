@@ -123,7 +123,7 @@ def test_many_sources_are_pruned():
 
 def test_a_full_table_is_pruned_in_bulk():
     """Sources all active within the window: the table is cut by a quarter at once, so a flood of new sources
-    costs one scan per quarter-table of them, not one per packet."""
+    costs one pass per quarter-table of them, not one scan per packet; a busy source keeps its window."""
     limiter = RateLimiter(per_ip=100, total=-1, limits=Limits(udp_rate_sources=1000))
     scans = 0
     prune = limiter._prune
@@ -134,23 +134,23 @@ def test_a_full_table_is_pruned_in_bulk():
         prune(now)
 
     limiter._prune = counting_prune  # type: ignore[method-assign]
+    busy = ("10.0.0.1", 1)
+    assert sum(limiter.allow(busy, 0.1) for _ in range(100)) == 100  # the oldest source, at its limit
     for i in range(10_000):  # every source within one window: none is idle
-        if i % 100:
-            assert limiter.allow((f"10.1.{i >> 8}.{i & 255}", 1), 0.5)
-        else:
-            assert limiter.allow(("10.0.0.1", 1), 0.5)  # 100 of them: its whole budget
+        assert limiter.allow((f"10.1.{i >> 8}.{i & 255}", 1), 0.5)
     assert len(limiter) <= 1000
     assert scans <= (10_000 - 1000) // 250 + 1
-    assert limiter.evicted >= 9_900 - 1000
-    assert not limiter.allow(("10.0.0.1", 1), 0.5)  # the busy source kept its window all along
+    assert limiter.evicted >= 10_000 - 1000
+    assert not limiter.allow(busy, 0.5)  # never evicted: its window still holds its 100 requests
 
 
-def test_idle_sources_go_first():
-    limiter = RateLimiter(per_ip=5, total=-1, limits=Limits(udp_rate_sources=8))
-    for i in range(4):
-        limiter.allow((f"10.0.0.{i}", 1), 0.0)  # idle by t=2
-    for i in range(4, 8):
-        limiter.allow((f"10.0.0.{i}", 1), 1.9)
-    limiter.allow(("10.0.1.1", 1), 2.0)
-    assert len(limiter) == 5 and limiter.evicted == 4
-    assert all(f"10.0.0.{i}" in limiter._sources for i in range(4, 8))
+def test_oldest_idle_or_light_sources_go_first():
+    limiter = RateLimiter(per_ip=4, total=-1, limits=Limits(udp_rate_sources=8))
+    for _ in range(4):
+        limiter.allow(("10.0.0.0", 1), 0.0)  # the oldest, but busy (and not idle at t=0.5)
+    for i in range(1, 8):
+        limiter.allow((f"10.0.0.{i}", 1), 0.1 * i)
+    limiter.allow(("10.0.1.1", 1), 0.5)  # full: 2 go, the oldest light ones
+    assert len(limiter) == 7 and limiter.evicted == 2
+    assert "10.0.0.0" in limiter._sources
+    assert "10.0.0.1" not in limiter._sources and "10.0.0.2" not in limiter._sources

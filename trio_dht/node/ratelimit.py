@@ -3,16 +3,17 @@
 IPv6 sources are grouped by /64. Loopback sources are limited per (IP, port) instead, so that many nodes on
 one machine (tests, benchmarks) do not share one budget.
 
-The table of sources holds at most ``Limits.udp_rate_sources``. When full, it is pruned in bulk: the sources
-idle for a window go first, then those with the fewest requests in their window (the least to forget), until
-a quarter of it is free. A flood of new sources then costs one pass per quarter-table of them (amortised
-O(log n) each), never one scan per packet, and the busiest sources keep their windows. A source evicted while
-active starts a fresh window: the global limit still holds.
+The table of sources holds at most ``Limits.udp_rate_sources``. When full, a quarter of it is freed at once,
+oldest sources first: one pass evicts those idle for a window or below half their limit (the least to
+forget), and only if that frees too little does a second pass evict the oldest busy ones. A flood of new
+sources then costs one pass per quarter-table of them (amortised O(1) each), never one scan per packet, and
+busy sources keep their windows. A source evicted while active starts a fresh window: the global limit still
+holds.
 """
 
 from __future__ import annotations
 
-import heapq
+import itertools
 from collections import deque
 from ipaddress import IPv6Address
 
@@ -86,14 +87,21 @@ class RateLimiter:
         return len(self._sources)
 
     def _prune(self, now: float) -> None:
-        """Free at least a quarter of the table: idle sources first, then the least busy."""
+        """Free a quarter of the table, oldest first: idle or light sources, then (if need be) busy ones."""
         sources = self._sources
-        goal = self.max_sources - max(1, self.max_sources // 4)
-        idle = [k for k, w in sources.items() if not w.times or now - w.times[-1] >= WINDOW]
-        for key in idle:
+        excess = len(sources) - (self.max_sources - max(1, self.max_sources // 4))
+        light = self.per_ip // 2
+        evict = []
+        for key, window in sources.items():
+            if len(evict) >= excess:
+                break
+            times = window.times
+            if len(times) <= light or now - times[-1] >= WINDOW:
+                evict.append(key)
+        for key in evict:
             del sources[key]
-        excess = len(sources) - goal
+        excess -= len(evict)
         if excess > 0:
-            for key, _ in heapq.nsmallest(excess, sources.items(), key=lambda item: len(item[1].times)):
+            for key in list(itertools.islice(sources, excess)):
                 del sources[key]
-        self.evicted += len(idle) + max(0, excess)
+        self.evicted += len(evict) + max(0, excess)
