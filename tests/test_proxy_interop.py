@@ -244,13 +244,17 @@ async def _put_over_the_wire(node: DhtNode, key: InfoHash, value: Value, created
         to = (LOOPBACK, node.bound_port)
 
         async def ask(tid: int, datagrams: list[bytes]):
-            for datagram in datagrams:
-                await sock.sendto(datagram, to)
+            # Resent after 1 s, as OpenDHT does: the node leaves the first get of large values from an address
+            # it has not validated unanswered (anti-amplification), and answers the resend.
             with trio.fail_after(5):
                 while True:
-                    msg = decode((await sock.recvfrom(65536))[0])
-                    if msg.tid == tid and msg.kind in (Kind.REPLY, Kind.ERROR):
-                        return msg
+                    for datagram in datagrams:
+                        await sock.sendto(datagram, to)
+                    with trio.move_on_after(1):
+                        while True:
+                            msg = decode((await sock.recvfrom(65536))[0])
+                            if msg.tid == tid and msg.kind in (Kind.REPLY, Kind.ERROR):
+                                return msg
 
         reply = await ask(1, [encoder.request(1, "get", {"h": key})])
         assert reply.kind is Kind.REPLY and reply.token
