@@ -36,7 +36,7 @@ class Limits:
     udp_confirm_in_flight: int = 64
     """Confirmation pings awaiting their reply at once; the queue waits for a free slot."""
     udp_rate_sources: int = 65536
-    """Source addresses the UDP rate limiter tracks; when full, the idle ones are evicted in bulk."""
+    """Sources the UDP rate limiter tracks; when full, a quarter is freed at once (idle, light ones first)."""
     udp_amplification: float = 3.0
     """Bytes sent to an address not yet validated, as a multiple of the bytes received from it."""
     udp_validated_addresses: int = 65536
