@@ -7,9 +7,17 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import Limits
 from trio_dht.push import webpush_crypto
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
-from trio_dht.push.gateway import Outcome, PermanentGatewayError, TemporaryGatewayError, new_http_client
+from trio_dht.push.gateway import (
+    OVERSIZED,
+    TIMED_OUT,
+    Outcome,
+    PermanentGatewayError,
+    TemporaryGatewayError,
+    new_http_client,
+)
 from trio_dht.push.gorush import GorushGateway
 from trio_dht.push.payloads import Platform, Push, PushKind
 from trio_dht.push.service import PushService
@@ -215,3 +223,53 @@ async def test_end_to_end_service_gateway_down_then_back():
         assert len(gorush.requests) >= 4
         assert json.loads(ep.messages[-1])["key"] == key.hex()
         nursery.cancel_scope.cancel()
+
+
+LIMITS = Limits(push_request_timeout=1.5, push_response_bytes=4096)
+
+
+async def test_a_slowloris_endpoint_times_out_as_a_whole_and_a_huge_reply_is_cut():
+    """One byte a second keeps httpx's per-read timeout happy; the request's own deadline still ends it."""
+    async with open_unifiedpush_double() as server, new_http_client(LIMITS) as client:
+        ep = server.endpoint()
+        gateway = UnifiedPushGateway(client, allow_private=True, limits=LIMITS)
+        ep.script(201, body=b"x" * 100, byte_interval=0.4)
+        start = trio.current_time()
+        with pytest.raises(TemporaryGatewayError) as info:
+            await gateway.send([push(1, ep.url, Platform.UNIFIEDPUSH, topic=ep.topic)])
+        assert info.value.reason == TIMED_OUT and 1.4 < trio.current_time() - start < 3
+        ep.script(201, body=b"y" * 65536, repeat=3200)  # 200 MiB, streamed by the double
+        with pytest.raises(PermanentGatewayError) as info:  # a 2xx: the same push would get the same reply
+            await gateway.send([push(1, ep.url, Platform.UNIFIEDPUSH, topic=ep.topic)])
+        assert info.value.reason == OVERSIZED
+        ep.script(503, body=b"z" * 65536, repeat=3)
+        with pytest.raises(TemporaryGatewayError) as info:  # a 5xx: temporary, whatever its body
+            await gateway.send([push(1, ep.url, Platform.UNIFIEDPUSH, topic=ep.topic)])
+        assert info.value.reason == OVERSIZED
+        # The endpoint still works (an oversized reply's connection is closed, never reused mid-body).
+        assert await gateway.send([push(1, ep.url, Platform.UNIFIEDPUSH, topic=ep.topic)]) == [
+            Outcome.DELIVERED
+        ]
+
+
+@pytest.mark.parametrize("https_path", [False, True])
+async def test_gorush_slowloris_and_huge_replies(https_path):
+    """The same bounds on both of gorush's transports (the lean keep-alive client and httpx)."""
+    async with open_gorush_double() as gorush, new_http_client(LIMITS) as client:
+        gateway = GorushGateway(client, gorush.url, limits=LIMITS)
+        if https_path:  # the httpx path, as an https:// gorush takes it (here over plain loopback HTTP)
+            gateway._lean = None
+        gorush.script(200, b'{"counts":1,"logs":[],"success":"ok"}', byte_interval=0.4)
+        with pytest.raises(TemporaryGatewayError) as info:
+            await gateway.send([push(1, "t", Platform.ANDROID)])
+        assert info.value.reason == TIMED_OUT
+        gorush.script(200, b"[" * 65536, repeat=100)
+        with pytest.raises(PermanentGatewayError) as info:
+            await gateway.send([push(1, "t", Platform.ANDROID)])
+        assert info.value.reason == OVERSIZED
+        gorush.script(502, b"<html>" * 1000)  # chunked (no Content-Length)
+        with pytest.raises(TemporaryGatewayError) as info:
+            await gateway.send([push(1, "t", Platform.ANDROID)])
+        assert info.value.reason == OVERSIZED
+        assert await gateway.send([push(1, "t", Platform.ANDROID)]) == [Outcome.DELIVERED]
+        gateway.close()

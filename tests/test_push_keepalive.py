@@ -9,6 +9,7 @@ import httpx
 import pytest
 import trio
 
+from trio_dht.push.gateway import ReplyTooLarge
 from trio_dht.push.keepalive import KeepAliveClient
 
 Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
@@ -178,3 +179,54 @@ async def test_unreachable_and_silent_servers_are_transport_errors(autojump_cloc
 def test_only_plain_http_urls():
     with pytest.raises(ValueError):
         client("https://gorush.example")
+
+
+async def test_a_trickling_reply_hits_the_deadline_of_the_whole_request(autojump_clock):
+    async def trickle(stream: trio.SocketStream, _: int) -> None:
+        await read_request(stream, bytearray())
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000:
+            await stream.send_all(bytes([byte]))
+            await trio.sleep(1)  # well within any per-read timeout
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await serve(nursery, trickle)
+        start = trio.current_time()
+        with pytest.raises(httpx.ReadTimeout):
+            await client(url, timeout=10).post("/", b"", "text/plain")
+        assert trio.current_time() - start == pytest.approx(10, abs=0.1)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n",  # refused before reading any of it
+        b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nRetry-After: 5\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\n",  # framed by the connection's end
+    ],
+)
+async def test_a_body_over_the_cap_is_not_read_and_the_connection_not_reused(head):
+    sent: list[int] = []
+
+    async def huge(stream: trio.SocketStream, _: int) -> None:
+        await read_request(stream, bytearray())
+        await stream.send_all(head)
+        chunked = b"chunked" in head
+        try:
+            for _ in range(3200):  # up to 200 MiB, as long as the client reads
+                data = b"x" * 65536
+                await stream.send_all(b"10000\r\n" + data + b"\r\n" if chunked else data)
+                sent.append(len(data))
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await serve(nursery, huge)
+        http = KeepAliveClient(url, timeout=5, user_agent="test-agent", max_body=100_000)
+        with pytest.raises(ReplyTooLarge) as info:
+            await http.post("/", b"", "text/plain")
+        assert info.value.status_code == int(head.split()[1])
+        await trio.sleep(0.2)
+        assert sum(sent) < 8 * 1024 * 1024  # the server's sends stopped: the connection was closed
+        assert not http._idle
+        nursery.cancel_scope.cancel()

@@ -17,7 +17,8 @@ through a :class:`~trio_dht.push.keepalive.KeepAliveClient` to an ``http://`` go
 httpx client to an ``https://`` one). With gorush in sync mode its ``logs`` name failed tokens: dead ones
 (APNs ``Unregistered``/``BadDeviceToken``/..., FCM "not found"/"not a valid FCM registration token") are
 pruned, throttled ones retried, others dropped. Give gorush ``log.hide_token: false``, or ``notif_ids=True``
-here, so that failures map back to pushes.
+here, so that failures map back to pushes. A reply body is read up to ``Limits.push_response_bytes``: past it
+the request fails (temporary for a 429 or a 5xx, else permanent: gorush may have sent the pushes already).
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ from typing import Any
 
 import httpx
 
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
+from trio_dht.push import gateway
 from trio_dht.push.gateway import (
-    TIMEOUT,
+    TIMED_OUT,
     USER_AGENT,
     Outcome,
     PermanentGatewayError,
+    Reply,
+    ReplyTooLarge,
     TemporaryGatewayError,
     raise_for_transient,
+    reply_too_large,
 )
 from trio_dht.push.keepalive import KeepAliveClient
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
@@ -111,14 +118,19 @@ class GorushGateway:
         max_batch: int = 100,
         lanes: int = 2,
         notif_ids: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         """``url`` is gorush's base URL (``http://host:port``); ``lanes`` requests may be in flight at
         once. ``client`` is used only for an ``https://`` URL; :meth:`close` closes the kept connections."""
         self._client = client
         self._url = url.rstrip("/") + "/api/push"
         self._path = urllib.parse.urlsplit(self._url).path
+        self._max_body = limits.push_response_bytes
+        self._timeout = limits.push_request_timeout
         self._lean = (
-            KeepAliveClient(url, timeout=TIMEOUT, user_agent=USER_AGENT)
+            KeepAliveClient(
+                url, timeout=limits.push_request_timeout, user_agent=USER_AGENT, max_body=self._max_body
+            )
             if url.lower().startswith("http://")
             else None
         )
@@ -149,17 +161,27 @@ class GorushGateway:
                 response = await self._lean.post(self._path, body, "application/json")
             else:
                 assert self._client is not None, "an https:// gorush needs the httpx client"
-                response = await self._client.post(
-                    self._url, content=body, headers={"Content-Type": "application/json"}
-                )
+                with gateway.deadline(self._timeout, "gorush"):
+                    response = await gateway.post(
+                        self._client,
+                        self._url,
+                        content=body,
+                        headers={"Content-Type": "application/json"},
+                        max_bytes=self._max_body,
+                    )
+        except httpx.TimeoutException as exc:
+            raise TemporaryGatewayError(f"gorush timed out: {exc!r}", reason=TIMED_OUT) from exc
         except httpx.TransportError as exc:
             raise TemporaryGatewayError(f"gorush unreachable: {exc!r}") from exc
+        except ReplyTooLarge as exc:
+            raise reply_too_large(exc, now_wall) from None
         raise_for_transient(response, now_wall)
         if response.status_code != 200:
-            raise PermanentGatewayError(f"gorush refused: {response.status_code} {response.text[:200]}")
+            text = response.content[:200].decode("utf-8", "replace")
+            raise PermanentGatewayError(f"gorush refused: {response.status_code} {text}")
         return self._outcomes(pushes, response)
 
-    def _outcomes(self, pushes: Sequence[Push], response: httpx.Response) -> list[Outcome]:
+    def _outcomes(self, pushes: Sequence[Push], response: Reply) -> list[Outcome]:
         outcomes = [Outcome.DELIVERED] * len(pushes)
         try:
             logs = response.json().get("logs") or []

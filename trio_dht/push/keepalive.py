@@ -4,9 +4,11 @@ httpx spends a few hundred microseconds of CPU on each request and writes a requ
 two system calls, each of which may wake the server; this client writes a whole POST with one and parses the
 reply itself (put -> push p50 2.3 -> 1.0 ms against a loopback gorush). It does only what a gateway needs:
 ``POST`` with a body; replies framed by ``Content-Length``, ``chunked`` or the connection's end; keep-alive
-connections reused last-in first-out (one the server has closed is dropped first); one timeout per request.
-Failures raise :class:`httpx.TransportError` subclasses and replies are :class:`httpx.Response` objects, so a
-gateway handles this client's results as httpx's.
+connections reused last-in first-out (one the server has closed is dropped first); one deadline per request
+as a whole (connect, send, the whole reply); a reply body over ``max_body`` bytes is not read further
+(:class:`~trio_dht.push.gateway.ReplyTooLarge`, the connection closed). Other failures raise
+:class:`httpx.TransportError` subclasses and replies are :class:`~trio_dht.push.gateway.Reply` objects, as
+:func:`trio_dht.push.gateway.post` returns them, so a gateway handles this client's results as httpx's.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import urllib.parse
 import httpx
 import trio
 
+from trio_dht.push.gateway import Reply, ReplyTooLarge
+
 MAX_HEAD = 65536
 """Longest reply head (status line and headers)."""
-MAX_BODY = 16 * 1024 * 1024
-"""Longest reply body accepted (gorush's replies are a few KB)."""
+MAX_BODY = 64 * 1024
+"""Longest reply body read by default (gorush's replies are a few KB)."""
 
 
 class _BadReply(Exception):
@@ -30,7 +34,7 @@ class KeepAliveClient:
     """POSTs to one ``http://host[:port]`` origin over reused connections (no TLS, no proxies, no
     redirects)."""
 
-    def __init__(self, url: str, *, timeout: float, user_agent: str) -> None:
+    def __init__(self, url: str, *, timeout: float, user_agent: str, max_body: int = MAX_BODY) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain http:// URL: {url!r}")
@@ -39,10 +43,12 @@ class KeepAliveClient:
         netloc = parts.netloc.rpartition("@")[2]
         self._head = f"Host: {netloc}\r\nUser-Agent: {user_agent}\r\nAccept: */*\r\n"
         self._timeout = timeout
+        self._max_body = max_body
         self._idle: list[trio.SocketStream] = []
 
-    async def post(self, path: str, body: bytes, content_type: str) -> httpx.Response:
-        """POST ``body`` to ``path``; the reply, read whole. Raises :class:`httpx.TransportError`."""
+    async def post(self, path: str, body: bytes, content_type: str) -> Reply:
+        """POST ``body`` to ``path``; the reply, read whole. Raises :class:`httpx.TransportError` or
+        :class:`~trio_dht.push.gateway.ReplyTooLarge`."""
         request = (
             f"POST {path} HTTP/1.1\r\n{self._head}Content-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
@@ -52,7 +58,7 @@ class KeepAliveClient:
                 stream = self._idle_stream() or await trio.open_tcp_stream(self._host, self._port)
                 try:
                     await stream.send_all(request)
-                    response, reusable = await _read_response(stream)
+                    response, reusable = await _read_response(stream, self._max_body)
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -83,8 +89,10 @@ class KeepAliveClient:
         return None
 
 
-async def _read_response(stream: trio.SocketStream) -> tuple[httpx.Response, bool]:
-    """One reply (1xx interim replies skipped); ``(response, the connection may be reused)``."""
+async def _read_response(stream: trio.SocketStream, max_body: int) -> tuple[Reply, bool]:
+    """One reply (1xx interim replies skipped); ``(reply, the connection may be reused)``.
+
+    Raises :class:`ReplyTooLarge` as soon as the body is known to exceed ``max_body``."""
     buffer = bytearray()
     while True:
         end = await _fill_until(stream, buffer, b"\r\n\r\n", MAX_HEAD)
@@ -107,31 +115,36 @@ async def _read_response(stream: trio.SocketStream) -> tuple[httpx.Response, boo
         if status >= 200:
             break
     fields = {name.lower(): value.lower() for name, value in headers}
+    too_large = ReplyTooLarge(status, httpx.Headers(headers), max_body)
     reusable = version == "HTTP/1.1" and "close" not in fields.get("connection", "")
     if status in (204, 304):
         body = b""
     elif "chunked" in fields.get("transfer-encoding", ""):
-        body = await _read_chunked(stream, buffer)
+        body = await _read_chunked(stream, buffer, max_body, too_large)
     elif "content-length" in fields:
         try:
             length = int(fields["content-length"])
         except ValueError:
             raise _BadReply("bad Content-Length") from None
-        if not 0 <= length <= MAX_BODY:
+        if length < 0:
             raise _BadReply("bad Content-Length")
+        if length > max_body:
+            raise too_large
         await _fill(stream, buffer, length)
         body = bytes(buffer[:length])
         del buffer[:length]
     else:  # framed by the connection's end
         while data := await stream.receive_some(65536):
             buffer += data
-            if len(buffer) > MAX_BODY:
-                raise _BadReply("reply too long")
+            if len(buffer) > max_body:
+                raise too_large
         body, buffer, reusable = bytes(buffer), bytearray(), False
-    return httpx.Response(status, headers=headers, content=body), reusable and not buffer
+    return Reply(status, httpx.Headers(headers), body), reusable and not buffer
 
 
-async def _read_chunked(stream: trio.SocketStream, buffer: bytearray) -> bytes:
+async def _read_chunked(
+    stream: trio.SocketStream, buffer: bytearray, max_body: int, too_large: ReplyTooLarge
+) -> bytes:
     body = bytearray()
     while True:
         end = await _fill_until(stream, buffer, b"\r\n", MAX_HEAD)
@@ -146,8 +159,10 @@ async def _read_chunked(stream: trio.SocketStream, buffer: bytearray) -> bytes:
                 del buffer[: end + 2]
             del buffer[:2]
             return bytes(body)
-        if size < 0 or len(body) + size > MAX_BODY:
-            raise _BadReply("reply too long")
+        if size < 0:
+            raise _BadReply("bad chunk size")
+        if len(body) + size > max_body:
+            raise too_large
         await _fill(stream, buffer, size + 2)
         body += buffer[:size]
         del buffer[: size + 2]

@@ -4,7 +4,9 @@
 ``TTL: 86400`` and ``Urgency: high|normal``. When the subscription's topic is ``"<p256dh>|<auth>"`` the body
 is RFC 8291 ``aes128gcm``-encrypted (``Content-Encoding: aes128gcm``); otherwise it is the plain JSON, as
 OpenDHT sends it. One push per request. Replies: any 2xx is success; 404/410 prune the endpoint; 429 and 5xx
-back the host off (honouring ``Retry-After``); 3xx (never followed), 400, 401/403, 413 drop the push.
+back the host off (honouring ``Retry-After``); 3xx (never followed), 400, 401/403, 413 drop the push. A reply
+body is read up to ``Limits.push_response_bytes``; past it the request fails (temporary for a 429 or a 5xx,
+else the push is dropped) and the connection is closed.
 
 Unless private endpoints are allowed, every request goes through :mod:`~trio_dht.push.ssrf`: the host is
 resolved, every address must be public, and the request is pinned to the checked address (``Host`` and TLS
@@ -19,8 +21,17 @@ from collections.abc import Hashable, Sequence
 
 import httpx
 
-from trio_dht.push import ssrf, webpush_crypto
-from trio_dht.push.gateway import Outcome, TemporaryGatewayError, raise_for_transient
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
+from trio_dht.push import gateway, ssrf, webpush_crypto
+from trio_dht.push.gateway import (
+    TIMED_OUT,
+    Outcome,
+    ReplyTooLarge,
+    TemporaryGatewayError,
+    raise_for_transient,
+    reply_too_large,
+)
 from trio_dht.push.payloads import MAX_WEBPUSH_DATA, PUSH_TTL, Push, encode_data
 
 MAX_MESSAGE = 4096
@@ -48,9 +59,13 @@ class UnifiedPushGateway:
     name = "unifiedpush"
     max_batch = 1
 
-    def __init__(self, client: httpx.AsyncClient, *, allow_private: bool = False) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, *, allow_private: bool = False, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         self._client = client
         self._allow_private = allow_private
+        self._max_body = limits.push_response_bytes
+        self._timeout = limits.push_request_timeout
 
     def lane(self, push: Push) -> Hashable:
         try:
@@ -63,6 +78,10 @@ class UnifiedPushGateway:
         return [await self._send_one(push) for push in pushes]
 
     async def _send_one(self, push: Push) -> Outcome:
+        with gateway.deadline(self._timeout, "UnifiedPush endpoint"):
+            return await self._request(push)
+
+    async def _request(self, push: Push) -> Outcome:
         now_wall = time.time()
         try:
             endpoint = ssrf.parse_endpoint(push.token, allow_private=self._allow_private)
@@ -75,9 +94,20 @@ class UnifiedPushGateway:
         except OSError as exc:
             raise TemporaryGatewayError(f"cannot resolve {endpoint.host}: {exc!r}") from exc
         try:
-            response = await self._client.post(url, content=body, headers=headers, extensions=extensions)
+            response = await gateway.post(
+                self._client,
+                url,
+                content=body,
+                headers=headers,
+                max_bytes=self._max_body,
+                extensions=extensions,
+            )
+        except httpx.TimeoutException as exc:
+            raise TemporaryGatewayError(f"{endpoint.host} timed out: {exc!r}", reason=TIMED_OUT) from exc
         except httpx.TransportError as exc:
             raise TemporaryGatewayError(f"{endpoint.host} unreachable: {exc!r}") from exc
+        except ReplyTooLarge as exc:
+            raise reply_too_large(exc, now_wall) from None
         raise_for_transient(response, now_wall)
         if 200 <= response.status_code < 300:
             return Outcome.DELIVERED

@@ -22,6 +22,10 @@ What it emulates (gorush v1.22, Go's ``encoding/json`` into gorush's structs):
   in async mode ``logs`` is empty;
 - ``GET /healthz``, ``GET /api/stat/app`` (counters).
 
+Scripted replies may misbehave as a hostile server would: ``byte_interval`` sends the body one byte per that
+many seconds (a slowloris), ``repeat`` sends the body that many times over (a huge reply, streamed, framed by
+``Content-Length``, never held in memory whole).
+
 It also serves the helpers the Web Push double shares: :func:`open_loopback_server` and
 :class:`RecordedRequest`.
 """
@@ -68,6 +72,10 @@ class Reply:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    repeat: int = 1
+    """The body is sent this many times over (a huge reply from a small ``body``)."""
+    byte_interval: float = 0.0
+    """If set, the body goes one byte at a time, this many seconds apart."""
 
 
 async def _read_request(scope: Scope, receive: Receive) -> RecordedRequest:
@@ -90,8 +98,18 @@ async def _send_reply(send: Send, reply: Reply) -> None:
     headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
     if not any(k == b"content-type" for k, _ in headers) and reply.body:
         headers.append((b"content-type", b"application/json; charset=utf-8"))
+    if reply.repeat != 1 and not any(k == b"content-length" for k, _ in headers):
+        headers.append((b"content-length", str(len(reply.body) * reply.repeat).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+    if reply.byte_interval:
+        body = reply.body * reply.repeat
+        for i in range(len(body)):
+            await send({"type": "http.response.body", "body": body[i : i + 1], "more_body": True})
+            await trio.sleep(reply.byte_interval)
+    else:
+        for _ in range(reply.repeat - 1):
+            await send({"type": "http.response.body", "body": reply.body, "more_body": True})
+    await send({"type": "http.response.body", "body": b"" if reply.byte_interval else reply.body})
 
 
 Handler = Callable[[RecordedRequest], Awaitable[Reply]]
@@ -248,10 +266,18 @@ class GorushDouble:
         self.failures[token] = error
 
     def script(
-        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, times: int = 1
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+        *,
+        repeat: int = 1,
+        byte_interval: float = 0.0,
     ) -> None:
-        """The next ``times`` requests get this reply instead of being processed."""
-        self._script.extend([Reply(status, body, headers or {})] * times)
+        """The next ``times`` requests get this reply instead of being processed (``repeat``,
+        ``byte_interval``: see :class:`Reply`)."""
+        self._script.extend([Reply(status, body, headers or {}, repeat, byte_interval)] * times)
 
     async def handle(self, request: RecordedRequest) -> Reply:
         self.requests.append(request)

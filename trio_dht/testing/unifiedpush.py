@@ -13,7 +13,9 @@ service checks it (RFC 8030/8291, UnifiedPush AND_3): ``TTL`` required (400 othe
 is 413; ``Content-Encoding: aes128gcm`` bodies are decrypted with the endpoint's keys (400 if that fails);
 plain bodies are refused with 400 when ``require_encryption``. Accepted messages are recorded (decrypted) in
 :attr:`WebPushEndpoint.messages` and answered ``201 Created`` with a ``Location``. Scripted replies (201, 404,
-410, 413, 429, 507, a 3xx redirect...) replace the next answers of one endpoint; an unknown endpoint is 404.
+410, 413, 429, 507, a 3xx redirect...) replace the next answers of one endpoint; an unknown endpoint is 404. A
+scripted reply may also trickle (``byte_interval``: one byte per that many seconds) or be huge (``repeat``:
+the body that many times over, streamed), as a hostile endpoint would answer.
 """
 
 from __future__ import annotations
@@ -55,9 +57,19 @@ class WebPushEndpoint:
         """The subscription keys as OpenDHT clients send them in ``topic``: ``"<p256dh>|<auth>"``."""
         return f"{webpush_crypto.b64url(self.p256dh)}|{webpush_crypto.b64url(self.auth)}"
 
-    def script(self, status: int, headers: dict[str, str] | None = None, times: int = 1) -> None:
-        """The next ``times`` valid pushes to this endpoint get this reply (and are not recorded)."""
-        self.replies.extend([Reply(status, b"", headers or {})] * times)
+    def script(
+        self,
+        status: int,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+        *,
+        body: bytes = b"",
+        repeat: int = 1,
+        byte_interval: float = 0.0,
+    ) -> None:
+        """The next ``times`` valid pushes to this endpoint get this reply (and are not recorded); ``body``,
+        ``repeat`` and ``byte_interval`` as :class:`~trio_dht.testing.gorush.Reply`."""
+        self.replies.extend([Reply(status, body, headers or {}, repeat, byte_interval)] * times)
 
 
 class UnifiedPushDouble:
