@@ -4,6 +4,7 @@ import math
 
 import trio
 
+from trio_dht.limits import Limits
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import Outcome, PermanentGatewayError, TemporaryGatewayError
 from trio_dht.push.payloads import Platform, Push, PushKind
@@ -63,7 +64,7 @@ def test_outage_requeues_merges_and_backs_off_then_recovers_with_one_push_each()
 
 
 def test_retry_after_is_honoured():
-    q = DeliveryQueue(batch_window=0)
+    q = DeliveryQueue(batch_window=0, limits=Limits(push_max_age=600))  # the push outlives the wait
     q.submit(vpush(1), LANE, 10, 0)
     q.batch_failed(q.next_batch(0), now=0, retry_after=120)
     assert q.next_due() == 120 and q.next_batch(119) is None and q.next_batch(120) is not None
@@ -172,3 +173,129 @@ async def test_dispatcher_without_window_batches_what_one_step_submits_and_what_
         assert sizes == [5, 3] and len(gateway.delivered) == 8
         nursery.cancel_scope.cancel()
     assert closed == [True]  # the dispatcher closes its gateways as it ends
+
+
+# -- bounds ------------------------------------------------------------------------------------------------
+
+
+def test_a_push_too_old_is_dropped_when_its_turn_comes_and_news_makes_it_young_again():
+    q = DeliveryQueue(batch_window=0, backoff_base=100, rng=lambda: 1.0, limits=Limits(push_max_age=60))
+    q.submit(vpush(1, t=1), LANE, 10, 0)
+    q.submit(vpush(2, t=1), LANE, 10, 0)
+    q.batch_failed(q.next_batch(0), now=0)  # the lane waits 100 s
+    q.submit(vpush(2, t=2), LANE, 10, 50)  # newer news for subscription 2
+    batch = q.next_batch(100)
+    assert [p.sid for p in batch.pushes] == [2] and batch.pushes[0].data["t"] == 2
+    assert q.stats["expired"] == 1 and len(q) == 0
+
+
+def test_one_off_pushes_give_up_after_their_attempts_subscription_pushes_do_not():
+    limits = Limits(push_one_off_attempts=3, push_max_age=10_000)
+    q = DeliveryQueue(batch_window=0, backoff_base=1, backoff_cap=1, rng=lambda: 1.0, limits=limits)
+    q.submit(vpush(1), LANE, 10, 0, one_off=True)
+    q.submit(vpush(2), LANE, 10, 0)
+    now = 0.0
+    for _ in range(10):
+        if (batch := q.next_batch(now)) is not None:
+            q.batch_failed(batch, now)
+        now += 1
+    assert q.stats["one-off-gave-up"] == 1 and q.stats["batch-failed"] == 10
+    assert len(q) == 1  # the subscription's push waits on
+    q.submit(vpush(3), LANE, 10, now, one_off=True)  # a one-off failing alone: the same limit
+    for _ in range(5):
+        if (batch := q.next_batch(now)) is not None:
+            outcomes = [Outcome.RETRY if p.sid == 3 else Outcome.DELIVERED for p in batch.pushes]
+            q.batch_done(batch, outcomes, now)
+        now += 1
+    assert q.stats["one-off-gave-up"] == 2 and len(q) == 0
+
+
+def test_queue_bounds_drop_new_pushes_but_merging_costs_nothing():
+    q = DeliveryQueue(batch_window=1, limits=Limits(push_queue=3, push_one_off_queue=1))
+    q.submit(vpush(1), LANE, 10, 0, one_off=True)
+    q.submit(vpush(2), LANE, 10, 0, one_off=True)  # a second one-off: over its bound
+    q.submit(vpush(3), LANE, 10, 0)
+    q.submit(vpush(4), LANE, 10, 0)
+    q.submit(vpush(5), LANE, 10, 0)  # over the total bound
+    q.submit(vpush(4, t=2), LANE, 10, 0)  # merged into the queued one
+    assert len(q) == 3 and q.stats["queue-full"] == 2 and q.stats["coalesced"] == 1
+    batch = q.next_batch(1)
+    q.batch_done(batch, [Outcome.DELIVERED] * 3, 1)
+    q.submit(vpush(6), LANE, 10, 1, one_off=True)  # room again
+    assert len(q) == 1 and q.stats["queue-full"] == 2
+
+
+def test_lanes_are_found_without_a_scan_and_per_kind():
+    """Thousands of backed-off lanes cost nothing to a push on another lane; kinds are taken separately."""
+    q = DeliveryQueue(batch_window=0, rng=lambda: 1.0)
+    for i in range(5000):
+        q.submit(vpush(i), ("slow", i), 1, 0)
+    while (batch := q.next_batch(0, "slow")) is not None:
+        q.batch_failed(batch, 0, retry_after=1000)
+    assert q.next_due() == 1000 and not any(q._ready["slow"]) and len(q._timers) == 5000
+    q.submit(vpush(10_000), ("fast", 0), 1, 1)
+    q.submit(vpush(10_001), ("other", 0), 1, 1)
+    assert q.next_due({"fast": True}) == -math.inf
+    assert q.next_batch(1, "slow") is None
+    assert q.next_batch(1, "fast").pushes[0].sid == 10_000
+    assert q.next_batch(1, "fast") is None and q.next_batch(1).pushes[0].sid == 10_001
+    # Their backoff is over, but they are older than push_max_age: each is dropped as its turn comes.
+    assert q.next_batch(1000, "slow") is None
+    assert q.stats["expired"] == 5000 and len(q) == 0 and len(q._lanes) == 2  # the two in flight
+
+
+class KindGateway:
+    """A gateway of one kind whose lane per token's host; a host named ``slow`` answers after 100 s."""
+
+    def __init__(self, name, timeout=None):
+        self.name = name
+        self.max_batch = 1
+        self.timeout = timeout
+        self.delivered = []
+
+    def lane(self, push):
+        return push.token.split("/")[0]
+
+    async def send(self, pushes):
+        if pushes[0].token.startswith("slow"):
+            await trio.sleep(100 if self.timeout is None else self.timeout)
+            raise TemporaryGatewayError("timed out", reason="timeout")
+        await trio.sleep(0.01)
+        self.delivered.extend(p.token for p in pushes)
+        return [Outcome.DELIVERED] * len(pushes)
+
+
+async def test_a_slow_kind_or_host_does_not_starve_another(autojump_clock):
+    up, gorush = KindGateway("unifiedpush", timeout=10), KindGateway("gorush")
+    limits = Limits(push_concurrency=4, push_max_age=10_000)
+    dispatcher = Dispatcher(
+        {Platform.UNIFIEDPUSH: up, Platform.ANDROID: gorush},
+        queue=DeliveryQueue(batch_window=0, backoff_base=0.5, backoff_cap=0.5, limits=limits),
+        limits=limits,
+    )
+
+    def up_push(sid, token):
+        return Push(sid, PushKind.VALUES, token, Platform.UNIFIEDPUSH, "", {}, True)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        for i in range(4):  # every UnifiedPush request slot taken by a slow host
+            dispatcher.submit(up_push(i, f"slow{i}/ep"))
+        await trio.sleep(1)
+        assert dispatcher.in_flight == 4
+        dispatcher.submit(vpush(100, token="gorush-device"))
+        dispatcher.submit(up_push(101, "fine/ep"))
+        await trio.sleep(0.1)
+        assert gorush.delivered == ["gorush-device"]  # another kind: at once
+        await trio.sleep(10)
+        assert up.delivered == ["fine/ep"]  # another host: as soon as a slot is free
+        assert dispatcher.stats["timeout"] == 4
+        # The slow hosts retry (their backoff is over), but failing lanes hold at most half of the slots.
+        assert dispatcher.in_flight == 2
+        start = trio.current_time()
+        for i in range(4):
+            dispatcher.submit(up_push(200 + i, f"other{i}/ep"))
+        while len(up.delivered) < 5:
+            await trio.sleep(0.01)
+        assert trio.current_time() - start < 0.1
+        nursery.cancel_scope.cancel()

@@ -106,14 +106,17 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
             log.warning("--pushserver ignored: push notifications are served by the proxy, which is off")
         yield {}
         return
-    async with new_http_client() as client, trio.open_nursery() as push_tasks:
+    limits = config.limits
+    async with new_http_client(limits) as client, trio.open_nursery() as push_tasks:
         counts = PushCounts()  # /node/stats: pushes per platform and priority
         gateways: dict[Platform, Any] = {}
         gateways[Platform.UNIFIEDPUSH] = CountingGateway(
-            UnifiedPushGateway(client, allow_private=config.allow_private_endpoints), counts
+            UnifiedPushGateway(client, allow_private=config.allow_private_endpoints, limits=limits), counts
         )
         if config.push_server is not None:
-            gorush = GorushGateway(client, f"http://{config.push_server}", bundle_id=config.bundle_id)
+            gorush = GorushGateway(
+                client, f"http://{config.push_server}", bundle_id=config.bundle_id, limits=limits
+            )
             gateways |= dict.fromkeys(
                 (Platform.ANDROID, Platform.IOS, Platform.NONE), CountingGateway(gorush, counts)
             )
@@ -121,7 +124,7 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
         # No batch window: an idle lane sends a push at once; under load, batches still form from what queues
         # while the lane's request is in flight (put->push p50 5.1 -> 4.0 ms against a 2 ms window, same
         # throughput; the dispatcher's default 50 ms window would add 50 ms to every push).
-        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0))
+        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0, limits=limits), limits=limits)
         await push_tasks.start(dispatcher.run)
         with contextlib.ExitStack() as stack:
             store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None

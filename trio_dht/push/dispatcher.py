@@ -1,36 +1,51 @@
-"""Delivery users can trust: batching, coalescing, retries with backoff, ``Retry-After``, and token pruning.
+"""Delivery users can trust: batching, coalescing, retries with backoff, ``Retry-After``, token pruning, and
+a bounded cost for every push.
 
 :class:`DeliveryQueue` is the sans-IO core; :class:`Dispatcher` is its Trio shell, which owns the gateways,
-the clock and the worker tasks. Neither knows any provider's JSON: a gateway renders, the queue decides when.
+the clock and the requests in flight. Neither knows any provider's JSON: a gateway renders, the queue decides
+when.
 
 - **Coalescing.** At most one push per slot (subscription, kind) waits in the queue: a newer one is merged
   into it (:meth:`~trio_dht.push.payloads.Push.merged_with`), so a gateway outage costs one entry per
   subscription, never a backlog, and after recovery each subscription gets exactly one wake-up.
 - **Batching.** Pushes wait in a lane (``(gateway, gateway.lane(push))``) for at most ``batch_window``
   seconds, or until a full batch of ``gateway.max_batch`` is ready. One batch per lane is in flight at a time.
-- **Retries.** A failed request (:class:`~trio_dht.push.gateway.TemporaryGatewayError`) puts its pushes back
-  (merged with anything newer) and backs the lane off: exponential with jitter from ``backoff_base`` to
-  ``backoff_cap``, or the gateway's ``Retry-After``. Such retries never give up: an outage loses no wake-up.
-  A push that fails alone (``Outcome.RETRY``) is retried after its own backoff, at most ``max_attempts``
-  times.
+- **Retries.** A failed request (:class:`~trio_dht.push.gateway.TemporaryGatewayError`, e.g. no whole reply
+  within ``Limits.push_request_timeout``) puts its pushes back (merged with anything newer) and backs the lane
+  off: exponential with jitter from ``backoff_base`` to ``backoff_cap``, or the gateway's ``Retry-After``. A
+  push that fails alone (``Outcome.RETRY``) is retried after its own backoff, at most ``max_attempts`` times.
+- **Bounds.** A push still queued ``Limits.push_max_age`` after its newest news is dropped when its turn comes
+  (``expired``). A one-off push (no subscription: pingPush, a permanent put's warning) is dropped after
+  ``Limits.push_one_off_attempts`` failed attempts (``one-off-gave-up``). At most ``Limits.push_queue``
+  pushes are queued, of which at most ``Limits.push_one_off_queue`` one-offs; a new push past either bound is
+  dropped (``queue-full``; a push merged into a queued one costs nothing).
+- **Fairness.** Requests in flight are at most ``Limits.push_concurrency`` per gateway kind, so one slow kind
+  cannot hold another's capacity, and one per lane, so one slow host holds one request. Lanes whose last
+  request failed (timed out, refused) wait behind the others and hold at most half of their kind's requests,
+  so hosts that keep failing cannot take the room of the hosts that answer.
 - **Pruning.** ``Outcome.TOKEN_GONE`` reports the token to the owner (the service drops its subscriptions).
 
-Lanes are few (one per gorush connection, one per Web Push host), so picking the next batch scans the lanes
-that have work; the pending pushes of a lane are an insertion-ordered dict, so every step is O(1) per push.
+Lanes may be many (one per Web Push host). A lane with work is in exactly one place: in flight, in its kind's
+ready deque (may send now), or in one heap of timers (batch window, backoff, a parked retry). Taking a batch
+pops a ready lane and expired timers, so each step costs O(log lanes) at most, never a scan of the lanes;
+the pending pushes of a lane are an insertion-ordered dict.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 import trio
 
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
 from trio_dht.push.gateway import Gateway, Outcome, PermanentGatewayError, TemporaryGatewayError
 from trio_dht.push.payloads import Platform, Push, PushKind
 
@@ -43,11 +58,15 @@ LaneKey = tuple[str, Hashable]
 @dataclass(slots=True)
 class _Entry:
     push: Push
+    born: float
+    """When the newest news it carries was submitted (its age counts from there)."""
     attempts: int = 0
+    one_off: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Lane:
+    key: LaneKey
     max_batch: int
     pending: dict[Slot, _Entry] = field(default_factory=dict)
     delayed: list[tuple[float, int, Slot]] = field(default_factory=list)
@@ -57,6 +76,12 @@ class _Lane:
     not_before: float = -math.inf
     failures: int = 0
     busy: bool = False
+    ready: bool = False
+    """In its kind's ready deque."""
+    timer_at: float = math.inf
+    """The time of its valid entry in the timer heap (others are stale)."""
+    dead: bool = False
+    """Removed from the queue (stale in the deque and the heap)."""
 
     def empty(self) -> bool:
         return not self.pending and not self.parked and not self.busy
@@ -68,7 +93,14 @@ class Batch:
 
     lane: LaneKey
     pushes: list[Push]
-    attempts: list[int]
+    entries: list[_Entry]
+    failing: bool
+    """Its lane's last request failed."""
+
+    @property
+    def kind(self) -> str:
+        """The gateway's name."""
+        return self.lane[0]
 
 
 class DeliveryQueue:
@@ -81,17 +113,27 @@ class DeliveryQueue:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         max_attempts: int = 5,
+        limits: Limits = DEFAULT_LIMITS,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.batch_window = batch_window
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.max_attempts = max_attempts
+        self.max_age = limits.push_max_age
+        self.one_off_attempts = limits.push_one_off_attempts
+        self.max_queued = limits.push_queue
+        self.max_one_offs = limits.push_one_off_queue
         self._rng = rng
         self._lanes: dict[LaneKey, _Lane] = {}
-        self._where: dict[Slot, LaneKey] = {}
+        self._where: dict[Slot, _Lane] = {}
         """The lane of every queued (pending or parked) slot."""
+        self._one_offs = 0
+        """Queued one-off pushes."""
         self._in_flight: dict[Slot, LaneKey] = {}
+        self._ready: dict[str, tuple[deque[_Lane], deque[_Lane]]] = {}
+        """Per gateway kind: the ready lanes that are well, and those whose last request failed."""
+        self._timers: list[tuple[float, int, _Lane]] = []
         self._seq = 0
         self.stats: Counter[str] = Counter()
 
@@ -101,10 +143,16 @@ class DeliveryQueue:
 
     # -- input -----------------------------------------------------------------------------------------------
 
-    def submit(self, push: Push, lane: LaneKey, max_batch: int, now: float) -> None:
-        """Queue ``push``, merging it into the push already waiting in its slot, if any."""
+    def submit(self, push: Push, lane: LaneKey, max_batch: int, now: float, *, one_off: bool = False) -> None:
+        """Queue ``push``, merging it into the push already waiting in its slot, if any; a new one past the
+        queue's bounds is dropped (counted)."""
         self.stats["submitted"] += 1
-        self._enqueue(_Entry(push), lane, max_batch, now)
+        where = self._where
+        full = len(where) >= self.max_queued or (one_off and self._one_offs >= self.max_one_offs)
+        if full and push.slot not in where:
+            self.stats["queue-full"] += 1
+            return
+        self._enqueue(_Entry(push, now, 0, one_off), lane, max_batch, now)
 
     def discard(self, sid: int) -> None:
         """Forget every push of a subscription that ended (queued ones now, in-flight ones when they
@@ -112,52 +160,55 @@ class DeliveryQueue:
         for kind in PushKind:
             slot = (sid, kind)
             self._in_flight.pop(slot, None)
-            key = self._where.pop(slot, None)
-            if key is None:
+            lane = self._where.get(slot)
+            if lane is None:
                 continue
-            lane = self._lanes[key]
-            lane.pending.pop(slot, None)
-            lane.parked.pop(slot, None)
-            self._drop_if_empty(key)
+            entry = lane.pending.pop(slot, None) or lane.parked.pop(slot)
+            self._unqueue(slot, entry)
+            self._drop_if_empty(lane)
 
     # -- scheduling ------------------------------------------------------------------------------------------
 
-    def next_batch(self, now: float) -> Batch | None:
-        """A batch that may be sent now (marking its lane busy), or None."""
-        for key, lane in self._lanes.items():
-            self._unpark(lane, now)
-            if lane.busy or not lane.pending or now < lane.not_before:
-                continue
-            if len(lane.pending) < lane.max_batch and now < lane.first_pending_at + self.batch_window:
-                continue
-            slots = []
-            for slot in lane.pending:
-                slots.append(slot)
-                if len(slots) == lane.max_batch:
-                    break
-            entries = [lane.pending.pop(slot) for slot in slots]
-            for slot in slots:
-                del self._where[slot]
-                self._in_flight[slot] = key
-            lane.busy = True
-            lane.first_pending_at = now if lane.pending else math.inf
-            return Batch(key, [e.push for e in entries], [e.attempts for e in entries])
+    def advance(self, now: float) -> None:
+        """Move the lanes whose timer is due to their ready deque."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, lane = heapq.heappop(timers)
+            if lane.timer_at == when:
+                lane.timer_at = math.inf
+                self._schedule(lane, now)
+
+    def next_batch(self, now: float, kind: str | None = None, *, failing: bool = True) -> Batch | None:
+        """A batch that may be sent now (marking its lane busy), of gateway ``kind`` (None: any), or None.
+
+        Lanes whose last request went well come first; those whose last request failed only if ``failing``.
+        """
+        self.advance(now)
+        for name in self._ready if kind is None else (kind,):
+            pair = self._ready.get(name, ())
+            for ready in pair if failing else pair[:1]:
+                while ready:
+                    lane = ready.popleft()
+                    lane.ready = False
+                    batch = self._take(lane, now)
+                    if batch is not None:
+                        return batch
         return None
 
-    def next_due(self) -> float:
-        """When :meth:`next_batch` may next return something (``inf``: only after new input)."""
-        due = math.inf
-        for lane in self._lanes.values():
-            if lane.busy:
-                continue
-            if lane.pending:
-                ready = lane.first_pending_at + self.batch_window
-                if len(lane.pending) >= lane.max_batch:
-                    ready = -math.inf
-                due = min(due, max(ready, lane.not_before))
-            if lane.delayed:
-                due = min(due, max(lane.delayed[0][0], lane.not_before))
-        return due
+    def next_due(self, room: Mapping[str, bool] | None = None) -> float:
+        """When :meth:`next_batch` may next return something (``inf``: only after new input or a result) for
+        the kinds in ``room`` (None: any), failing lanes included where ``room[kind]``."""
+        for name in self._ready if room is None else room:
+            pair = self._ready.get(name, ())
+            for ready in pair if room is None or room[name] else pair[:1]:
+                while ready and ready[0].dead:
+                    ready.popleft()
+                if ready:
+                    return -math.inf
+        timers = self._timers
+        while timers and timers[0][2].timer_at != timers[0][0]:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else math.inf
 
     # -- results ---------------------------------------------------------------------------------------------
 
@@ -168,7 +219,8 @@ class DeliveryQueue:
         lane.failures = 0
         lane.not_before = -math.inf
         gone: list[str] = []
-        for push, attempts, outcome in zip(batch.pushes, batch.attempts, outcomes, strict=True):
+        for entry, outcome in zip(batch.entries, outcomes, strict=True):
+            push = entry.push
             if self._in_flight.pop(push.slot, None) is None:
                 self.stats["discarded"] += 1
                 continue
@@ -176,36 +228,42 @@ class DeliveryQueue:
             if outcome is Outcome.TOKEN_GONE:
                 gone.append(push.token)
             elif outcome is Outcome.RETRY:
-                if attempts + 1 >= self.max_attempts:
-                    self.stats["gave-up"] += 1
+                entry.attempts += 1
+                if entry.attempts >= (self.one_off_attempts if entry.one_off else self.max_attempts):
+                    self.stats["one-off-gave-up" if entry.one_off else "gave-up"] += 1
                 else:
-                    self._park(
-                        _Entry(push, attempts + 1), batch.lane, lane, now + self._backoff(attempts + 1)
-                    )
-        self._drop_if_empty(batch.lane)
+                    self._park(entry, lane, now + self._backoff(entry.attempts))
+        self._settle(lane, now)
         return gone
 
     def batch_failed(self, batch: Batch, now: float, retry_after: float | None = None) -> None:
-        """A temporary failure of the whole request: requeue its pushes and back the lane off."""
+        """A temporary failure of the whole request: requeue its pushes and back the lane off (a one-off push
+        is dropped after its last attempt)."""
         lane = self._lanes[batch.lane]
         lane.busy = False
         lane.failures += 1
         delay = retry_after if retry_after is not None else self._backoff(lane.failures)
         lane.not_before = now + delay
         self.stats["batch-failed"] += 1
-        for push, attempts in zip(batch.pushes, batch.attempts, strict=True):
-            if self._in_flight.pop(push.slot, None) is not None:
-                self._enqueue(_Entry(push, attempts), batch.lane, lane.max_batch, now, returning=True)
-        self._drop_if_empty(batch.lane)
+        for entry in batch.entries:
+            if self._in_flight.pop(entry.push.slot, None) is None:
+                continue
+            if entry.one_off:
+                entry.attempts += 1
+                if entry.attempts >= self.one_off_attempts:
+                    self.stats["one-off-gave-up"] += 1
+                    continue
+            self._enqueue(entry, batch.lane, lane.max_batch, now, returning=True)
+        self._settle(lane, now)
 
-    def batch_dropped(self, batch: Batch) -> None:
+    def batch_dropped(self, batch: Batch, now: float) -> None:
         """A permanent failure of the whole request: its pushes are dropped (and counted)."""
         lane = self._lanes[batch.lane]
         lane.busy = False
         for push in batch.pushes:
             if self._in_flight.pop(push.slot, None) is not None:
                 self.stats["dropped"] += 1
-        self._drop_if_empty(batch.lane)
+        self._settle(lane, now)
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -213,34 +271,115 @@ class DeliveryQueue:
         delay = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 30))
         return delay * (0.5 + 0.5 * self._rng())
 
+    def _lane_due(self, lane: _Lane) -> float:
+        """When ``lane`` may send next (``inf``: it has nothing to send)."""
+        due = math.inf
+        if lane.pending:
+            full = len(lane.pending) >= lane.max_batch
+            due = -math.inf if full else lane.first_pending_at + self.batch_window
+        if lane.delayed:
+            due = min(due, lane.delayed[0][0])
+        return max(due, lane.not_before)
+
+    def _schedule(self, lane: _Lane, now: float) -> None:
+        """Put an idle lane with work in its kind's ready deque, or its due time in the timer heap."""
+        if lane.busy or lane.ready or lane.dead:
+            return
+        due = self._lane_due(lane)
+        if due <= now:
+            lane.ready = True
+            lane.timer_at = math.inf
+            self._ready[lane.key[0]][lane.failures > 0].append(lane)
+        elif due < lane.timer_at:
+            lane.timer_at = due
+            self._seq += 1
+            heapq.heappush(self._timers, (due, self._seq, lane))
+
+    def _settle(self, lane: _Lane, now: float) -> None:
+        """After a result: schedule the lane's remaining work, or forget it."""
+        if lane.empty():
+            self._drop_if_empty(lane)
+        else:
+            self._schedule(lane, now)
+
+    def _take(self, lane: _Lane, now: float) -> Batch | None:
+        """The lane's next batch if it may send now (expired pushes dropped on the way), else reschedule."""
+        if lane.dead or lane.busy:
+            return None
+        self._unpark(lane, now)
+        pending = lane.pending
+        if (
+            not pending
+            or now < lane.not_before
+            or (len(pending) < lane.max_batch and now < lane.first_pending_at + self.batch_window)
+        ):
+            self._settle(lane, now)
+            return None
+        oldest = now - self.max_age
+        entries: list[_Entry] = []
+        where, in_flight, key = self._where, self._in_flight, lane.key
+        for slot in list(itertools.islice(pending, lane.max_batch)):  # one pass over the dict's head
+            entry = pending.pop(slot)
+            del where[slot]
+            if entry.one_off:
+                self._one_offs -= 1
+            if entry.born <= oldest:
+                self.stats["expired"] += 1
+                continue
+            in_flight[slot] = key
+            entries.append(entry)
+        if not entries:
+            self._settle(lane, now)
+            return None
+        lane.busy = True
+        lane.timer_at = math.inf
+        lane.first_pending_at = now if pending else math.inf
+        return Batch(lane.key, [e.push for e in entries], entries, lane.failures > 0)
+
+    def _queue(self, slot: Slot, lane: _Lane, entry: _Entry) -> None:
+        self._where[slot] = lane
+        if entry.one_off:
+            self._one_offs += 1
+
+    def _unqueue(self, slot: Slot, entry: _Entry) -> None:
+        del self._where[slot]
+        if entry.one_off:
+            self._one_offs -= 1
+
     def _enqueue(
         self, entry: _Entry, key: LaneKey, max_batch: int, now: float, *, returning: bool = False
     ) -> None:
         slot = entry.push.slot
-        old_key = self._where.get(slot)
-        if old_key is not None:
-            old_lane = self._lanes[old_key]
+        old_lane = self._where.get(slot)
+        if old_lane is not None:
             old = old_lane.pending.get(slot) or old_lane.parked[slot]
             # ``returning``: ``entry`` came back from a failed request, so the queued one is the newer.
             merged = entry.push.merged_with(old.push) if returning else old.push.merged_with(entry.push)
-            entry = _Entry(merged, min(entry.attempts, old.attempts))
             self.stats["coalesced"] += 1
-            if old_key == key and slot in old_lane.pending:
-                old_lane.pending[slot] = entry  # keeps its place in the batch order and the lane's window
+            if old_lane.key == key and slot in old_lane.pending:
+                old.push = merged  # keeps its place in the batch order and the lane's window
+                old.born = max(old.born, entry.born)
+                old.attempts = min(old.attempts, entry.attempts)
+                self._schedule(old_lane, now)
                 return
+            entry = _Entry(merged, max(old.born, entry.born), min(entry.attempts, old.attempts), old.one_off)
             old_lane.pending.pop(slot, None)
             old_lane.parked.pop(slot, None)
-            if old_key != key:
-                self._drop_if_empty(old_key)
+            self._unqueue(slot, old)
+            if old_lane.key != key:
+                self._drop_if_empty(old_lane)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(max_batch)
+            lane = self._lanes[key] = _Lane(key, max_batch)
+            if key[0] not in self._ready:
+                self._ready[key[0]] = (deque(), deque())
         if not lane.pending:
             lane.first_pending_at = now
         lane.pending[slot] = entry
-        self._where[slot] = key
+        self._queue(slot, lane, entry)
+        self._schedule(lane, now)
 
-    def _park(self, entry: _Entry, key: LaneKey, lane: _Lane, when: float) -> None:
+    def _park(self, entry: _Entry, lane: _Lane, when: float) -> None:
         slot = entry.push.slot
         if slot in self._where:  # a newer push is already queued: it carries this one's news
             self.stats["coalesced"] += 1
@@ -248,7 +387,7 @@ class DeliveryQueue:
         lane.parked[slot] = entry
         self._seq += 1
         heapq.heappush(lane.delayed, (when, self._seq, slot))
-        self._where[slot] = key
+        self._queue(slot, lane, entry)
 
     def _unpark(self, lane: _Lane, now: float) -> None:
         while lane.delayed and lane.delayed[0][0] <= now:
@@ -259,14 +398,17 @@ class DeliveryQueue:
                     lane.first_pending_at = now
                 lane.pending[slot] = entry
 
-    def _drop_if_empty(self, key: LaneKey) -> None:
-        lane = self._lanes.get(key)
-        if lane is not None and lane.empty():
-            del self._lanes[key]
+    def _drop_if_empty(self, lane: _Lane) -> None:
+        if lane.empty() and not lane.dead:
+            lane.dead = True
+            lane.ready = False
+            lane.timer_at = math.inf
+            del self._lanes[lane.key]
 
 
 class Dispatcher:
-    """Sends pushes through the gateway of their platform, running up to ``workers`` requests at once.
+    """Sends pushes through the gateway of their platform, up to ``Limits.push_concurrency`` requests at once
+    per gateway kind (each gateway bounds its own requests by ``Limits.push_request_timeout``).
 
     ``gateways`` maps platforms to gateways; a push whose platform has none is dropped and counted (as OpenDHT
     sends nothing when no push server is configured). Call :meth:`submit` from anywhere in the Trio run;
@@ -278,13 +420,16 @@ class Dispatcher:
         gateways: Mapping[Platform, Gateway],
         *,
         queue: DeliveryQueue | None = None,
-        workers: int = 16,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._gateways = dict(gateways)
         self._by_name = {g.name: g for g in self._gateways.values()}
-        self.queue = queue if queue is not None else DeliveryQueue()
-        self._workers = workers
-        self._in_flight = 0
+        self.queue = queue if queue is not None else DeliveryQueue(limits=limits)
+        self._concurrency = limits.push_concurrency
+        self._failing_cap = max(1, limits.push_concurrency // 2)
+        self._in_flight = dict.fromkeys(self._by_name, 0)
+        self._failing = dict.fromkeys(self._by_name, 0)
+        """Requests in flight per kind to lanes whose last request failed (at most half the kind's room)."""
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._kicked = False
@@ -294,17 +439,24 @@ class Dispatcher:
     def stats(self) -> Counter[str]:
         return self.queue.stats
 
+    @property
+    def in_flight(self) -> int:
+        """Gateway requests under way."""
+        return sum(self._in_flight.values())
+
     def on_token_gone(self, handler: Callable[[str], None]) -> None:
         """Call ``handler(token)`` for every token a gateway reports gone (the service prunes it)."""
         self._token_gone = handler
 
-    def submit(self, push: Push) -> None:
-        """Queue a push (never blocks; coalesces with the one waiting in its slot)."""
+    def submit(self, push: Push, *, one_off: bool = False) -> None:
+        """Queue a push (never blocks; coalesces with the one waiting in its slot). ``one_off``: the push
+        belongs to no subscription (its attempts are limited, and so is the number queued)."""
         gateway = self._gateways.get(push.platform)
         if gateway is None:
             self.queue.stats["no-gateway"] += 1
             return
-        self.queue.submit(push, (gateway.name, gateway.lane(push)), gateway.max_batch, trio.current_time())
+        lane = (gateway.name, gateway.lane(push))
+        self.queue.submit(push, lane, gateway.max_batch, trio.current_time(), one_off=one_off)
         if not self._kicked:
             if self._nursery is None:
                 self._wake.set()
@@ -319,9 +471,10 @@ class Dispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send until cancelled; then close the gateways' kept connections (those with a ``close()``).
 
-        Workers (at most ``workers``) send batches one after another while some are ready. What
-        :meth:`submit` makes ready is taken by a worker the scheduling step after it, not two steps (this
-        loop, then a worker) later; this loop starts workers for the rest (other lanes, retries, windows).
+        Workers (at most ``Limits.push_concurrency`` per gateway kind) send batches of their kind one after
+        another while some are ready. What :meth:`submit` makes ready is taken by a worker the scheduling step
+        after it, not two steps (this loop, then a worker) later; this loop starts workers for the rest (other
+        lanes, retries, windows).
         """
         try:
             async with trio.open_nursery() as nursery:
@@ -329,10 +482,17 @@ class Dispatcher:
                 task_status.started()
                 while True:
                     now = trio.current_time()
-                    while (batch := self._take(now)) is not None:
-                        nursery.start_soon(self._work, batch)
+                    self.queue.advance(now)
+                    for kind in self._by_name:
+                        while (batch := self._take(kind, now)) is not None:
+                            nursery.start_soon(self._work, batch)
                     self._wake = trio.Event()
-                    due = self.queue.next_due() if self._in_flight < self._workers else math.inf
+                    room = {
+                        kind: self._failing[kind] < self._failing_cap
+                        for kind, n in self._in_flight.items()
+                        if n < self._concurrency
+                    }
+                    due = self.queue.next_due(room) if room else math.inf
                     with trio.move_on_at(due):
                         await self._wake.wait()
         finally:
@@ -342,54 +502,74 @@ class Dispatcher:
                 if close is not None:
                     close()
 
-    def _take(self, now: float) -> Batch | None:
-        """A batch to send now, counted in flight, if a worker is free and one is ready."""
-        if self._in_flight >= self._workers:
+    def _take(self, kind: str, now: float) -> Batch | None:
+        """A batch of ``kind`` to send now, counted in flight, if that kind has room and one is ready."""
+        if self._in_flight[kind] >= self._concurrency:
             return None
-        batch = self.queue.next_batch(now)
+        batch = self._next(kind, now)
         if batch is not None:
-            self._in_flight += 1
+            self._in_flight[kind] += 1
+        return batch
+
+    def _next(self, kind: str, now: float) -> Batch | None:
+        """The next batch of ``kind``; one of a failing lane only while those have room (counted)."""
+        batch = self.queue.next_batch(now, kind, failing=self._failing[kind] < self._failing_cap)
+        if batch is not None and batch.failing:
+            self._failing[kind] += 1
         return batch
 
     async def _kick(self) -> None:
         """Started by :meth:`submit`: sends what the submits of this scheduling step made ready."""
         self._kicked = False
         self._wake.set()  # the run loop recomputes its deadline (a batch window may have opened)
-        batch = self._take(trio.current_time())
-        if batch is not None:
-            await self._work(batch)
+        now = trio.current_time()
+        for kind in self._by_name:
+            batch = self._take(kind, now)
+            if batch is not None:
+                await self._work(batch)
+                return
 
     async def _work(self, batch: Batch) -> None:
-        """Send ``batch``, then whatever is ready by then, until nothing is (one worker)."""
+        """Send ``batch``, then whatever of its kind is ready by then, until nothing is (one worker)."""
+        kind = batch.kind
         try:
             while True:
-                await self._send(batch)
-                ready = self.queue.next_batch(trio.current_time())
+                try:
+                    await self._send(batch)
+                finally:
+                    if batch.failing:
+                        self._failing[kind] -= 1
+                ready = self._next(kind, trio.current_time())
                 if ready is None:
                     return
                 batch = ready
         finally:
-            self._in_flight -= 1
+            self._in_flight[kind] -= 1
             self._wake.set()
 
     async def _send(self, batch: Batch) -> None:
-        gateway = self._by_name[batch.lane[0]]
+        gateway = self._by_name[batch.kind]
+        stats = self.queue.stats
         try:
             outcomes = await gateway.send(batch.pushes)
         except TemporaryGatewayError as exc:
             log.info("push gateway %s: %s; retrying later", gateway.name, exc)
+            if exc.reason:
+                stats[exc.reason] += 1
             self.queue.batch_failed(batch, trio.current_time(), exc.retry_after)
         except PermanentGatewayError as exc:
             log.warning("push gateway %s refused %d pushes: %s", gateway.name, len(batch.pushes), exc)
-            self.queue.batch_dropped(batch)
+            if exc.reason:
+                stats[exc.reason] += 1
+            self.queue.batch_dropped(batch, trio.current_time())
         except Exception:
             log.exception("push gateway %s failed; dropping %d pushes", gateway.name, len(batch.pushes))
-            self.queue.batch_dropped(batch)
+            self.queue.batch_dropped(batch, trio.current_time())
         else:
             if len(outcomes) != len(batch.pushes):
                 log.error("push gateway %s returned %d outcomes for %d pushes", gateway.name, len(outcomes),
                           len(batch.pushes))  # fmt: skip
-                self.queue.batch_dropped(batch)
+                self.queue.batch_dropped(batch, trio.current_time())
             else:
                 for token in self.queue.batch_done(batch, outcomes, trio.current_time()):
                     self._token_gone(token)

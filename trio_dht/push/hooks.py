@@ -5,7 +5,10 @@ The proxy calls the hooks for ``SUBSCRIBE`` and ``UNSUBSCRIBE`` (the :class:`Pus
 ``POST /node/pingPush`` (a ``pong`` push, high priority), for permanent puts 2 h before they lapse (a
 ``timeout``/``vid`` push, normal priority) and for its stats document, into which they merge OpenDHT's push
 fields (``pushListenersCount``, ``androidPush``, ``iosPush``, ``unifiedPush``) and ours
-(``pushSubscriptions``, ``pushDelivery``: delivered, failed, retried, pruned tokens...).
+(``pushSubscriptions``, ``pushDelivery``: delivered, failed, retried, pruned tokens, and every bound reached:
+requests past their deadline, oversized replies, one-off pushes given up, expired pushes, queue drops).
+pingPush and permanent put warnings are one-off pushes: they belong to no subscription, so the dispatcher
+bounds their attempts and their number.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.value_json import PushTarget
 from trio_dht.push.dispatcher import Dispatcher
-from trio_dht.push.gateway import Gateway, Outcome
+from trio_dht.push.gateway import OVERSIZED, TIMED_OUT, Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
 from trio_dht.push.service import PushReply, PushService
 
@@ -102,7 +105,7 @@ class ProxyPushHooks:
         data = {"pong": True, "to": target.client_id}
         platform = Platform.parse(target.platform)
         push = Push(_one_off_sid(), PushKind.VALUES, target.token, platform, target.topic, data, True)
-        self.dispatcher.submit(push)
+        self.dispatcher.submit(push, one_off=True)
 
     def permanent_put_due(self, held: PermanentPut) -> None:
         """``{"s", "timeout": <hash>, "to", "vid"}`` at normal priority: re-POST this value soon."""
@@ -117,7 +120,7 @@ class ProxyPushHooks:
         }
         platform = Platform.parse(target.platform)
         push = Push(_one_off_sid(), PushKind.TIMEOUT, target.token, platform, target.topic, data, False)
-        self.dispatcher.submit(push)
+        self.dispatcher.submit(push, one_off=True)
 
     def stats(self) -> dict[str, Any]:
         delivery = self.dispatcher.stats
@@ -142,6 +145,7 @@ class ProxyPushHooks:
             },
             "pushDelivery": {
                 "queued": len(self.dispatcher.queue),
+                "inFlight": self.dispatcher.in_flight,
                 "delivered": delivery[Outcome.DELIVERED.value],
                 "failures": delivery["batch-failed"] + delivery[Outcome.DROPPED.value] + delivery["dropped"],
                 "retries": delivery[Outcome.RETRY.value] + delivery["batch-failed"],
@@ -149,5 +153,10 @@ class ProxyPushHooks:
                 "tokensGone": delivery[Outcome.TOKEN_GONE.value],
                 "coalesced": delivery["coalesced"],
                 "noGateway": delivery["no-gateway"],
+                "timeouts": delivery[TIMED_OUT],
+                "oversizedReplies": delivery[OVERSIZED],
+                "expired": delivery["expired"],
+                "oneOffGaveUp": delivery["one-off-gave-up"],
+                "queueFull": delivery["queue-full"],
             },
         }
