@@ -299,3 +299,17 @@ async def test_a_slow_kind_or_host_does_not_starve_another(autojump_clock):
             await trio.sleep(0.01)
         assert trio.current_time() - start < 0.1
         nursery.cancel_scope.cancel()
+
+
+def test_the_timer_heap_stays_proportional_to_the_lanes():
+    """A lane whose timer keeps moving earlier leaves stale heap entries; they are swept in bulk."""
+    q = DeliveryQueue(batch_window=0, backoff_base=300, backoff_cap=300, rng=lambda: 1.0,
+                      limits=Limits(push_max_age=10_000))  # fmt: skip
+    now = 0.0
+    for i in range(5000):
+        q.submit(vpush(i), LANE, 10, now)
+        batch = q.next_batch(now)
+        q.batch_done(batch, [Outcome.RETRY] * len(batch.pushes), now)  # parked: a timer at now + 300
+        q.submit(vpush(i, t=2), LANE, 10, now)  # newer news: ready at once, the timer is stale
+        now += 0.01
+    assert len(q._timers) <= 2 * len(q._lanes) + 1025

@@ -79,7 +79,9 @@ class _Lane:
     ready: bool = False
     """In its kind's ready deque."""
     timer_at: float = math.inf
-    """The time of its valid entry in the timer heap (others are stale)."""
+    """The time of its valid entry in the timer heap."""
+    timer_seq: int = 0
+    """The sequence number of that entry (others are stale)."""
     dead: bool = False
     """Removed from the queue (stale in the deque and the heap)."""
 
@@ -173,9 +175,9 @@ class DeliveryQueue:
         """Move the lanes whose timer is due to their ready deque."""
         timers = self._timers
         while timers and timers[0][0] <= now:
-            when, _, lane = heapq.heappop(timers)
-            if lane.timer_at == when:
-                lane.timer_at = math.inf
+            _, seq, lane = heapq.heappop(timers)
+            if lane.timer_seq == seq:
+                lane.timer_at, lane.timer_seq = math.inf, 0
                 self._schedule(lane, now)
 
     def next_batch(self, now: float, kind: str | None = None, *, failing: bool = True) -> Batch | None:
@@ -206,7 +208,7 @@ class DeliveryQueue:
                 if ready:
                     return -math.inf
         timers = self._timers
-        while timers and timers[0][2].timer_at != timers[0][0]:
+        while timers and timers[0][2].timer_seq != timers[0][1]:
             heapq.heappop(timers)
         return timers[0][0] if timers else math.inf
 
@@ -288,12 +290,15 @@ class DeliveryQueue:
         due = self._lane_due(lane)
         if due <= now:
             lane.ready = True
-            lane.timer_at = math.inf
+            lane.timer_at, lane.timer_seq = math.inf, 0
             self._ready[lane.key[0]][lane.failures > 0].append(lane)
         elif due < lane.timer_at:
-            lane.timer_at = due
             self._seq += 1
+            lane.timer_at, lane.timer_seq = due, self._seq
             heapq.heappush(self._timers, (due, self._seq, lane))
+            if len(self._timers) > 2 * len(self._lanes) + 1024:  # stale entries (timers moved or dropped)
+                self._timers = [t for t in self._timers if t[2].timer_seq == t[1]]
+                heapq.heapify(self._timers)
 
     def _settle(self, lane: _Lane, now: float) -> None:
         """After a result: schedule the lane's remaining work, or forget it."""
@@ -332,7 +337,7 @@ class DeliveryQueue:
             self._settle(lane, now)
             return None
         lane.busy = True
-        lane.timer_at = math.inf
+        lane.timer_at, lane.timer_seq = math.inf, 0
         lane.first_pending_at = now if pending else math.inf
         return Batch(lane.key, [e.push for e in entries], entries, lane.failures > 0)
 
@@ -402,7 +407,7 @@ class DeliveryQueue:
         if lane.empty() and not lane.dead:
             lane.dead = True
             lane.ready = False
-            lane.timer_at = math.inf
+            lane.timer_at, lane.timer_seq = math.inf, 0
             del self._lanes[lane.key]
 
 
