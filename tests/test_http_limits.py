@@ -88,8 +88,8 @@ def test_counters_and_budgets() -> None:
     counters.add([1, 2, 3])
     assert counters.as_json()["headTimeouts"] == 2 and counters.as_json()["sendTimeouts"] == 3
     budgets = Budgets.from_limits(Limits(http_head_timeout=2, http_send_timeout=8))
-    assert budgets.sweep_interval == 0.5 and budgets.timeout(Expiry.SEND) == 8
-    assert budgets.timeout(Expiry.IDLE) == budgets.keep_alive
+    assert budgets.sweep_interval == 0.5 and budgets.send == 8
+    assert Budgets(head=300, body=300, send=300).sweep_interval == Budgets().keep_alive / 4
 
 
 def test_worker_settings_round_trip() -> None:

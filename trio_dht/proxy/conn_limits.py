@@ -22,8 +22,12 @@ import functools
 import ipaddress
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
+
+if TYPE_CHECKING:
+    from trio_dht.limits import Limits
 
 SWEEPS_PER_TIMEOUT = 4
 """The sweeping task runs this many times per shortest deadline: a connection is closed at most a quarter of
@@ -109,23 +113,14 @@ class Budgets:
     keep_alive: float = KEEP_ALIVE_TIMEOUT
 
     @classmethod
-    def from_limits(cls, limits: object) -> Budgets:
+    def from_limits(cls, limits: Limits) -> Budgets:
         """From a :class:`~trio_dht.limits.Limits` (its ``http_*`` fields)."""
         return cls(
-            head=limits.http_head_timeout,  # type: ignore[attr-defined]
-            body=limits.http_body_timeout,  # type: ignore[attr-defined]
-            send=limits.http_send_timeout,  # type: ignore[attr-defined]
-            send_buffer=limits.http_send_buffer,  # type: ignore[attr-defined]
+            head=limits.http_head_timeout,
+            body=limits.http_body_timeout,
+            send=limits.http_send_timeout,
+            send_buffer=limits.http_send_buffer,
         )
-
-    def timeout(self, expiry: Expiry) -> float:
-        if expiry is Expiry.HEAD:
-            return self.head
-        if expiry is Expiry.BODY:
-            return self.body
-        if expiry is Expiry.SEND:
-            return self.send
-        return self.keep_alive
 
     @property
     def sweep_interval(self) -> float:

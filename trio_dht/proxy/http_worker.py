@@ -163,7 +163,6 @@ class HttpWorker:
     ) -> None:
         self._channel = channel
         self._budgets = settings.budgets
-        self._timeouts = {expiry: settings.budgets.timeout(expiry) for expiry in Expiry}
         self._timeout_response = settings.timeout_response
         self._per_address = PerAddress(settings.connections_per_address)
         self._accept_pause = AcceptPause()
@@ -412,12 +411,12 @@ class HttpWorker:
         buffer = client.buffer
         if client.in_flight is not None or client.out or client.closing or not buffer:
             if client.in_flight is None and not client.out and not buffer:
-                self._wait(client, _IDLE, now)
+                self._wait(client, _IDLE, self._budgets.keep_alive, now)
             self._watch(client)
             return
         head = read_head(buffer)
         if head is None:
-            self._wait(client, _HEAD, now)
+            self._wait(client, _HEAD, self._budgets.head, now)
             self._watch(client)
             return
         route = None if head is UNUSUAL else relayed_request(head)  # type: ignore[arg-type]
@@ -427,7 +426,7 @@ class HttpWorker:
         assert isinstance(head, Head)
         end = head.size + head.content_length
         if len(buffer) < end:
-            self._wait(client, _BODY, now)
+            self._wait(client, _BODY, self._budgets.body, now)
             self._watch(client)
             return
         body = bytes(buffer[head.size : end])
@@ -448,7 +447,7 @@ class HttpWorker:
             try:
                 sent = client.sock.send(client.out)
             except _BLOCKING:
-                self._wait(client, _SEND, now)
+                self._wait(client, _SEND, self._budgets.send, now)
                 self._watch(client)
                 return
             except OSError:
@@ -462,12 +461,12 @@ class HttpWorker:
         else:
             self._serve(client, now)
 
-    def _wait(self, client: _Client, expiry: Expiry, now: float) -> None:
+    def _wait(self, client: _Client, expiry: Expiry, timeout: float, now: float) -> None:
         """Start ``expiry``'s deadline, unless the connection waits for that already (a head's or a body's
         deadline counts from its start, not from the last byte)."""
-        if client.expiry is not expiry or client.deadline == _INF:
+        if client.deadline == _INF or client.expiry is not expiry:
             client.expiry = expiry
-            client.deadline = now + self._timeouts[expiry]
+            client.deadline = now + timeout
 
     def _watch(self, client: _Client) -> None:
         """Wait for what the connection needs: its socket to take the rest of a response, more bytes (not
