@@ -52,17 +52,21 @@ class Limits:
 
     # -- HTTP proxy ---
     http_head_timeout: float = 10.0
-    """From a request's first byte to the end of its head; the connection is closed past it (408)."""
+    """From a request's first byte to the end of its head (also a TLS handshake); then a 408 and the
+    connection is closed, however the bytes trickle in."""
     http_body_timeout: float = 30.0
-    """From the end of a request's head to the end of its body; the connection is closed past it (408)."""
+    """From the end of a request's head to the end of its body; then a 408 and the connection is closed."""
     http_send_timeout: float = 30.0
-    """How long a response may wait for a client that does not read; then the connection is closed."""
+    """How long a response may wait, once the socket stops taking it, for a client that does not read; then
+    the connection is closed."""
     http_send_buffer: int = 4 * MIB
-    """Response bytes buffered for a client that does not read; then the connection is closed."""
+    """Response bytes held for a client that does not read (a GET's values, a listen stream's lines, a
+    relayed response); past it the connection is closed."""
     http_connections_per_ip: int = 256
-    """Open connections per client address (IPv6 per /64); the next one is closed at accept."""
+    """Open connections per client address (IPv6 per /64, loopback per address), in each process that
+    accepts them (an HTTP worker, the front end); the next one is closed at accept."""
     http_listens_per_ip: int = 64
-    """Listen streams per client address (IPv6 per /64); the next one is answered 429."""
+    """Listen streams per client address (IPv6 per /64, loopback per address); the next is answered 429."""
 
     # -- push ---
     push_request_timeout: float = 10.0
