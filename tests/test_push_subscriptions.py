@@ -175,22 +175,31 @@ def test_subscriptions_per_source_are_capped_and_counted_down():
 
 def test_prepare_changes_nothing_until_commit():
     book = SubscriptionBook(per_source=1)
-    prepared, created = book.prepare(KEY, sub_req(), 0, source="10.0.0.1")
-    assert created and len(book) == 0 and book.held_by("10.0.0.1") == 0 and book.next_due() is None
-    sub = book.commit(prepared, created)
-    assert sub is prepared and len(book) == 1 and book.held_by("10.0.0.1") == 1
+    change = book.prepare(KEY, sub_req(), 0, source="10.0.0.1")
+    assert change.created and len(book) == 0 and book.held_by("10.0.0.1") == 0 and book.next_due() is None
+    sub = book.commit(change)
+    assert sub is change.sub and len(book) == 1 and book.held_by("10.0.0.1") == 1
     # A prepared refresh leaves the live subscription as it was until committed.
-    refresh, created = book.prepare(KEY, sub_req(session_id="s2"), 2 * H, source="10.0.0.1")
-    assert not created and refresh is not sub and refresh.sid == sub.sid
-    assert (sub.deadline, sub.session_id, refresh.deadline, refresh.session_id) == (6 * H, "s1", 8 * H, "s2")
-    assert book.commit(refresh, created) is sub and (sub.deadline, sub.session_id) == (8 * H, "s2")
-    assert book.held_by("10.0.0.1") == 1 and book.next_due() == 7.5 * H
+    book.advance(5.5 * H)
+    refresh = book.prepare(KEY, sub_req(session_id="s2", platform="ios"), 5.5 * H, source="10.0.0.9")
+    assert not refresh.created and refresh.sub is sub
+    assert (sub.deadline, sub.session_id, sub.platform, sub.state) == (
+        6 * H,
+        "s1",
+        Platform.ANDROID,
+        S.TIMEOUT_PUSH_SENT,
+    )
+    assert (refresh.deadline, refresh.session_id, refresh.platform) == (11.5 * H, "s2", Platform.IOS)
+    assert book.next_due() == 6 * H
+    assert book.commit(refresh) is sub
+    assert (sub.deadline, sub.session_id, sub.platform, sub.state) == (11.5 * H, "s2", Platform.IOS, S.ACTIVE)
+    assert book.held_by("10.0.0.1") == 1 and book.held_by("10.0.0.9") == 0 and book.next_due() == 11 * H
 
 
 def test_a_restored_subscription_counts_for_its_source():
     book = SubscriptionBook(per_source=1)
-    prepared, _ = book.prepare(KEY, sub_req(), 0, source="2001:db8::")
-    assert book.restore(prepared, 1)
+    change = book.prepare(KEY, sub_req(), 0, source="2001:db8::")
+    assert book.restore(change.sub, 1)
     with pytest.raises(BadRequest):
         book.subscribe(KEY, sub_req(client_id="other"), 1, source="2001:db8::")
 

@@ -44,6 +44,7 @@ from trio_dht.push.payloads import Dialect, Platform
 from trio_dht.push.requests import BadRequest, parse_subscribe, parse_unsubscribe
 from trio_dht.push.subscriptions import (
     DEFAULT_LIFETIME,
+    Change,
     Subscription,
     SubscriptionBook,
     SubscriptionState,
@@ -188,12 +189,13 @@ class PushService:
                     ssrf.parse_endpoint(request.token, allow_private=self._allow_private)
                 except ssrf.ForbiddenEndpoint as exc:
                     raise BadRequest(f"Bad endpoint: {exc}") from None
-            prepared, created = self.book.prepare(key, request, trio.current_time(), source)
+            change = self.book.prepare(key, request, trio.current_time(), source)
         except BadRequest as exc:
             return PushReply(exc.status, exc.body)
-        if not self._save(prepared):
+        if not self._save(change.sub, change):
             return _STATE_UNAVAILABLE
-        sub = self.book.commit(prepared, created)
+        sub = self.book.commit(change)
+        created = change.created
         self.stats["subscribed" if created else "refreshed"] += 1
         watch = self._watches.get(key)
         if watch is None:
@@ -331,11 +333,17 @@ class PushService:
             return False
         return True
 
-    def _save(self, sub: Subscription) -> bool:
-        """Store ``sub`` as it is; False if the state file refused (logged and counted by it)."""
+    def _save(self, sub: Subscription, change: Change | None = None) -> bool:
+        """Store ``sub`` as it is, or as ``change`` makes it; False if the state file refused (logged and
+        counted by it)."""
         if self._store is None:
             return True
-        wall_deadline = sub.deadline - trio.current_time() + self._wall_clock()
+        if change is None:
+            change = Change(sub, False, sub.platform, sub.topic, sub.session_id, sub.deadline)
+            state = sub.state
+        else:
+            state = SubscriptionState.ACTIVE
+        wall_deadline = change.deadline - trio.current_time() + self._wall_clock()
         try:
             self._store.save_subscription(
                 StoredSubscription(
@@ -344,11 +352,11 @@ class PushService:
                     token=sub.token,
                     key=bytes(sub.key),
                     client_id=sub.client_id,
-                    session_id=sub.session_id,
-                    platform=sub.platform.value,
-                    topic=sub.topic,
+                    session_id=change.session_id,
+                    platform=change.platform.value,
+                    topic=change.topic,
                     deadline=wall_deadline,
-                    state=sub.state.value,
+                    state=state.value,
                     source=sub.source,
                 )
             )

@@ -41,7 +41,6 @@ import enum
 import heapq
 import math
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -139,6 +138,20 @@ class Transition:
     """TIMEOUT_PUSH_SENT (send :meth:`SubscriptionBook.timeout_push`) or EXPIRED (stop and forget)."""
 
 
+@dataclass(slots=True)
+class Change:
+    """A SUBSCRIBE checked by :meth:`SubscriptionBook.prepare`, to apply with :meth:`SubscriptionBook.commit`:
+    the subscription (a new one, not in the book yet; or the one refreshed, not changed yet) and its values
+    once applied."""
+
+    sub: Subscription
+    created: bool
+    platform: Platform
+    topic: str
+    session_id: str
+    deadline: float
+
+
 class SubscriptionBook:
     """Every push subscription, indexed by sid, by device token and by key, with one deadline heap."""
 
@@ -161,7 +174,7 @@ class SubscriptionBook:
         self._by_key: dict[InfoHash, dict[int, Subscription]] = {}
         self._heap: list[tuple[float, int]] = []
         self.per_source = per_source
-        self._by_source: Counter[str] = Counter()
+        self._by_source: dict[str, int] = {}
         self.refused_per_source = 0
         """New subscriptions refused because their source held ``per_source`` already."""
         self.total = total
@@ -228,14 +241,12 @@ class SubscriptionBook:
         self, key: InfoHash, request: SubscribeRequest, now: float, source: str = ""
     ) -> tuple[Subscription, bool]:
         """Create or refresh the subscription ``request`` names: :meth:`prepare`, then :meth:`commit`."""
-        prepared, created = self.prepare(key, request, now, source)
-        return self.commit(prepared, created), created
+        change = self.prepare(key, request, now, source)
+        return self.commit(change), change.created
 
-    def prepare(
-        self, key: InfoHash, request: SubscribeRequest, now: float, source: str = ""
-    ) -> tuple[Subscription, bool]:
-        """The subscription ``request`` creates or refreshes, as it will be once committed, and whether it is
-        new; the book does not change.
+    def prepare(self, key: InfoHash, request: SubscribeRequest, now: float, source: str = "") -> Change:
+        """The change ``request`` makes: a new subscription (not in the book yet) or the refresh of one (left
+        as it is until :meth:`commit`); the book does not change.
 
         A refresh updates platform, topic and (if the body had one) session, as OpenDHT's HEAD does. Raises
         :class:`BadRequest`: 400 if this subscription's pushes could not fit the platform's payload limit,
@@ -244,39 +255,41 @@ class SubscriptionBook:
         """
         sub = self.find(request.token, (request.dialect, key, request.client_id))
         session = request.session_id if request.session_id is not None or sub is None else sub.session_id
+        session = session or ""
         sid = self._new_sid() if sub is None else sub.sid
-        _check_payload_size(request.dialect, key, request.client_id, session or "", sid, request.platform)
-        if sub is None:
-            if source and self._by_source[source] >= self.per_source:
-                self.refused_per_source += 1
-                raise BadRequest("Too many push subscriptions from this address", 429)
-            if len(self._by_sid) >= self.total:
-                self.refused_full += 1
-                raise BadRequest("Too many push subscriptions on this proxy", 503)
-        prepared = Subscription(
+        _check_payload_size(request.dialect, key, request.client_id, session, sid, request.platform)
+        deadline = now + self.lifetime
+        if sub is not None:
+            return Change(sub, False, request.platform, request.topic, session, deadline)
+        if source and self._by_source.get(source, 0) >= self.per_source:
+            self.refused_per_source += 1
+            raise BadRequest("Too many push subscriptions from this address", 429)
+        if len(self._by_sid) >= self.total:
+            self.refused_full += 1
+            raise BadRequest("Too many push subscriptions on this proxy", 503)
+        sub = Subscription(
             sid=sid,
             dialect=request.dialect,
             token=request.token,
             key=key,
             client_id=request.client_id,
-            session_id=session or "",
+            session_id=session,
             platform=request.platform,
             topic=request.topic,
-            deadline=now + self.lifetime,
-            source=source if sub is None else sub.source,
+            deadline=deadline,
+            source=source,
         )
-        return prepared, sub is None
+        return Change(sub, True, request.platform, request.topic, session, deadline)
 
-    def commit(self, prepared: Subscription, created: bool) -> Subscription:
+    def commit(self, change: Change) -> Subscription:
         """Apply what :meth:`prepare` returned (with no other change to the book in between); the
         subscription in the book."""
-        if created:
-            sub = prepared
+        sub = change.sub
+        if change.created:
             self._add(sub)
         else:
-            sub = self._by_sid[prepared.sid]
-            sub.platform, sub.topic, sub.session_id = prepared.platform, prepared.topic, prepared.session_id
-            sub.deadline = prepared.deadline
+            sub.platform, sub.topic, sub.session_id = change.platform, change.topic, change.session_id
+            sub.deadline = change.deadline
             sub.state = SubscriptionState.ACTIVE
         self._schedule(sub)
         return sub
@@ -378,7 +391,7 @@ class SubscriptionBook:
         self._by_sid[sub.sid] = sub
         self._by_token.setdefault(sub.token, {})[sub.identity] = sub
         self._by_key.setdefault(sub.key, {})[sub.sid] = sub
-        self._by_source[sub.source] += 1
+        self._by_source[sub.source] = self._by_source.get(sub.source, 0) + 1
 
     def _remove(self, sub: Subscription, state: SubscriptionState) -> None:
         sub.state = state
@@ -392,8 +405,10 @@ class SubscriptionBook:
         del of_key[sub.sid]
         if not of_key:
             del self._by_key[sub.key]
-        self._by_source[sub.source] -= 1
-        if not self._by_source[sub.source]:
+        left = self._by_source[sub.source] - 1
+        if left:
+            self._by_source[sub.source] = left
+        else:
             del self._by_source[sub.source]
 
     def _schedule(self, sub: Subscription, not_before: float = -math.inf) -> None:
