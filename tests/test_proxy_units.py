@@ -439,3 +439,24 @@ def test_permanent_puts_bytes_in_all_are_capped() -> None:
     book.record(key, Value(data=b"y" * 500, id=4), None, 1.0, "10.0.0.9")  # room again
     book.due(LIFETIME + 2.0)
     assert book.bytes == 0 and book.total == 0
+
+
+def test_permanent_puts_bytes_per_source_are_capped() -> None:
+    from trio_dht.proxy.permanent import TooManyPuts
+
+    key = InfoHash.get("k")
+    size = len(Value(data=b"x" * 1000, id=1).packed())
+    book = PermanentPuts(bytes_per_source=2 * size)
+    book.record(key, Value(data=b"x" * 1000, id=1), None, 0.0, "10.0.0.1")
+    book.record(key, Value(data=b"x" * 1000, id=2), None, 0.0, "10.0.0.1")
+    with pytest.raises(TooManyPuts) as refused:
+        book.record(key, Value(data=b"x" * 10, id=3), None, 0.0, "10.0.0.1")
+    assert refused.value.status == 429 and book.refused == 1
+    with pytest.raises(TooManyPuts):  # a refresh that grows counts for the source that made the put
+        book.record(key, Value(data=b"x" * 1001, id=1), None, 0.0, "10.0.0.2")
+    book.record(key, Value(data=b"x" * 10, id=3), None, 0.0, "10.0.0.2")  # another source
+    book.record(key, Value(data=b"x", id=1), None, 1.0)  # shrinking makes room
+    book.record(key, Value(data=b"x" * 500, id=4), None, 1.0, "10.0.0.1")
+    assert book.held_by("10.0.0.1") == 3
+    book.due(LIFETIME + 2.0)
+    assert book.bytes == 0 and book.source_count == 0

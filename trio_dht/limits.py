@@ -98,6 +98,9 @@ class Limits:
     permanent_puts_per_source: int = 1000
     """Permanent puts held per client address (IPv6 per /64); a new one past it is answered 429 (a re-POST of
     a held put is not new; expiry frees slots)."""
+    permanent_puts_bytes_per_source: int = 4 * MIB
+    """Bytes of the values held as permanent puts per client address (IPv6 per /64; their packed size); a put
+    that would hold more is answered 429."""
     permanent_puts_bytes: int = 64 * MIB
     """Bytes of the values held as permanent puts, in all (their packed size); a put that would hold more is
     answered 503."""

@@ -6,9 +6,10 @@ keeps it alive by re-POSTing (at 22 h, or when told to by a ``timeout``/``vid`` 
 whose content, push token and client id match a held put just renews that put.
 
 Each put belongs to the source (client address bucket) that first made it. A source holds at most
-``per_source`` puts: a new one beyond is refused with :class:`TooManyPuts` (status 429; a renewal or a
-re-POST of a held id is not new). The values held weigh at most ``max_bytes`` in all (their packed size): a
-put that would weigh more is refused with :class:`TooManyPuts` (status 503).
+``per_source`` puts, whose values weigh at most ``bytes_per_source`` (their packed size): a new put beyond,
+or a re-POST that would weigh more, is refused with :class:`TooManyPuts` (status 429; a renewal or a
+re-POST of a held id is not a new put). The values held weigh at most ``max_bytes`` in all: a put that
+would weigh more is refused with :class:`TooManyPuts` (status 503).
 
 With a journal, every change is written first: if the write fails (the journal raises), the held puts stay
 as they were.
@@ -85,6 +86,7 @@ class PermanentPuts:
         journal: PutJournal | None = None,
         *,
         per_source: int = DEFAULT_LIMITS.permanent_puts_per_source,
+        bytes_per_source: int = DEFAULT_LIMITS.permanent_puts_bytes_per_source,
         max_bytes: int = DEFAULT_LIMITS.permanent_puts_bytes,
     ) -> None:
         self.journal = journal
@@ -93,8 +95,10 @@ class PermanentPuts:
         self._heap: list[tuple[float, int, InfoHash, int]] = []
         self._seq = itertools.count()
         self._by_source: Counter[str] = Counter()
+        self.bytes_per_source = bytes_per_source
+        self._bytes_by_source: Counter[str] = Counter()
         self.refused = 0
-        """New puts refused because their source held ``per_source`` already."""
+        """Puts refused because their source held ``per_source`` puts or ``bytes_per_source`` already."""
         self.max_bytes = max_bytes
         self.bytes = 0
         """Packed size of the values held."""
@@ -150,8 +154,9 @@ class PermanentPuts:
         """Hold (or re-hold) ``value`` for 24 h, giving it a random id if it has none.
 
         Raises :class:`TooManyPuts` (and holds nothing) if the put is new and ``source`` (``""``: unknown,
-        never refused) holds ``per_source`` puts already, or if the values held would weigh more than
-        ``max_bytes``; the journal's error if it cannot write the put.
+        never refused) holds ``per_source`` puts already, if the values of its source (the one that made it)
+        would weigh more than ``bytes_per_source``, or all values more than ``max_bytes``; the journal's error
+        if it cannot write the put.
         """
         if not value.id:
             value.id = random_value_id()
@@ -168,6 +173,10 @@ class PermanentPuts:
         if changed.push is not None:
             changed.refresh_at = now + LIFETIME - REFRESH_MARGIN
         grows = len(value.packed()) - (0 if held is None else len(held.value.packed()))
+        owner = changed.source
+        if grows > 0 and owner and self._bytes_by_source[owner] + grows > self.bytes_per_source:
+            self.refused += 1
+            raise TooManyPuts(429, "Too many permanent puts from this address")
         if grows > 0 and self.bytes + grows > self.max_bytes:
             self.refused_full += 1
             raise TooManyPuts(503, "Too many permanent puts on this proxy")
@@ -177,7 +186,8 @@ class PermanentPuts:
             held = changed
             self._hold(held)
         else:
-            self.bytes += len(changed.value.packed()) - len(held.value.packed())
+            self.bytes += grows
+            self._bytes_by_source[held.source] += grows
             held.value, held.expires_at, held.push = changed.value, changed.expires_at, changed.push
             held.refresh_at = changed.refresh_at
         self._schedule(held.expires_at, held)
@@ -239,11 +249,15 @@ class PermanentPuts:
         by_id[held.value.id] = held
         self._by_source[held.source] += 1
         self.bytes += len(held.value.packed())
+        self._bytes_by_source[held.source] += len(held.value.packed())
 
     def _release(self, held: PermanentPut) -> None:
         self._by_source[held.source] -= 1
         if not self._by_source[held.source]:
             del self._by_source[held.source]
+            del self._bytes_by_source[held.source]
+        else:
+            self._bytes_by_source[held.source] -= len(held.value.packed())
         self.bytes -= len(held.value.packed())
 
     def _schedule(self, when: float, held: PermanentPut) -> None:

@@ -76,6 +76,7 @@ class ProxyState:
         self.permanent = PermanentPuts(
             journal,
             per_source=config.limits.permanent_puts_per_source,
+            bytes_per_source=config.limits.permanent_puts_bytes_per_source,
             max_bytes=config.limits.permanent_puts_bytes,
         )
         limits = config.limits
