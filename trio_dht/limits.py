@@ -126,7 +126,22 @@ class Limits:
     def describe(self) -> list[tuple[str, str, str]]:
         """(name, default, what it bounds) for each limit, for ``--limits``."""
         docs = _field_docs()
-        return [(f.name, str(getattr(self, f.name)), docs.get(f.name, "")) for f in dataclasses.fields(self)]
+        return [
+            (f.name, _show(f.name, getattr(self, f.name)), docs.get(f.name, ""))
+            for f in dataclasses.fields(self)
+        ]
+
+
+def _show(name: str, value: float) -> str:
+    """A limit as ``--limit`` takes it back: sizes (names with ``bytes`` or ``buffer``) as ``16M`` or
+    ``64K``, durations (``*_timeout``, ``*_age``) as ``10s``, the rest as plain numbers."""
+    if name.endswith(("_timeout", "_age")):
+        return f"{value:g}s"
+    if "bytes" in name or "buffer" in name:
+        for unit, size in (("G", 1024 * MIB), ("M", MIB), ("K", KIB)):
+            if value >= size and value % size == 0:
+                return f"{int(value) // size}{unit}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 _SIZE = re.compile(r"(\d+)([kmg]?)i?b?", re.IGNORECASE)
