@@ -423,6 +423,8 @@ async def test_lenient_requests_are_answered(lone_node, raw_peer):
 class _IPv4Only:
     """Stands for a driven node's IPv4 socket, so that it searches and listens over IPv4."""
 
+    queue_drops = 0
+
     def close(self) -> None:
         pass
 

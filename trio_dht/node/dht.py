@@ -270,6 +270,7 @@ class DhtNode:
             "amplification_deferred": validation.deferred,
             "verify_refused_keys": self.verifier.refused_keys,
             "verify_cache_hits": self.verifier.cache_hits,
+            "send_queue_dropped": sum(endpoint.queue_drops for endpoint in self._socks.values()),
         }
 
     def is_connected(self) -> bool:
