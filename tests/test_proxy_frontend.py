@@ -32,7 +32,7 @@ def test_reads_a_plain_get() -> None:
 
 
 def test_reads_a_post_with_length_and_close() -> None:
-    raw = b"POST /key/abc HTTP/1.1\r\nContent-Length:  12 \r\nCONNECTION: Close\r\n\r\n"
+    raw = b"POST /key/abc HTTP/1.1\r\nhost: x\r\nContent-Length:  12 \r\nCONNECTION: Close\r\n\r\n"
     head = read_head(raw + b'{"data":"x"}')
     assert head == Head("POST", b"/key/abc", len(raw), 12, True)
 
@@ -46,16 +46,20 @@ def test_incomplete_head_waits() -> None:
     "raw",
     [
         b"GET / HTTP/1.0\r\n\r\n",
-        b"GET http://x/ HTTP/1.1\r\n\r\n",
-        b"GET  / HTTP/1.1\r\n\r\n",
-        b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
-        b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
-        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
         b"GET / HTTP/1.1\nHost: x\n\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
         b"G\xc3T / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1\r\nX: " + b"a" * 20000,
     ],
@@ -196,11 +200,11 @@ async def test_keep_alive_then_hand_over_to_hypercorn(nursery: trio.Nursery, dht
 async def test_pipelined_requests_and_a_body_in_pieces(nursery: trio.Nursery, dht: MemoryDht) -> None:
     client = await connect(await start(nursery, dht))
     post = f"POST /key/{KEY.hex()} HTTP/1.1\r\nHost: x\r\nContent-Length: 24\r\n\r\n".encode()
-    await client.stream.send_all(b"GET / HTTP/1.1\r\n\r\n" + post + b'{"data":"aGk=",')
+    await client.stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + post + b'{"data":"aGk=",')
     status, _, body = await client.response()
     assert status == "HTTP/1.1 200 OK" and "node_id" in json.loads(body)
     await trio.sleep(0.05)
-    await client.stream.send_all(b'"id":"5"}' + b"GET /node/info HTTP/1.1\r\n\r\n")
+    await client.stream.send_all(b'"id":"5"}' + b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")
     status, _, body = await client.response()
     assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"data": "aGk=", "id": "5", "type": 0}
     status, _, body = await client.response()
@@ -240,7 +244,7 @@ async def test_unusual_requests_get_hypercorns_answer(
 
 async def test_body_over_the_limit(nursery: trio.Nursery, dht: MemoryDht) -> None:
     client = await connect(await start(nursery, dht, max_body=100))
-    await client.stream.send_all(b"POST /key/k HTTP/1.1\r\nContent-Length: 101\r\n\r\n")
+    await client.stream.send_all(b"POST /key/k HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
     status, headers, _ = await client.response()
     assert status.startswith("HTTP/1.1 413") and headers["connection"] == "close"
     assert await client.at_eof()
@@ -251,7 +255,7 @@ async def test_rate_limit(nursery: trio.Nursery, dht: MemoryDht) -> None:
     statuses = []
     for _ in range(3):
         client = await connect(port)
-        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")
         statuses.append((await client.response())[0])
     assert statuses == ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 429 Too Many Requests"]
 
@@ -260,7 +264,7 @@ async def test_shutdown_closes_idle_connections(dht: MemoryDht) -> None:
     async with trio.open_nursery() as nursery:
         port = await start(nursery, dht)
         client = await connect(port)
-        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+        await client.stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")
         await client.response()
         nursery.cancel_scope.cancel()
     assert await client.at_eof()
@@ -270,7 +274,7 @@ async def test_idle_connections_time_out(
     nursery: trio.Nursery, dht: MemoryDht, autojump_clock: object
 ) -> None:
     client = await connect(await start(nursery, dht))
-    await client.stream.send_all(b"GET /node/info HTTP/1.1\r\n\r\n")
+    await client.stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")
     await client.response()
     start_time = trio.current_time()
     assert await client.at_eof(timeout=10 * KEEP_ALIVE_TIMEOUT)
@@ -346,7 +350,9 @@ async def test_a_head_in_pieces_and_close(nursery: trio.Nursery, dht: MemoryDht)
     await trio.sleep(0.05)
     await client.stream.send_all(b"fo HTTP/1.1\r\nHost: x\r\n")
     await trio.sleep(0.05)
-    await client.stream.send_all(b"\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+    await client.stream.send_all(
+        b"\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     status, headers, body = await client.response()
     assert status == "HTTP/1.1 200 OK" and "connection" not in headers and "node_id" in json.loads(body)
     status, headers, body = await client.response()
@@ -358,7 +364,7 @@ async def test_a_head_in_pieces_and_close(nursery: trio.Nursery, dht: MemoryDht)
 async def test_replies_to_a_half_closed_connection(nursery: trio.Nursery, dht: MemoryDht) -> None:
     port = await start(nursery, dht)
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"GET /node/info HTTP/1.1\r\n\r\n" * 2)  # the requests and the end arrive together
+    sock.sendall(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n" * 2)  # the requests and the end come together
     sock.shutdown(socket.SHUT_WR)
     sock.setblocking(False)
     client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
@@ -399,7 +405,7 @@ async def test_node_info_is_cached_for_a_second(
     nursery: trio.Nursery, dht: MemoryDht, autojump_clock: object
 ) -> None:
     client = await connect(await start(nursery, dht))
-    request = b"GET /node/info HTTP/1.1\r\n\r\n"
+    request = b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n"
     await client.stream.send_all(request)
     assert json.loads((await client.response())[2])["ipv4"]["good"] == 8
     dht.good_nodes = 3
@@ -478,7 +484,7 @@ async def test_listen_count_and_a_listen_that_others_share(nursery: trio.Nursery
     port = await start(nursery, dht)
     clients = [await connect(port) for _ in range(3)]
     for client in clients:
-        await client.stream.send_all(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\n\r\n".encode())
+        await client.stream.send_all(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         await read_until(client, b"\r\n\r\n")
     stats = await connect(port)
     await stats.stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -502,7 +508,7 @@ async def test_a_listen_whose_client_does_not_read_is_cut(nursery: trio.Nursery,
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\n\r\n".encode())
+    sock.sendall(f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     with trio.fail_after(BOUND):
         while not dht.listener_count():
             await trio.sleep(0.01)

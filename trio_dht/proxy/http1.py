@@ -1,11 +1,15 @@
 """A deliberately narrow HTTP/1.1 reader and writer for the proxy's hot requests (sans-IO).
 
-:func:`read_head` recognises only the plainest requests: an HTTP/1.1 request line with an origin-form
-target, ``Name: value`` header lines, and a body given by one ``Content-Length``. Everything else (HTTP/1.0,
-chunked or ``Expect: 100-continue`` bodies, upgrades, folded or odd header lines, bare-LF line ends, duplicate
-lengths) is reported as :data:`UNUSUAL`, and the caller hands the connection, bytes and all, to hypercorn,
-whose h11 answers it properly (including a 400 for what is malformed). So this module never judges a bad
-request.
+:func:`read_head` recognises only the plainest requests, a strict subset of what h11 (hypercorn's HTTP/1.1
+parser) accepts and reads the same way: an HTTP/1.1 request line with an origin-form target of visible ASCII,
+``Name: value`` header lines with values of visible characters, spaces and tabs, exactly one ``Host``, each
+line ending in CRLF, and a body given by one ``Content-Length``. Everything else is reported as
+:data:`UNUSUAL`: HTTP/1.0 or any other version, absolute-form, authority-form (CONNECT) or asterisk-form
+targets, chunked or ``Expect: 100-continue`` bodies, upgrades, ``TE`` and ``Trailer``, folded lines, space
+before a colon, control bytes, bare-LF line ends, a missing or repeated ``Host``, a repeated or malformed
+``Content-Length``, a head longer than :data:`MAX_HEAD`. The caller then hands the connection, bytes and all,
+to hypercorn, whose h11 answers it properly (a 400 for what is malformed). So this module never judges a bad
+request, and a request it does read ends where h11 would end it.
 
 The writers build complete responses (:func:`reply`) and chunked streams (:func:`stream_head`,
 :func:`chunk`, :data:`LAST_CHUNK`) as bytes.
@@ -45,35 +49,45 @@ UNUSUAL: Final = _Unusual()
 """A request this reader does not handle: leave it (and the connection) to hypercorn."""
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_HEAD = re.compile(rb"(" + _TOKEN + rb") (/[^ \r\n]*) HTTP/1\.1\r\n(?:" + _TOKEN + rb":[^\r\n]*\r\n)*\r\n")
-"""A request line, then ``Name: value`` lines, each ending in CRLF, with no CR or LF inside (no folding, no
-bare LF), then an empty line.
+_REQUEST_LINE = rb"(?!CONNECT )(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.1\r\n"
+_FIELD = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n"
+_HEAD = re.compile(_REQUEST_LINE + rb"(?:" + _FIELD + rb")*\r\n")
+"""A request line (any method but CONNECT, a protocol switch for h11), then ``Name: value`` lines, each ending
+in CRLF, then an empty line. A value holds no control byte but HTAB (h11 refuses NUL, CR, LF, VT and FF, and
+accepts the others): every head this matches is one h11 reads into the same lines, with values stripped of
+spaces and tabs.
 """
 _FIELDS_READ = re.compile(
-    rb"\n(content-length|connection|transfer-encoding|expect|upgrade|te|trailer):([^\r]*)", re.IGNORECASE
+    rb"\n(host|content-length|connection|transfer-encoding|expect|upgrade|te|trailer):([^\r]*)", re.IGNORECASE
 )
 """The fields this reader looks at (each line starts after an LF)."""
 _LENGTH = re.compile(rb"[ \t]*([0-9]{1,18})[ \t]*")
+_TOKEN_BYTES = frozenset(b"-!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 def read_head(buffer: bytes | bytearray) -> Head | _Unusual | None:
     """The request head at the start of ``buffer``; None while it is incomplete; :data:`UNUSUAL` if it is
     not a plain HTTP/1.1 request.
+
+    None only while h11 would wait for more bytes too: a head that cannot become a plain one within
+    :data:`MAX_HEAD` bytes, that does not start with a method, or that has a bare LF (h11 may have its whole
+    head already) is :data:`UNUSUAL` at once.
     """
-    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
     if end < 0:
-        if len(buffer) > MAX_HEAD or b"\n\n" in buffer:
-            return UNUSUAL
-        return None
+        return _incomplete(buffer)
     size = end + 4
     head = _HEAD.fullmatch(buffer, 0, size)
     if head is None:
         return UNUSUAL
     content_length = -1
     close = False
+    hosts = 0
     for name, value in _FIELDS_READ.findall(buffer, head.end(2), end + 2):
         name = name.lower()
-        if name == b"content-length":
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
             length = _LENGTH.fullmatch(value)
             if content_length >= 0 or length is None:
                 return UNUSUAL
@@ -85,7 +99,22 @@ def read_head(buffer: bytes | bytearray) -> Head | _Unusual | None:
             close = close or b"close" in tokens
         else:  # transfer-encoding, expect, upgrade, te, trailer
             return UNUSUAL
+    if hosts != 1:  # h11 refuses an HTTP/1.1 request without a Host, and one with several
+        return UNUSUAL
     return Head(head[1].decode("ascii"), head[2], size, max(content_length, 0), close)
+
+
+def _incomplete(buffer: bytes | bytearray) -> _Unusual | None:
+    """None while the head in ``buffer`` may still become a plain one (and h11 would wait for more too)."""
+    if not buffer:
+        return None
+    if len(buffer) >= MAX_HEAD:  # no room left for the end of the head
+        return UNUSUAL
+    if buffer[0] not in _TOKEN_BYTES:  # h11 refuses at once what cannot start a request line (TLS, ...)
+        return UNUSUAL
+    if buffer.count(b"\n") != buffer.count(b"\r\n"):  # a bare LF: h11 may have read the whole head
+        return UNUSUAL
+    return None
 
 
 # -- writing -------------------------------------------------------------------------------------------------
