@@ -590,8 +590,7 @@ class DhtNode:
         self.counters.requests[method] += 1
         v6 = is_ipv6(addr[0])
         validated = self._validation.is_validated(addr)
-        if not validated:
-            self._validation.received(addr, size)
+        credit = math.inf if validated else self._validation.received(addr, size)
         pinging = False
         if not msg.is_client:
             node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
@@ -604,18 +603,24 @@ class DhtNode:
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
         if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
-            datagrams = self._within_credit(msg, addr, sa, now, datagrams, pinging)
+            datagrams = self._within_credit(msg, addr, sa, now, datagrams, credit, pinging)
         for datagram in datagrams:
             self._send(datagram, addr)
 
     def _within_credit(
-        self, msg: Message, addr: Address, sa: bytes, now: float, datagrams: list[bytes], pinging: bool
+        self,
+        msg: Message,
+        addr: Address,
+        sa: bytes,
+        now: float,
+        datagrams: list[bytes],
+        credit: float,
+        pinging: bool,
     ) -> list[bytes]:
-        """What may be sent to an unvalidated address: the answer if it fits its credit; else, the first time,
-        nothing while ``pinging`` validates the address (the sender's resend gets the whole answer); else a
-        smaller one (a get or find answered with fewer nodes and no values); else nothing."""
+        """What may be sent to an unvalidated address: the answer if it fits its ``credit``; else, the first
+        time, nothing while ``pinging`` validates the address (the sender's resend gets the whole
+        answer); else a smaller one (a get or find answered with fewer nodes and no values); else nothing."""
         validation = self._validation
-        credit = validation.credit(addr)
         size = sum(map(len, datagrams))
         if size <= credit:
             validation.spend(addr, size)
