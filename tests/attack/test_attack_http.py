@@ -21,6 +21,7 @@ import sys
 import time
 
 import httpx
+import pytest
 import trio
 from cli_process import LOOPBACK_NODE, free_tcp_port, trio_dht_process
 from conftest import Target, attacked
@@ -159,7 +160,8 @@ async def test_connections_and_listens_per_address_are_capped() -> None:
         assert (await http_stats(target))["listensRefused"] == 1
 
 
-async def test_out_of_file_descriptors_the_log_stays_small() -> None:
+@pytest.mark.parametrize("workers", ["1", "0"], ids=["worker", "front-end"])
+async def test_out_of_file_descriptors_the_log_stays_small(workers: str) -> None:
     port = free_tcp_port()
     command = [
         "prlimit",
@@ -172,6 +174,8 @@ async def test_out_of_file_descriptors_the_log_stays_small() -> None:
         str(port),
         "--proxy-addr",
         "127.0.0.1",
+        "--http-workers",
+        workers,
     ]
     async with trio_dht_process(command) as proc:
         lines_before = len(proc.lines)
