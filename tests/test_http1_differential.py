@@ -155,8 +155,9 @@ def assert_agrees(pieces: Sequence[bytes]) -> list[Read]:
 
 
 def assert_agrees_arriving_in_pieces(data: bytes, *, every_split: bool = True) -> list[Read]:
-    """:func:`assert_agrees` on ``data`` whole, split in two at every byte, and a byte at a time; the
-    requests the narrow reader reads off it whole."""
+    """:func:`assert_agrees` on ``data`` whole, split in two at every byte and arriving a byte at a time
+    (without ``every_split``: split in two at 16 places); the requests the narrow reader reads off it whole.
+    """
     whole = assert_agrees([data])
     splits = range(1, len(data)) if every_split else range(1, len(data), max(1, len(data) // 16))
     for split in splits:
