@@ -28,9 +28,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 
 
+#: Every load client here connects from 127.0.0.1, standing in for many clients: our per-address caps
+#: (connections, listen streams, subscriptions), which dhtnode does not have, are lifted for them.
+ONE_ADDRESS_IS_MANY = [
+    "--limit", "http_connections_per_ip=1000000",
+    "--limit", "http_listens_per_ip=1000000",
+    "--limit", "subscriptions_per_source=1000000",
+]  # fmt: skip
+
+
 def our_command() -> list[str]:
     """The command that starts trio_dht (flags are appended by the caller)."""
-    return shlex.split(os.environ.get("TRIO_DHT_CMD", "")) or [sys.executable, "-m", "trio_dht"]
+    command = shlex.split(os.environ.get("TRIO_DHT_CMD", "")) or [sys.executable, "-m", "trio_dht"]
+    return [*command, *ONE_ADDRESS_IS_MANY]
 
 
 def our_env() -> dict[str, str]:
