@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import socket
+
+import trio
+
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
+from trio_dht.node import udp
 from trio_dht.node.confirm import MAX_WAIT, ConfirmQueue
 from trio_dht.node.routing import Node
 from trio_dht.node.validation import AddressValidation
@@ -101,3 +106,28 @@ def test_an_answer_is_deferred_once_per_address():
     assert v.defer(A) and not v.defer(A) and v.deferred == 1
     v.received(A, 60)
     assert not v.defer(A)
+
+
+# -- the send queue ------------------------------------------------------------------------------------------
+
+
+async def test_send_queue_is_bounded_and_drops_what_waited_too_long(monkeypatch, autojump_clock):
+    monkeypatch.setattr(udp, "MAX_QUEUED", 3)
+    endpoint = udp.UdpEndpoint(socket.AF_INET, "127.0.0.1", 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        to = receiver.getsockname()
+        for i in range(5):  # as if the socket buffer were full: queued, the last two past the bound
+            endpoint._enqueue(b"old %d" % i, to)
+        assert endpoint.queue_drops == 2
+        async with trio.open_nursery() as nursery:
+            await trio.sleep(udp.MAX_QUEUE_AGE + 1)  # the flusher has not run yet: all three are stale
+            nursery.start_soon(endpoint._flush)
+            await trio.sleep(0.1)
+            endpoint._enqueue(b"fresh", to)
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        assert endpoint.queue_drops == 5 and endpoint.sent == 1
+        assert receiver.recv(100) == b"fresh"
+    endpoint.close()

@@ -2,8 +2,10 @@
 
 Datagrams are read in batches after one ``wait_readable`` and handed to a synchronous handler, and replies
 are sent at once with a non-blocking ``sendto``: per datagram there is no task, no checkpoint and no address
-resolution, which is most of what a Trio socket call costs. A send that would block is queued (bounded) and
-flushed by the endpoint's own task when the socket is writable again.
+resolution, which is most of what a Trio socket call costs. A send that would block is queued and flushed by
+the endpoint's own task when the socket is writable again: at most :data:`MAX_QUEUED` datagrams, each dropped
+if still queued after :data:`MAX_QUEUE_AGE` seconds (OpenDHT resends a request unanswered for a second, so an
+older datagram only adds to the backlog).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger("trio_dht.udp")
 RECV_BUFFER = 64 * 1024
 BATCH = 64
 MAX_QUEUED = 4096
+MAX_QUEUE_AGE = 2.0
 
 
 class UdpEndpoint:
@@ -38,11 +41,12 @@ class UdpEndpoint:
             self.sock.close()
             raise
         self.address: Address = normalize(self.sock.getsockname())
-        self._queue: deque[tuple[bytes, Address]] = deque()
+        self._queue: deque[tuple[bytes, Address, float]] = deque()
         self._writable = trio.Event()
         self.sent = 0
         self.send_errors = 0
         self.queue_drops = 0
+        """Datagrams dropped from a full or stale send queue."""
 
     def send(self, data: bytes, addr: Address) -> None:
         """Send now, or queue if the socket buffer is full (dropped past a bound: UDP may lose it anyway)."""
@@ -62,7 +66,7 @@ class UdpEndpoint:
         if len(self._queue) >= MAX_QUEUED:
             self.queue_drops += 1
             return
-        self._queue.append((data, addr))
+        self._queue.append((data, addr, trio.current_time()))
         self._writable.set()
 
     async def _flush(self) -> None:
@@ -70,8 +74,12 @@ class UdpEndpoint:
             await self._writable.wait()
             self._writable = trio.Event()
             while self._queue:
+                data, addr, queued_at = self._queue[0]
+                if trio.current_time() - queued_at > MAX_QUEUE_AGE:
+                    self.queue_drops += 1
+                    self._queue.popleft()
+                    continue
                 await trio.lowlevel.wait_writable(self.sock)
-                data, addr = self._queue[0]
                 try:
                     self.sock.sendto(data, addr)
                     self.sent += 1
