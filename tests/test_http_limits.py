@@ -411,3 +411,37 @@ async def test_a_hypercorn_response_the_client_does_not_take_is_cut(
     await trio.sleep(60)
     assert (await stats(port))["http"]["sendTimeouts"] == 1
     assert not (await read_to_end(stream)).endswith(b"\r\n0\r\n\r\n")
+
+
+async def test_concurrent_listens_through_quart_hold_the_cap(nursery: trio.Nursery, dht: MemoryDht) -> None:
+    """Listens that hypercorn serves (a chunked request is handed over), five at once on a cap of 3: three
+    streams, two 429s; once the three end, three may open again and no more (the count did not drift)."""
+    port = await start(nursery, dht, Limits(http_listens_per_ip=3))
+    request = f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\nHost: x\r\n".encode()
+    request += b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+
+    async def burst() -> tuple[list[trio.SocketStream], int]:
+        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
+        heads: list[bytes] = []
+
+        async def one(stream: trio.SocketStream) -> None:
+            await stream.send_all(request)
+            heads.append(await stream.receive_some(65536))
+
+        async with trio.open_nursery() as inner:
+            for stream in streams:
+                inner.start_soon(one, stream)
+        assert sum(h.startswith(b"HTTP/1.1 200") for h in heads) == 3
+        return streams, sum(h.startswith(b"HTTP/1.1 429") for h in heads)
+
+    with trio.fail_after(10):
+        streams, refused = await burst()
+        assert refused == 2 and dht.listener_count(KEY) == 3
+        for stream in streams:
+            await stream.aclose()
+        while dht.listener_count(KEY):
+            await trio.sleep(0.01)
+        streams, refused = await burst()
+        assert refused == 2 and dht.listener_count(KEY) == 3
+    doc = await stats(port)
+    assert doc["http"]["listensRefused"] == 4 and doc["listenCount"] == 3

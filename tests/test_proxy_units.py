@@ -15,7 +15,7 @@ from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
 from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
-from trio_dht.proxy.streams import ListenFeed, ListenRegistry
+from trio_dht.proxy.streams import ListenFeed, ListenRegistry, ListenStream
 from trio_dht.proxy.value_json import (
     PushTarget,
     ValueJsonError,
@@ -159,15 +159,39 @@ async def test_listen_feed_overflow() -> None:
 async def test_listen_registry_counts_streams_per_address() -> None:
     dht = MemoryDht()
     registry = ListenRegistry(per_address=2)
+    assert registry.reserve("2001:db8::1") and registry.reserve("2001:db8::1")
     feeds = [ListenFeed(dht, KEY, registry, lambda: None, "2001:db8::1") for _ in range(2)]
-    assert not registry.admits("2001:db8::2")  # the same /64
-    assert registry.admits("2001:db8:0:1::1") and registry.admits("127.0.0.1") and registry.admits(None)
+    assert not registry.reserve("2001:db8::2")  # the same /64
+    assert registry.reserve("2001:db8:0:1::1") and registry.reserve("127.0.0.1") and registry.reserve(None)
     assert registry.refused == 1 and len(registry) == 2
     feeds[0].cancel()
     feeds[0].cancel()  # idempotent: released once
-    assert registry.admits("2001:db8::2") and len(registry) == 1
+    assert registry.held("2001:db8::2") == 1 and len(registry) == 1
+    assert registry.reserve("2001:db8::2") and registry.held("2001:db8::2") == 2
     feeds[1].cancel()
-    assert len(registry) == 0
+    assert len(registry) == 0 and registry.held("2001:db8::2") == 1
+
+
+async def test_listen_stream_holds_its_slot_once() -> None:
+    dht = MemoryDht()
+    registry = ListenRegistry(per_address=1)
+    assert registry.reserve("192.0.2.1")
+    stream = ListenStream(dht, KEY, registry, "192.0.2.1")
+    assert not registry.reserve("192.0.2.1")  # reserved at admission, before the body is entered
+    async with stream:
+        assert registry.held("192.0.2.1") == 1 and len(registry) == 1
+        stream.release()  # nothing once entered
+        assert registry.held("192.0.2.1") == 1
+    assert registry.held("192.0.2.1") == 0 and len(registry) == 0
+    assert registry.reserve("192.0.2.1")
+    never = ListenStream(dht, KEY, registry, "192.0.2.1")  # its response never started
+    never.release()
+    never.release()
+    assert registry.held("192.0.2.1") == 0
+    assert registry.reserve("192.0.2.1")
+    dropped = ListenStream(dht, KEY, registry, "192.0.2.1")
+    del dropped  # collected without being entered: the slot comes back
+    assert registry.held("192.0.2.1") == 0
 
 
 async def test_listen_feed_of_a_failing_dht() -> None:

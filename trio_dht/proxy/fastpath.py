@@ -51,11 +51,16 @@ async def send_reply(send: Send, reply: Reply) -> None:
 
 async def send_stream(send: Send, body: Any) -> None:
     """Send a 200 whose headers go out at once, then each chunk of ``body`` as it comes (chunked encoding)."""
-    await send({"type": "http.response.start", "status": 200, "headers": _BASE})
-    async with body as chunks:
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": _BASE})
+        async with body as chunks:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        release = getattr(body, "release", None)  # a listen stream never entered gives back its slot
+        if release is not None:
+            release()
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

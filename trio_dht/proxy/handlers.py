@@ -160,7 +160,7 @@ def listen(state: ProxyState, key: InfoHash, client: str | None = None) -> Liste
     """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream; 429 when
     ``client`` holds ``Limits.http_listens_per_ip`` streams already."""
     state.count_request()
-    if not state.listens.admits(client):
+    if not state.listens.reserve(client):
         return TOO_MANY_LISTENS
     return ListenStream(state.dht, key, state.listens, client)
 
@@ -170,7 +170,7 @@ def listen_feed(
 ) -> ListenFeed | Reply:
     """:func:`listen` for an HTTP layer that writes from a callback: the stream's :class:`ListenFeed`."""
     state.count_request()
-    if not state.listens.admits(client):
+    if not state.listens.reserve(client):
         return TOO_MANY_LISTENS
     return ListenFeed(state.dht, key, state.listens, on_ready, client)
 

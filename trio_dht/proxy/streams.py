@@ -90,8 +90,9 @@ class GetStream(ResponseBody):
 
 class ListenRegistry:
     """The open listen streams (their :class:`ListenFeed`), counted per client address (IPv6 per /64): at
-    most ``per_address`` each (:meth:`admits`). ``max_backlog``: bytes of lines a stream may hold for a
-    client that does not read them (past what its socket took); beyond, the stream ends.
+    most ``per_address`` each. A stream's slot is taken when it is admitted (:meth:`reserve`) and given back
+    once, when its feed stops (or by :meth:`release` when it never starts). ``max_backlog``: bytes of lines a
+    stream may hold for a client that does not read them (past what its socket took); beyond, the stream ends.
     """
 
     def __init__(self, per_address: int = 64, max_backlog: int = 4 * 1024 * 1024) -> None:
@@ -106,25 +107,28 @@ class ListenRegistry:
         """Listens refused: their client held ``per_address`` streams already."""
         return self._clients.refused
 
-    def admits(self, client: str | None) -> bool:
-        """Whether ``client`` may open one more stream (counted when not)."""
-        if client is None or self._clients.held(client) < self._clients.cap:
-            return True
-        self._clients.refused += 1
-        return False
+    def reserve(self, client: str | None) -> bool:
+        """Take a slot for one more stream of ``client``; False (counted) when it holds ``per_address``."""
+        return client is None or self._clients.acquire(client)
+
+    def release(self, client: str | None) -> None:
+        """Give back a slot :meth:`reserve` took for a stream that never started."""
+        if client is not None:
+            self._clients.release(client)
+
+    def held(self, client: str) -> int:
+        """Slots ``client``'s address holds."""
+        return self._clients.held(client)
 
     def add(self, feed: Any) -> None:
+        """``feed`` runs, on the slot reserved for its ``client``."""
         self._feeds.add(feed)
-        client = getattr(feed, "client", None)
-        if client is not None:
-            self._clients.acquire(client)
 
     def discard(self, feed: Any) -> None:
+        """``feed`` stopped: its slot is given back (once)."""
         if feed in self._feeds:
             self._feeds.discard(feed)
-            client = getattr(feed, "client", None)
-            if client is not None:
-                self._clients.release(client)
+            self.release(getattr(feed, "client", None))
 
     def __len__(self) -> int:
         return len(self._feeds)
@@ -145,8 +149,9 @@ class ListenFeed:
     then takes the lines (:meth:`take`), and ends the stream once :attr:`ended`. It ends on :meth:`close` (the
     shutdown: end cleanly, with the last chunk), if the listen fails, or when more than the registry's
     ``max_backlog`` bytes wait (:attr:`overflowed`: the client does not read). While it runs it is in
-    ``registry`` (``listenCount``; closed on shutdown), counted for ``client``. :meth:`cancel` when the
-    stream is over.
+    ``registry`` (``listenCount``; closed on shutdown), on the slot the caller reserved for ``client``
+    (:meth:`ListenRegistry.reserve`), which it gives back when it stops. :meth:`cancel` when the stream is
+    over.
     """
 
     def __init__(
@@ -231,6 +236,9 @@ class ListenStream(ResponseBody):
     """A :class:`ListenFeed` as a Quart response body (the routes hypercorn serves: TLS, handed-over
     connections): each chunk is the lines that arrived since the last one; it ends when the feed does. The
     client going away cancels the body's task, which cancels the feed.
+
+    It holds the slot reserved for ``client`` in ``registry`` from its creation: the feed takes it over on
+    entry; a stream never entered gives it back on :meth:`release` (or when it is collected).
     """
 
     def __init__(self, dht: Dht, key: InfoHash, registry: ListenRegistry, client: str | None = None) -> None:
@@ -240,10 +248,23 @@ class ListenStream(ResponseBody):
         self.client = client
         self._feed: ListenFeed | None = None
         self._ready = trio.Event()
+        self._reserved = True
 
     async def __aenter__(self) -> ListenStream:
+        if not self._reserved:
+            raise RuntimeError("a listen stream is entered once, before its slot is released")
+        self._reserved = False
         self._feed = ListenFeed(self.dht, self.key, self.registry, self._wake, self.client)
         return self
+
+    def release(self) -> None:
+        """Give back the slot of a stream that was never entered (idempotent; nothing once entered)."""
+        if self._reserved:
+            self._reserved = False
+            self.registry.release(self.client)
+
+    def __del__(self) -> None:
+        self.release()
 
     def _wake(self) -> None:
         self._ready.set()
