@@ -181,3 +181,24 @@ async def test_tls_beside_plain(
     async with httpx.AsyncClient(verify=context) as c:
         with pytest.raises(httpx.ConnectError):
             await c.get(https + "/node/info")  # TLS 1.3 only, as OpenDHT
+
+
+async def test_tls_offers_http1_only(
+    nursery: trio.Nursery, dht: MemoryDht, certificate: tuple[Path, Path]
+) -> None:
+    """ALPN selects http/1.1, never h2 (an HTTP/2 response would wait on the client's window, no deadline)."""
+    cert, key = certificate
+    config = ProxyConfig(host="127.0.0.1", port=0, tls_port=0, certificate=str(cert), private_key=str(key))
+    urls = await nursery.start(serve_proxy, dht, config)
+    port = int(next(u for u in urls if u.startswith("https://")).rsplit(":", 1)[1])
+    for offer, chosen in ((["h2"], None), (["h2", "http/1.1"], "http/1.1")):
+        context = ssl.create_default_context(cafile=str(cert))
+        context.set_alpn_protocols(offer)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
+        with trio.fail_after(BOUND):
+            await stream.do_handshake()
+            assert stream.selected_alpn_protocol() == chosen
+            await stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        await stream.aclose()

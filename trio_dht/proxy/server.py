@@ -61,6 +61,9 @@ def hypercorn_config(config: ProxyConfig) -> Config:
     # off: it would cut a listen stream whose client has nothing to say).
     cfg.keep_alive_timeout = min(cfg.keep_alive_timeout, limits.http_head_timeout)
     cfg.ssl_handshake_timeout = limits.http_head_timeout
+    # HTTP/1.1 only by ALPN (OpenDHT's clients speak it): an HTTP/2 client that never opens its flow-control
+    # window would leave a response in hypercorn with no deadline.
+    cfg.alpn_protocols = ["http/1.1"]
     cfg.accesslog = None
     return cfg
 
