@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import struct
 
 from trio_dht.node.requests import TICK, Action, PendingRequest, RequestTracker
 
@@ -70,3 +73,18 @@ def test_a_reused_transaction_id_does_not_inherit_old_steps():
     tracker.pop(5)
     tracker.add(request(5, start=0.5))
     assert [at for at, _, _ in steps(tracker, 2.0)] == [1.55]
+
+
+def test_transaction_ids_are_random_never_zero_nor_pending():
+    draws = [struct.pack("<1024I", *([5] * 1020 + [9, 0, 7, 7]))]
+    tracker = RequestTracker(random_bytes=lambda n: draws.pop(0) if draws else os.urandom(n))
+    assert tracker.new_tid() == 7  # drawn from the end of each batch
+    tracker.add(request(7))
+    assert tracker.new_tid() == 9  # 7 again (pending) and 0 are skipped
+
+
+def test_transaction_ids_do_not_follow_each_other():
+    tracker = RequestTracker()
+    tids = [tracker.new_tid() for _ in range(2000)]
+    assert 0 not in tids and len(set(tids)) > 1990
+    assert sum(1 for a, b in itertools.pairwise(tids) if (b - a) % (1 << 32) < 1000) < 5

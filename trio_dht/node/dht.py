@@ -191,7 +191,6 @@ class DhtNode:
         self._requests = RequestTracker()
         self._requests_at = math.inf
         self._requests_wake = trio.Event()
-        self._tid = random.randrange(1, 1 << 32)
         self._reassembler = Reassembler(limits, source_key)
         self._validation = AddressValidation(limits)
         self._tokens = TokenIssuer(trio.current_time())
@@ -325,8 +324,7 @@ class DhtNode:
             self.counters.sent += 1
 
     def _next_tid(self) -> int:
-        self._tid = (self._tid + 1) & 0xFFFFFFFF or 1
-        return self._tid
+        return self._requests.new_tid()
 
     def start_request(
         self,

@@ -7,6 +7,11 @@ to do when :meth:`RequestTracker.next_due` comes, and calls the callbacks: no ta
 request. Deadlines are kept in 50 ms buckets, so that the timer wakes at most 20 times a second however
 many requests are out (the many that are answered in time are dropped with their bucket). A bucket holds
 only numbers, so an answered request is freed at once, not when its bucket comes.
+
+Transaction ids are random 32-bit numbers (never 0, never one pending), drawn from the operating system's
+generator: a peer that sees the ids of our requests to it cannot guess those of our requests to others, so
+it can neither forge their replies (a reply validates its address for sending) nor start a reassembly
+under them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import enum
 import heapq
 import itertools
 import math
+import os
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +35,7 @@ RESEND_AT = (1.0, 3.0)
 RESEND_JITTER = 0.25
 FAIL_AFTER = 8.0
 TICK = 0.05
+_TIDS_PER_DRAW = 1024
 
 
 class Action(enum.Enum):
@@ -66,15 +74,31 @@ class PendingRequest:
 class RequestTracker:
     """Pending requests by transaction id, and when each one's next step is due."""
 
-    def __init__(self, jitter: Callable[[float, float], float] = random.uniform) -> None:
+    def __init__(
+        self,
+        jitter: Callable[[float, float], float] = random.uniform,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self.pending: dict[int, PendingRequest] = {}
         self._jitter = jitter
+        self._random_bytes = random_bytes
+        self._tids: list[int] = []
         self._buckets: dict[int, list[tuple[int, int, int]]] = {}  # bucket -> [(tid, serial, step)]
         self._bucket_heap: list[int] = []
         self._serials = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.pending)
+
+    def new_tid(self) -> int:
+        """A random transaction id, not 0 and not the id of a pending request."""
+        pending, tids = self.pending, self._tids
+        while True:
+            if not tids:
+                tids.extend(struct.unpack(f"<{_TIDS_PER_DRAW}I", self._random_bytes(4 * _TIDS_PER_DRAW)))
+            tid = tids.pop()
+            if tid and tid not in pending:
+                return tid
 
     def add(self, request: PendingRequest) -> float:
         """Track ``request`` (just sent); returns when its first step is due."""
