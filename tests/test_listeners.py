@@ -164,3 +164,20 @@ def test_new_listeners_past_the_total_bound_are_refused_and_slots_follow_address
     assert book.remove_node(N2) == 1
     assert book.listen(K2, N2, 1, ("10.0.0.1", 4222), None, T0)  # 10.0.0.1 is free again
     assert len(book) == 2
+
+
+def test_a_known_listener_cannot_move_to_a_full_source() -> None:
+    book = ListenerBook(Limits(udp_listeners_per_source=1))
+    assert book.listen(K, N1, 1, ("10.0.0.1", 4222), None, T0)
+    assert book.listen(K, N2, 1, ("10.0.0.2", 4222), None, T0)
+    with pytest.raises(TooManyListeners):
+        book.listen(K, N1, 1, ("10.0.0.2", 5000), None, T0 + 1)  # 10.0.0.2 holds its one listener
+    assert book.refused == 1
+    assert book.get(K, N1, 1).addr == ("10.0.0.1", 4222)  # the old address is kept
+    assert book.listen(K, N1, 1, ("10.0.0.1", 5000), None, T0 + 2) is False  # same source, other port
+    assert book.get(K, N1, 1).addr == ("10.0.0.1", 5000)
+    assert book.remove_node(N2) == 1
+    assert book.listen(K, N1, 1, ("10.0.0.2", 5000), None, T0 + 3) is False  # room now: it moves
+    assert book.listen(K2, N2, 1, ("10.0.0.1", 4222), None, T0 + 3)  # and 10.0.0.1 is free again
+    with pytest.raises(TooManyListeners):
+        book.listen(K2, N2, 2, ("10.0.0.2", 4222), None, T0 + 3)

@@ -1,4 +1,4 @@
-"""The storing side's book of remote listeners: nodes that sent us ``listen`` (wire spec §1.5.6, §2.7).
+"""The storing side's book of remote listeners: nodes that sent us ``listen``.
 
 Sans-IO. A listener is keyed by (node id, ``sid``) under a key. A new one gets the stored matching values
 pushed at once (the caller does that when :meth:`ListenerBook.listen` returns True); a known one only has its
@@ -7,8 +7,9 @@ timer refreshed and its query replaced. Listeners not refreshed for 10 minutes a
 
 The book is bounded: at most ``Limits.udp_listeners`` listeners in all and ``Limits.udp_listeners_per_source``
 per source (IPv4 address, IPv6 /64, loopback address and port). A new listener past either raises
-:class:`TooManyListeners` (counted in :attr:`ListenerBook.refused`); known ones are still refreshed, and every
-slot comes back when its listener expires."""
+:class:`TooManyListeners` (counted in :attr:`ListenerBook.refused`), and so does a known one moving to a
+source that is full (it keeps its old address); known ones are otherwise refreshed, and every slot comes
+back when its listener expires."""
 
 from __future__ import annotations
 
@@ -67,14 +68,20 @@ class ListenerBook:
         """Record a ``listen``. True for a new (node, sid) on this key: push the current values to it.
 
         A known one gets its timer refreshed, its query replaced and its address updated. A new one past the
-        bounds raises :class:`TooManyListeners`.
+        bounds, or a known one moving to a source at its bound, raises :class:`TooManyListeners`.
         """
         listeners = self._by_key.get(key)
         known = listeners.get((node_id, sid)) if listeners is not None else None
         if known is not None:
             if known.addr != addr:
-                self._uncount(known.addr)
-                self._by_source[source_key(addr)] = self._by_source.get(source_key(addr), 0) + 1
+                source = source_key(addr)
+                if source != source_key(known.addr):
+                    held = self._by_source.get(source, 0)
+                    if held >= self._max_per_source:
+                        self.refused += 1
+                        raise TooManyListeners(f"{held} listeners from this source")
+                    self._uncount(known.addr)
+                    self._by_source[source] = held + 1
                 known.addr = addr
             known.query = query
             known.last_refresh = now
