@@ -91,7 +91,8 @@ def test_discard_forgets_queued_and_in_flight_pushes():
     q.discard(1)
     q.discard(2)
     q.batch_failed(batch, 0)
-    assert len(q) == 0 and q.next_due() == math.inf
+    assert len(q) == 0 and q.next_batch(q.next_due()) is None  # the lane is kept only until its backoff ends
+    assert q.next_due() == math.inf and not q._lanes
 
 
 class ScriptedGateway:
@@ -182,11 +183,16 @@ def test_a_push_too_old_is_dropped_when_its_turn_comes_and_news_makes_it_young_a
     q = DeliveryQueue(batch_window=0, backoff_base=100, rng=lambda: 1.0, limits=Limits(push_max_age=60))
     q.submit(vpush(1, t=1), LANE, 10, 0)
     q.submit(vpush(2, t=1), LANE, 10, 0)
-    q.batch_failed(q.next_batch(0), now=0)  # the lane waits 100 s
-    q.submit(vpush(2, t=2), LANE, 10, 50)  # newer news for subscription 2
-    batch = q.next_batch(100)
-    assert [p.sid for p in batch.pushes] == [2] and batch.pushes[0].data["t"] == 2
-    assert q.stats["expired"] == 1 and len(q) == 0
+    q.batch_failed(q.next_batch(0), now=0)  # the lane waits 100 s: both would be 100 s old by then
+    assert q.stats["expired"] == 2 and len(q) == 0
+    q.submit(vpush(2, t=2), LANE, 10, 50)  # newer news for subscription 2: young enough to wait
+    q.submit(vpush(3, t=2), LANE, 10, 50)
+    q.batch_done(q.next_batch(100), [Outcome.DELIVERED] * 2, 100)
+    q.submit(vpush(1, t=3), LANE, 10, 100)  # waits its batch window behind...
+    q.submit(vpush(4, t=3), LANE, 10, 0)  # ...one submitted (by its clock) long ago
+    batch = q.next_batch(110)
+    assert [p.sid for p in batch.pushes] == [1] and batch.pushes[0].data["t"] == 3
+    assert q.stats["expired"] == 3 and len(q) == 0
 
 
 def test_one_off_pushes_give_up_after_their_attempts_subscription_pushes_do_not():
@@ -225,9 +231,57 @@ def test_queue_bounds_drop_new_pushes_but_merging_costs_nothing():
     assert len(q) == 1 and q.stats["queue-full"] == 2
 
 
+def test_a_lane_backed_off_past_the_age_limit_holds_no_queue():
+    """Hosts answering 503 with Retry-After: 3600 cannot keep pushes queued: what could not be tried before
+    ``push_max_age`` is dropped at once (expired), so real pushes still find room."""
+    q = DeliveryQueue(batch_window=0, rng=lambda: 1.0, limits=Limits(push_queue=100, push_max_age=120))
+    bad = [("up", ("evil", i)) for i in range(4)]
+    for i in range(100):
+        q.submit(vpush(i), bad[i % 4], 10, 0)
+    assert len(q) == 100
+    q.submit(vpush(1000), ("up", "good"), 10, 0)
+    assert q.stats["queue-full"] == 1
+    for _ in range(4):
+        q.batch_failed(q.next_batch(0, "up"), 0, retry_after=3600)
+    assert len(q) == 0 and q.stats["expired"] == 100  # the batch and the rest of its lane, at once
+    q.submit(vpush(1), bad[0], 10, 1)  # a new push to a host backed off for an hour: dropped at once
+    assert len(q) == 0 and q.stats["expired"] == 101
+    q.submit(vpush(1000), ("up", "good"), 10, 1)
+    assert q.next_batch(1).pushes[0].sid == 1000
+    assert q.next_due() == 3600  # the lanes are remembered (empty) until their backoff ends...
+    q.advance(3600)
+    assert set(q._lanes) == {("up", "good")}  # ...then forgotten
+    # A short backoff keeps what is young enough to be tried after it.
+    q.submit(vpush(2), bad[1], 10, 3600)
+    q.batch_failed(q.next_batch(3600), 3600, retry_after=60)
+    q.submit(vpush(3), bad[1], 10, 3630)
+    assert len(q) == 2 and q.stats["expired"] == 101
+    assert [p.sid for p in q.next_batch(3660).pushes] == [2, 3]
+
+
+def test_a_retry_parked_past_the_age_limit_is_dropped_at_once():
+    q = DeliveryQueue(batch_window=0, backoff_base=100, rng=lambda: 1.0, limits=Limits(push_max_age=120))
+    q.submit(vpush(1), LANE, 10, 0)
+    q.submit(vpush(2), LANE, 10, 0)
+    q.batch_done(q.next_batch(0), [Outcome.RETRY, Outcome.DELIVERED], 0)
+    assert len(q) == 1  # parked for 100 s: young enough
+    q.batch_done(q.next_batch(100), [Outcome.RETRY], 100)  # the next wait (200 s) ends past its age
+    assert len(q) == 0 and q.stats["expired"] == 1 and q.next_due() == math.inf
+
+
+def test_one_lane_holds_at_most_push_lane_queue():
+    q = DeliveryQueue(batch_window=1, limits=Limits(push_queue=10, push_lane_queue=3))
+    for i in range(5):
+        q.submit(vpush(i), ("up", "evil"), 10, 0)
+    q.submit(vpush(1, t=2), ("up", "evil"), 10, 0)  # merged: costs nothing
+    for i in range(5, 10):
+        q.submit(vpush(i), ("up", "good"), 10, 0)
+    assert q.stats["lane-full"] == 4 and q.stats["coalesced"] == 1 and len(q) == 6
+
+
 def test_lanes_are_found_without_a_scan_and_per_kind():
     """Thousands of backed-off lanes cost nothing to a push on another lane; kinds are taken separately."""
-    q = DeliveryQueue(batch_window=0, rng=lambda: 1.0)
+    q = DeliveryQueue(batch_window=0, rng=lambda: 1.0, limits=Limits(push_max_age=1100))
     for i in range(5000):
         q.submit(vpush(i), ("slow", i), 1, 0)
     while (batch := q.next_batch(0, "slow")) is not None:
@@ -240,7 +294,7 @@ def test_lanes_are_found_without_a_scan_and_per_kind():
     assert q.next_batch(1, "fast").pushes[0].sid == 10_000
     assert q.next_batch(1, "fast") is None and q.next_batch(1).pushes[0].sid == 10_001
     # Their backoff is over, but they are older than push_max_age: each is dropped as its turn comes.
-    assert q.next_batch(1000, "slow") is None
+    assert q.next_batch(1200, "slow") is None
     assert q.stats["expired"] == 5000 and len(q) == 0 and len(q._lanes) == 2  # the two in flight
 
 

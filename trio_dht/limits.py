@@ -82,10 +82,14 @@ class Limits:
     """Failed attempts after which a one-off push (pingPush, a permanent put's warning) is dropped
     (counted)."""
     push_max_age: float = 120.0
-    """A push still queued this long after its newest news is dropped when its turn comes (counted)."""
+    """A push still queued this long after its newest news is dropped when its turn comes, or at once when its
+    lane backs off past that age (counted)."""
     push_queue: int = 262144
     """Pushes queued in all (waiting, backed off or parked; one per subscription and kind at most); a new one
     past it is dropped (counted)."""
+    push_lane_queue: int = 65536
+    """Pushes queued for one lane (a UnifiedPush endpoint host, a gorush connection); a new one past it is
+    dropped (counted), so one host cannot take the whole queue."""
     push_one_off_queue: int = 4096
     """One-off pushes (pingPush, permanent put warnings) queued at once; a new one past it is dropped
     (counted)."""

@@ -14,11 +14,14 @@ when.
   within ``Limits.push_request_timeout``) puts its pushes back (merged with anything newer) and backs the lane
   off: exponential with jitter from ``backoff_base`` to ``backoff_cap``, or the gateway's ``Retry-After``. A
   push that fails alone (``Outcome.RETRY``) is retried after its own backoff, at most ``max_attempts`` times.
-- **Bounds.** A push still queued ``Limits.push_max_age`` after its newest news is dropped when its turn comes
-  (``expired``). A one-off push (no subscription: pingPush, a permanent put's warning) is dropped after
-  ``Limits.push_one_off_attempts`` failed attempts (``one-off-gave-up``). At most ``Limits.push_queue``
-  pushes are queued, of which at most ``Limits.push_one_off_queue`` one-offs; a new push past either bound is
-  dropped (``queue-full``; a push merged into a queued one costs nothing).
+- **Bounds.** A push still queued ``Limits.push_max_age`` after its newest news is dropped (``expired``) when
+  its turn comes, or at once if it cannot be tried before: its lane backs off (or is backed off) past it, or
+  its retry is parked past it. A lane backed off with nothing to send is kept empty until its backoff ends. A
+  one-off push (no subscription: pingPush, a permanent put's warning) is dropped after
+  ``Limits.push_one_off_attempts`` failed attempts (``one-off-gave-up``). A new push is dropped past
+  ``Limits.push_queue`` queued pushes, ``Limits.push_one_off_queue`` one-offs (``queue-full``) or
+  ``Limits.push_lane_queue`` in its lane (``lane-full``: one host cannot take the whole queue); a push merged
+  into a queued one costs nothing.
 - **Fairness.** Requests in flight are at most ``Limits.push_concurrency`` per gateway kind, so one slow kind
   cannot hold another's capacity, and one per lane, so one slow host holds one request. Lanes whose last
   request failed (timed out, refused) wait behind the others and hold at most half of their kind's requests,
@@ -126,6 +129,7 @@ class DeliveryQueue:
         self.one_off_attempts = limits.push_one_off_attempts
         self.max_queued = limits.push_queue
         self.max_one_offs = limits.push_one_off_queue
+        self.max_per_lane = limits.push_lane_queue
         self._rng = rng
         self._lanes: dict[LaneKey, _Lane] = {}
         self._where: dict[Slot, _Lane] = {}
@@ -150,10 +154,17 @@ class DeliveryQueue:
         queue's bounds is dropped (counted)."""
         self.stats["submitted"] += 1
         where = self._where
-        full = len(where) >= self.max_queued or (one_off and self._one_offs >= self.max_one_offs)
-        if full and push.slot not in where:
-            self.stats["queue-full"] += 1
+        known = self._lanes.get(lane)
+        if known is not None and known.not_before > now + self.max_age:  # backed off past its age limit
+            self.stats["expired"] += 1
             return
+        if push.slot not in where:
+            if len(where) >= self.max_queued or (one_off and self._one_offs >= self.max_one_offs):
+                self.stats["queue-full"] += 1
+                return
+            if known is not None and len(known.pending) + len(known.parked) >= self.max_per_lane:
+                self.stats["lane-full"] += 1
+                return
         self._enqueue(_Entry(push, now, 0, one_off), lane, max_batch, now)
 
     def discard(self, sid: int) -> None:
@@ -178,7 +189,7 @@ class DeliveryQueue:
             _, seq, lane = heapq.heappop(timers)
             if lane.timer_seq == seq:
                 lane.timer_at, lane.timer_seq = math.inf, 0
-                self._schedule(lane, now)
+                self._settle(lane, now)
 
     def next_batch(self, now: float, kind: str | None = None, *, failing: bool = True) -> Batch | None:
         """A batch that may be sent now (marking its lane busy), of gateway ``kind`` (None: any), or None.
@@ -246,9 +257,14 @@ class DeliveryQueue:
         lane.failures += 1
         delay = retry_after if retry_after is not None else self._backoff(lane.failures)
         lane.not_before = now + delay
+        oldest = lane.not_before - self.max_age
         self.stats["batch-failed"] += 1
+        self._expire(lane, oldest)
         for entry in batch.entries:
             if self._in_flight.pop(entry.push.slot, None) is None:
+                continue
+            if entry.born < oldest:
+                self.stats["expired"] += 1
                 continue
             if entry.one_off:
                 entry.attempts += 1
@@ -274,7 +290,10 @@ class DeliveryQueue:
         return delay * (0.5 + 0.5 * self._rng())
 
     def _lane_due(self, lane: _Lane) -> float:
-        """When ``lane`` may send next (``inf``: it has nothing to send)."""
+        """When ``lane`` may send next (``inf``: it has nothing to send), or, if it has nothing but is backing
+        off, when it may be forgotten."""
+        if not lane.pending and not lane.delayed:
+            return math.inf if lane.busy else lane.not_before
         due = math.inf
         if lane.pending:
             full = len(lane.pending) >= lane.max_batch
@@ -301,8 +320,9 @@ class DeliveryQueue:
                 heapq.heapify(self._timers)
 
     def _settle(self, lane: _Lane, now: float) -> None:
-        """After a result: schedule the lane's remaining work, or forget it."""
-        if lane.empty():
+        """After a result or a timer: schedule the lane's remaining work (or the end of its backoff), or
+        forget it."""
+        if lane.empty() and lane.not_before <= now:
             self._drop_if_empty(lane)
         else:
             self._schedule(lane, now)
@@ -389,10 +409,21 @@ class DeliveryQueue:
         if slot in self._where:  # a newer push is already queued: it carries this one's news
             self.stats["coalesced"] += 1
             return
+        if entry.born + self.max_age < max(when, lane.not_before):  # too old by the time it may be retried
+            self.stats["expired"] += 1
+            return
         lane.parked[slot] = entry
         self._seq += 1
         heapq.heappush(lane.delayed, (when, self._seq, slot))
         self._queue(slot, lane, entry)
+
+    def _expire(self, lane: _Lane, oldest: float) -> None:
+        """Drop the lane's queued pushes whose newest news is older than ``oldest`` (counted)."""
+        for entries in (lane.pending, lane.parked):
+            doomed = [slot for slot, entry in entries.items() if entry.born < oldest]
+            for slot in doomed:
+                self._unqueue(slot, entries.pop(slot))
+            self.stats["expired"] += len(doomed)
 
     def _unpark(self, lane: _Lane, now: float) -> None:
         while lane.delayed and lane.delayed[0][0] <= now:
