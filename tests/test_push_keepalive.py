@@ -9,6 +9,7 @@ import httpx
 import pytest
 import trio
 
+from trio_dht.push import keepalive
 from trio_dht.push.gateway import ReplyTooLarge
 from trio_dht.push.keepalive import KeepAliveClient
 
@@ -230,3 +231,30 @@ async def test_a_body_over_the_cap_is_not_read_and_the_connection_not_reused(hea
         assert sum(sent) < 8 * 1024 * 1024  # the server's sends stopped: the connection was closed
         assert not http._idle
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        OK,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nabc",
+    ],
+)
+async def test_a_reply_within_the_cap_builds_no_exception(reply, monkeypatch):
+    """The per-reply path builds the oversized-reply error only when it raises it."""
+
+    def built(*args):
+        raise AssertionError("ReplyTooLarge built for a reply within the cap")
+
+    monkeypatch.setattr(keepalive, "ReplyTooLarge", built)
+
+    class Stream:
+        def __init__(self):
+            self.data = [reply]
+
+        async def receive_some(self, _):
+            return self.data.pop() if self.data else b""
+
+    response, _ = await keepalive._read_response(Stream(), 1024)
+    assert response.status_code == 200 and response.content in (b"abc", b'{"ok":true}')
