@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from trio_dht.limits import Limits
-from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.ratelimit import RateLimiter, source_key
 from trio_dht.node.tokens import MAX_CACHED, ROTATE_MAX, ROTATE_MIN, TOKEN_LEN, TokenIssuer
 
 A = ("192.0.2.1", 4222)
@@ -154,3 +154,13 @@ def test_oldest_idle_or_light_sources_go_first():
     assert len(limiter) == 7 and limiter.evicted == 2
     assert "10.0.0.0" in limiter._sources
     assert "10.0.0.1" not in limiter._sources and "10.0.0.2" not in limiter._sources
+
+
+def test_source_key_groups_ipv4_by_address_ipv6_by_64_and_loopback_by_port():
+    assert source_key(("192.0.2.1", 1)) == source_key(("192.0.2.1", 2)) == "192.0.2.1"
+    assert source_key(("127.0.0.1", 1)) == ("127.0.0.1", 1)
+    assert source_key(("127.1.2.3", 1)) == ("127.1.2.3", 1)  # all of 127/8 is loopback
+    assert source_key(("::1", 1)) == ("::1", 1) != source_key(("::1", 2))
+    a = source_key(("2001:db8:1:2::1", 1))
+    assert a == source_key(("2001:db8:1:2:ffff::9", 7)) == bytes.fromhex("20010db800010002")
+    assert a != source_key(("2001:db8:1:3::1", 1))

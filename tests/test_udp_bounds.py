@@ -10,7 +10,7 @@ import trio
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
 from trio_dht.node import udp
-from trio_dht.node.confirm import MAX_WAIT, ConfirmQueue
+from trio_dht.node.confirm import MAX_WAIT, ConfirmQueue, Pushed
 from trio_dht.node.routing import Node
 from trio_dht.node.validation import AddressValidation
 
@@ -25,7 +25,8 @@ def node(port: int = 4222) -> Node:
 def test_confirm_queue_is_bounded_and_counts_drops():
     q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=3))
     nodes = [node(i) for i in range(25)]
-    assert [q.push(n, 0.0) for n in nodes] == [True] * 10 + [False] * 15
+    assert [q.push(n, 0.0) for n in nodes] == [Pushed.SEND] * 10 + [Pushed.FULL] * 15
+    assert not Pushed.FULL and Pushed.SEND and Pushed.QUEUED and Pushed.HELD
     assert len(q) == 10 and q.dropped_full == 15
 
 
@@ -51,6 +52,18 @@ def test_confirm_queue_holds_a_node_once():
     assert q.push(n, 1.0) and len(q) == 0  # being pinged: not queued again
     q.done(n)
     assert q.push(n, 2.0) and len(q) == 1
+
+
+def test_confirm_queue_asks_for_a_send_only_when_a_new_node_has_a_free_slot():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=1))
+    a, b = node(1), node(2)
+    assert q.push(a, 0.0) is Pushed.SEND
+    assert q.push(a, 0.0) is Pushed.HELD  # queued already: no new wake-up
+    assert q.ready(0.0) == [a]
+    assert q.push(a, 0.1) is Pushed.HELD  # in flight
+    assert q.push(b, 0.1) is Pushed.QUEUED  # no free slot: the end of a's ping sends it
+    q.done(a)
+    assert q.ready(0.2) == [b]
 
 
 def test_confirm_queue_drops_nodes_that_waited_too_long():

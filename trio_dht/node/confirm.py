@@ -9,12 +9,14 @@ ask for one, so the queue is bounded twice:
 - at most ``Limits.udp_confirm_in_flight`` pings await their reply at once (a ping that gets none fails after
   8 s, so a flood of spoofed ids costs at most that many pings every 8 s).
 
-A node is queued or pinged once at a time (by id). The node's shell sends what :meth:`ConfirmQueue.ready`
-returns and calls :meth:`ConfirmQueue.done` when each ping ends.
+A node is queued or pinged once at a time (by id). The node's shell calls :meth:`ConfirmQueue.ready` (and
+sends the pings it returns) when :meth:`ConfirmQueue.push` returns :attr:`Pushed.SEND`, and calls
+:meth:`ConfirmQueue.done` when each ping ends (which frees a slot for the next).
 """
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 
 from trio_dht.infohash import InfoHash
@@ -23,6 +25,22 @@ from trio_dht.node.routing import Node
 
 MAX_WAIT = 60.0
 """Seconds a node may wait in the queue; older ones are dropped unpinged."""
+
+
+class Pushed(enum.Enum):
+    """What :meth:`ConfirmQueue.push` did; all but ``FULL`` are true."""
+
+    SEND = "send"
+    """Newly queued, and a ping slot is free: :meth:`ConfirmQueue.ready` has a node to ping."""
+    QUEUED = "queued"
+    """Newly queued; it waits for a ping in flight to end."""
+    HELD = "held"
+    """Already queued or being pinged: nothing changed."""
+    FULL = "full"
+    """The queue is full: dropped (counted)."""
+
+    def __bool__(self) -> bool:
+        return self is not Pushed.FULL
 
 
 class ConfirmQueue:
@@ -44,16 +62,16 @@ class ConfirmQueue:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def push(self, node: Node, now: float) -> bool:
-        """Queue ``node`` unless it is queued or pinged already; False (counted) when the queue is full."""
+    def push(self, node: Node, now: float) -> Pushed:
+        """Queue ``node`` unless it is queued or pinged already, or the queue is full (counted)."""
         nid = node.id
         if nid in self._queue or nid in self._in_flight:
-            return True
+            return Pushed.HELD
         if len(self._queue) >= self.capacity:
             self.dropped_full += 1
-            return False
+            return Pushed.FULL
         self._queue[nid] = (node, now)
-        return True
+        return Pushed.SEND if len(self._in_flight) < self.in_flight_max else Pushed.QUEUED
 
     def ready(self, now: float) -> list[Node]:
         """The nodes to ping now (as many as free slots allow), each counted in flight until :meth:`done`."""

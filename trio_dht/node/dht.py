@@ -26,7 +26,7 @@ from trio_dht import signature
 from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
-from trio_dht.node.confirm import ConfirmQueue
+from trio_dht.node.confirm import ConfirmQueue, Pushed
 from trio_dht.node.listeners import ListenerBook, TooManyListeners
 from trio_dht.node.listening import KeyListen, Listener, ListenRegistry, ListenTarget
 from trio_dht.node.ratelimit import RateLimiter, source_key
@@ -564,10 +564,10 @@ class DhtNode:
     def _confirm(self, node: Node) -> bool:
         """Queue a ping so that a node we only heard of (or from) can become good, and its address validated
         (one at a time per node; bounded, see ``node.confirm``). False if the queue is full."""
-        if self._confirms.push(node, self._clock()):
+        pushed = self._confirms.push(node, self._clock())
+        if pushed is Pushed.SEND:
             self._confirm_wake.set()
-            return True
-        return False
+        return bool(pushed)
 
     def _send_confirms(self) -> None:
         """Ping the queued nodes that free slots allow; each ping's end frees its slot and sends the next."""

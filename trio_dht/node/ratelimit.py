@@ -13,6 +13,7 @@ holds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from ipaddress import IPv6Address
@@ -26,13 +27,23 @@ WINDOW = 1.0
 
 
 def source_key(addr: Address) -> object:
-    """What a source's budgets are kept per: the IPv4 address, the IPv6 /64, or a loopback (IP, port)."""
+    """What a source's budgets are kept per: the IPv4 address, the IPv6 /64, or a loopback (IP, port).
+
+    Called for every datagram: an IPv4 address (dotted quad, as the socket gives it) is read without
+    parsing, an IPv6 one is parsed once while it stays among the 4096 most recently seen."""
     ip = addr[0]
+    if not is_ipv6(ip):
+        return addr if ip.startswith("127.") else ip
+    prefix = _ipv6_prefix(ip)
+    return addr if prefix is None else prefix
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_prefix(ip: str) -> bytes | None:
+    """The /64 of an IPv6 address; None for loopback."""
     if is_loopback(ip):
-        return addr
-    if is_ipv6(ip):
-        return IPv6Address(ip).packed[:8]
-    return ip
+        return None
+    return IPv6Address(ip).packed[:8]
 
 
 class _Window:
