@@ -1,5 +1,6 @@
 """SQLite state: subscriptions and permanent puts survive a reopen, with absolute deadlines."""
 
+import logging
 import os
 import sqlite3
 
@@ -275,3 +276,21 @@ def test_a_read_only_file_refuses_writes(tmp_path, caplog):
         with pytest.raises(PersistError, match="readonly"):
             store.save_subscription(row(1, 5000.0))
         assert store.load_subscriptions() == []
+
+
+def test_failed_writes_log_one_line_per_ten_seconds(tmp_path, caplog, monkeypatch):
+    """A full disk or a dead file fails every stranger's write: the log gets a line per 10 s, not each."""
+    now = [1000.0]
+    monkeypatch.setattr("trio_dht.persist.monotonic", lambda: now[0])
+    store = StateStore(tmp_path / "state.db")
+    store._db.close()  # every write now fails at once
+    for _ in range(100):
+        with pytest.raises(PersistError):
+            store.save_subscription(row(1, 5000.0))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert store.write_errors == 100 and len(errors) == 1
+    now[0] += 10
+    with pytest.raises(PersistError):
+        store.save_put(StoredPut(bytes(KEY), 7, b"v", 5000.0))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and "(100 such events since the last such line)" in errors[1]

@@ -1,5 +1,6 @@
 """Delivery: coalescing, batching, backoff, Retry-After, pruning; the sans-IO queue, then the Trio shell."""
 
+import logging
 import math
 
 import trio
@@ -118,6 +119,36 @@ class ScriptedGateway:
             raise PermanentGatewayError("bad request")
         self.delivered.extend(pushes)
         return [Outcome.TOKEN_GONE if p.token == "dead" else Outcome.DELIVERED for p in pushes]
+
+
+async def test_failed_requests_log_one_line_per_ten_seconds(autojump_clock, caplog):
+    """Endpoints that fail (chosen by strangers, one request per push) cost the log a line per 10 s."""
+
+    class Failing(ScriptedGateway):
+        def lane(self, push):
+            return push.sid
+
+        async def send(self, pushes):
+            self.requests += 1
+            await trio.sleep(0.01)
+            raise (TemporaryGatewayError if pushes[0].sid % 2 else PermanentGatewayError)("no")
+
+    caplog.set_level(logging.INFO, logger="trio_dht.push.dispatcher")
+    gateway = Failing()
+    dispatcher = Dispatcher({Platform.ANDROID: gateway}, queue=DeliveryQueue(batch_window=0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        for sid in range(200):
+            dispatcher.submit(vpush(sid))
+        await trio.sleep(5)
+        assert gateway.requests >= 200 and len(caplog.records) == 2  # one per level (retried, refused)
+        await trio.sleep(10)  # the odd ones keep being retried
+        dispatcher.submit(vpush(1000))
+        await trio.sleep(1)
+        lines = [r.getMessage() for r in caplog.records]
+        assert gateway.requests > 300 and len(lines) == 4
+        assert "refused 1 pushes: no (100 such events since the last such line)" in lines[3]
+        nursery.cancel_scope.cancel()
 
 
 async def test_dispatcher_gateway_down_then_back_delivers_each_subscription_once(autojump_clock):

@@ -30,7 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 from typing import Any
+
+from trio_dht.logs import LogLimit
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,8 @@ class StateStore:
         """Rows that did not parse when loading (skipped)."""
         self.write_errors = 0
         """Changes that could not be written (refused with :class:`PersistError`)."""
+        self._error_log = LogLimit()
+        """Failed writes (a full disk: one per stranger's request) log one line per 10 s."""
         try:
             _create_private(self.path)
             self._db = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT)
@@ -227,7 +232,8 @@ class StateStore:
                 yield
         except sqlite3.Error as exc:
             self.write_errors += 1
-            log.error("state file %s: cannot %s: %s", self.path, what, exc)
+            if (line := self._error_log.line(f"state file {self.path}: cannot {what}: {exc}", monotonic())):
+                log.error("%s", line)
             raise PersistError(f"cannot {what}: {exc}") from exc
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trio_dht.logs import LogLimit
 from trio_dht.proxy import relay
-from trio_dht.proxy.conn_limits import LogLimit
 
 if TYPE_CHECKING:
     from trio_dht.proxy.frontend import FrontEnd

@@ -49,6 +49,7 @@ import trio
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
+from trio_dht.logs import LogLimit
 from trio_dht.push.gateway import Gateway, Outcome, PermanentGatewayError, TemporaryGatewayError
 from trio_dht.push.payloads import Platform, Push, PushKind
 
@@ -470,6 +471,7 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         self._kicked = False
         self._token_gone: Callable[[str], None] = lambda token: None
+        self._logs: dict[tuple[int, str], LogLimit] = {}
 
     @property
     def stats(self) -> Counter[str]:
@@ -583,28 +585,41 @@ class Dispatcher:
             self._in_flight[kind] -= 1
             self._wake.set()
 
+    def _log(self, level: int, kind: str, text: str, *, exc_info: bool = False) -> None:
+        """Log ``text`` about gateway ``kind`` at most once per 10 s per (level, kind): failing endpoints are
+        chosen by strangers, one failed request per push."""
+        limit = self._logs.get((level, kind))
+        if limit is None:
+            limit = self._logs[level, kind] = LogLimit()
+        if (line := limit.line(text, trio.current_time())) is not None:
+            log.log(level, "%s", line, exc_info=exc_info)
+
     async def _send(self, batch: Batch) -> None:
         gateway = self._by_name[batch.kind]
         stats = self.queue.stats
         try:
             outcomes = await gateway.send(batch.pushes)
         except TemporaryGatewayError as exc:
-            log.info("push gateway %s: %s; retrying later", gateway.name, exc)
+            self._log(logging.INFO, gateway.name, f"push gateway {gateway.name}: {exc}; retrying later")
             if exc.reason:
                 stats[exc.reason] += 1
             self.queue.batch_failed(batch, trio.current_time(), exc.retry_after)
         except PermanentGatewayError as exc:
-            log.warning("push gateway %s refused %d pushes: %s", gateway.name, len(batch.pushes), exc)
+            n = len(batch.pushes)
+            self._log(logging.WARNING, gateway.name, f"push gateway {gateway.name} refused {n} pushes: {exc}")
             if exc.reason:
                 stats[exc.reason] += 1
             self.queue.batch_dropped(batch, trio.current_time())
         except Exception:
-            log.exception("push gateway %s failed; dropping %d pushes", gateway.name, len(batch.pushes))
+            n = len(batch.pushes)
+            self._log(logging.ERROR, gateway.name, f"push gateway {gateway.name} failed; dropping {n} pushes",
+                      exc_info=True)  # fmt: skip
             self.queue.batch_dropped(batch, trio.current_time())
         else:
             if len(outcomes) != len(batch.pushes):
-                log.error("push gateway %s returned %d outcomes for %d pushes", gateway.name, len(outcomes),
-                          len(batch.pushes))  # fmt: skip
+                got, sent = len(outcomes), len(batch.pushes)
+                text = f"push gateway {gateway.name}: {got} outcomes for {sent} pushes"
+                self._log(logging.ERROR, gateway.name, text)
                 self.queue.batch_dropped(batch, trio.current_time())
             else:
                 for token in self.queue.batch_done(batch, outcomes, trio.current_time()):
