@@ -4,6 +4,7 @@ on the front end and in the HTTP worker, with a mock clock for the deadlines."""
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import json
 import socket
@@ -445,3 +446,72 @@ async def test_concurrent_listens_through_quart_hold_the_cap(nursery: trio.Nurse
         assert refused == 2 and dht.listener_count(KEY) == 3
     doc = await stats(port)
     assert doc["http"]["listensRefused"] == 4 and doc["listenCount"] == 3
+
+
+async def test_a_blocked_channel_keeps_hand_overs_counted_bounded_and_aged(
+    nursery: trio.Nursery, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the front end does not read its channel, a hand-over waiting in the worker still counts for its
+    address; at MAX_HANDING_OVER the listeners are not watched; past the head deadline it is closed
+    (``handOversDropped``)."""
+    from trio_dht.proxy import http_worker
+
+    monkeypatch.setattr(http_worker, "MAX_HANDING_OVER", 2)
+    front, theirs = relay.socket_pair()
+    with contextlib.suppress(BlockingIOError):  # the channel is full: the front end does not read
+        while True:
+            theirs.send(relay.frame(relay.READY))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    settings = Settings(Budgets(head=10, body=20, send=30), 2, b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    worker = HttpWorker(theirs, [listener], settings)
+    nursery.start_soon(worker.run)
+    handed = []
+    for _ in range(2):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n")  # handed over
+        handed.append(stream)
+        await trio.sleep(1)
+    assert worker._handing_over == 2 and not worker._listening and not worker._clients
+    assert worker._per_address.held("127.0.0.1") == 2  # counted until the front end has them
+    start_time = trio.current_time()
+    for stream in handed:
+        assert await read_to_end(stream) == b""  # closed, never answered
+    assert trio.current_time() - start_time <= 10 + 10 / 4 + 1
+    assert worker._handing_over == 0 and worker._listening and worker._per_address.held("127.0.0.1") == 0
+    counts = await worker_counts(front)
+    while counts.hand_overs_dropped < 2:
+        counts = await worker_counts(front)
+    front.close()
+
+
+def test_accept_errors_skip_or_pause_never_raise() -> None:
+    pause = AcceptPause()
+    assert pause.after(OSError(errno.ECONNABORTED, "aborted"), 0.0) == 0.0 and pause.pauses == 0
+    assert pause.after(OSError(errno.EMFILE, "too many"), 0.0) == 0.1
+    assert pause.after(OSError(errno.EINVAL, "unexpected"), 0.0) == 0.2  # unknown: a pause, not a spin
+    assert pause.pauses == 2
+
+
+async def test_an_accept_path_error_releases_the_address(
+    nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose setsockopt fails is closed without holding its address's count, and the accept loop
+    goes on."""
+    port = await start(nursery, dht, Limits(http_connections_per_ip=1))
+    real = socket.socket.setsockopt
+    failures = [OSError(errno.EINVAL, "gone")]
+
+    def setsockopt(self: socket.socket, *args: object) -> None:
+        if args[:2] == (socket.IPPROTO_TCP, socket.TCP_NODELAY) and failures:
+            raise failures.pop()
+        real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    first = await trio.open_tcp_stream("127.0.0.1", port)
+    assert await read_to_end(first) == b""
+    monkeypatch.undo()
+    doc = await stats(port)  # the same address: admitted
+    assert doc["http"]["connectionsRefused"] == 0

@@ -484,3 +484,43 @@ def test_permanent_puts_bytes_per_source_are_capped() -> None:
     assert book.held_by("10.0.0.1") == 3
     book.due(LIFETIME + 2.0)
     assert book.bytes == 0 and book.source_count == 0
+
+
+def test_rate_limit_table_frees_a_quarter_at_once() -> None:
+    """A full table of busy clients frees a quarter in one pass (oldest first): the next new clients find room
+    without a scan each; clients whose buckets refilled go before busy ones."""
+    limiter = RateLimiter(RateLimit(per_second=1, burst=2), max_clients=100)
+    for i in range(100):
+        assert limiter.allow(f"10.0.0.{i}", 0.0) and limiter.allow(f"10.0.0.{i}", 0.0)
+    assert limiter.allow("10.0.1.0", 0.5)  # full, all busy: the oldest 25 go in one pass
+    assert len(limiter) == 76 and limiter.evicted == 25
+    calls = 0
+    original = limiter._prune
+
+    def counting(now: float) -> None:
+        nonlocal calls
+        calls += 1
+        original(now)
+
+    limiter._prune = counting  # type: ignore[method-assign]
+    for i in range(24):
+        assert limiter.allow(f"10.0.2.{i}", 0.5)
+    assert calls == 0 and len(limiter) == 100
+    assert not limiter.allow("10.0.0.99", 0.5)  # a busy client kept its bucket
+    # idle ones (refilled after 2 s) go first, even when newer than busy ones
+    limiter = RateLimiter(RateLimit(per_second=1, burst=2), max_clients=8)
+    for i in range(8):
+        limiter.allow(f"10.0.0.{i}", 0.0 if i < 4 else 5.0)
+    for i in range(4):
+        limiter.allow(f"10.0.0.{i}", 11.0)  # the oldest four are busy again
+    limiter.allow("10.0.3.0", 11.5)
+    assert all(f"10.0.0.{i}" in limiter._buckets for i in range(4))
+
+
+def test_rate_limit_clients_from_limits() -> None:
+    from trio_dht.limits import Limits
+    from trio_dht.proxy.state import ProxyState
+    from trio_dht.testing.memory_dht import MemoryDht
+
+    state = ProxyState(MemoryDht(), ProxyConfig(limits=Limits(http_rate_clients=7)))
+    assert state.limiter is not None and state.limiter.max_clients == 7

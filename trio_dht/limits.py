@@ -64,12 +64,16 @@ class Limits:
     relayed response); past it the connection is closed."""
     http_connections_per_ip: int = 256
     """Open connections per client address (IPv6 per /64, loopback per address), in each process that
-    accepts them (an HTTP worker, the front end); the next one is closed at accept."""
+    accepts them: the front end and each HTTP worker count their own, so one address may hold up to
+    (``http_workers`` + 1) x this in all. The next one is closed at accept."""
     http_listens_per_ip: int = 64
     """Listen streams per client address (IPv6 per /64, loopback per address); the next is answered 429."""
 
     # -- push ---
     push_request_timeout: float = 10.0
+    http_rate_clients: int = 100_000
+    """Clients whose request rate is tracked (the per-IP rate limit); when full, a quarter is forgotten in
+    one pass, oldest first, those whose buckets have refilled before busy ones (counted)."""
     """One gateway request as a whole (connect, send, the whole response); past it the request is a
     temporary failure (retried with backoff) and counted."""
     push_response_bytes: int = 64 * KIB

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import enum
 import heapq
-import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import msgpack
 
 from trio_dht.infohash import InfoHash
+from trio_dht.sources import client_key
 from trio_dht.value import MAX_VALUE_SIZE, SECURED_TYPES, Query, Value, type_expiration
 
 MAX_VALUES_PER_KEY = 64 * 1024
@@ -103,23 +102,13 @@ class PutResult:
         return self.outcome is not PutOutcome.REFUSED
 
 
-@lru_cache(maxsize=4096)
 def source_bucket(source: str | None) -> str:
-    """The quota bucket of a sender: its IPv4 address, or its IPv6 /64 (``""`` when unknown).
-
-    A string that is not an IP address is its own bucket.
-    """
+    """The quota bucket of a sender: its IPv4 address, or its IPv6 /64 (:func:`~trio_dht.sources.client_key`;
+    ``""`` when unknown). A string that is not an IP address is its own bucket."""
     if not source:
         return ""
-    try:
-        ip = ipaddress.ip_address(source)
-    except ValueError:
-        return source
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
-    return str(ip)
+    key = client_key(source)
+    return source if key is None else key[0]
 
 
 class StoredValue:

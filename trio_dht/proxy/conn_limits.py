@@ -6,7 +6,9 @@
   one :class:`Expiry` per connection, set when it starts waiting on the client (for a request's first byte,
   its head's end, its body's end, the client taking a response) and not moved by the bytes that trickle in;
   one sweeping task closes the connections past their deadline (no timeout per request).
-* :class:`AcceptPause`: what to do when ``accept`` fails for want of a file descriptor or of memory: pause
+  :func:`close_late_connections` is that task, :func:`expire` what it does to one connection.
+* :class:`AcceptPause`: what to do when ``accept`` fails: go on to the next connection when the error was
+  about one connection only, otherwise (no file descriptor or memory left, or anything unexpected) pause
   accepting (100 ms, doubling to 1 s) and log at most one line per 10 s.
 * :class:`HttpCounters`: the limits reached, for ``/node/stats``.
 
@@ -16,15 +18,20 @@ The HTTP worker process imports this module; it imports no more of the proxy tha
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
-import functools
-import ipaddress
-import math
+import logging
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar
 
+import trio
+
+from trio_dht.logs import LogLimit
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
+from trio_dht.sources import client_key
 
 if TYPE_CHECKING:
     from trio_dht.limits import Limits
@@ -32,25 +39,11 @@ if TYPE_CHECKING:
 SWEEPS_PER_TIMEOUT = 4
 """The sweeping task runs this many times per shortest deadline: a connection is closed at most a quarter of
 that deadline late."""
-ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-"""``accept`` errors that persist until connections close or memory frees: accepting pauses."""
 ACCEPT_SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
-"""``accept`` errors about one connection only: the next accept goes on."""
+"""``accept`` errors about one connection only: the next accept goes on. Any other error (no file descriptor
+or memory left, typically) pauses accepting."""
 
-
-@functools.lru_cache(maxsize=4096)  # a client is usually a recent one: parse its address once
-def client_key(host: str) -> tuple[str, bool] | None:
-    """(the key a client is counted under, is loopback), or None if ``host`` is not an IP address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if isinstance(addr, ipaddress.IPv6Address):
-        net = ipaddress.IPv6Network((addr, 64), strict=False)
-        return str(net.network_address), addr.is_loopback
-    return str(addr), addr.is_loopback
+log = logging.getLogger(__name__)
 
 
 class PerAddress:
@@ -128,27 +121,47 @@ class Budgets:
         return min(self.head, self.body, self.send, self.keep_alive) / SWEEPS_PER_TIMEOUT
 
 
-class LogLimit:
-    """Lines about a persistent error, at most one per ``every`` seconds; the next says how many were left
-    out."""
+class _Deadlined(Protocol):
+    deadline: float
 
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
-        self._logged_at = -math.inf
-        self._unlogged = 0
 
-    def line(self, text: str, now: float) -> str | None:
-        """``text`` to log now (with the count left out since the last), or None: leave it out."""
-        self._unlogged += 1
-        if now - self._logged_at < self.every:
-            return None
-        self._logged_at = now
-        count, self._unlogged = self._unlogged, 0
-        return f"{text} ({count} such events since the last such line)" if count > 1 else text
+C = TypeVar("C", bound=_Deadlined)
+
+
+async def close_late_connections(
+    interval: float,
+    connections: Callable[[], Iterable[C]],
+    expire_one: Callable[[C], None],
+    then: Callable[[], None] | None = None,
+) -> NoReturn:
+    """Every ``interval`` seconds, ``expire_one`` each of ``connections()`` past its ``deadline`` (one task
+    for all, no timeout per request), then call ``then``."""
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        for conn in [conn for conn in connections() if conn.deadline < now]:
+            expire_one(conn)
+        if then is not None:
+            then()
+
+
+def expire(counters: HttpCounters, expiry: Expiry, sock: socket.socket, timeout_response: bytes) -> None:
+    """Count a connection past its deadline; a request not all sent gets ``timeout_response`` (a 408; empty:
+    none, as when a response has begun). The caller closes the connection."""
+    if expiry is Expiry.HEAD or expiry is Expiry.BODY:
+        if expiry is Expiry.HEAD:
+            counters.head_timeouts += 1
+        else:
+            counters.body_timeouts += 1
+        if timeout_response:
+            with contextlib.suppress(OSError):
+                sock.send(timeout_response)
+    elif expiry is Expiry.SEND:
+        counters.send_timeouts += 1
 
 
 class AcceptPause:
-    """The pause after an ``accept`` that failed with one of :data:`ACCEPT_ERRORS`, and its log lines.
+    """What follows an ``accept`` that failed (:meth:`after`): the next accept, or a pause and its log lines.
 
     The pause starts at :attr:`FIRST` and doubles at each failure in a row, up to :attr:`LONGEST`; an
     accepted connection resets it. At most one warning per :attr:`LOG_EVERY` seconds, saying how many
@@ -172,6 +185,16 @@ class AcceptPause:
         text = f"accept failed ({error}); accepting pauses for up to {self.LONGEST:g} s at a time"
         return self._delay, self._log.line(text, now)
 
+    def after(self, error: OSError, now: float) -> float:
+        """Seconds to pause accepting after ``error`` (0: go on with the next connection); a warning is
+        logged at most once per :attr:`LOG_EVERY`."""
+        if error.errno in ACCEPT_SKIPPED:
+            return 0.0
+        delay, warning = self.failed(error, now)
+        if warning is not None:
+            log.warning("%s", warning)
+        return delay
+
     def accepted(self) -> None:
         self._delay = 0.0
 
@@ -187,9 +210,18 @@ class HttpCounters:
     connections_refused: int = 0
     listens_refused: int = 0
     accept_pauses: int = 0
+    hand_overs_dropped: int = 0
+    """Connections an HTTP worker closed because the front end did not take them in time."""
 
     def as_list(self) -> list[int]:
         return [getattr(self, f.name) for f in fields(self)]
+
+    def total(self, per_address: PerAddress, pause: AcceptPause) -> HttpCounters:
+        """A copy, with the refusals of ``per_address`` and the pauses of ``pause`` added."""
+        counters = HttpCounters(*self.as_list())
+        counters.connections_refused += per_address.refused
+        counters.accept_pauses += pause.pauses
+        return counters
 
     def add(self, values: list[int]) -> None:
         """Add counts in the order of :meth:`as_list` (a worker's, sent over its channel)."""

@@ -1,6 +1,6 @@
 """The proxy's plain-HTTP listener: a small HTTP/1.1 server for the hot requests, hypercorn for the rest.
 
-Why: hypercorn's Trio worker costs about 0.5 ms of CPU per request before any route runs (trio-stack.md §2),
+Why: hypercorn's Trio worker costs about 0.5 ms of CPU per request before any route runs,
 which caps the whole proxy near 2 k requests/s per core, while ``dhtnode`` serves about 11 k GET/s and 50 k
 node-info/s. So the plain listening sockets are served here:
 
@@ -60,13 +60,12 @@ from trio_dht.infohash import InfoHash
 from trio_dht.proxy import handlers, relay
 from trio_dht.proxy.app import TOO_LARGE, TOO_MANY_REQUESTS, ProxyApp
 from trio_dht.proxy.conn_limits import (
-    ACCEPT_ERRORS,
-    ACCEPT_SKIPPED,
     AcceptPause,
     Budgets,
     Expiry,
-    HttpCounters,
     PerAddress,
+    close_late_connections,
+    expire,
 )
 from trio_dht.proxy.handlers import BASE_HEADERS, Reply, error
 from trio_dht.proxy.hot_routes import Route, hot_route
@@ -395,7 +394,12 @@ class FrontEnd:
                                     acceptors.start_soon(self.accept_loop, sock, connections)
                             for sock in tls:
                                 acceptors.start_soon(self.accept_loop, sock, connections, ssl_context)
-                            acceptors.start_soon(self._close_late_connections)
+                            acceptors.start_soon(
+                                close_late_connections,
+                                self.budgets.sweep_interval,
+                                lambda: self._connections,
+                                self._expire,
+                            )
                             if self._poller is not None:
                                 acceptors.start_soon(self._poller.run)
                             task_status.started(urls)
@@ -421,9 +425,7 @@ class FrontEnd:
         }
 
     def _limit_stats(self) -> dict[str, Any]:
-        counters = HttpCounters(*self.counters.as_list())
-        counters.connections_refused += self._per_address.refused
-        counters.accept_pauses += self._accept_pause.pauses
+        counters = self.counters.total(self._per_address, self._accept_pause)
         counters.listens_refused += self.state.listens.refused
         counters.send_buffer_overflows += self.state.listens.overflows
         for link in self._workers:
@@ -443,30 +445,11 @@ class FrontEnd:
                 conn.scope.cancel()
         await self._context.terminated.set()  # hypercorn's idle connections close
 
-    async def _close_late_connections(self) -> None:
-        """Every quarter of the shortest deadline, close the connections past theirs (one task for all,
-        instead of a timeout per request)."""
-        while True:
-            await trio.sleep(self.budgets.sweep_interval)
-            now = trio.current_time()
-            for conn in self._connections:
-                if conn.deadline < now:
-                    self._expire(conn)
-
     def _expire(self, conn: _Connection) -> None:
         """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
         expiry, conn.deadline = conn.expiry, _INF
-        counters = self.counters
-        if expiry is _HEAD or expiry is _BODY:
-            if expiry is _HEAD:
-                counters.head_timeouts += 1
-            else:
-                counters.body_timeouts += 1
-            if not conn.pending and not conn.responding:
-                with contextlib.suppress(OSError):
-                    conn.sock.send(self.timeout_response)
-        elif expiry is _SEND:
-            counters.send_timeouts += 1
+        responded = conn.pending or conn.responding
+        expire(self.counters, expiry, conn.sock, b"" if responded else self.timeout_response)
         conn.scope.cancel()
 
     async def accept_loop(
@@ -481,23 +464,22 @@ class FrontEnd:
             except _BLOCKING:
                 await trio.lowlevel.wait_readable(listener)
                 continue
-            except OSError as exc:
-                if exc.errno in ACCEPT_ERRORS:  # out of descriptors or memory: wait for some to free
-                    delay, warning = pause.failed(exc, trio.current_time())
-                    if warning is not None:
-                        log.warning("%s", warning)
+            except OSError as exc:  # skipped, or accepting pauses (no descriptor or memory left)
+                delay = pause.after(exc, trio.current_time())
+                if delay:
                     await trio.sleep(delay)
-                    continue
-                if exc.errno in ACCEPT_SKIPPED:
-                    continue
-                raise
+                continue
             pause.accepted()
             client = str(addr[0]) if isinstance(addr, tuple) else ""
-            if not self._per_address.acquire(client):  # counted
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # gone already
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._per_address.acquire(client):  # counted; taken last, released when the task ends
+                sock.close()
+                continue
             nursery.start_soon(self._serve_connection, sock, client, ssl_context)
 
     async def _serve_connection(

@@ -18,7 +18,6 @@ import trio
 from trio_dht.infohash import InfoHash
 from trio_dht.persist import UNAVAILABLE, PersistError
 from trio_dht.proxy import streams
-from trio_dht.proxy.conn_limits import client_key
 from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenFeed, ListenStream
@@ -29,6 +28,7 @@ from trio_dht.proxy.value_json import (
     put_request_from_json,
     value_line,
 )
+from trio_dht.sources import client_key
 from trio_dht.value import random_value_id
 
 if TYPE_CHECKING:
@@ -179,8 +179,8 @@ STATE_UNAVAILABLE = error(503, UNAVAILABLE)
 
 
 def client_source(client: str | None) -> str:
-    """The bucket a client's subscriptions and permanent puts are counted in: its IPv4 address (also when
-    IPv4-mapped), its IPv6 /64; ``""`` when unknown (not counted)."""
+    """The bucket a client's subscriptions and permanent puts are counted in
+    (:func:`~trio_dht.sources.client_key`); ``""`` when unknown (not counted)."""
     key = client_key(client) if client else None
     return "" if key is None else key[0]
 

@@ -19,21 +19,22 @@ Its connections have the front end's budgets (:class:`Settings`, from ``Limits``
 for what it waits for (the next request, a head's end from its first byte, a body's end, the client taking a
 response), enforced by one sweeping task with a 408 where a request was not all sent; a relayed response held
 for a client that does not read is cut past the send buffer; connections are counted per client address
-until they close or are handed over (the front end counts them from then on); an ``accept`` out of file
-descriptors or memory stops the listeners being watched for a while. The limits reached go to the front end
-in :data:`~trio_dht.proxy.relay.STATS` frames.
+until they close or their hand-over is sent (the front end counts them from then on); hand-overs the channel
+has not taken are at most :data:`MAX_HANDING_OVER` (no accepts past it) and wait at most the head deadline;
+an ``accept`` out of file descriptors or memory stops the listeners being watched for a while. The limits
+reached go to the front end in :data:`~trio_dht.proxy.relay.STATS` frames.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,13 +42,13 @@ import trio
 
 from trio_dht.proxy import relay
 from trio_dht.proxy.conn_limits import (
-    ACCEPT_ERRORS,
-    ACCEPT_SKIPPED,
     AcceptPause,
     Budgets,
     Expiry,
     HttpCounters,
     PerAddress,
+    close_late_connections,
+    expire,
 )
 from trio_dht.proxy.hot_routes import Route, hot_route
 from trio_dht.proxy.http1 import RECV_SIZE, UNUSUAL, Head, read_head
@@ -61,6 +62,10 @@ MAX_BUFFERED = RECV_SIZE
 """A connection is not read further once this many bytes wait in its buffer (behind a request relayed and
 not answered yet, or a response the socket has not taken)."""
 ACCEPTS_PER_TURN = 64
+MAX_HANDING_OVER = 128
+"""Connections handed over and not yet taken by the front end's channel; at this many the listeners are not
+watched (no more connections accepted) until the channel takes some. One waiting past the head deadline is
+closed (``handOversDropped``)."""
 _INF = math.inf
 _IDLE, _HEAD, _BODY, _SEND = Expiry.IDLE, Expiry.HEAD, Expiry.BODY, Expiry.SEND
 
@@ -167,6 +172,10 @@ class HttpWorker:
         self._per_address = PerAddress(settings.connections_per_address)
         self._accept_pause = AcceptPause()
         self._accepts_paused = False
+        self._listening = True
+        """The listeners are watched."""
+        self._handing_over = 0
+        """Hand-overs in :attr:`_unsent`."""
         self.counters = HttpCounters()
         self._counts_sent: list[int] = self._counts()
         self._nursery: trio.Nursery | None = None
@@ -196,12 +205,19 @@ class HttpWorker:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._close_late_connections)
+                nursery.start_soon(
+                    close_late_connections,
+                    self._budgets.sweep_interval,
+                    self._clients.values,
+                    self._expire,
+                    self._after_sweep,
+                )
                 await self._serve_events()
                 nursery.cancel_scope.cancel()
         finally:
             for client in list(self._clients.values()):
                 self._close(client)
+            self._drop_hand_overs(lambda _: True)
             self._epoll.close()
 
     async def _serve_events(self) -> None:
@@ -225,41 +241,25 @@ class HttpWorker:
             if self._channel_gone:
                 return
 
-    async def _close_late_connections(self) -> None:
-        """Every quarter of the shortest deadline, close the connections past theirs (one task, no timeout
-        per connection or per pass); then send the counts of the limits reached, if they changed."""
-        while True:
-            await trio.sleep(self._budgets.sweep_interval)
+    def _after_sweep(self) -> None:
+        """After closing the connections past their deadline: close the hand-overs the channel has not taken
+        past theirs (counted), and send the counts of the limits reached, if they changed."""
+        if self._handing_over:
             now = trio.current_time()
-            late = [client for client in self._clients.values() if client.deadline < now]
-            for client in late:
-                self._expire(client)
-            counts = self._counts()
-            if counts != self._counts_sent:
-                self._counts_sent = counts
-                self._records.add(relay.stats_frame(counts))
-                self._flush_channel()
+            self.counters.hand_overs_dropped += self._drop_hand_overs(lambda client: client.deadline < now)
+        counts = self._counts()
+        if counts != self._counts_sent:
+            self._counts_sent = counts
+            self._records.add(relay.stats_frame(counts))
+            self._flush_channel()
 
     def _expire(self, client: _Client) -> None:
         """Close a connection past its deadline: a request not all sent gets a 408 first (counted)."""
-        expiry = client.expiry
-        if expiry is _HEAD or expiry is _BODY:
-            if expiry is _HEAD:
-                self.counters.head_timeouts += 1
-            else:
-                self.counters.body_timeouts += 1
-            if not client.out and self._timeout_response:
-                with contextlib.suppress(OSError):
-                    client.sock.send(self._timeout_response)
-        elif expiry is _SEND:
-            self.counters.send_timeouts += 1
+        expire(self.counters, client.expiry, client.sock, b"" if client.out else self._timeout_response)
         self._close(client)
 
     def _counts(self) -> list[int]:
-        counters = HttpCounters(*self.counters.as_list())
-        counters.connections_refused += self._per_address.refused
-        counters.accept_pauses += self._accept_pause.pauses
-        return counters.as_list()
+        return self.counters.total(self._per_address, self._accept_pause).as_list()
 
     # -- the channel ----------------------------------------------------------------------------------------
 
@@ -299,12 +299,33 @@ class HttpWorker:
                 return
             except OSError:  # the front end is gone: so is every response
                 self._channel_gone = True
-                unsent.clear()
+                self._drop_hand_overs(lambda _: True)
+                self._unsent.clear()
                 return
             unsent.popleft()
-            if handed is not None:
-                handed.sock.close()  # the front end holds its own copy now
+            if handed is not None:  # the front end holds its own copy now, and counts it
+                self._handed(handed)
         self._watch_channel(writable=False)
+
+    def _handed(self, client: _Client) -> None:
+        """A hand-over left :attr:`_unsent` (sent, or dropped): close the worker's copy, stop counting it."""
+        client.sock.close()
+        self._per_address.release(client.address)
+        self._handing_over -= 1
+        self._watch_listeners()
+
+    def _drop_hand_overs(self, late: Callable[[_Client], bool]) -> int:
+        """Close the hand-overs not sent that ``late`` picks; how many."""
+        kept: collections.deque[tuple[bytes, _Client | None]] = collections.deque()
+        dropped = 0
+        for record, handed in self._unsent:
+            if handed is not None and late(handed):
+                self._handed(handed)
+                dropped += 1
+            else:
+                kept.append((record, handed))
+        self._unsent = kept
+        return dropped
 
     def _watch_channel(self, *, writable: bool) -> None:
         if writable != self._channel_blocked:
@@ -351,41 +372,48 @@ class HttpWorker:
                 sock, address = listener.accept()
             except _BLOCKING:
                 return
-            except OSError as exc:
-                if exc.errno in ACCEPT_SKIPPED:
-                    continue
-                if exc.errno not in ACCEPT_ERRORS:
-                    raise
-                self._pause_accepts(exc, now)  # until descriptors or memory free up
-                return
+            except OSError as exc:  # skipped, or accepting pauses (no descriptor or memory left)
+                delay = self._accept_pause.after(exc, now)
+                if delay:
+                    self._pause_accepts(delay)
+                    return
+                continue
             self._accept_pause.accepted()
             host = str(address[0])
-            if not self._per_address.acquire(host):  # counted
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._epoll.register(sock.fileno(), _READ)
+            except OSError:  # gone already, or no memory for epoll
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self._per_address.acquire(host):  # counted; taken last
+                self._epoll.unregister(sock.fileno())
+                sock.close()
+                continue
             client = _Client(sock, host, now + self._budgets.keep_alive)
             self._clients[client.fd] = client
-            self._epoll.register(client.fd, _READ)
 
-    def _pause_accepts(self, error: OSError, now: float) -> None:
-        """Stop watching the listeners for a while (see :class:`~trio_dht.proxy.conn_limits.AcceptPause`)."""
-        delay, warning = self._accept_pause.failed(error, now)
-        if warning is not None:
-            log.warning("%s", warning)
+    def _pause_accepts(self, delay: float) -> None:
+        """Stop watching the listeners for ``delay`` seconds (see ``AcceptPause``)."""
         if self._accepts_paused or self._nursery is None:
             return
         self._accepts_paused = True
-        for fd in self._listeners:
-            self._epoll.modify(fd, 0)
+        self._watch_listeners()
         self._nursery.start_soon(self._resume_accepts, delay)
 
     async def _resume_accepts(self, delay: float) -> None:
         await trio.sleep(delay)
         self._accepts_paused = False
-        for fd in self._listeners:  # none once drained
-            self._epoll.modify(fd, select.EPOLLIN)
+        self._watch_listeners()
+
+    def _watch_listeners(self) -> None:
+        """Watch the listeners unless accepting pauses or :data:`MAX_HANDING_OVER` hand-overs wait."""
+        listening = not self._accepts_paused and self._handing_over < MAX_HANDING_OVER
+        if listening != self._listening:
+            self._listening = listening
+            for fd in self._listeners:  # none once drained
+                self._epoll.modify(fd, select.EPOLLIN if listening else 0)
 
     def _on_client(self, client: _Client, events: int, now: float) -> None:
         if events & select.EPOLLOUT:
@@ -421,7 +449,7 @@ class HttpWorker:
             return
         route = None if head is UNUSUAL else relayed_request(head)  # type: ignore[arg-type]
         if route is None:
-            self._hand_over(client)
+            self._hand_over(client, now)
             return
         assert isinstance(head, Head)
         end = head.size + head.content_length
@@ -477,17 +505,24 @@ class HttpWorker:
             client.reading, client.writing = reading, writing
             self._epoll.modify(client.fd, (_READ if reading else 0) | (select.EPOLLOUT if writing else 0))
 
-    def _hand_over(self, client: _Client) -> None:
+    def _hand_over(self, client: _Client, now: float) -> None:
+        """Send the connection to the front end, counted here until the channel takes it; it waits for that
+        at most the head deadline."""
         self._forget(client)
+        client.deadline = now + self._budgets.head
         self._unsent.extend((record, None) for record in self._records.take())  # what was gathered goes first
         self._unsent.append((relay.frame(relay.HAND_OVER, 0, bytes(client.buffer)), client))
+        self._handing_over += 1
+        self._watch_listeners()
 
     def _close(self, client: _Client) -> None:
-        self._forget(client)
+        if self._forget(client):
+            self._per_address.release(client.address)
         client.sock.close()
 
-    def _forget(self, client: _Client) -> None:
-        """Stop serving the connection (closed, or handed over: the front end counts it from then on)."""
-        if self._clients.pop(client.fd, None) is not None:
-            self._epoll.unregister(client.fd)
-            self._per_address.release(client.address)
+    def _forget(self, client: _Client) -> bool:
+        """Stop serving the connection (closed, or handed over); whether it was served."""
+        if self._clients.pop(client.fd, None) is None:
+            return False
+        self._epoll.unregister(client.fd)
+        return True

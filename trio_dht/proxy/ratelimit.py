@@ -1,11 +1,16 @@
-"""Per-client request rate limiting (sans-IO: the caller passes the time)."""
+"""Per-client request rate limiting (sans-IO: the caller passes the time).
+
+The table of clients holds at most ``Limits.http_rate_clients``; when full, a quarter of it is freed in one
+pass, oldest clients first, those whose buckets have refilled (they would start full anyway) before busy
+ones (:func:`~trio_dht.sources.evict_oldest`): a flood of new clients costs amortised O(1) each.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from trio_dht.proxy.config import RateLimit
-from trio_dht.proxy.conn_limits import client_key
+from trio_dht.sources import client_key, evict_oldest
 
 
 @dataclass(slots=True)
@@ -22,6 +27,8 @@ class RateLimiter:
         self.max_clients = max_clients
         self._buckets: dict[str, _Bucket] = {}
         self.refused = 0
+        self.evicted = 0
+        """Clients forgotten to make room."""
 
     client_key = staticmethod(client_key)
 
@@ -45,10 +52,11 @@ class RateLimiter:
         self.refused += 1
         return False
 
+    def __len__(self) -> int:
+        """Clients tracked."""
+        return len(self._buckets)
+
     def _prune(self, now: float) -> None:
-        """Forget clients whose buckets have refilled (they would start full anyway)."""
+        """Free a quarter of the table, oldest first: clients whose buckets have refilled, then busy ones."""
         refill = self.limit.burst / self.limit.per_second
-        self._buckets = {k: b for k, b in self._buckets.items() if now - b.updated < refill}
-        if len(self._buckets) >= self.max_clients:  # all busy: drop the oldest half
-            keep = sorted(self._buckets.items(), key=lambda kv: kv[1].updated)[len(self._buckets) // 2 :]
-            self._buckets = dict(keep)
+        self.evicted += evict_oldest(self._buckets, self.max_clients, lambda b: now - b.updated >= refill)

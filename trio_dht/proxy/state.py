@@ -83,7 +83,11 @@ class ProxyState:
         self.listens = ListenRegistry(limits.http_listens_per_ip, limits.http_send_buffer)
         self.http_counters = HttpCounters()
         """The HTTP limits reached (``/node/stats`` ``"http"``, reported by the front end)."""
-        self.limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+        self.limiter = (
+            RateLimiter(config.rate_limit, max_clients=config.limits.http_rate_clients)
+            if config.rate_limit
+            else None
+        )
         self.start_time = time.time()
         self.requests = 0
         self._window: tuple[float, int] | None = None
@@ -139,6 +143,12 @@ class ProxyState:
         info = self.node_info()
         if info is not None:
             doc["nodeInfo"] = info
+        if self.limiter is not None:
+            doc["rateLimit"] = {
+                "clients": len(self.limiter),
+                "refused": self.limiter.refused,
+                "evicted": self.limiter.evicted,
+            }
         if self.permanent.journal is not None:
             doc["stateFile"] = self.permanent.journal.stats()
         if self.push is not None:
