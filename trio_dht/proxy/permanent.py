@@ -95,6 +95,7 @@ class PermanentPuts:
         self._heap: list[tuple[float, int, InfoHash, int]] = []
         self._seq = itertools.count()
         self._by_source: Counter[str] = Counter()
+        self._total = 0
         self.bytes_per_source = bytes_per_source
         self._bytes_by_source: Counter[str] = Counter()
         self.refused = 0
@@ -113,7 +114,7 @@ class PermanentPuts:
     @property
     def total(self) -> int:
         """All held puts (``totalPermanentPuts``)."""
-        return sum(len(by_id) for by_id in self._puts.values())
+        return self._total
 
     @property
     def source_count(self) -> int:
@@ -247,11 +248,13 @@ class PermanentPuts:
         if replaced is not None:
             self._release(replaced)
         by_id[held.value.id] = held
+        self._total += 1
         self._by_source[held.source] += 1
         self.bytes += len(held.value.packed())
         self._bytes_by_source[held.source] += len(held.value.packed())
 
     def _release(self, held: PermanentPut) -> None:
+        self._total -= 1
         self._by_source[held.source] -= 1
         if not self._by_source[held.source]:
             del self._by_source[held.source]
