@@ -90,8 +90,7 @@ def create_quart(state: ProxyState, blueprints: Iterable[Blueprint] = ()) -> Qua
 
 def shield_final_send(send: Send) -> Send:
     """Shield the last body message: hypercorn closes the connection inside that ``send``, and quart-trio
-    cancels its request nursery on ``http.disconnect`` half-way through it, leaving the socket open forever
-    (trio-stack.md §1).
+    cancels its request nursery on ``http.disconnect`` half-way through it, leaving the socket open forever.
     """
 
     async def wrapped(message: dict[str, Any]) -> None:

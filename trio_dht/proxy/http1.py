@@ -24,7 +24,8 @@ from typing import Final, NamedTuple
 RECV_SIZE = 65536
 """Bytes read from a connection at a time."""
 KEEP_ALIVE_TIMEOUT = 60.0
-"""An idle connection (or one sending a request head that never completes) is closed after this long."""
+"""An idle connection (no byte of a next request yet) is closed after this long; a head begun and not
+completed is bounded by ``Limits.http_head_timeout``."""
 MAX_HEAD = 16 * 1024
 """A request head longer than this is :data:`UNUSUAL` (hypercorn's h11 then judges it)."""
 
