@@ -34,7 +34,6 @@ FAST = ("--limit", "http_head_timeout=2", "--limit", "http_body_timeout=2", "--l
 CUT_WITHIN = 12.0
 """A connection past its 2 s deadline is closed well before the 60 s keep-alive would have closed it; the
 margin is for a loaded 2-core machine running the whole suite."""
-"""The sweep runs every quarter of the shortest deadline; the rest is for a loaded machine."""
 
 
 async def open_raw(target: Target, rcvbuf: int | None = None) -> trio.SocketStream:
