@@ -1,7 +1,8 @@
-"""Reassembly of fragmented values (trio_dht.wire.reassembly), sans-IO with explicit times (spec §1.9)."""
+"""Reassembly of fragmented values (trio_dht.wire.reassembly), sans-IO with explicit times."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -14,8 +15,8 @@ from trio_dht.wire.reassembly import (
     FRAGMENT_COST,
     MAX_EARLY_BYTES,
     MAX_EARLY_FRAGMENTS,
-    MAX_PARTIALS,
     MAX_SERIALISED_VALUE,
+    MIN_FRAGMENT,
     PARTIAL_COST,
     SIZE_COST,
     Reassembler,
@@ -44,8 +45,11 @@ def check(done: Message | None, *values: Value) -> None:
     assert not done.fragmented and done.sender == SENDER and done.info_hash == KEY
 
 
-def feed(r: Reassembler, frags: list[Message], now: float = 0.0, key=(ADDR, TID)) -> list[Message | None]:
-    return [r.fragment(key, f, now) for f in frags]
+def feed(
+    r: Reassembler, frags: list[Message], now: float = 0.0, key=(ADDR, TID), reply: bool = True
+) -> list[Message | None]:
+    """Each fragment in turn, as a reply's to our request (``reply``: they may precede their header)."""
+    return [r.fragment(key, f, now, reply) for f in frags]
 
 
 def test_in_order():
@@ -188,7 +192,8 @@ def test_expiry_10_s_after_start():
     assert last < 10.0
     assert r.expire(9.9) == 0
     assert r.expire(10.1) == 1
-    assert r.fragment((ADDR, TID), frags[-1], 10.2) is None  # too late: starts a new, headerless partial
+    assert r.fragment((ADDR, TID), frags[-1], 10.2) is None  # too late: its message is gone
+    assert len(r) == 0 and r.unsolicited == 1
 
 
 def test_expiry_3_s_idle():
@@ -200,7 +205,7 @@ def test_expiry_3_s_idle():
     assert r.expire(3.9) == 0
     assert r.expire(4.1) == 1 and len(r) == 0
     # Early fragments without a header expire the same way.
-    r.fragment((ADDR, TID + 1), frags[0], 5.0)
+    r.fragment((ADDR, TID + 1), frags[0], 5.0, reply=True)
     assert r.expire(7.9) == 0 and r.expire(8.1) == 1
 
 
@@ -218,9 +223,9 @@ def test_corrupt_value_is_dropped_not_raised():
 def test_a_full_table_makes_room_by_dropping_stale_partials():
     r = Reassembler()
     orphan = Message(Kind.FRAGMENT, TID, parts={0: (0, b"x")})
-    for port in range(MAX_PARTIALS):
-        r.fragment((("127.0.0.1", port), TID), orphan, 0.0)
-    assert len(r) == MAX_PARTIALS
+    for port in range(r.max_messages):
+        r.fragment((("127.0.0.1", port), TID), orphan, 0.0, reply=True)
+    assert len(r) == r.max_messages
     v = value(2_000)
     header, frags = fragmented_put(v)
     # Full of fresh partials: refused. Once those are stale (3 s idle), a new message gets in.
@@ -264,12 +269,12 @@ def test_the_global_budget_drops_what_does_not_fit():
     header, frags = fragmented_put(v)
     keys = [(("127.0.0.1", port), TID) for port in range(3)]
     for key in keys:  # three sources with all but their last fragment: not all fit in 100 KB
-        r.header(key, header, 0.0)
+        r.header(key, header, 0.0, reply=True)
         feed(r, frags[:-1], key=key)
     assert r.dropped_budget > 0 and r.held <= limits.udp_reassembly_bytes
     assert r.fragment(keys[1], frags[-1], 0.5) is None  # the second lost some to the budget
     assert r.expire(4.0) == 2 and r.held == 0  # the third never got in; the stale ones free it all
-    r.header(keys[1], header, 4.0)
+    r.header(keys[1], header, 4.0, reply=True)
     check(feed(r, frags, now=4.0, key=keys[1])[-1], v)
 
 
@@ -297,3 +302,45 @@ def test_completion_returns_every_charged_byte():
     assert r.held > 5 * 1280
     check(feed(r, frags[5:])[-1], v)
     assert r.held == 0 and r._by_source == {}
+
+
+# -- what may start a message --------------------------------------------------------------------------------
+
+
+def test_a_request_fragment_before_its_header_is_dropped():
+    """Only a reply's fragments may precede their header; a stranger's fragments start nothing."""
+    v = value(5_000)
+    header, frags = fragmented_put(v)
+    r = Reassembler()
+    assert feed(r, frags[:2], reply=False) == [None, None]
+    assert len(r) == 0 and r.held == 0 and r.unsolicited == 2
+    assert r.header((ADDR, TID), header, 0.1) is None  # the header first: its fragments then add to it
+    check(feed(r, frags, now=0.2, reply=False)[-1], v)
+    assert r.held == 0
+
+
+def test_requests_take_at_most_half_the_table_and_replies_still_get_in():
+    limits = Limits(udp_reassembly_messages=8, udp_reassembly_bytes=100_000)
+    r = Reassembler(limits)
+    header, frags = fragmented_put(value(60_000))
+    for port in range(8):  # strangers' requests: 4 of 8 messages
+        r.header((("127.0.0.1", port), TID), header, 0.0)
+    assert len(r) == 4 and r.dropped_budget == 4
+    feed(r, frags, key=(("127.0.0.1", 0), TID), reply=False)  # bytes too: half the budget at most
+    assert r._requests_held <= 50_000 and r.dropped_budget > 4
+    v = value(30_000)
+    for port in range(100, 104):  # our requests' replies: the other half is theirs
+        header, frags = fragmented_put(v)
+        assert r.header((("127.0.0.1", port), TID), header, 0.0, reply=True) is None
+        check(feed(r, frags, key=(("127.0.0.1", port), TID))[-1], v)
+
+
+def test_a_value_in_many_tiny_fragments_is_refused_past_its_size_at_512_bytes_each():
+    r = Reassembler()
+    header, _ = fragmented_put(value(2_000))
+    r.header((ADDR, TID), header, 0.0)
+    size = header.value_sizes[0]
+    tiny = [Message(Kind.FRAGMENT, TID, parts={0: (2 * i + 1, b"x")}) for i in range(size // 2)]
+    feed(r, tiny)
+    assert len(r._partials[(ADDR, TID)].values[0].starts) == math.ceil(size / MIN_FRAGMENT)
+    assert r.dropped == size // 2 - math.ceil(size / MIN_FRAGMENT)

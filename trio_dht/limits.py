@@ -31,6 +31,9 @@ class Limits:
     """Bytes held, in all, by fragmented messages being reassembled; a fragment past it is dropped."""
     udp_reassembly_per_source: int = 1 * MIB
     """Bytes held by fragmented messages from one source (IPv4 address, IPv6 /64; loopback per port)."""
+    udp_reassembly_messages: int = 4096
+    """Fragmented messages being reassembled at once (requests from others at most half, so replies to our
+    own requests keep room); a new one past it is dropped (counted) once stale ones are swept."""
     udp_confirm_queue: int = 1024
     """Nodes waiting for a confirmation ping; new ones past it are not queued (counted)."""
     udp_confirm_in_flight: int = 64

@@ -160,7 +160,8 @@ class Counters:
     dropped_self: int = 0
     dropped_martian: int = 0
     dropped_unsolicited: int = 0
-    """Fragmented replies (headers) whose ``t`` is no request we sent to that address."""
+    """Fragmented replies (headers) whose ``t`` is no request we sent to that address (fragments starting no
+    message are counted by the reassembler)."""
     requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -251,7 +252,7 @@ class DhtNode:
         """What each UDP limit dropped, cut or evicted (and what it holds now), for ``/node/stats``."""
         reassembler, confirms, validation = self._reassembler, self._confirms, self._validation
         return {
-            "dropped_unsolicited_fragments": self.counters.dropped_unsolicited,
+            "dropped_unsolicited_fragments": self.counters.dropped_unsolicited + reassembler.unsolicited,
             "reassembly_dropped": reassembler.dropped,
             "reassembly_dropped_budget": reassembler.dropped_budget,
             "reassembly_bytes": reassembler.held,
@@ -469,8 +470,10 @@ class DhtNode:
         now = self._clock()
         kind = msg.kind
         rate_checked = False  # a fragmented request is counted once, when its header arrives
-        if kind is _FRAGMENT:
-            done = self._reassembler.fragment((addr, msg.tid), msg, now)
+        if kind is _FRAGMENT:  # may start a message only as the answer to a request we sent there
+            pending = self._requests.pending.get(msg.tid)
+            reply = pending is not None and pending.addr == addr
+            done = self._reassembler.fragment((addr, msg.tid), msg, now, reply)
             if done is None:
                 return
             msg = done
@@ -486,7 +489,7 @@ class DhtNode:
                 if pending is None or pending.addr != addr:
                     self.counters.dropped_unsolicited += 1
                     return
-            done = self._reassembler.header((addr, msg.tid), msg, now)
+            done = self._reassembler.header((addr, msg.tid), msg, now, kind is _REPLY)
             if done is None:
                 return
             msg = done

@@ -1,19 +1,27 @@
 """Reassembly of fragmented messages (a header announcing value sizes, then ``p`` fragments), sans-IO.
 
-Keyed by (source address, ``t``) as OpenDHT 4.3+. Fragments may arrive in any order, even before their header
-(at most 100 fragments and 120 KiB per message then). Memory follows the bytes actually received, never the
-sizes a header announces: each fragment is kept as it came, and a value's fragments are joined once they cover
-it exactly. Everything held is charged, bytes plus a fixed cost per fragment and per message, against a global
-budget and a budget per source; what would go past either is dropped and counted. Overlapping fragments and
-values over the size limit are refused.
+Keyed by (source address, ``t``) as OpenDHT 4.3+. Memory follows the bytes actually received, never the sizes
+a header announces: each fragment is kept as it came, and a value's fragments are joined once they cover it
+exactly. Everything held is charged, bytes plus a fixed cost per fragment and per message, against a global
+budget and a budget per source; what would go past either is dropped and counted. Overlapping fragments,
+values over the size limit, and more fragments per value than its size allows at ``MIN_FRAGMENT`` bytes each
+(a peer sends 1280-byte chunks; this keeps a value's sorted insertions short) are refused.
 
-Which headers to admit is the caller's rule: a node passes the header of a reply only when its ``t`` is a
-request it sent to that address.
+Which messages may start is the caller's rule, passed as ``reply``: a node passes the header of a reply, or
+a fragment, with ``reply=True`` only when its ``t`` is a request it sent to that address (random ids, so a
+stranger cannot guess one). Only such a reply's fragments may arrive before their header (at most 100
+fragments and 120 KiB per message then: the most one reply carries before its header is known). A fragment of
+a request (a put, an update) that arrives before its header is dropped and counted (:attr:`unsolicited`):
+OpenDHT sends a request's header first and its fragments right behind it, and keeping strangers' early
+fragments would let anyone fill the table. Requests may hold at most half of the messages
+(``Limits.udp_reassembly_messages``) and half of the global byte budget, so the replies to our own requests
+always find room.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -26,7 +34,9 @@ MAX_AGE = 10.0
 MAX_IDLE = 3.0
 MAX_EARLY_BYTES = 120 * 1024
 MAX_EARLY_FRAGMENTS = 100
-MAX_PARTIALS = 4096
+"""Per reply message before its header: fixed by what one reply carries, not an operator's budget."""
+MIN_FRAGMENT = 512
+"""A value may come in at most ceil(size / MIN_FRAGMENT) fragments."""
 PARTIAL_COST = 256
 """Bytes charged for a message being reassembled, beside its fragments."""
 SIZE_COST = 8
@@ -68,6 +78,7 @@ class _Partial:
     source: Hashable
     started: float
     last: float
+    reply: bool
     header: Message | None = None
     values: dict[int, _Value] = field(default_factory=dict)
     missing: int = 0
@@ -89,8 +100,14 @@ class Reassembler:
         self._source = source
         self.max_bytes = limits.udp_reassembly_bytes
         self.max_per_source = limits.udp_reassembly_per_source
+        self.max_messages = limits.udp_reassembly_messages
         self.held = 0
         """Bytes charged for what is held now."""
+        self._requests = 0
+        """Messages held that are not replies to our requests, and the bytes charged for them."""
+        self._requests_held = 0
+        self.unsolicited = 0
+        """Fragments dropped because no message they belong to was started, and none may start."""
         self._swept = float("-inf")
         self.dropped = 0
         """Fragments, headers and values dropped, for any reason."""
@@ -100,14 +117,18 @@ class Reassembler:
     def __len__(self) -> int:
         return len(self._partials)
 
-    def header(self, key: Key, msg: Message, now: float) -> Message | None:
-        """A message whose ``values`` are sizes; returns it completed if every fragment is already here."""
+    def __contains__(self, key: Key) -> bool:
+        return key in self._partials
+
+    def header(self, key: Key, msg: Message, now: float, reply: bool = False) -> Message | None:
+        """A message whose ``values`` are sizes; returns it completed if every fragment is already here.
+        ``reply``: it answers a request we sent to that address."""
         p = self._partials.get(key)
         if p is not None and p.header is not None:
             return None  # a retransmitted header: the first one is being filled
         cost = SIZE_COST * len(msg.value_sizes)
         if p is None:
-            p = self._start(key, now, cost)
+            p = self._start(key, now, cost, reply)
             if p is None:
                 return None
         elif not self._charge(key, p, cost, now):
@@ -128,11 +149,16 @@ class Reassembler:
         )
         return self._complete(key, p) if not p.missing else None
 
-    def fragment(self, key: Key, msg: Message, now: float) -> Message | None:
-        """A ``p`` datagram; returns the completed message once its last fragment is in."""
+    def fragment(self, key: Key, msg: Message, now: float, reply: bool = False) -> Message | None:
+        """A ``p`` datagram; returns the completed message once its last fragment is in. Unless ``reply``
+        (``t`` is a request we sent to that address), it only adds to a message whose header came first."""
         p = self._partials.get(key)
         if p is None:
-            p = self._start(key, now, 0)
+            if not reply:
+                self.unsolicited += 1
+                self.dropped += 1
+                return None
+            p = self._start(key, now, 0, True)
             if p is None:
                 return None
         p.last = now
@@ -157,6 +183,9 @@ class Reassembler:
                 value = p.values[index] = _Value()
             elif header is not None and value.received >= limit:
                 continue  # already whole: a retransmission
+            elif len(value.starts) >= math.ceil(limit / MIN_FRAGMENT):
+                self.dropped += 1  # too many small pieces for the value's size
+                continue
             if not self._charge(key, p, len(data) + FRAGMENT_COST, now):
                 if key not in self._partials:
                     return None  # swept as stale while making room
@@ -189,48 +218,64 @@ class Reassembler:
             self._swept = now
             self.expire(now)
 
-    def _fits(self, source: Hashable, cost: int) -> bool:
+    def _fits(self, source: Hashable, cost: int, reply: bool) -> bool:
         return (
             self.held + cost <= self.max_bytes
             and self._by_source.get(source, 0) + cost <= self.max_per_source
+            and (reply or self._requests_held + cost <= self.max_bytes // 2)
         )
 
-    def _start(self, key: Key, now: float, cost: int) -> _Partial | None:
+    def _room(self, reply: bool) -> bool:
+        return len(self._partials) < self.max_messages and (
+            reply or self._requests < self.max_messages // 2
+        )
+
+    def _start(self, key: Key, now: float, cost: int, reply: bool) -> _Partial | None:
         """A new partial message for ``key`` (None, counted, when the table or a budget is full)."""
         source = self._source(key[0])
         cost += PARTIAL_COST
-        if len(self._partials) >= MAX_PARTIALS or not self._fits(source, cost):
+        if not self._room(reply) or not self._fits(source, cost, reply):
             self._sweep(now)
-            if len(self._partials) >= MAX_PARTIALS or not self._fits(source, cost):
+            if not self._room(reply) or not self._fits(source, cost, reply):
                 self.dropped += 1
                 self.dropped_budget += 1
                 return None
-        p = self._partials[key] = _Partial(source, now, now, cost=cost)
+        p = self._partials[key] = _Partial(source, now, now, reply, cost=cost)
         self.held += cost
         self._by_source[source] = self._by_source.get(source, 0) + cost
+        if not reply:
+            self._requests += 1
+            self._requests_held += cost
         return p
 
     def _charge(self, key: Key, p: _Partial, cost: int, now: float) -> bool:
         """Charge ``cost`` more to ``p`` if it fits (a sweep may make room, or remove ``p`` itself)."""
-        if not self._fits(p.source, cost):
+        if not self._fits(p.source, cost, p.reply):
             self._sweep(now)
-            if not self._fits(p.source, cost) or self._partials.get(key) is not p:
+            if not self._fits(p.source, cost, p.reply) or self._partials.get(key) is not p:
                 self.dropped += 1
                 self.dropped_budget += 1
                 return False
         p.cost += cost
         self.held += cost
         self._by_source[p.source] += cost
+        if not p.reply:
+            self._requests_held += cost
         return True
 
     def _refund(self, p: _Partial, cost: int) -> None:
         p.cost -= cost
         self.held -= cost
         self._by_source[p.source] -= cost
+        if not p.reply:
+            self._requests_held -= cost
 
     def _remove(self, key: Key) -> None:
         p = self._partials.pop(key)
         self.held -= p.cost
+        if not p.reply:
+            self._requests -= 1
+            self._requests_held -= p.cost
         left = self._by_source[p.source] - p.cost
         if left:
             self._by_source[p.source] = left
