@@ -226,9 +226,7 @@ class Reassembler:
         )
 
     def _room(self, reply: bool) -> bool:
-        return len(self._partials) < self.max_messages and (
-            reply or self._requests < self.max_messages // 2
-        )
+        return len(self._partials) < self.max_messages and (reply or self._requests < self.max_messages // 2)
 
     def _start(self, key: Key, now: float, cost: int, reply: bool) -> _Partial | None:
         """A new partial message for ``key`` (None, counted, when the table or a budget is full)."""
