@@ -1,11 +1,16 @@
 """The SSRF guard on UnifiedPush endpoints."""
 
 import ipaddress
+import socket
+import threading
 
 import pytest
+import trio
 
 from trio_dht.push.ssrf import (
     ForbiddenEndpoint,
+    Lookups,
+    LookupStuck,
     is_forbidden_address,
     numeric_ipv4,
     parse_endpoint,
@@ -167,19 +172,68 @@ async def test_resolution_refuses_numeric_spellings_and_embedded_addresses():
 
 async def test_resolution_checks_what_the_resolver_answers(monkeypatch):
     """A name whose DNS answer holds any private address is refused; the address returned is one checked."""
-    import trio
 
     answers = {
         "mixed.example": ["93.184.216.34", "64:ff9b::a00:1"],
         "public.example": ["93.184.216.34", "2606:4700::1"],
     }
 
-    async def fake_getaddrinfo(host, port, **kwargs):
-        return [(0, 0, 0, "", (a, port)) for a in answers[host]]
+    def fake_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if flags & socket.AI_NUMERICHOST:
+            raise socket.gaierror(socket.EAI_NONAME, "not numeric")
+        return [(0, 0, 0, "", (a, port)) for a in answers[host.decode()]]
 
-    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     with pytest.raises(ForbiddenEndpoint, match="64:ff9b::a00:1"):
         await resolve_endpoint(parse_endpoint("https://mixed.example/up"))
     assert await resolve_endpoint(parse_endpoint("https://public.example/up")) == ipaddress.ip_address(
         "93.184.216.34"
     )
+
+
+async def test_abandoned_slow_lookups_hold_only_their_own_slots_one_per_host(monkeypatch):
+    """Lookups abandoned at their deadline keep their threads until the resolver answers: they hold slots
+    of the lookups' own limiter (never trio's default one), one per host, and other hosts still resolve."""
+    release = threading.Event()
+
+    def fake_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        if flags & socket.AI_NUMERICHOST:
+            raise socket.gaierror(socket.EAI_NONAME, "not numeric")
+        if host.startswith(b"slow"):
+            release.wait(10)
+        return [(0, 0, 0, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    lookups = Lookups(4)
+    try:
+        for i in range(3):
+            with trio.move_on_after(0.05) as scope:
+                await resolve_endpoint(parse_endpoint(f"https://slow{i}.example/up"), lookups)
+            assert scope.cancelled_caught
+        assert lookups.limiter.borrowed_tokens == 3
+        assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+        with trio.fail_after(5):
+            with pytest.raises(LookupStuck):  # at once: no second thread for a host still being looked up
+                await resolve_endpoint(parse_endpoint("https://slow0.example/other"), lookups)
+            address = await resolve_endpoint(parse_endpoint("https://fast.example/up"), lookups)
+        assert address == ipaddress.ip_address("93.184.216.34") and lookups.limiter.borrowed_tokens == 3
+        # The last slot taken: a lookup waiting for one gives up at its deadline, leaving no mark behind.
+        with trio.move_on_after(0.05):
+            await resolve_endpoint(parse_endpoint("https://slow3.example/up"), lookups)
+        with trio.move_on_after(0.05):
+            await resolve_endpoint(parse_endpoint("https://slow4.example/up"), lookups)
+        assert lookups.limiter.borrowed_tokens == 4
+    finally:
+        release.set()
+    with trio.fail_after(10):
+        while lookups.limiter.borrowed_tokens:  # the abandoned threads end, and give their slots back
+            await trio.sleep(0.01)
+        for host in ("slow0", "slow4"):
+            await resolve_endpoint(parse_endpoint(f"https://{host}.example/up"), lookups)
+
+
+async def test_ip_addresses_need_no_lookup_thread(monkeypatch):
+    lookups = Lookups(1)
+    monkeypatch.setattr(trio.to_thread, "run_sync", None)  # any thread would fail
+    for url in ("https://93.184.216.34/up", "https://[2606:4700::1]:8443/up", "http://134744072/up"):
+        assert await resolve_endpoint(parse_endpoint(url), lookups)

@@ -36,6 +36,8 @@ TIMED_OUT = "timeout"
 """The ``reason`` of a request that outlasted its deadline."""
 OVERSIZED = "oversized"
 """The ``reason`` of a request whose reply body was over the cap."""
+LOOKUP_STUCK = "lookup-stuck"
+"""The ``reason`` of a request not made because its host's previous lookup (abandoned) still runs."""
 MAX_RETRY_AFTER = 3600.0
 """A longer ``Retry-After`` is clamped: a gateway may not park pushes for longer than an hour at a time."""
 

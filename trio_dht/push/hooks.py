@@ -22,7 +22,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.value_json import PushTarget
 from trio_dht.push.dispatcher import Dispatcher
-from trio_dht.push.gateway import OVERSIZED, TIMED_OUT, Gateway, Outcome
+from trio_dht.push.gateway import LOOKUP_STUCK, OVERSIZED, TIMED_OUT, Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
 from trio_dht.push.service import PushReply, PushService
 
@@ -158,5 +158,7 @@ class ProxyPushHooks:
                 "expired": delivery["expired"],
                 "oneOffGaveUp": delivery["one-off-gave-up"],
                 "queueFull": delivery["queue-full"],
+                "laneFull": delivery["lane-full"],
+                "lookupStuck": delivery[LOOKUP_STUCK],
             },
         }

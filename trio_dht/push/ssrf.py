@@ -22,7 +22,8 @@ public (:func:`forbidden_reason`):
 A host name is checked again when a push is sent: :func:`resolve_endpoint` resolves it, refuses it if any of
 its addresses is forbidden, and the request is then made to the address that was checked (the gateway puts
 it in the URL and keeps the name for ``Host`` and the TLS server name), so a second DNS answer cannot swap in
-a private address. Redirects are never followed (the HTTP client is built so).
+a private address. Redirects are never followed (the HTTP client is built so). Names are looked up through
+:class:`Lookups`, which bounds the threads that slow name servers can hold.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import idna
 import trio
 
 MAX_ENDPOINT_LEN = 1000
@@ -217,13 +219,72 @@ def _check_host(host: str) -> None:
             raise ForbiddenEndpoint(f"endpoint address {host} is not public: {reason}")
 
 
-async def resolve_endpoint(endpoint: Endpoint) -> IPAddress:
-    """Resolve the endpoint's host; the first address, if every address is public.
+class LookupStuck(OSError):
+    """The host's previous lookup is still running (abandoned by its request): no second one is started."""
+
+
+_NUMERIC = socket.AI_NUMERICHOST | getattr(socket, "AI_NUMERICSERV", 0)
+
+
+class Lookups:
+    """Host name lookups of push endpoints, each in a thread, under a limiter of their own.
+
+    A lookup runs the system resolver in a thread; one abandoned at its request's deadline keeps its thread,
+    and its limiter slot, until the resolver gives up. trio's ``getaddrinfo`` takes that slot from trio's
+    default thread limiter, shared with every other thread of the program, so names served slowly could stall
+    every other lookup. Here lookups hold ``limit`` slots of their own, and a host whose lookup is still
+    running gets no second one (:class:`LookupStuck` at once): a slow host holds one thread at most. An IP
+    address needs no thread.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limiter = trio.CapacityLimiter(limit)
+        self._running: set[str] = set()
+        """Hosts whose lookup thread has not returned yet."""
+
+    async def getaddrinfo(self, host: str, port: int) -> list[tuple]:
+        """``socket.getaddrinfo(host, port, type=SOCK_STREAM)``; raises :class:`OSError`."""
+        await trio.lowlevel.checkpoint()
+        try:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=_NUMERIC)
+        except socket.gaierror as exc:
+            if exc.errno != socket.EAI_NONAME:
+                raise
+        if host in self._running:
+            raise LookupStuck(f"the previous lookup of {host} is still running")
+        try:
+            name = host.encode("ascii") if host.isascii() else idna.encode(host, uts46=True)
+        except idna.IDNAError as exc:
+            raise OSError(f"bad host name {host!r}: {exc}") from None
+        running = self._running
+        started = False
+
+        def lookup() -> list[tuple]:
+            nonlocal started
+            started = True
+            try:
+                return socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            finally:
+                running.discard(host)
+
+        running.add(host)
+        try:
+            return await trio.to_thread.run_sync(lookup, abandon_on_cancel=True, limiter=self.limiter)
+        except BaseException:
+            if not started:  # cancelled while waiting for a slot: no thread will clear the mark
+                running.discard(host)
+            raise
+
+
+async def resolve_endpoint(endpoint: Endpoint, lookups: Lookups | None = None) -> IPAddress:
+    """Resolve the endpoint's host (through ``lookups``, or a limiter of one lookup); the first address, if
+    every address is public.
 
     Raises :class:`ForbiddenEndpoint` if any address is not, and :class:`OSError` if resolution fails.
     """
     _check_host(endpoint.host)
-    infos = await trio.socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+    lookups = lookups if lookups is not None else Lookups(1)
+    infos = await lookups.getaddrinfo(endpoint.host, endpoint.port)
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
     if not addresses:
         raise OSError(f"{endpoint.host} resolves to nothing")

@@ -25,6 +25,7 @@ from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
 from trio_dht.push import gateway, ssrf, webpush_crypto
 from trio_dht.push.gateway import (
+    LOOKUP_STUCK,
     TIMED_OUT,
     Outcome,
     ReplyTooLarge,
@@ -66,6 +67,9 @@ class UnifiedPushGateway:
         self._allow_private = allow_private
         self._max_body = limits.push_response_bytes
         self._timeout = limits.push_request_timeout
+        self._lookups = ssrf.Lookups(2 * limits.push_concurrency)
+        """Lookup threads: one per request in flight, as many again for lookups abandoned by their deadline
+        (slow hosts, one each)."""
 
     def lane(self, push: Push) -> Hashable:
         try:
@@ -92,7 +96,8 @@ class UnifiedPushGateway:
         except (ValueError, webpush_crypto.WebPushCryptoError):
             return Outcome.DROPPED
         except OSError as exc:
-            raise TemporaryGatewayError(f"cannot resolve {endpoint.host}: {exc!r}") from exc
+            reason = LOOKUP_STUCK if isinstance(exc, ssrf.LookupStuck) else None
+            raise TemporaryGatewayError(f"cannot resolve {endpoint.host}: {exc!r}", reason=reason) from exc
         try:
             response = await gateway.post(
                 self._client,
@@ -120,7 +125,7 @@ class UnifiedPushGateway:
         allowed."""
         if self._allow_private:
             return endpoint.url, {}
-        address = await ssrf.resolve_endpoint(endpoint)
+        address = await ssrf.resolve_endpoint(endpoint, self._lookups)
         host = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
         default_port = 443 if endpoint.scheme == "https" else 80
         netloc = endpoint.host if endpoint.port == default_port else f"{endpoint.host}:{endpoint.port}"
