@@ -13,13 +13,11 @@ holds.
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections import deque
-from ipaddress import IPv6Address
 
 from trio_dht.limits import DEFAULT, Limits
-from trio_dht.wire.compact import Address, is_ipv6, is_loopback
+from trio_dht.sources import client_key, evict_oldest
+from trio_dht.wire.compact import Address, is_ipv6
 
 PER_IP_DEFAULT = 1024
 GLOBAL_DEFAULT = 8192
@@ -27,23 +25,16 @@ WINDOW = 1.0
 
 
 def source_key(addr: Address) -> object:
-    """What a source's budgets are kept per: the IPv4 address, the IPv6 /64, or a loopback (IP, port).
+    """What a source's budgets are kept per: :func:`~trio_dht.sources.client_key` (the IPv4 address, the
+    IPv6 /64), except that a loopback source is kept per (IP, port).
 
-    Called for every datagram: an IPv4 address (dotted quad, as the socket gives it) is read without
-    parsing, an IPv6 one is parsed once while it stays among the 4096 most recently seen."""
+    Called for every datagram: an IPv4 address (dotted quad, as the socket gives it, already its key) is
+    read without parsing, an IPv6 one is parsed once while it stays among the 4096 most recently seen."""
     ip = addr[0]
     if not is_ipv6(ip):
         return addr if ip.startswith("127.") else ip
-    prefix = _ipv6_prefix(ip)
-    return addr if prefix is None else prefix
-
-
-@functools.lru_cache(maxsize=4096)
-def _ipv6_prefix(ip: str) -> bytes | None:
-    """The /64 of an IPv6 address; None for loopback."""
-    if is_loopback(ip):
-        return None
-    return IPv6Address(ip).packed[:8]
+    key = client_key(ip)
+    return addr if key is None or key[1] else key[0]
 
 
 class _Window:
@@ -99,20 +90,9 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         """Free a quarter of the table, oldest first: idle or light sources, then (if need be) busy ones."""
-        sources = self._sources
-        excess = len(sources) - (self.max_sources - max(1, self.max_sources // 4))
         light = self.per_ip // 2
-        evict = []
-        for key, window in sources.items():
-            if len(evict) >= excess:
-                break
-            times = window.times
-            if len(times) <= light or now - times[-1] >= WINDOW:
-                evict.append(key)
-        for key in evict:
-            del sources[key]
-        excess -= len(evict)
-        if excess > 0:
-            for key in list(itertools.islice(sources, excess)):
-                del sources[key]
-        self.evicted += len(evict) + max(0, excess)
+        self.evicted += evict_oldest(
+            self._sources,
+            self.max_sources,
+            lambda window: len(window.times) <= light or now - window.times[-1] >= WINDOW,
+        )
