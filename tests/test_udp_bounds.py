@@ -12,7 +12,8 @@ from trio_dht.limits import Limits
 from trio_dht.node import udp
 from trio_dht.node.confirm import MAX_WAIT, ConfirmQueue, Pushed
 from trio_dht.node.routing import Node
-from trio_dht.node.validation import AddressValidation
+from trio_dht.node.validation import AddressValidation, smaller_answers
+from trio_dht.wire.message import Encoder, decode
 
 
 def node(port: int = 4222) -> Node:
@@ -121,6 +122,29 @@ def test_an_answer_is_deferred_once_per_address():
     assert not v.defer(A)
 
 
+def test_an_answer_past_the_credit_is_deferred_once_then_cut_down_then_withheld():
+    v = AddressValidation(Limits(udp_amplification=3.0))
+    big, mid, small = [b"v" * 900, b"v" * 900], b"n" * 250, b"t" * 100
+    credit = v.received(A, 100)  # 300 bytes
+    assert v.within_credit(A, "get", big, credit, True, lambda: [mid, small]) == []  # deferred (pinging)
+    assert v.deferred == 1 and v.withheld_bytes == 1800
+    assert v.within_credit(A, "get", big, credit, True, lambda: [mid, small]) == [mid]  # the largest fitting
+    assert v.credit(A) == 50 and v.limited == 2 and v.withheld_bytes == 1800 + 1550
+    assert v.within_credit(A, "get", big, v.credit(A), False, lambda: [mid, small]) == []  # none fits
+    assert v.within_credit(A, "ping", [b"p" * 40], v.credit(A), False, list) == [b"p" * 40]
+    assert v.credit(A) == 10 and v.limited == 3
+
+
+def test_smaller_answers_shrink_a_get_to_nodes_then_half_then_the_token():
+    nodes = [(InfoHash.random(), (f"192.0.2.{i}", 4222)) for i in range(1, 9)]
+    answers = list(
+        smaller_answers(Encoder(InfoHash.random()), 7, "get", b"\x7f\0\0\1", b"t" * 32, nodes, [], 4)
+    )
+    assert [len(decode(a).nodes4) for a in answers] == [8, 4, 0]
+    assert all(decode(a).token == b"t" * 32 and decode(a).tid == 7 for a in answers)
+    assert len(list(smaller_answers(Encoder(InfoHash.random()), 7, "find", b"", b"", nodes, [], 4))) == 2
+
+
 # -- the send queue ------------------------------------------------------------------------------------------
 
 
@@ -144,3 +168,18 @@ async def test_send_queue_is_bounded_and_drops_what_waited_too_long(monkeypatch,
         assert endpoint.queue_drops == 5 and endpoint.sent == 1
         assert receiver.recv(100) == b"fresh"
     endpoint.close()
+
+
+def test_confirm_queue_sends_as_slots_free():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=2))
+    nodes = [node(i) for i in range(4)]
+    for n in nodes:
+        q.push(n, 0.0)
+    sent: list[tuple[Node, object]] = []
+    q.send(lambda: 1.0, lambda n, ended: sent.append((n, ended)))
+    assert [n for n, _ in sent] == nodes[:2] and q.in_flight == 2
+    sent[0][1](None)  # the first ping ends (unanswered): the third goes out
+    assert [n for n, _ in sent] == nodes[:3] and q.in_flight == 2
+    sent[1][1](object())
+    sent[2][1](None)
+    assert [n for n, _ in sent] == nodes and q.in_flight == 1 and len(q) == 0

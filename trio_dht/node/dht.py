@@ -36,7 +36,7 @@ from trio_dht.node.search import SearchNode, SearchState
 from trio_dht.node.storage import PutOutcome, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
 from trio_dht.node.udp import UdpEndpoint
-from trio_dht.node.validation import AddressValidation
+from trio_dht.node.validation import AddressValidation, smaller_answers
 from trio_dht.value import Query, Value, random_value_id, type_expiration
 from trio_dht.wire.compact import (
     Address,
@@ -572,15 +572,8 @@ class DhtNode:
             self._confirm_wake.set()
         return bool(pushed)
 
-    def _send_confirms(self) -> None:
-        """Ping the queued nodes that free slots allow; each ping's end frees its slot and sends the next."""
-        for node in self._confirms.ready(self._clock()):
-            done = functools.partial(self._confirmed, node)
-            self.start_request(node.addr, "ping", {}, done, node_id=node.id)
-
-    def _confirmed(self, node: Node, reply: Message | None) -> None:
-        self._confirms.done(node)
-        self._send_confirms()
+    def _ping_to_confirm(self, node: Node, ended: Callable[[Message | None], None]) -> None:
+        self.start_request(node.addr, "ping", {}, ended, node_id=node.id)
 
     # -- request handlers -----------------------------------------------------------------------------------
 
@@ -604,53 +597,19 @@ class DhtNode:
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
         if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
-            datagrams = self._within_credit(msg, addr, sa, now, datagrams, credit, pinging)
+            smaller = functools.partial(self._smaller_answers, msg, addr, sa, now)
+            datagrams = self._validation.within_credit(addr, method, datagrams, credit, pinging, smaller)
         for datagram in datagrams:
             self._send(datagram, addr)
 
-    def _within_credit(
-        self,
-        msg: Message,
-        addr: Address,
-        sa: bytes,
-        now: float,
-        datagrams: list[bytes],
-        credit: float,
-        pinging: bool,
-    ) -> list[bytes]:
-        """What may be sent to an unvalidated address: the answer if it fits its ``credit``; else, the first
-        time, nothing while ``pinging`` validates the address (the sender's resend gets the whole
-        answer); else a smaller one (a get or find answered with fewer nodes and no values); else nothing."""
-        validation = self._validation
-        size = sum(map(len, datagrams))
-        if size <= credit:
-            validation.spend(addr, size)
-            return datagrams
-        if pinging and msg.method == "get" and validation.defer(addr):
-            validation.withheld(size)
-            return []
-        for smaller in self._smaller_answers(msg, addr, sa, now):
-            if len(smaller) <= credit:
-                validation.spend(addr, len(smaller))
-                validation.withheld(size - len(smaller))
-                return [smaller]
-        validation.withheld(size)
-        return []
-
     def _smaller_answers(self, msg: Message, addr: Address, sa: bytes, now: float) -> Iterable[bytes]:
-        """Answers to a get or find with less in them, largest first: nodes without values, then half as many
-        nodes, then none (the token alone)."""
-        if msg.method != "get" and msg.method != "find":
-            return
+        """Smaller answers to a get or find (``node.validation.smaller_answers``); none to the others."""
         target = msg.target or msg.info_hash
-        if target is None:
-            return
-        token = self._tokens.issue(addr)
+        if (msg.method != "get" and msg.method != "find") or target is None:
+            return ()
         n4, n6 = self._closest_records(target, msg.want, is_ipv6(addr[0]), now)
-        if msg.method == "get":
-            yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, n4, n6, token))
-        yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, n4[: K // 2], n6[: K // 2], token))
-        yield self.encoder.reply(msg.tid, Encoder.nodes_body(sa, [], [], token))
+        token = self._tokens.issue(addr)
+        return smaller_answers(self.encoder, msg.tid, msg.method, sa, token, n4, n6, K // 2)
 
     def _closest_records(self, target: bytes, want: list[int] | None, requester_v6: bool, now: float):
         v4, v6 = want_families(want, requester_v6)
@@ -850,7 +809,7 @@ class DhtNode:
         while True:
             await self._confirm_wake.wait()
             self._confirm_wake = trio.Event()
-            self._send_confirms()
+            self._confirms.send(self._clock, self._ping_to_confirm)
 
     async def _maintenance_loop(self) -> None:
         await trio.sleep(random.uniform(3, 5))

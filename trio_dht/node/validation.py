@@ -19,9 +19,11 @@ makes the node send less (an evicted address is unvalidated again, with no credi
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from trio_dht.limits import DEFAULT, Limits
-from trio_dht.wire.compact import Address
+from trio_dht.wire.compact import Address, NodeRecord
+from trio_dht.wire.message import Encoder
 
 
 class AddressValidation:
@@ -104,3 +106,49 @@ class AddressValidation:
         """Count an answer cut down by ``size`` bytes."""
         self.limited += 1
         self.withheld_bytes += size
+
+    def within_credit(
+        self,
+        addr: Address,
+        method: str,
+        datagrams: list[bytes],
+        credit: float,
+        pinging: bool,
+        smaller: Callable[[], Iterable[bytes]],
+    ) -> list[bytes]:
+        """What may be sent to an unvalidated ``addr`` as the answer ``datagrams`` to a ``method`` request:
+        all of it if it fits ``credit``; else, the first time, nothing while ``pinging`` validates the address
+        (for a get: the sender's resend gets the whole answer); else the first of ``smaller()`` that fits;
+        else nothing. What is sent is spent from the credit, what is not is counted."""
+        size = sum(map(len, datagrams))
+        if size <= credit:
+            self.spend(addr, size)
+            return datagrams
+        if pinging and method == "get" and self.defer(addr):
+            self.withheld(size)
+            return []
+        for answer in smaller():
+            if len(answer) <= credit:
+                self.spend(addr, len(answer))
+                self.withheld(size - len(answer))
+                return [answer]
+        self.withheld(size)
+        return []
+
+
+def smaller_answers(
+    encoder: Encoder,
+    tid: int,
+    method: str,
+    sa: bytes,
+    token: bytes,
+    nodes4: list[NodeRecord],
+    nodes6: list[NodeRecord],
+    half: int,
+) -> Iterable[bytes]:
+    """Answers to a get or find with less in them, largest first: the nodes without values (a get), then
+    ``half`` as many nodes, then none (the token alone)."""
+    if method == "get":
+        yield encoder.reply(tid, Encoder.nodes_body(sa, nodes4, nodes6, token))
+    yield encoder.reply(tid, Encoder.nodes_body(sa, nodes4[:half], nodes6[:half], token))
+    yield encoder.reply(tid, Encoder.nodes_body(sa, [], [], token))
