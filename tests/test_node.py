@@ -710,7 +710,7 @@ async def test_a_cancelled_get_leaves_the_shared_round_to_the_others(lone_node, 
 async def test_listen_refresh_resends_every_20_s_and_searches_only_when_needed(
     open_driven_node, autojump_clock
 ):
-    """The listening side of a listen (wire spec 2.7): the same ``sid`` every 20 s; a ``find`` for the storing
+    """The listening side of a listen: the same ``sid`` every 20 s; a ``find`` for the storing
     nodes first, then only when one is lost (or at the 10 min re-sync), not at each refresh of a network of
     fewer than 4 nodes."""
     key = InfoHash.get("refreshed listen")

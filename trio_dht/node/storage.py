@@ -3,7 +3,7 @@
 Sans-IO: every call takes ``now`` (seconds on any monotonic clock); nothing here reads a clock or does I/O.
 The caller (the node engine) answers requests and pushes ``update``s to listeners from the results:
 
-- :meth:`Storage.put` applies OpenDHT's put rules (wire spec §2.8, §5.1) and returns a :class:`PutResult`:
+- :meth:`Storage.put` applies OpenDHT's put rules and returns a :class:`PutResult`:
   ``STORED``/``EDITED`` → push ``values``; ``REFRESHED`` → push ``re``; ``evicted`` → push ``exp``.
 - :meth:`Storage.refresh` is the ``refresh`` request (``None`` → answer 404).
 - :meth:`Storage.expire` removes what has expired (→ push ``exp``); :meth:`Storage.next_expiration` says when
@@ -244,7 +244,7 @@ class Storage:
         local: bool = False,
         permanent: bool = False,
     ) -> PutResult:
-        """Store, refresh or edit ``value`` under ``key`` following OpenDHT's rules (wire spec §2.8, §5.1).
+        """Store, refresh or edit ``value`` under ``key`` following OpenDHT's rules.
 
         ``created`` is the put's ``c`` (a creation time on the same clock as ``now``; later than ``now``
         counts as now). ``source`` is the sender's IP, for its quota. ``local`` marks the node's own values;
