@@ -1,9 +1,9 @@
 """A stranger's push endpoints against the real program's push side (``python -m trio_dht``, loopback).
 
 * Sixteen UnifiedPush endpoints that answer one byte every ten seconds take every UnifiedPush request slot;
-  a gorush push (another gateway kind) still arrives at once, and a healthy UnifiedPush endpoint's push
-  within a request deadline or so (``--limit push_request_timeout=2``); the slow ones are counted as
-  timeouts and, while they keep failing, hold at most half of UnifiedPush's slots.
+  a gorush push (another gateway kind) still arrives before any of them reaches its deadline, and a healthy
+  UnifiedPush endpoint's push once they do (``--limit push_request_timeout=4``); the slow ones are counted
+  as timeouts and, while they keep failing, hold at most half of UnifiedPush's slots.
 * An endpoint that answers a 200 MiB body (streamed on loopback) costs a bounded amount of memory: the body
   is read up to ``push_response_bytes`` and the connection closed (``oversizedReplies``).
 * ``pingPush`` to a dead endpoint (one that answers 503, one where nothing listens) stops after
@@ -27,6 +27,8 @@ from trio_dht.testing.unifiedpush import WebPushEndpoint, open_unifiedpush_doubl
 
 ALLOW = "--push-allow-private-endpoints"
 SLOW = 16
+DEADLINE = 4
+"""``push_request_timeout`` (seconds) for the slowloris test."""
 
 
 def http_client(target: Target) -> httpx.AsyncClient:
@@ -79,14 +81,14 @@ async def test_slowloris_endpoints_do_not_stall_other_pushes() -> None:
         slow_servers = [await stack.enter_async_context(open_unifiedpush_double()) for _ in range(SLOW)]
         healthy = await stack.enter_async_context(open_unifiedpush_double())
         gorush_flag = ("--pushserver", gorush.url.removeprefix("http://"))
-        flags = (ALLOW, *gorush_flag, "--limit", "push_request_timeout=2")
+        flags = (ALLOW, *gorush_flag, "--limit", f"push_request_timeout={DEADLINE}")
         target = await stack.enter_async_context(attacked(*flags))
         http = await stack.enter_async_context(http_client(target))
 
         slow = []
         for i, server in enumerate(slow_servers):  # one host (port) each: sixteen lanes
             ep = server.endpoint()
-            ep.script(201, body=b"x" * 1000, byte_interval=10, times=100)
+            ep.script(201, body=b"x" * 1000, byte_interval=10, times=100)  # a whole reply takes hours
             await subscribe_endpoint(http, f"slow-{i}", ep)
             slow.append(ep)
         fine = healthy.endpoint()
@@ -95,24 +97,39 @@ async def test_slowloris_endpoints_do_not_stall_other_pushes() -> None:
 
         for i in range(SLOW):
             await put(http, f"slow-{i}")
-        await wait_until(lambda: all(ep.requests for ep in slow), 5, "every slow endpoint asked")
+        await wait_until(lambda: all(ep.requests for ep in slow), 10, "every slow endpoint asked")
         await put(http, "device")
         await put(http, "fine")
-        assert await wait_until(lambda: bool(gorush.notifications), 3, "the gorush push") < 1.5
-        # UnifiedPush's slots are all held by the slow endpoints: the healthy one's turn comes when their
-        # requests hit the 2 s deadline (not after ten seconds a byte).
-        assert await wait_until(lambda: bool(fine.messages), 6, "the healthy endpoint's push") < 4.5
+        # Another gateway kind does not wait for the slow requests: the gorush push arrives while every one of
+        # them is still stuck (none has reached its deadline yet).
+        await wait_until(lambda: bool(gorush.notifications), DEADLINE, "the gorush push")
+        assert (await delivery(target))["timeouts"] == 0
         assert gorush.notifications[0]["tokens"] == ["gorush-device-token"]
+        # UnifiedPush's slots are all held by the slow endpoints: the healthy one's turn comes when their
+        # requests hit their deadline (a slow reply would take hours).
+        await wait_until(lambda: bool(fine.messages), 15, "the healthy endpoint's push")
         stats: dict = {}
-        with trio.fail_after(3):  # each slow request timed out (they began within a moment of each other)
-            while stats.get("timeouts", 0) < SLOW:
-                stats = await delivery(target)
+
+        async def timed_out() -> bool:
+            stats.update(await delivery(target))
+            return stats["timeouts"] >= SLOW
+
+        with trio.fail_after(15):  # each slow request timed out
+            while not await timed_out():
                 await trio.sleep(0.1)
 
-        # The slow ones keep failing and retrying, but hold at most half of the slots: a new healthy push
-        # goes at once.
+        # The slow ones keep failing and retrying, but hold at most half of UnifiedPush's slots, so the other
+        # half stays free for hosts that answer.
+        asked = sum(len(ep.requests) for ep in slow)
+        most = 0
+        with trio.move_on_after(DEADLINE + 2):
+            while True:
+                most = max(most, (await delivery(target))["inFlight"])
+                await trio.sleep(0.05)
+        assert sum(len(ep.requests) for ep in slow) > asked, "the slow endpoints were retried"
+        assert 0 < most <= SLOW // 2, most
         await put(http, "fine", 2)
-        assert await wait_until(lambda: len(fine.messages) == 2, 3, "the second healthy push") < 1.5
+        await wait_until(lambda: len(fine.messages) == 2, 15, "the second healthy push")
         assert not any(ep.messages for ep in slow)
 
 
@@ -127,11 +144,18 @@ async def test_a_huge_reply_body_is_not_read_into_memory() -> None:
         await subscribe_endpoint(http, "huge", ep)
         await trio.sleep(0.5)
         before = peak_rss_kb(target.pid)
+        stats: dict = {}
+
+        async def oversized(n: int) -> bool:
+            stats.update(await delivery(target))
+            return stats["oversizedReplies"] >= n
+
         for n in range(1, 4):
             await put(http, "huge", n)
-            await wait_until(lambda n=n: len(ep.requests) == n, 5, "the push request")
-            await trio.sleep(0.3)
-        stats = await delivery(target)
+            await wait_until(lambda n=n: len(ep.requests) == n, 10, "the push request")
+            with trio.fail_after(10):  # the reply read up to the cap, then counted
+                while not await oversized(n):
+                    await trio.sleep(0.05)
         assert stats["oversizedReplies"] == 3, stats
         growth = peak_rss_kb(target.pid) - before
         assert growth < 16 * 1024, f"peak RSS grew {growth} KiB"
