@@ -150,6 +150,10 @@ def test_numeric_hosts_that_do_not_decode_are_refused():
         "http://[::ffff:127.0.0.1]/up",
         "http://[::ffff:7f00:1]/up",
         "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/up",
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:8080/up",  # Teredo
+        "http://[64:ff9b:1::7f00:1]:8080/up",  # local-use NAT64
+        "http://[2002:7f00:1::1]:8080/up",  # 6to4
+        "http://0177.0.0.1:8080/up",
         "http://[fe80::1%25eth0]/up",
         "https://1.2.3.4.5/up",
     ],
