@@ -414,10 +414,15 @@ async def test_a_hypercorn_response_the_client_does_not_take_is_cut(
     assert not (await read_to_end(stream)).endswith(b"\r\n0\r\n\r\n")
 
 
-async def test_concurrent_listens_through_quart_hold_the_cap(nursery: trio.Nursery, dht: MemoryDht) -> None:
-    """Listens that hypercorn serves (a chunked request is handed over), five at once on a cap of 3: three
-    streams, two 429s; once the three end, three may open again and no more (the count did not drift)."""
-    port = await start(nursery, dht, Limits(http_listens_per_ip=3))
+@pytest.mark.parametrize("fast_path", [True, False], ids=["raw-asgi", "quart"])
+async def test_concurrent_listens_through_hypercorn_hold_the_cap(
+    nursery: trio.Nursery, dht: MemoryDht, fast_path: bool
+) -> None:
+    """Listens that hypercorn serves (a chunked request is handed over: the raw-ASGI path; with the fast path
+    off, Quart's route), five at once on a cap of 3: three streams, two 429s; once the three end, three may
+    open again and no more (the count did not drift)."""
+    config = ProxyConfig(host="127.0.0.1", port=0, limits=Limits(http_listens_per_ip=3), fast_path=fast_path)
+    port = int((await nursery.start(serve_proxy, dht, config))[0].rsplit(":", 1)[1])
     request = f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\nHost: x\r\n".encode()
     request += b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
 
