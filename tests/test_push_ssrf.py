@@ -241,3 +241,16 @@ async def test_ip_addresses_need_no_lookup_thread(monkeypatch):
     monkeypatch.setattr(trio.to_thread, "run_sync", None)  # any thread would fail
     for url in ("https://93.184.216.34/up", "https://[2606:4700::1]:8443/up", "http://134744072/up"):
         assert await resolve_endpoint(parse_endpoint(url), lookups)
+
+
+async def test_names_are_looked_up_in_idna_2008(monkeypatch):
+    asked = []
+
+    def fake_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        assert not flags & socket.AI_NUMERICHOST, "a non-ASCII name is not an address"
+        asked.append(host)
+        return [(0, 0, 0, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    await resolve_endpoint(parse_endpoint("https://faß.example/up"), Lookups(1))
+    assert asked == [b"xn--fa-hia.example"]  # IDNA 2003 would ask for fass.example

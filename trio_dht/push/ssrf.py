@@ -245,11 +245,12 @@ class Lookups:
     async def getaddrinfo(self, host: str, port: int) -> list[tuple]:
         """``socket.getaddrinfo(host, port, type=SOCK_STREAM)``; raises :class:`OSError`."""
         await trio.lowlevel.checkpoint()
-        try:
-            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=_NUMERIC)
-        except socket.gaierror as exc:
-            if exc.errno != socket.EAI_NONAME:
-                raise
+        if host.isascii():  # an IP address is read without a thread
+            try:
+                return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=_NUMERIC)
+            except socket.gaierror as exc:
+                if exc.errno != socket.EAI_NONAME:
+                    raise
         if host in self._running:
             raise LookupStuck(f"the previous lookup of {host} is still running")
         try:
