@@ -279,7 +279,7 @@ def test_the_global_budget_drops_what_does_not_fit():
 
 
 def test_one_source_is_capped_and_others_still_get_through():
-    limits = Limits(udp_reassembly_per_source=20_000)
+    limits = Limits(udp_reassembly_bytes_per_source=20_000)
     r = Reassembler(limits, source=lambda addr: addr[0])
     header, frags = fragmented_put(value(60_000))
     for tid in range(5):  # one source, many messages: capped in all

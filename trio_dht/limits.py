@@ -29,7 +29,7 @@ class Limits:
     # -- UDP node ---
     udp_reassembly_bytes: int = 16 * MIB
     """Bytes held, in all, by fragmented messages being reassembled; a fragment past it is dropped."""
-    udp_reassembly_per_source: int = 1 * MIB
+    udp_reassembly_bytes_per_source: int = 1 * MIB
     """Bytes held by fragmented messages from one source (IPv4 address, IPv6 /64; loopback per port)."""
     udp_reassembly_messages: int = 4096
     """Fragmented messages being reassembled at once (requests from others at most half, so replies to our
@@ -71,12 +71,12 @@ class Limits:
     (``http_workers`` + 1) x this in all. The next one is closed at accept."""
     http_listens_per_ip: int = 64
     """Listen streams per client address (IPv6 per /64, loopback per address); the next is answered 429."""
-
-    # -- push ---
-    push_request_timeout: float = 10.0
     http_rate_clients: int = 100_000
     """Clients whose request rate is tracked (the per-IP rate limit); when full, a quarter is forgotten in
     one pass, oldest first, those whose buckets have refilled before busy ones (counted)."""
+
+    # -- push ---
+    push_request_timeout: float = 10.0
     """One gateway request as a whole (connect, send, the whole response); past it the request is a
     temporary failure (retried with backoff) and counted."""
     push_response_bytes: int = 64 * KIB

@@ -90,7 +90,7 @@ class _Partial:
 
 class Reassembler:
     """Collects fragmented messages until every value is whole, within ``Limits.udp_reassembly_bytes`` in all
-    and ``Limits.udp_reassembly_per_source`` per source (``source(address)`` groups addresses)."""
+    and ``Limits.udp_reassembly_bytes_per_source`` per source (``source(address)`` groups addresses)."""
 
     def __init__(
         self, limits: Limits = DEFAULT, source: Callable[[Hashable], Hashable] = lambda addr: addr
@@ -99,7 +99,7 @@ class Reassembler:
         self._by_source: dict[Hashable, int] = {}
         self._source = source
         self.max_bytes = limits.udp_reassembly_bytes
-        self.max_per_source = limits.udp_reassembly_per_source
+        self.max_per_source = limits.udp_reassembly_bytes_per_source
         self.max_messages = limits.udp_reassembly_messages
         self.held = 0
         """Bytes charged for what is held now."""
