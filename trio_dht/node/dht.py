@@ -564,13 +564,13 @@ class DhtNode:
             out.append((nid, addr))
         return out
 
-    def _confirm(self, node: Node) -> bool:
+    def _confirm(self, node: Node, now: float | None = None) -> bool:
         """Queue a ping so that a node we only heard of (or from) can become good, and its address validated
         (one at a time per node; bounded, see ``node.confirm``). False if the queue is full."""
-        pushed = self._confirms.push(node, self._clock())
+        pushed = self._confirms.push(node, self._clock() if now is None else now)
         if pushed is Pushed.SEND:
             self._confirm_wake.set()
-        return bool(pushed)
+        return pushed is not Pushed.FULL
 
     def _ping_to_confirm(self, node: Node, ended: Callable[[Message | None], None]) -> None:
         self.start_request(node.addr, "ping", {}, ended, node_id=node.id)
@@ -589,16 +589,20 @@ class DhtNode:
         if not msg.is_client:
             node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
             if to_ping is not None:
-                self._confirm(to_ping)
+                self._confirm(to_ping, now)
             if node.last_replied == -math.inf or not validated:  # not good, or not at this address: confirm
-                pinging = self._confirm(node)
+                pinging = self._confirm(node, now)
         elif not validated:  # a client is not a routing table's node, but its address is validated the same
-            pinging = self._confirm(Node(sender, addr))
+            pinging = self._confirm(Node(sender, addr), now)
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
         if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
-            smaller = functools.partial(self._smaller_answers, msg, addr, sa, now)
-            datagrams = self._validation.within_credit(addr, method, datagrams, credit, pinging, smaller)
+            size = len(datagrams[0]) if len(datagrams) == 1 else sum(map(len, datagrams))
+            if size <= credit:  # the common case, without building the smaller answers' closure
+                self._validation.spend(addr, size)
+            else:
+                smaller = functools.partial(self._smaller_answers, msg, addr, sa, now)
+                datagrams = self._validation.within_credit(addr, method, datagrams, credit, pinging, smaller)
         for datagram in datagrams:
             self._send(datagram, addr)
 
