@@ -108,3 +108,16 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes (a reset counts as the end)."""
+    data = b""
+    while True:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return data
+        if not chunk:
+            return data
+        data += chunk

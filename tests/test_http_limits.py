@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from cli_process import read_to_end
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
@@ -105,19 +106,6 @@ async def start(nursery: trio.Nursery, dht: MemoryDht, limits: Limits) -> int:
     config = ProxyConfig(host="127.0.0.1", port=0, limits=limits)
     urls = await nursery.start(serve_proxy, dht, config)
     return int(urls[0].rsplit(":", 1)[1])
-
-
-async def read_to_end(stream: trio.SocketStream) -> bytes:
-    """Everything the server sends until it closes (a reset counts as the end)."""
-    data = b""
-    while True:
-        try:
-            chunk = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 async def stats(port: int) -> dict:

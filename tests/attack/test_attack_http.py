@@ -23,7 +23,7 @@ import time
 import httpx
 import pytest
 import trio
-from cli_process import LOOPBACK_NODE, free_tcp_port, trio_dht_process
+from cli_process import LOOPBACK_NODE, free_tcp_port, read_to_end, trio_dht_process
 from conftest import Target, attacked
 
 from trio_dht.infohash import InfoHash
@@ -42,18 +42,6 @@ async def open_raw(target: Target, rcvbuf: int | None = None) -> trio.SocketStre
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     await sock.connect(("127.0.0.1", target.http_port))
     return trio.SocketStream(sock)
-
-
-async def read_to_end(stream: trio.SocketStream) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 async def http_stats(target: Target) -> dict:
