@@ -597,12 +597,9 @@ class DhtNode:
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
         if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
-            size = len(datagrams[0]) if len(datagrams) == 1 else sum(map(len, datagrams))
-            if size <= credit:  # the common case, without building the smaller answers' closure
-                self._validation.spend(addr, size)
-            else:
-                smaller = functools.partial(self._smaller_answers, msg, addr, sa, now)
-                datagrams = self._validation.within_credit(addr, method, datagrams, credit, pinging, smaller)
+            datagrams = self._validation.within_credit(
+                addr, method, datagrams, credit, pinging, self._smaller_answers, msg, addr, sa, now
+            )
         for datagram in datagrams:
             self._send(datagram, addr)
 

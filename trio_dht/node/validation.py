@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.wire.compact import Address, NodeRecord
@@ -114,12 +115,14 @@ class AddressValidation:
         datagrams: list[bytes],
         credit: float,
         pinging: bool,
-        smaller: Callable[[], Iterable[bytes]],
+        smaller: Callable[..., Iterable[bytes]],
+        *smaller_args: Any,
     ) -> list[bytes]:
         """What may be sent to an unvalidated ``addr`` as the answer ``datagrams`` to a ``method`` request:
         all of it if it fits ``credit``; else, the first time, nothing while ``pinging`` validates the address
-        (for a get: the sender's resend gets the whole answer); else the first of ``smaller()`` that fits;
-        else nothing. What is sent is spent from the credit, what is not is counted."""
+        (for a get: the sender's resend gets the whole answer); else the first of ``smaller(*smaller_args)``
+        that fits (called only then, so the common case builds nothing); else nothing. What is sent is spent
+        from the credit, what is not is counted."""
         size = sum(map(len, datagrams))
         if size <= credit:
             self.spend(addr, size)
@@ -127,7 +130,7 @@ class AddressValidation:
         if pinging and method == "get" and self.defer(addr):
             self.withheld(size)
             return []
-        for answer in smaller():
+        for answer in smaller(*smaller_args):
             if len(answer) <= credit:
                 self.spend(addr, len(answer))
                 self.withheld(size - len(answer))
