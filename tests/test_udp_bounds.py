@@ -48,11 +48,19 @@ def test_confirm_queue_pings_a_bounded_number_at_once():
 def test_confirm_queue_holds_a_node_once():
     q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=1))
     n = node()
-    assert q.push(n, 0.0) and q.push(n, 0.0) and len(q) == 1
+    assert q.push(n, 0.0) and q.push(n, 0.0) and len(q) == 1 and n.id in q.held
     assert q.ready(0.0) == [n]
-    assert q.push(n, 1.0) and len(q) == 0  # being pinged: not queued again
+    assert q.push(n, 1.0) and len(q) == 0 and n.id in q.held  # being pinged: not queued again
     q.done(n)
+    assert n.id not in q.held
     assert q.push(n, 2.0) and len(q) == 1
+
+
+def test_confirm_queue_forgets_a_stale_node():
+    q = ConfirmQueue(Limits(udp_confirm_queue=10, udp_confirm_in_flight=1))
+    n = node()
+    q.push(n, 0.0)
+    assert q.ready(MAX_WAIT + 1) == [] and n.id not in q.held and q.dropped_stale == 1
 
 
 def test_confirm_queue_asks_for_a_send_only_when_a_new_node_has_a_free_slot():
@@ -96,6 +104,8 @@ def test_validated_addresses_are_unlimited():
     v.received(A, 66)
     v.validate(A)
     assert v.is_validated(A) and v.credit(A) == float("inf")
+    assert v.received(A, 66) == float("inf")  # and counts nothing
+    assert v.within_credit(A, "get", [b"x" * 10_000], 0.0, False, lambda: []) == [b"x" * 10_000]
 
 
 def test_both_tables_are_capped_with_lru_eviction():

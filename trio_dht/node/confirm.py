@@ -53,6 +53,9 @@ class ConfirmQueue:
         self.in_flight_max = limits.udp_confirm_in_flight
         self._queue: OrderedDict[InfoHash, tuple[Node, float]] = OrderedDict()
         self._in_flight: set[InfoHash] = set()
+        self.held: set[InfoHash] = set()
+        """The ids queued or being pinged: a caller tests this (no call) before :meth:`push`, which is a no-op
+        for them."""
         self.dropped_full = 0
         self.dropped_stale = 0
 
@@ -67,12 +70,13 @@ class ConfirmQueue:
     def push(self, node: Node, now: float) -> Pushed:
         """Queue ``node`` unless it is queued or pinged already, or the queue is full (counted)."""
         nid = node.id
-        if nid in self._queue or nid in self._in_flight:
+        if nid in self.held:
             return Pushed.HELD
         if len(self._queue) >= self.capacity:
             self.dropped_full += 1
             return Pushed.FULL
         self._queue[nid] = (node, now)
+        self.held.add(nid)
         return Pushed.SEND if len(self._in_flight) < self.in_flight_max else Pushed.QUEUED
 
     def ready(self, now: float) -> list[Node]:
@@ -83,6 +87,7 @@ class ConfirmQueue:
             nid, (node, queued) = queue.popitem(last=False)
             if now - queued > MAX_WAIT:
                 self.dropped_stale += 1
+                self.held.discard(nid)
                 continue
             self._in_flight.add(nid)
             out.append(node)
@@ -91,6 +96,7 @@ class ConfirmQueue:
     def done(self, node: Node) -> None:
         """The ping of ``node`` ended (answered or not): its slot is free."""
         self._in_flight.discard(node.id)
+        self.held.discard(node.id)
 
     def send(self, clock: Callable[[], float], ping: Callable[[Node, Callable[[Any], None]], None]) -> None:
         """Ping the nodes that free slots allow: ``ping(node, ended)`` sends one, and calls ``ended(reply)``

@@ -583,20 +583,21 @@ class DhtNode:
         method = msg.method
         self.counters.requests[method] += 1
         v6 = is_ipv6(addr[0])
-        validated = self._validation.is_validated(addr)
-        credit = math.inf if validated else self._validation.received(addr, size)
+        credit = self._validation.received(addr, size)  # infinite once validated
+        validated = credit == math.inf
         pinging = False
+        held = self._confirms.held  # tested here, as most requests come from a node already held
         if not msg.is_client:
             node, to_ping = self.tables[v6].heard(sender, addr, now, replied=False)
             if to_ping is not None:
                 self._confirm(to_ping, now)
             if node.last_replied == -math.inf or not validated:  # not good, or not at this address: confirm
-                pinging = self._confirm(node, now)
+                pinging = sender in held or self._confirm(node, now)
         elif not validated:  # a client is not a routing table's node, but its address is validated the same
-            pinging = self._confirm(Node(sender, addr), now)
+            pinging = sender in held or self._confirm(Node(sender, addr), now)
         sa = pack_ip(addr[0])
         datagrams = _HANDLERS[method](self, msg, addr, sa, now)
-        if not validated and not self._validation.is_validated(addr):  # (a write token validates it)
+        if not validated:
             datagrams = self._validation.within_credit(
                 addr, method, datagrams, credit, pinging, self._smaller_answers, msg, addr, sa, now
             )

@@ -18,6 +18,7 @@ makes the node send less (an evicted address is unvalidated again, with no credi
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.wire.compact import Address, NodeRecord
 from trio_dht.wire.message import Encoder
+
+INFINITE = math.inf
 
 
 class AddressValidation:
@@ -67,7 +70,12 @@ class AddressValidation:
             self.evicted += 1
 
     def received(self, addr: Address, size: int) -> float:
-        """Count ``size`` bytes received from an unvalidated ``addr``; returns its credit."""
+        """Count ``size`` bytes received from ``addr``; returns the bytes we may send it: infinite once it is
+        validated (one call per datagram, as both are asked of every request)."""
+        validated = self._validated
+        if addr in validated:
+            validated.move_to_end(addr)
+            return INFINITE
         credit = self._credit
         entry = credit.get(addr)
         if entry is None:
@@ -83,7 +91,7 @@ class AddressValidation:
     def credit(self, addr: Address) -> float:
         """Bytes we may still send to ``addr`` (infinite once validated)."""
         if addr in self._validated:
-            return float("inf")
+            return INFINITE
         entry = self._credit.get(addr)
         return entry[0] if entry is not None else 0.0
 
@@ -118,14 +126,19 @@ class AddressValidation:
         smaller: Callable[..., Iterable[bytes]],
         *smaller_args: Any,
     ) -> list[bytes]:
-        """What may be sent to an unvalidated ``addr`` as the answer ``datagrams`` to a ``method`` request:
-        all of it if it fits ``credit``; else, the first time, nothing while ``pinging`` validates the address
-        (for a get: the sender's resend gets the whole answer); else the first of ``smaller(*smaller_args)``
-        that fits (called only then, so the common case builds nothing); else nothing. What is sent is spent
-        from the credit, what is not is counted."""
+        """What may be sent to ``addr`` as the answer ``datagrams`` to a ``method`` request: all of it if
+        ``addr`` is validated by now (a write token in the request validates it) or it fits ``credit``;
+        else, the first time, nothing while ``pinging`` validates the address (for a get: the sender's resend
+        gets the whole answer); else the first of ``smaller(*smaller_args)`` that fits (called only then, so
+        the common case builds nothing); else nothing. What is sent is spent from the credit, what is not is
+        counted."""
+        if addr in self._validated:
+            return datagrams
         size = sum(map(len, datagrams))
         if size <= credit:
-            self.spend(addr, size)
+            entry = self._credit.get(addr)
+            if entry is not None:
+                entry[0] -= size
             return datagrams
         if pinging and method == "get" and self.defer(addr):
             self.withheld(size)
