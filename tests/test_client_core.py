@@ -23,8 +23,8 @@ from trio_dht.client.push_state import (
 )
 from trio_dht.client.value_cache import ValueCache
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.value_json import ValueJsonError, value_line
 from trio_dht.push.payloads import Dialect
+from trio_dht.rest.value_json import ValueJsonError, value_line
 from trio_dht.value import FIELD_TYPE, Query, Value
 
 KEY = InfoHash.get("alice")

@@ -14,7 +14,7 @@ import trio
 from trio_dht.api import ValueEvent
 from trio_dht.client import InvalidPushNotification, ProxyTimeout, PushResult, open_proxy_client
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.value_json import dumps, value_from_json, value_line, value_to_json
+from trio_dht.rest.value_json import dumps, value_from_json, value_line, value_to_json
 from trio_dht.value import Value
 
 H = 3600.0

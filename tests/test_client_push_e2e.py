@@ -15,11 +15,11 @@ from trio_dht.api import ValueEvent
 from trio_dht.client import PushResult, open_proxy_client
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
-from trio_dht.proxy.value_json import value_line
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import Outcome
 from trio_dht.push.payloads import Platform, Push
 from trio_dht.push.service import PushService
+from trio_dht.rest.value_json import value_line
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 

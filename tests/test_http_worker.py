@@ -26,9 +26,9 @@ from test_push_routes import RecordingGateway, body
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, http_worker, relay, serve_proxy, worker_link
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
+from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
-from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
 from trio_dht.testing.memory_dht import MemoryDht

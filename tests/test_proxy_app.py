@@ -18,10 +18,10 @@ from quart import Blueprint
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, create_app
 from trio_dht.proxy.handlers import OPTIONS_HEADERS
-from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.routes import proxy_state, to_response
-from trio_dht.proxy.value_json import PushTarget
+from trio_dht.rest.paths import canonical_path
+from trio_dht.rest.value_json import PushTarget
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
@@ -349,7 +349,7 @@ async def test_value_json_fuzz_seed_cases(client: httpx.AsyncClient) -> None:
 
 async def test_put_value_round_trips_through_get(client: httpx.AsyncClient) -> None:
     v = Value(data=bytes(range(256)) * 100, id=77, utype="bin")
-    from trio_dht.proxy.value_json import value_line
+    from trio_dht.rest.value_json import value_line
 
     r = await client.post("/key/big", content=value_line(v))
     assert r.status_code == 413  # over this client's 4 KiB cap

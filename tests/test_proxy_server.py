@@ -14,7 +14,7 @@ import trio
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
-from trio_dht.proxy.value_json import value_line
+from trio_dht.rest.value_json import value_line
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 

@@ -11,12 +11,12 @@ import pytest
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.config import ProxyConfig, RateLimit
-from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
-from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.streams import ListenFeed, ListenRegistry, ListenStream
-from trio_dht.proxy.value_json import (
+from trio_dht.rest.keys import decode_unreserved, hash_from_segment
+from trio_dht.rest.paths import canonical_path
+from trio_dht.rest.value_json import (
     PushTarget,
     ValueJsonError,
     owner_pem,

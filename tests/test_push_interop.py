@@ -34,11 +34,11 @@ from test_proxy_interop import _put_over_the_wire, join_node_and_real_peer
 from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode
 from trio_dht.proxy import ProxyConfig, serve_proxy
+from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import new_http_client
 from trio_dht.push.gorush import GorushGateway
-from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
 from trio_dht.push.unifiedpush import UnifiedPushGateway

@@ -20,13 +20,13 @@ from test_proxy_frontend import connect
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.proxy.permanent import PermanentPut
+from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.subscribe import subscribe_blueprint
-from trio_dht.proxy.value_json import PushTarget
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import Outcome
-from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform, PushKind
 from trio_dht.push.service import PushService
+from trio_dht.rest.value_json import PushTarget
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 

@@ -10,7 +10,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.persist import StateStore
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.put_journal import StorePutJournal
-from trio_dht.proxy.value_json import PushTarget
+from trio_dht.rest.value_json import PushTarget
 from trio_dht.value import Value
 
 KEY = InfoHash.get("permanent")

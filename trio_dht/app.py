@@ -30,13 +30,13 @@ from trio_dht.config import AppConfig, format_host_port
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.persist import StateStore
+from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.put_journal import StorePutJournal
 from trio_dht.proxy.server import serve_proxy
 from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import new_http_client
 from trio_dht.push.gorush import GorushGateway
-from trio_dht.push.hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
 from trio_dht.push.unifiedpush import UnifiedPushGateway

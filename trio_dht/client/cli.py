@@ -37,9 +37,9 @@ from trio_dht.client.proxy_client import (
 from trio_dht.client.push_state import InvalidPushNotification, parse_notification
 from trio_dht.exceptions import leaf_exceptions
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.keys import hash_from_segment
-from trio_dht.proxy.value_json import dumps, value_to_json
 from trio_dht.push.payloads import Dialect
+from trio_dht.rest.keys import hash_from_segment
+from trio_dht.rest.value_json import dumps, value_to_json
 from trio_dht.value import Value
 
 

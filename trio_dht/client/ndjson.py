@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from trio_dht.api import ValueEvent
-from trio_dht.proxy.value_json import ValueJsonError, value_from_json
+from trio_dht.rest.value_json import ValueJsonError, value_from_json
 
 MAX_LINE = 1 << 20
 """Longest line accepted (the largest value, 64 KiB, is about 90 KB of JSON)."""
@@ -49,7 +49,7 @@ class LineSplitter:
 def parse_line(line: bytes) -> ValueEvent | None:
     """One line as a :class:`ValueEvent`; None for the empty object ``{}``.
 
-    Raises :class:`~trio_dht.proxy.value_json.ValueJsonError` for a line that is not a value.
+    Raises :class:`~trio_dht.rest.value_json.ValueJsonError` for a line that is not a value.
     """
     try:
         obj = json.loads(line)

@@ -51,8 +51,8 @@ from trio_dht.client.push_state import (
     parse_notification,
 )
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.value_json import ValueJsonError, dumps, value_from_json, value_to_json
 from trio_dht.push.payloads import Dialect
+from trio_dht.rest.value_json import ValueJsonError, dumps, value_from_json, value_to_json
 from trio_dht.value import Query, Value
 
 log = logging.getLogger(__name__)

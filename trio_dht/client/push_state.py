@@ -44,8 +44,8 @@ from trio_dht.client.backoff import Backoff
 from trio_dht.client.ndjson import LineSplitter, parse_line
 from trio_dht.client.value_cache import ValueCache
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN
 from trio_dht.push.payloads import Dialect
+from trio_dht.rest.value_json import PERMANENT_PUT_LIFETIME, PERMANENT_PUT_REFRESH_MARGIN
 from trio_dht.value import Query, Value
 
 SESSION_ALPHABET = string.ascii_letters + string.digits + "!#$%&()*+,./:;<=>?@[]^_`{|}~"
@@ -54,7 +54,7 @@ SUBSCRIPTION_REFRESH = 5 * 3600.0
 """Re-SUBSCRIBE this long after the last subscription, timeout push or not. Below the shortest server
 lifetime in use (the seed document's and our proxy's default 6 h; OpenDHT's is 24 h): a refresh too early
 costs one small request, one too late loses the subscription."""
-PUT_REFRESH = LIFETIME - REFRESH_MARGIN
+PUT_REFRESH = PERMANENT_PUT_LIFETIME - PERMANENT_PUT_REFRESH_MARGIN
 """Re-POST a permanent put this long after the last POST (OpenDHT: 22 h of a 24 h lifetime)."""
 RESUBSCRIBE_GUARD = 30.0
 """A push for another session re-subscribes a key at most this often (the key is still fetched each time)."""

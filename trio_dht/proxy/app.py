@@ -1,7 +1,7 @@
 """The proxy's ASGI application: path canonicalisation, limits and the fast path in front of a Quart-Trio app.
 
 Request flow (:class:`ProxyApp`): per-IP rate limit (429) → declared body size (413) → RESTinio-style path
-matching (:mod:`~trio_dht.proxy.paths`) → hot routes on the raw-ASGI fast path, everything else to Quart with
+matching (:mod:`~trio_dht.rest.paths`) → hot routes on the raw-ASGI fast path, everything else to Quart with
 the path canonicalised (unknown paths as they came). Quart answers unknown paths with 404, wrong methods with
 405, all as JSON with the proxy's headers.
 
@@ -26,10 +26,10 @@ from trio_dht.api import Dht
 from trio_dht.proxy.config import ProxyConfig
 from trio_dht.proxy.fastpath import Receive, Scope, Send, fast_handler, send_reply, serve_fast
 from trio_dht.proxy.handlers import BASE_HEADERS, error
-from trio_dht.proxy.paths import canonical_path
 from trio_dht.proxy.permanent import PutJournal
 from trio_dht.proxy.routes import STATE_KEY, HashConverter, proxy_blueprint, to_response
 from trio_dht.proxy.state import ProxyState, PushHooks
+from trio_dht.rest.paths import canonical_path
 
 log = logging.getLogger(__name__)
 

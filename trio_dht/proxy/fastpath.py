@@ -112,7 +112,7 @@ async def _put(state: ProxyState, scope: Scope, receive: Receive, send: Send, ke
 
 
 def fast_handler(method: str, path: str) -> FastHandler | None:
-    """The fast handler for a canonical path (see :mod:`trio_dht.proxy.paths`), if it is a hot route."""
+    """The fast handler for a canonical path (see :mod:`trio_dht.rest.paths`), if it is a hot route."""
     if method == "GET" and path in ("/", "/node/info"):
         return _node_info
     value_route = len(path) == 41 or (len(path) == 45 and path.startswith("/key/"))  # "/<hex>", "/key/<hex>"

@@ -21,7 +21,7 @@ from trio_dht.proxy import streams
 from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenFeed, ListenStream
-from trio_dht.proxy.value_json import (
+from trio_dht.rest.value_json import (
     PushTarget,
     ValueJsonError,
     dumps,

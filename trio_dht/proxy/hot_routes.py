@@ -13,8 +13,8 @@ import re
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.http1 import Head
-from trio_dht.proxy.keys import hash_from_segment
-from trio_dht.proxy.paths import canonical_path
+from trio_dht.rest.keys import hash_from_segment
+from trio_dht.rest.paths import canonical_path
 
 
 class Route(enum.Enum):

@@ -26,13 +26,10 @@ from typing import Protocol
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
-from trio_dht.proxy.value_json import PushTarget
+from trio_dht.rest.value_json import PERMANENT_PUT_LIFETIME as LIFETIME
+from trio_dht.rest.value_json import PERMANENT_PUT_REFRESH_MARGIN as REFRESH_MARGIN
+from trio_dht.rest.value_json import PushTarget
 from trio_dht.value import Value, random_value_id
-
-LIFETIME = 24 * 3600.0
-"""OpenDHT's ``OP_TIMEOUT``."""
-REFRESH_MARGIN = 2 * 3600.0
-"""OpenDHT's ``OP_MARGIN``: the refresh push goes out this long before the lifetime ends."""
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ import trio
 from trio_dht.infohash import InfoHash
 from trio_dht.persist import PersistError, StateStore, StoredPut
 from trio_dht.proxy.permanent import REFRESH_MARGIN, PermanentPut
-from trio_dht.proxy.value_json import PushTarget
+from trio_dht.rest.value_json import PushTarget
 from trio_dht.value import InvalidValue, Value
 
 log = logging.getLogger("trio_dht.proxy.put_journal")

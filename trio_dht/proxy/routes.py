@@ -1,6 +1,6 @@
 """The proxy's routes as a Quart blueprint (thin: the logic is in :mod:`trio_dht.proxy.handlers`).
 
-Paths reach Quart already canonicalised by :func:`trio_dht.proxy.paths.canonical_path`, so a route names its
+Paths reach Quart already canonicalised by :func:`trio_dht.rest.paths.canonical_path`, so a route names its
 key with the ``hash`` converter (40 lowercase hex digits, handed to the view as an :class:`InfoHash`).
 """
 

@@ -19,7 +19,7 @@ from trio_dht.proxy.conn_limits import HttpCounters
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
 from trio_dht.proxy.ratelimit import RateLimiter
 from trio_dht.proxy.streams import ListenRegistry
-from trio_dht.proxy.value_json import PushTarget
+from trio_dht.rest.value_json import PushTarget
 
 if TYPE_CHECKING:
     from trio_dht.push.service import PushReply

@@ -23,7 +23,7 @@ from quart.wrappers.response import ResponseBody
 from trio_dht.api import Dht, ListenHandle, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.conn_limits import PerAddress
-from trio_dht.proxy.value_json import value_line
+from trio_dht.rest.value_json import value_line
 from trio_dht.value import Value
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,11 @@ from typing import Any
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import PermanentPut
-from trio_dht.proxy.value_json import PushTarget
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.gateway import LOOKUP_STUCK, OVERSIZED, TIMED_OUT, Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
 from trio_dht.push.service import PushReply, PushService
+from trio_dht.rest.value_json import PushTarget
 
 STATS_NAMES = {
     Platform.ANDROID: "androidPush",

@@ -41,6 +41,12 @@ class PushTarget:
     topic: str = ""
 
 
+PERMANENT_PUT_LIFETIME = 24 * 3600.0
+"""How long the proxy keeps a permanent put that is not refreshed (OpenDHT's ``OP_TIMEOUT``)."""
+PERMANENT_PUT_REFRESH_MARGIN = 2 * 3600.0
+"""How long before that lifetime ends the proxy asks for a refresh (OpenDHT's ``OP_MARGIN``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PutRequest:
     """A parsed ``POST /key/{hash}`` body."""

@@ -1,7 +1,7 @@
 """Path matching with RESTinio's rules, mapping a request path to one canonical form that Quart can route.
 
 The proxy's routes are matched on the raw path: literal segments case-insensitively, an optional trailing
-slash, the query string ignored, and ``{hash}`` per :mod:`trio_dht.proxy.keys`. :func:`canonical_path` turns
+slash, the query string ignored, and ``{hash}`` per :mod:`trio_dht.rest.keys`. :func:`canonical_path` turns
 any path that has one of the proxy's shapes into its canonical spelling, with the key as 40 lowercase hex
 digits, so that ``/KEY/hello/`` and ``/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d`` both become the latter.
 The method is not looked at: a shape is routed the same way whatever the method, and Quart answers 405 for a
@@ -11,7 +11,7 @@ wrong one.
 from __future__ import annotations
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.keys import decode_unreserved, hash_from_segment
+from trio_dht.rest.keys import decode_unreserved, hash_from_segment
 
 NODE_ROUTES = {b"info": "/node/info", b"stats": "/node/stats", b"pingpush": "/node/pingPush"}
 KEY_SUFFIXES = {b"listen": "listen", b"options": "options"}
