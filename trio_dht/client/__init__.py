@@ -6,13 +6,8 @@ between a node and a proxy. With a push token, listens SUBSCRIBE and the app fee
 """
 
 from trio_dht.client.health import ProxyHealth, ProxyStatus
-from trio_dht.client.proxy_client import (
-    ProxyClient,
-    ProxyError,
-    ProxyHTTPError,
-    ProxyTimeout,
-    open_proxy_client,
-)
+from trio_dht.client.http import ProxyError, ProxyHTTPError, ProxyTimeout
+from trio_dht.client.proxy_client import ProxyClient, open_proxy_client
 from trio_dht.client.push_state import InvalidPushNotification, PushResult
 from trio_dht.push.payloads import Dialect
 

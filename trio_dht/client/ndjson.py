@@ -8,9 +8,12 @@ refreshed subscription); ``"expired": true`` marks an expiration in a LISTEN str
 from __future__ import annotations
 
 import json
+import logging
 
 from trio_dht.api import ValueEvent
 from trio_dht.rest.value_json import ValueJsonError, value_from_json
+
+log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 """Longest line accepted (the largest value, 64 KiB, is about 90 KB of JSON)."""
@@ -59,3 +62,18 @@ def parse_line(line: bytes) -> ValueEvent | None:
         return None
     value = value_from_json(obj)
     return ValueEvent(value, expired=obj.get("expired") is True)
+
+
+def value_events(lines: list[bytes], source: str) -> list[ValueEvent]:
+    """The values of ``lines`` (``{}`` lines left out); a line that is not a value is skipped with a warning
+    naming ``source``."""
+    events = []
+    for line in lines:
+        try:
+            event = parse_line(line)
+        except ValueJsonError as exc:
+            log.warning("skipped a line from %s that is not a value: %s", source, exc)
+            continue
+        if event is not None:
+            events.append(event)
+    return events

@@ -2,22 +2,18 @@
 
 :class:`ProxyClient` implements :class:`trio_dht.api.Dht` over HTTP, so code written for a node runs on a
 phone through a proxy. The logic lives in sans-IO modules (:mod:`.push_state`, :mod:`.value_cache`,
-:mod:`.health`, :mod:`.ndjson`, :mod:`.backoff`); this module owns the one shared ``httpx.AsyncClient``, the
-clock and the tasks:
+:mod:`.health`, :mod:`.ndjson`); :mod:`.http` makes the requests (each bounded as a whole by ``timeout``) and
+:mod:`.listen_stream` keeps stream-mode listens open. This module owns the clock and the tasks:
 
 - a health task: ``GET /`` every 15 min while connected, every minute otherwise, at once after a request
   failed at the connection level or a push arrived while not connected. A move back to *connected* restarts
   every LISTEN stream, retries failed subscriptions, re-fetches the others and re-POSTs permanent puts: what
-  happened while the proxy was unreachable or isolated (OpenDHT #869) is not trusted to have reached us;
-- one task per listened key: in stream mode (no push token) a ``GET /key/{h}/listen`` restarted with backoff
-  whenever it dies after it started (OpenDHT's long-open bug, #288/#866), replayed values deduplicated and
-  vanished ones expired; in push mode the SUBSCRIBE, re-SUBSCRIBEd before the proxy's deadline even without a
-  timeout push, and retried with backoff when it fails (#901, #904);
+  happened while the proxy was unreachable or isolated (answering with no peers) is not trusted to have
+  reached us;
+- one task per listened key: in stream mode (no push token) its LISTEN stream; in push mode its SUBSCRIBE,
+  re-SUBSCRIBEd before the proxy's deadline even without a timeout push, and retried with backoff when it
+  fails;
 - a task re-POSTing permanent puts before the proxy forgets them.
-
-Every request is bounded by ``timeout`` as a whole (OpenDHT #904): a proxy that never answers is a
-:class:`ProxyTimeout`, never a hang. A LISTEN stream is bounded until its headers arrive; after that TCP
-keepalive (idle 30 s, probes every 1 s, 10 probes, as OpenDHT) finds a dead connection.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -37,7 +32,19 @@ import trio
 from trio_dht.api import GetCallback, NodeInfo, ValueEvent
 from trio_dht.client.backoff import Backoff
 from trio_dht.client.health import ProxyHealth, ProxyStatus, health_from_info, unreachable
-from trio_dht.client.ndjson import LineSplitter, LineTooLong, parse_line
+from trio_dht.client.http import (
+    DEFAULT_TIMEOUT,
+    ProxyError,
+    ProxyHttp,
+    ProxyHTTPError,
+    ProxyTimeout,
+    check_status,
+    key_path,
+    new_http_client,
+    normalize_url,
+)
+from trio_dht.client.listen_stream import WatchTask, run_listen_stream
+from trio_dht.client.ndjson import value_events
 from trio_dht.client.push_state import (
     RESUBSCRIBE_GUARD,
     SUBSCRIPTION_REFRESH,
@@ -58,70 +65,21 @@ from trio_dht.value import Query, Value
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_ID = "trio-dht"
-DEFAULT_TIMEOUT = 30.0
-"""Seconds any one request may take (a put waits for the DHT announce, which can take ~10 s)."""
 HEALTH_INTERVAL_CONNECTED = 15 * 60.0
 HEALTH_INTERVAL_OTHERWISE = 60.0
 PUT_RETRY = 60.0
 """A permanent put whose re-POST failed is tried again this much later."""
-USER_AGENT = "trio-dht proxy client"
 
-
-def _keepalive_options() -> list[tuple[int, int, int]]:
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 10)):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    return options
-
-
-class ProxyError(Exception):
-    """A request to the proxy failed: unreachable, cut off, or an unexpected reply."""
-
-
-class ProxyTimeout(ProxyError):
-    """The proxy did not answer within the client's timeout."""
-
-
-class ProxyHTTPError(ProxyError):
-    """The proxy answered with an error status."""
-
-    def __init__(self, message: str, status: int, body: bytes = b"") -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
-
-
-def normalize_url(url: str) -> str:
-    """``http://host:port`` (``host:port`` alone is taken as plain HTTP, as OpenDHT), no trailing slash."""
-    url = url.strip()
-    if "://" not in url:
-        url = "http://" + url
-    return url.rstrip("/")
-
-
-def _key_path(key: InfoHash, suffix: str = "") -> str:
-    return f"/key/{key.hex()}{suffix}"
-
-
-class _WatchTask:
-    """The Trio side of one watch: its task's cancel scope, a wake-up, and a lock serialising SUBSCRIBEs."""
-
-    __slots__ = ("lock", "restart_requested", "scope", "stream_scope", "wake")
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.stream_scope: trio.CancelScope | None = None
-        self.wake = trio.Event()
-        self.lock = trio.Lock()
-        self.restart_requested = False
-
-    def restart_stream(self) -> None:
-        """Drop the current LISTEN stream (maybe a zombie) and open a new one at once."""
-        self.restart_requested = True
-        if self.stream_scope is not None:
-            self.stream_scope.cancel()
-        self.wake.set()
+__all__ = [
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_TIMEOUT",
+    "ProxyClient",
+    "ProxyError",
+    "ProxyHTTPError",
+    "ProxyTimeout",
+    "normalize_url",
+    "open_proxy_client",
+]
 
 
 class ProxyClient:
@@ -129,7 +87,7 @@ class ProxyClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        client: httpx.AsyncClient,
         nursery: trio.Nursery,
         base_url: str,
         book: ListenBook,
@@ -140,7 +98,7 @@ class ProxyClient:
         timeout: float,
         stream_backoff: Backoff | None = None,
     ) -> None:
-        self._http = http
+        self._http = ProxyHttp(client, base_url, timeout, self._check_health_soon)
         self._nursery = nursery
         self.base_url = base_url
         self.book = book
@@ -149,15 +107,11 @@ class ProxyClient:
         self.topic = topic
         self.timeout = timeout
         self._stream_backoff = stream_backoff
-        self._tasks: dict[InfoHash, _WatchTask] = {}
+        self._tasks: dict[InfoHash, WatchTask] = {}
         self._health = ProxyHealth()
-        self._health_changed = trio.Event()
         self._health_wake = trio.Event()
         self._puts_wake = trio.Event()
-        self._closed = False
         self._checked = False
-        self.dropped_lines = 0
-        """Lines of GET/LISTEN bodies that were not values (skipped)."""
 
     # -- state -----------------------------------------------------------------------------------------------
 
@@ -200,65 +154,17 @@ class ProxyClient:
     def info(self) -> NodeInfo:
         return self._health.node_info()
 
-    async def wait_health_change(self) -> ProxyHealth:
-        """Wait for the next change of :attr:`status`; the new health."""
-        await self._health_changed.wait()
-        return self._health
-
     async def check_health(self) -> ProxyHealth:
         """Check the proxy now (``GET /``)."""
         await self._check_health()
         return self._health
 
-    def connectivity_changed(self) -> None:
-        """The device's network changed (Wi-Fi/4G, VPN, wake from doze): check the proxy at once and restart
-        every LISTEN stream, whose sockets may have died silently (OpenDHT #866/#882)."""
-        for task in self._tasks.values():
-            if not self.push_mode:
-                task.restart_stream()
+    @property
+    def _closed(self) -> bool:
+        return self._http.closed
+
+    def _check_health_soon(self) -> None:
         self._health_wake.set()
-
-    # -- HTTP ------------------------------------------------------------------------------------------------
-
-    def _failed(self, what: str, exc: BaseException) -> ProxyError:
-        self._health_wake.set()  # a connection-level failure: is the proxy still there?
-        if isinstance(exc, trio.TooSlowError | httpx.TimeoutException):
-            return ProxyTimeout(f"{what}: no answer from {self.base_url} within {self.timeout:g} s")
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return ProxyError(f"{what}: {detail}")
-
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        """One request, its whole reply read, bounded by :attr:`timeout`."""
-        what = f"{method} {path}"
-        if self._closed:
-            raise ProxyError(f"{what}: the proxy client is closed")
-        try:
-            with trio.fail_after(self.timeout):
-                return await self._http.request(method, self.base_url + path, content=body)
-        except (trio.TooSlowError, httpx.HTTPError) as exc:
-            raise self._failed(what, exc) from None
-        except RuntimeError as exc:  # httpx: "Cannot send a request, as the client has been closed."
-            raise ProxyError(f"{what}: {exc}") from None
-
-    @staticmethod
-    def _check_status(response: httpx.Response, what: str, expected: int = 200) -> None:
-        if response.status_code != expected:
-            text = response.content[:200].decode("utf-8", "replace").strip()
-            raise ProxyHTTPError(f"{what}: HTTP {response.status_code} {text}".rstrip(), response.status_code,
-                                 response.content)  # fmt: skip
-
-    def _values(self, lines: list[bytes]) -> list[ValueEvent]:
-        events = []
-        for line in lines:
-            try:
-                event = parse_line(line)
-            except ValueJsonError as exc:
-                self.dropped_lines += 1
-                log.warning("skipped a line from %s that is not a value: %s", self.base_url, exc)
-                continue
-            if event is not None:
-                events.append(event)
-        return events
 
     # -- get / put -------------------------------------------------------------------------------------------
 
@@ -269,36 +175,21 @@ class ProxyClient:
 
         Raises :class:`ProxyError` (:class:`ProxyTimeout` after :attr:`timeout` seconds in all).
         """
-        what = f"GET {_key_path(key)}"
-        if self._closed:
-            raise ProxyError(f"{what}: the proxy client is closed")
         found: dict[int, Value] = {}
-        splitter = LineSplitter()
-        try:
-            with trio.fail_after(self.timeout):
-                async with self._http.stream("GET", self.base_url + _key_path(key)) as response:
-                    self._check_status(response, what)
-                    async for chunk in response.aiter_bytes():
-                        self._take_batch(splitter.feed(chunk), query, found, on_values)
-                    self._take_batch(splitter.end(), query, found, on_values)
-        except (trio.TooSlowError, httpx.HTTPError) as exc:
-            raise self._failed(what, exc) from None
-        except LineTooLong as exc:
-            raise ProxyError(f"{what}: {exc}") from None
-        return list(found.values())
 
-    def _take_batch(
-        self, lines: list[bytes], query: Query | None, found: dict[int, Value], on_values: GetCallback | None
-    ) -> None:
-        batch = [
-            ev.value
-            for ev in self._values(lines)
-            if not ev.expired and (query is None or query.matches(ev.value))
-        ]
-        for value in batch:
-            found[value.id] = value
-        if batch and on_values is not None:
-            on_values(batch)
+        def take(lines: list[bytes]) -> None:
+            batch = [
+                ev.value
+                for ev in value_events(lines, self.base_url)
+                if not ev.expired and (query is None or query.matches(ev.value))
+            ]
+            for value in batch:
+                found[value.id] = value
+            if batch and on_values is not None:
+                on_values(batch)
+
+        await self._http.get_lines(key_path(key), take)
+        return list(found.values())
 
     async def put(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
         """``POST /key/{key}``; True once the proxy's node stored it, False if the proxy says it failed (502).
@@ -317,11 +208,11 @@ class ProxyClient:
         body = value_to_json(value)
         if permanent:
             body["permanent"] = self._permanent_push() or True
-        what = f"POST {_key_path(key)}"
-        response = await self._request("POST", _key_path(key), dumps(body))
+        what = f"POST {key_path(key)}"
+        response = await self._http.request("POST", key_path(key), dumps(body))
         if response.status_code == 502:
             return False
-        self._check_status(response, what)
+        check_status(response, what)
         try:
             stored = value_from_json(response.json())
         except (ValueError, ValueJsonError) as exc:
@@ -391,7 +282,7 @@ class ProxyClient:
         listener = Listener(query, deliver)
         watch, created = self.book.add_listener(key, listener)
         if created:
-            task = self._tasks[key] = _WatchTask()
+            task = self._tasks[key] = WatchTask()
             await self._nursery.start(self._run_watch, watch, task)
         try:
             async with receive:
@@ -404,104 +295,18 @@ class ProxyClient:
                 task.scope.cancel()
                 await self._unsubscribe(ended)
 
-    async def _run_watch(self, watch: Watch, task: _WatchTask, task_status: trio.TaskStatus[None]) -> None:
+    async def _run_watch(self, watch: Watch, task: WatchTask, task_status: trio.TaskStatus[None]) -> None:
         with task.scope:
             if self.push_mode:
                 await self._run_subscription(watch, task, task_status)
             else:
-                await self._run_stream(watch, task, task_status)
-
-    # stream mode
-
-    async def _run_stream(self, watch: Watch, task: _WatchTask, task_status: trio.TaskStatus[None]) -> None:
-        backoff = self._stream_backoff or Backoff()
-        announced = False
-
-        def announce() -> None:
-            nonlocal announced
-            if not announced:
-                announced = True
-                task_status.started()
-
-        while True:
-            began = trio.current_time()
-            opened = False
-            try:
-                with trio.CancelScope() as task.stream_scope:
-                    opened = await self._stream_once(watch, announce)
-            except ProxyError as exc:
-                log.info("LISTEN %s: %s", watch.key, exc)
-            finally:
-                task.stream_scope = None
-            announce()
-            if task.restart_requested:
-                task.restart_requested = False
-                backoff.succeeded()
-                continue
-            delay = backoff.ended(trio.current_time() - began) if opened else backoff.failed()
-            log.debug("LISTEN %s ended; reopening in %.2f s", watch.key, delay)
-            with trio.move_on_after(delay):
-                await task.wake.wait()
-            task.wake = trio.Event()
-
-    async def _stream_once(self, watch: Watch, on_open: Callable[[], None]) -> bool:
-        """Open one LISTEN stream and read it until it ends; whether it had opened (HTTP 200)."""
-        path = _key_path(watch.key, "/listen")
-        what = f"GET {path}"
-        request = self._http.build_request(
-            "GET", self.base_url + path, timeout=httpx.Timeout(self.timeout, read=None)
-        )
-        try:
-            with trio.fail_after(self.timeout):
-                response = await self._http.send(request, stream=True)
-        except (trio.TooSlowError, httpx.HTTPError) as exc:
-            raise self._failed(what, exc) from None
-        try:
-            if response.status_code != 200:
-                with trio.move_on_after(self.timeout):
-                    await response.aread()
-            self._check_status(response, what)
-            resync = len(watch.cache) > 0
-            on_open()
-            async with trio.open_nursery() as nursery:
-                if resync:
-                    watch.cache.begin_resync()
-                    nursery.start_soon(self._resync, watch)
-                splitter = LineSplitter()
-                try:
-                    async for chunk in response.aiter_bytes():
-                        self._apply_stream_lines(watch, splitter.feed(chunk))
-                except httpx.HTTPError as exc:
-                    raise self._failed(f"{what} (stream)", exc) from None
-                except LineTooLong as exc:
-                    raise ProxyError(f"{what}: {exc}") from None
-                finally:
-                    nursery.cancel_scope.cancel()
-            self._health_wake.set()  # the proxy ended the stream: restarted, or going away?
-            return True
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await response.aclose()
-
-    def _apply_stream_lines(self, watch: Watch, lines: list[bytes]) -> None:
-        events = [out for ev in self._values(lines) if (out := watch.cache.apply(ev)) is not None]
-        watch.publish(events)
-
-    async def _resync(self, watch: Watch) -> None:
-        """After a LISTEN restart: a GET listing, then expire what neither it nor the new stream showed."""
-        try:
-            values = await self.get(watch.key)
-        except ProxyError as exc:
-            log.info("resync of %s failed: %s", watch.key, exc)
-            return
-        events = [ev for value in values if (ev := watch.cache.update(value)) is not None]
-        events.extend(watch.cache.end_resync())
-        watch.publish(events)
+                backoff = self._stream_backoff or Backoff()
+                await run_listen_stream(self._http, watch, task, backoff, self.get, task_status)
 
     # push mode
 
     async def _run_subscription(
-        self, watch: Watch, task: _WatchTask, task_status: trio.TaskStatus[None]
+        self, watch: Watch, task: WatchTask, task_status: trio.TaskStatus[None]
     ) -> None:
         await self._subscribe(watch, task)
         task_status.started()
@@ -511,7 +316,7 @@ class ProxyClient:
             task.wake = trio.Event()
             await self._subscribe(watch, task, only_if_due=True)
 
-    async def _subscribe(self, watch: Watch, task: _WatchTask, *, only_if_due: bool = False) -> bool:
+    async def _subscribe(self, watch: Watch, task: WatchTask, *, only_if_due: bool = False) -> bool:
         """SUBSCRIBE ``watch`` with the current token; then deliver its values (from the reply, or a GET
         when it was not subscribed before). Failures are recorded for a retry, not raised.
 
@@ -532,10 +337,10 @@ class ProxyClient:
                 topic=self.topic,
                 refresh=watch.subscribed_at > -math.inf,
             )
-            path = _key_path(watch.key)
+            path = key_path(watch.key)
             try:
-                response = await self._request("SUBSCRIBE", path, dumps(body))
-                self._check_status(response, f"SUBSCRIBE {path}")
+                response = await self._http.request("SUBSCRIBE", path, dumps(body))
+                check_status(response, f"SUBSCRIBE {path}")
                 snapshot = self.book.subscribed(watch, token, response.content, trio.current_time())
             except (ProxyError, ValueError) as exc:
                 retry = self.book.subscribe_failed(watch, trio.current_time())
@@ -554,11 +359,11 @@ class ProxyClient:
         body = self.book.unsubscribe_body(watch)
         if body is None:
             return
-        path = _key_path(watch.key)
+        path = key_path(watch.key)
         with trio.CancelScope(shield=True):
             try:
-                response = await self._request("UNSUBSCRIBE", path, dumps(body))
-                self._check_status(response, f"UNSUBSCRIBE {path}")
+                response = await self._http.request("UNSUBSCRIBE", path, dumps(body))
+                check_status(response, f"UNSUBSCRIBE {path}")
             except ProxyError as exc:
                 log.info("UNSUBSCRIBE %s: %s", watch.key, exc)
 
@@ -586,9 +391,9 @@ class ProxyClient:
                 nursery.start_soon(partial(self._subscribe, watch, self._tasks[watch.key], only_if_due=True))
         for watch, body in old:
             if body is not None:
-                path = _key_path(watch.key)
+                path = key_path(watch.key)
                 try:
-                    await self._request("UNSUBSCRIBE", path, dumps(body))
+                    await self._http.request("UNSUBSCRIBE", path, dumps(body))
                 except ProxyError as exc:
                     log.info("UNSUBSCRIBE %s of the old token: %s", watch.key, exc)
 
@@ -610,7 +415,7 @@ class ProxyClient:
         if decision.result is PushResult.IGNORED_STOPPED:
             return decision.result
         if not self.connected:
-            self._health_wake.set()  # a push while not connected: check at once (OpenDHT #855)
+            self._health_wake.set()  # a push while not connected: the proxy may be back, check at once
         await self._carry_out(decision)
         return decision.result
 
@@ -627,7 +432,7 @@ class ProxyClient:
         for key in decision.resubscribe:
             watch, task = self.book.watches.get(key), self._tasks.get(key)
             if watch is not None and task is not None and not await self._subscribe(watch, task):
-                raise ProxyError(f"SUBSCRIBE {_key_path(key)} failed (retried later)")
+                raise ProxyError(f"SUBSCRIBE {key_path(key)} failed (retried later)")
         if decision.refresh_put is not None:
             held = self.book.puts.get(decision.refresh_put)
             if held is not None and not await self._repost(held):
@@ -647,8 +452,8 @@ class ProxyClient:
 
     async def _check_health(self) -> None:
         try:
-            response = await self._request("GET", "/")
-            self._check_status(response, "GET /")
+            response = await self._http.request("GET", "/")
+            check_status(response, "GET /")
             health = health_from_info(response.json())
         except ProxyError as exc:
             health = unreachable(str(exc))
@@ -663,8 +468,6 @@ class ProxyClient:
             log.info("proxy %s connected (%d good nodes)", self.base_url, health.good)
         else:
             log.warning("proxy %s is %s: %s", self.base_url, health.status.value, health.error)
-        self._health_changed.set()
-        self._health_changed = trio.Event()
         if health.connected and not first:
             self._resync_all()
 
@@ -698,7 +501,7 @@ class ProxyClient:
         async with trio.open_nursery() as nursery:
             for watch in watches:
                 nursery.start_soon(self._unsubscribe, watch)
-        self._closed = True
+        self._http.closed = True
 
 
 @asynccontextmanager
@@ -724,8 +527,8 @@ async def open_proxy_client(
     ``platform`` (``android``, ``ios``, ``unifiedpush``) and ``topic``; ``client_id`` names the app or account
     (it comes back as ``to`` in pushes). A push for another session re-SUBSCRIBEs at most every
     ``resubscribe_guard`` seconds (it always fetches). ``dialect`` is ``"current"`` (OpenDHT today) or
-    ``"seed"`` (the original push document's ``callback_id``/``token`` protocol). ``timeout`` bounds every
-    request. ``transport`` replaces the HTTP transport (tests: ``httpx.MockTransport``).
+    ``"seed"`` (subscriptions named by ``callback_id``, SUBSCRIBE replying ``{"token": x}``). ``timeout``
+    bounds every request. ``transport`` replaces the HTTP transport (tests: ``httpx.MockTransport``).
 
     Entering checks the proxy once (``GET /``) but does not fail if it is down: see
     :attr:`ProxyClient.health`. On exit, subscriptions still open are UNSUBSCRIBEd.
@@ -739,15 +542,8 @@ async def open_proxy_client(
         subscription_refresh=subscription_refresh,
         resubscribe_guard=resubscribe_guard,
     )
-    if transport is None:
-        transport = httpx.AsyncHTTPTransport(
-            verify=verify,
-            socket_options=_keepalive_options(),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
-        )
-    headers = {"User-Agent": USER_AGENT, "Accept": "*/*", "Content-Type": "application/json"}
     async with (
-        httpx.AsyncClient(transport=transport, headers=headers, timeout=httpx.Timeout(timeout)) as http,
+        new_http_client(timeout, verify=verify, transport=transport) as http,
         trio.open_nursery() as nursery,
     ):
         client = ProxyClient(
