@@ -9,7 +9,7 @@ import math
 import pytest
 
 from trio_dht.api import ValueEvent
-from trio_dht.client.backoff import Backoff
+from trio_dht.backoff import Backoff
 from trio_dht.client.health import ProxyStatus, health_from_info
 from trio_dht.client.ndjson import LineSplitter, LineTooLong, parse_line
 from trio_dht.client.push_state import (

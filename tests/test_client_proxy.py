@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from trio_dht.api import ValueEvent
+from trio_dht.backoff import Backoff
 from trio_dht.client import ProxyError, ProxyStatus, ProxyTimeout, open_proxy_client
-from trio_dht.client.backoff import Backoff
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.testing.memory_dht import MemoryDht

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import trio
 
-from trio_dht.client.backoff import Backoff
+from trio_dht.backoff import Backoff
 from trio_dht.client.http import ProxyError, ProxyHttp, close_response, key_path
 from trio_dht.client.ndjson import LineSplitter, LineTooLong, value_events
 from trio_dht.client.push_state import Watch

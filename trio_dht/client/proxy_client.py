@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from trio_dht.api import GetCallback, NodeInfo, ValueEvent
-from trio_dht.client.backoff import Backoff
+from trio_dht.backoff import Backoff
 from trio_dht.client.health import ProxyHealth, ProxyStatus, health_from_info, unreachable
 from trio_dht.client.http import (
     DEFAULT_TIMEOUT,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trio_dht.api import ValueEvent
-from trio_dht.client.backoff import Backoff
+from trio_dht.backoff import Backoff
 from trio_dht.client.ndjson import LineSplitter, parse_line
 from trio_dht.client.value_cache import ValueCache
 from trio_dht.infohash import InfoHash

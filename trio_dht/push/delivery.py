@@ -13,8 +13,9 @@ when.
   seconds, or until a full batch of ``gateway.max_batch`` is ready. One batch per lane is in flight at a time.
 - **Retries.** A failed request (:class:`~trio_dht.push.gateway.TemporaryGatewayError`, e.g. no whole reply
   within ``Limits.push_request_timeout``) puts its pushes back (merged with anything newer) and backs the lane
-  off: exponential with jitter from ``backoff_base`` to ``backoff_cap``, or the gateway's ``Retry-After``. A
-  push that fails alone (``Outcome.RETRY``) is retried after its own backoff, at most ``max_attempts`` times.
+  off (:class:`~trio_dht.backoff.Backoff` from ``backoff_base`` to ``backoff_cap``, less up to half of it at
+  random), or for the gateway's ``Retry-After``. A push that fails alone (``Outcome.RETRY``) is retried after
+  its own backoff, at most ``max_attempts`` times.
 - **Bounds.** A push still queued ``Limits.push_max_age`` after its newest news is dropped (``expired``) when
   its turn comes, or at once if it cannot be tried before: its lane backs off (or is backed off) past it, or
   its retry is parked past it. A lane backed off with nothing to send is kept empty until its backoff ends. A
@@ -44,6 +45,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
+from trio_dht.backoff import Backoff
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
 from trio_dht.push.gateway import Outcome
@@ -117,15 +119,13 @@ class DeliveryQueue:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.batch_window = batch_window
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self._backoff = Backoff(backoff_base, backoff_cap, jitter=0.5, rng=rng)
         self.max_attempts = max_attempts
         self.max_age = limits.push_max_age
         self.one_off_attempts = limits.push_one_off_attempts
         self.max_queued = limits.push_queue
         self.max_one_offs = limits.push_one_off_queue
         self.max_per_lane = limits.push_lane_queue
-        self._rng = rng
         self._lanes: dict[LaneKey, _Lane] = {}
         self._where: dict[Slot, _Lane] = {}
         """The lane of every queued (pending or parked) slot."""
@@ -240,7 +240,7 @@ class DeliveryQueue:
                 if entry.attempts >= (self.one_off_attempts if entry.one_off else self.max_attempts):
                     self.stats["one-off-gave-up" if entry.one_off else "gave-up"] += 1
                 else:
-                    self._park(entry, lane, now + self._backoff(entry.attempts))
+                    self._park(entry, lane, now + self._backoff.delay(entry.attempts))
         self._settle(lane, now)
         return gone
 
@@ -250,7 +250,7 @@ class DeliveryQueue:
         lane = self._lanes[batch.lane]
         lane.busy = False
         lane.failures += 1
-        delay = retry_after if retry_after is not None else self._backoff(lane.failures)
+        delay = retry_after if retry_after is not None else self._backoff.delay(lane.failures)
         lane.not_before = now + delay
         oldest = lane.not_before - self.max_age
         self.stats["batch-failed"] += 1
@@ -279,10 +279,6 @@ class DeliveryQueue:
         self._settle(lane, now)
 
     # -- internals -------------------------------------------------------------------------------------------
-
-    def _backoff(self, failures: int) -> float:
-        delay = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 30))
-        return delay * (0.5 + 0.5 * self._rng())
 
     def _lane_due(self, lane: _Lane) -> float:
         """When ``lane`` may send next (``inf``: it has nothing to send), or, if it has nothing but is backing
