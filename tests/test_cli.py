@@ -18,7 +18,7 @@ from cli_process import LOOPBACK_NODE, ping, trio_dht_process
 
 from trio_dht import __main__ as cli
 from trio_dht import app
-from trio_dht.config import AppConfig
+from trio_dht.cli import AppConfig
 
 MODULE = (sys.executable, "-m", "trio_dht")
 LOOPBACK = AppConfig(port=0, bind="127.0.0.1", bind6=None, proxy=None)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_dht.config import (
+from trio_dht.cli import (
     DEFAULT_PROXY_PORT,
     AppConfig,
     format_host_port,

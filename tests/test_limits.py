@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trio_dht.config import parse_args
+from trio_dht.cli import parse_args
 from trio_dht.limits import DEFAULT, Limits, parse_seconds, parse_size
 
 

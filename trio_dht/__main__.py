@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from trio_dht.app import run
-from trio_dht.config import parse_args
-from trio_dht.exceptions import leaf_exceptions
+from trio_dht.cli import describe_failure, leaf_exceptions, parse_args
 
 log = logging.getLogger("trio_dht")
 
@@ -25,13 +24,12 @@ log = logging.getLogger("trio_dht")
 def tune_garbage_collector() -> None:
     """A server's settings (the process's, not a library's to make).
 
-    What start-up allocated is moved out of the collector's sight, and full collections wait for a thousand
-    young ones (and CPython's own rule: the old generation grown by a quarter). Young collections stay small
-    and frequent (1,500 allocations; CPython's 700): an object is then traversed while still in the CPU's
-    cache, and no pause is long. Measured under a SUBSCRIBE flood (``bench/push_bench.py --only rate``): with
-    CPython's defaults, full collections paused requests for 50-800 ms; with large young generations
-    (20,000 and 20), each young collection walked up to 400 k objects, 60-100 ms pauses and a 50 ms p99;
-    with these, 0.5 s of collection per 10 s instead of 0.75 s, no pause over 6 ms, and a 10-25 ms p99.
+    What start-up allocated is moved out of the collector's sight, and a full collection, which walks every
+    object the process holds (every subscription among them), waits for a thousand middle-generation ones
+    (CPython's default: ten) as well as CPython's own rule (the old generation grown by a quarter). Young
+    collections stay small and frequent (1,500 allocations; CPython's 700): an object is then traversed while
+    still in the CPU's cache, and no pause is long, where a large young generation makes each young
+    collection walk hundreds of thousands of objects.
     """
     gc.collect()
     gc.freeze()
@@ -69,15 +67,6 @@ def configure_logging(verbose: int) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(root_level)
     logging.getLogger("trio_dht").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line naming every exception inside ``exc`` (ExceptionGroups unwrapped), e.g. ``OSError: ...``."""
-    return "; ".join(
-        f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
-        for leaf in leaf_exceptions(exc)
-        if not isinstance(leaf, KeyboardInterrupt)
-    )
 
 
 if __name__ == "__main__":

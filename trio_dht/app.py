@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from trio_dht.config import AppConfig, format_host_port
+from trio_dht.cli import AppConfig, format_host_port
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import RateLimiter
 from trio_dht.persist import StateStore

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from trio_dht.api import ValueEvent
+from trio_dht.cli import leaf_exceptions
 from trio_dht.client.ndjson import LineSplitter
 from trio_dht.client.proxy_client import (
     DEFAULT_CLIENT_ID,
@@ -35,7 +36,6 @@ from trio_dht.client.proxy_client import (
     open_proxy_client,
 )
 from trio_dht.client.push_state import InvalidPushNotification, parse_notification
-from trio_dht.exceptions import leaf_exceptions
 from trio_dht.infohash import InfoHash
 from trio_dht.push.payloads import Dialect
 from trio_dht.rest.keys import hash_from_segment

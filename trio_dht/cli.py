@@ -1,8 +1,10 @@
-"""The ``trio-dht`` command line: dhtnode's flags, parsed into one frozen :class:`AppConfig`.
+"""The ``trio-dht`` command line: dhtnode's flags, parsed into one frozen :class:`AppConfig`, and the one line
+that reports a failure.
 
 :func:`parse_args` is the only place that reads ``argv``; everything downstream (``app.py``, the proxy,
 push) takes the :class:`AppConfig`. Bad values are argparse errors (usage on stderr, exit code 2), found
-before anything starts.
+before anything starts. A run that fails raises what its nursery tree raised, an exception group:
+:func:`leaf_exceptions` flattens it, :func:`describe_failure` names every leaf in one line.
 """
 
 from __future__ import annotations
@@ -360,4 +362,20 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         persist_path=args.persist_path,
         allow_private_endpoints=args.allow_private_endpoints,
         limits=limits,
+    )
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, with every (nested) exception group flattened away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line naming every exception inside ``exc`` (ExceptionGroups unwrapped), e.g. ``OSError: ...``."""
+    return "; ".join(
+        f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+        for leaf in leaf_exceptions(exc)
+        if not isinstance(leaf, KeyboardInterrupt)
     )
