@@ -4,7 +4,7 @@ import pytest
 
 from trio_dht.infohash import InfoHash
 from trio_dht.push.payloads import Dialect, Platform, PushKind
-from trio_dht.push.requests import BadRequest, parse_subscribe, parse_unsubscribe
+from trio_dht.push.subscribe_bodies import BadRequest, parse_subscribe, parse_unsubscribe
 from trio_dht.push.subscriptions import SubscriptionBook
 from trio_dht.push.subscriptions import SubscriptionState as S
 

@@ -232,7 +232,7 @@ class StateStore:
                 yield
         except sqlite3.Error as exc:
             self.write_errors += 1
-            if (line := self._error_log.line(f"state file {self.path}: cannot {what}: {exc}", monotonic())):
+            if line := self._error_log.line(f"state file {self.path}: cannot {what}: {exc}", monotonic()):
                 log.error("%s", line)
             raise PersistError(f"cannot {what}: {exc}") from exc
 

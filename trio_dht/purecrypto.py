@@ -5,7 +5,8 @@ extensions): exactly the primitives trio_dht needs, on the standard library only
   ECDH (the shared x coordinate); Jacobian coordinates, a precomputed table for the base point.
 * HKDF-SHA256 (RFC 5869).
 * AES-128 (FIPS 197, table-based) in GCM (NIST SP 800-38D): 96-bit nonces, 16-byte tags.
-* RSA PKCS#1 v1.5 signature verification with SHA-512 (RFC 8017 §8.2.2), the key a DER SubjectPublicKeyInfo.
+* RSA PKCS#1 v1.5 signature verification with SHA-512 (RFC 8017 RSASSA-PKCS1-v1_5), the key a DER
+  SubjectPublicKeyInfo.
 
 Callers prefer ``cryptography`` where it is importable (:mod:`trio_dht.signature`,
 :mod:`trio_dht.push.webpush_crypto`). Python integers and table look-ups are not constant-time: these
@@ -324,7 +325,7 @@ _MASK128 = (1 << 128) - 1
 GCM_NONCE_LEN = 12
 GCM_TAG_LEN = 16
 GCM_MAX_DATA = (2**32 - 2) * 16
-"""The 32-bit block counter's limit (SP 800-38D §5.2.1.1)."""
+"""The most plaintext one GCM nonce may encrypt: the 32-bit block counter's 2**32 - 2 blocks."""
 
 
 def _ghash(h: int, data: bytes) -> bytes:
@@ -392,7 +393,8 @@ def aes128gcm_decrypt(key: bytes, nonce: bytes, data: bytes, aad: bytes = b"") -
 _RSA_ENCRYPTION = bytes.fromhex("2a864886f70d010101")
 """The OID 1.2.840.113549.1.1.1, DER content octets."""
 _SHA512_DIGEST_INFO = bytes.fromhex("3051300d060960864801650304020305000440")
-"""DER of DigestInfo{sha512, NULL} up to the 64 digest bytes (RFC 8017 §9.2, note 1)."""
+"""DER of DigestInfo{sha512, NULL} up to the 64 digest bytes: the fixed prefix of every SHA-512 encoded
+message, the digest follows it."""
 RSA_MAX_MODULUS_BITS = 4096
 """The largest modulus accepted by default (OpenDHT generates 4096-bit keys)."""
 RSA_PUBLIC_EXPONENT = 65537

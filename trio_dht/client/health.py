@@ -2,8 +2,9 @@
 
 OpenDHT's client trusts a proxy as *Connected* only when the info has a ``node_id`` and good nodes
 (``ipv4.good + ipv6.good > 0``), *Connecting* when it has only dubious ones. A proxy that answers HTTP but
-whose node has no peer at all is **isolated** (OpenDHT issue #869, the "zombie" proxy): its GETs come from its
-local storage and its PUTs fail, so it is reported as such, not trusted as connected.
+whose node has no peer at all is **isolated** (a "zombie" proxy, which OpenDHT's client takes for a healthy
+one): its GETs come from its local storage and its PUTs fail, so it is reported as such, not trusted as
+connected.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class ProxyStatus(enum.Enum):
     CONNECTING = "connecting"
     """Only dubious peers so far."""
     ISOLATED = "isolated"
-    """The proxy answers but its node has no peers (#869): values may be stale, puts fail."""
+    """The proxy answers but its node has no peers: values may be stale, puts fail."""
     DISCONNECTED = "disconnected"
     """The proxy did not answer, or not with node info."""
 

@@ -17,13 +17,13 @@ Two dialects (:class:`~trio_dht.push.payloads.Dialect`):
 - current OpenDHT: SUBSCRIBE ``{client_id, key, platform, session_id, topic[, refresh]}``, reply ``{}`` or the
   values; UNSUBSCRIBE ``{client_id, key}``; pushes ``{key, to, t, s[, exp]}`` (values) and
   ``{timeout, to, s[, vid]}`` (subscription or permanent put about to lapse);
-- seed document: SUBSCRIBE ``{key, callback_id, platform[, topic]}``, reply ``{"token": x}``; UNSUBSCRIBE
+- seed: SUBSCRIBE ``{key, callback_id, platform[, topic]}``, reply ``{"token": x}``; UNSUBSCRIBE
   ``{key, token: x, callback_id}``; pushes ``{token: x, callback_id}`` (wake-up) and
   ``{token: x, callback_id, timeout: hash}``.
 
-Pushes for another session (OpenDHT PRs #881/#903: an iOS app and its extension, or a previous run, share the
-token and client id) are not dropped: the key is fetched and re-subscribed, so the change is seen and later
-pushes come here.
+Pushes for another session (an iOS app and its notification extension, or a previous run of the app, share
+the token and client id, each with its own session id) are not dropped: the key is fetched and re-subscribed,
+so the change is seen and later pushes come here.
 
 All times are seconds on the caller's clock; push timestamps ``t`` are the proxy's milliseconds.
 """
@@ -52,7 +52,7 @@ SESSION_ALPHABET = string.ascii_letters + string.digits + "!#$%&()*+,./:;<=>?@[]
 """The characters of OpenDHT's session ids."""
 SUBSCRIPTION_REFRESH = 5 * 3600.0
 """Re-SUBSCRIBE this long after the last subscription, timeout push or not. Below the shortest server
-lifetime in use (the seed document's and our proxy's default 6 h; OpenDHT's is 24 h): a refresh too early
+lifetime in use (our proxy's default 6 h; OpenDHT's is 24 h): a refresh too early
 costs one small request, one too late loses the subscription."""
 PUT_REFRESH = PERMANENT_PUT_LIFETIME - PERMANENT_PUT_REFRESH_MARGIN
 """Re-POST a permanent put this long after the last POST (OpenDHT: 22 h of a 24 h lifetime)."""
@@ -275,7 +275,7 @@ class ListenBook:
         """The SUBSCRIBE body for ``watch`` with push ``token``."""
         if self.dialect is Dialect.SEED:
             seed: dict[str, Any] = {"callback_id": self.client_id, "key": token, "platform": platform}
-            if topic:  # the seed document has none, but UnifiedPush needs its "<p256dh>|<auth>" to encrypt
+            if topic:  # not part of the seed body, but UnifiedPush needs its "<p256dh>|<auth>" to encrypt
                 seed["topic"] = topic
             return seed
         body: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """The gorush gateway: Android (FCM) and iOS (APNs) pushes as ``POST /api/push``.
 
-Bodies are those OpenDHT's proxy sends (``reference-behaviour.md`` §4), with Android's priority and TTL in the
-FCM HTTP v1 ``android`` block as OpenDHT's HEAD does:
+Bodies are those OpenDHT's proxy sends, with Android's priority and TTL in the FCM HTTP v1 ``android`` block
+as OpenDHT's current code does:
 
 - Android: ``{"android": {"priority", "ttl": "86400s"}, "data", "platform": 2, "tokens": [token]}``; never a
   ``topic`` (gorush would make it an FCM topic message).

@@ -61,7 +61,8 @@ class Dialect(_Enum):
     CURRENT = "current"
     """Current OpenDHT clients: ``client_id``, ``session_id``, reply ``{}``."""
     SEED = "seed"
-    """The seed document: ``callback_id``, reply ``{"token": x}``."""
+    """Subscriptions named by ``callback_id``; SUBSCRIBE replies ``{"token": x}`` and pushes carry that
+    token."""
 
 
 class PushKind(_Enum):

@@ -41,7 +41,7 @@ from trio_dht.persist import UNAVAILABLE, PersistError, StateStore, StoredSubscr
 from trio_dht.push import ssrf
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.payloads import Dialect, Platform
-from trio_dht.push.requests import BadRequest, parse_subscribe, parse_unsubscribe
+from trio_dht.push.subscribe_bodies import BadRequest, parse_subscribe, parse_unsubscribe
 from trio_dht.push.subscriptions import (
     DEFAULT_LIFETIME,
     Change,

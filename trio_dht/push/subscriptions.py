@@ -56,7 +56,7 @@ from trio_dht.push.payloads import (
     timeout_data,
     values_data,
 )
-from trio_dht.push.requests import BadRequest, SubscribeRequest, UnsubscribeRequest
+from trio_dht.push.subscribe_bodies import BadRequest, SubscribeRequest, UnsubscribeRequest
 
 DEFAULT_LIFETIME = 6 * 3600.0
 """Six hours. OpenDHT's proxy uses 24 h (``--subscription-lifetime 24h``)."""

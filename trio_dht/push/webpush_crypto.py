@@ -147,7 +147,8 @@ def public_bytes(private_key: bytes) -> bytes:
 def _content_keys(
     ecdh_secret: bytes, auth: bytes, ua_public: bytes, as_public: bytes, salt: bytes
 ) -> tuple[bytes, bytes]:
-    """RFC 8291 §3.4 then RFC 8188 §2.2: the content-encryption key and the base nonce."""
+    """The content-encryption key and the base nonce: HKDF of the ECDH secret keyed by the subscription's
+    ``auth`` (with both public keys), then HKDF of that keyed by the message's salt (RFC 8291, RFC 8188)."""
     hkdf = purecrypto.hkdf_sha256  # HMAC from the standard library: as fast as cryptography's
     ikm = hkdf(auth, ecdh_secret, b"WebPush: info\x00" + ua_public + as_public, 32)
     cek = hkdf(salt, ikm, b"Content-Encoding: aes128gcm\x00", 16)

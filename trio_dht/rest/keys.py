@@ -19,8 +19,8 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 
 def decode_unreserved(raw: bytes) -> bytes:
-    """Decode the percent-escapes of unreserved characters only (RFC 3986 §2.3), leaving the others as
-    sent.
+    """Decode the percent-escapes of unreserved characters only (letters, digits, ``-._~``: those a URI may
+    carry escaped or not with the same meaning), leaving the others as sent.
     """
 
     def one(m: re.Match[bytes]) -> bytes:

@@ -210,8 +210,8 @@ def put_request_from_json(obj: Any) -> PutRequest:
     """A POST body: the value plus its optional ``permanent`` member.
 
     ``"permanent": true`` (or any value but ``false``/``null``) asks for a permanent put; an object also names
-    a push target, kept only when its ``key`` (the push token) is non-empty. Unlike OpenDHT, ``false`` really
-    means "not permanent" (spec §14, "should fix").
+    a push target, kept only when its ``key`` (the push token) is non-empty. ``false`` means "not permanent"
+    (OpenDHT's proxy makes a put permanent whenever the member is there, even as ``false``).
     """
     value = value_from_json(obj)
     permanent = obj.get("permanent")

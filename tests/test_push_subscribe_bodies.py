@@ -3,7 +3,7 @@
 import pytest
 
 from trio_dht.push.payloads import Dialect, Platform
-from trio_dht.push.requests import BadRequest, parse_subscribe, parse_unsubscribe
+from trio_dht.push.subscribe_bodies import BadRequest, parse_subscribe, parse_unsubscribe
 
 
 def test_current_dialect_as_the_cpp_client_sends_it():

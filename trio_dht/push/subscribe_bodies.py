@@ -1,9 +1,9 @@
 """SUBSCRIBE and UNSUBSCRIBE bodies, in both dialects, parsed into typed requests (sans-IO).
 
-Current OpenDHT clients send ``{"client_id", "key", "platform", "session_id", "topic"[, "refresh"]}``; the
-seed document's clients send ``{"key", "callback_id", "platform"}`` and unsubscribe with
-``{"key", "token": x, "callback_id"}``. A body with ``callback_id`` (or, to UNSUBSCRIBE, ``token``) and no
-``client_id`` is the seed dialect.
+Current OpenDHT clients send ``{"client_id", "key", "platform", "session_id", "topic"[, "refresh"]}``;
+clients of the seed dialect (:attr:`~trio_dht.push.payloads.Dialect.SEED`) send
+``{"key", "callback_id", "platform"}`` and unsubscribe with ``{"key", "token": x, "callback_id"}``. A body
+with ``callback_id`` (or, to UNSUBSCRIBE, ``token``) and no ``client_id`` is the seed dialect.
 
 Lenient where OpenDHT is (a number as ``key``, trailing bytes after the JSON object), strict where it would
 throw (a body that is not an object, fields of the wrong type): every bad body is a :class:`BadRequest` with a
