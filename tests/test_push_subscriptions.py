@@ -33,7 +33,7 @@ def test_active_then_timeout_push_then_expired():
     assert book.next_due() == 6 * H
     [t] = book.advance(6 * H)
     assert t.state is S.EXPIRED and len(book) == 0 and book.next_due() is None
-    assert book.key_deadline(KEY) is None
+    assert not book.watched(KEY)
 
 
 def test_refresh_moves_the_deadline_from_either_live_state():

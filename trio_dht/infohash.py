@@ -39,14 +39,6 @@ class InfoHash(bytes):
             raise ValueError("an InfoHash in hex is 40 characters")
         return cls(bytes.fromhex(text))
 
-    @classmethod
-    def from_key(cls, text: str) -> InfoHash:
-        """A key as ``dhtnode`` and the proxy read it: 40 hex characters as is, anything else hashed."""
-        try:
-            return cls.from_hex(text)
-        except ValueError:
-            return cls.get(text)
-
     def __repr__(self) -> str:
         return f"InfoHash({self.hex()})"
 
@@ -59,11 +51,6 @@ class InfoHash(bytes):
     def distance(self, other: bytes) -> int:
         """XOR distance as an integer (smaller is closer)."""
         return int.from_bytes(self, "big") ^ int.from_bytes(other, "big")
-
-    def common_bits(self, other: bytes) -> int:
-        """Length of the common prefix, in bits."""
-        x = int.from_bytes(self, "big") ^ int.from_bytes(other, "big")
-        return HASH_LEN * 8 - x.bit_length()
 
     def to_int(self) -> int:
         return int.from_bytes(self, "big")

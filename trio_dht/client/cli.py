@@ -62,17 +62,6 @@ def _positive(text: str) -> float:
     return value
 
 
-def add_client_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``client`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    parser = subparsers.add_parser(
-        "client",
-        help="talk to an OpenDHT REST proxy as a device does",
-        description="Use an OpenDHT REST proxy (ours or dhtnode's) as a device does.",
-    )
-    configure_parser(parser)
-    return parser
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The ``client`` options and commands, on ``parser``."""
     parser.add_argument("--proxy", required=True, metavar="URL", help="the proxy, e.g. http://127.0.0.1:8000")

@@ -87,10 +87,6 @@ class PushResult(enum.Enum):
     IGNORED_STOPPED = "ignored-stopped"
     """The client is closed."""
 
-    @property
-    def ignored(self) -> bool:
-        return self.name.startswith("IGNORED")
-
 
 class SubscriptionState(enum.Enum):
     NEW = "new"

@@ -147,7 +147,6 @@ class DeliveryQueue:
     def submit(self, push: Push, lane: LaneKey, max_batch: int, now: float, *, one_off: bool = False) -> None:
         """Queue ``push``, merging it into the push already waiting in its slot, if any; a new one past the
         queue's bounds is dropped (counted)."""
-        self.stats["submitted"] += 1
         where = self._where
         known = self._lanes.get(lane)
         if known is not None and known.not_before > now + self.max_age:  # backed off past its age limit
@@ -229,8 +228,7 @@ class DeliveryQueue:
         gone: list[str] = []
         for entry, outcome in zip(batch.entries, outcomes, strict=True):
             push = entry.push
-            if self._in_flight.pop(push.slot, None) is None:
-                self.stats["discarded"] += 1
+            if self._in_flight.pop(push.slot, None) is None:  # discarded meanwhile
                 continue
             self.stats[outcome.value] += 1
             if outcome is Outcome.TOKEN_GONE:

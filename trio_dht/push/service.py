@@ -272,7 +272,6 @@ class PushService:
             watch.handle = self._dht.add_listener(key, watch)
         except Exception:
             log.exception("push listen on %s failed", key.hex())
-            self.stats["listen-failures"] += 1
 
     async def _start_restored(self, keys: list[InfoHash]) -> None:
         """Start the listens of restored keys at ``startup_rate`` per second, so a restart does not burst

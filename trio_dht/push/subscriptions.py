@@ -29,8 +29,8 @@ Why a heap and not a task per subscription: a Trio task costs about 3 KB and 35 
 heap entry about 220 B. The book keeps every subscription's next due time in one
 heap (lazily invalidated: an entry counts only if it still equals the subscription's ``due``), and one Trio
 task in the service sleeps until :meth:`SubscriptionBook.next_due` and calls :meth:`SubscriptionBook.advance`.
-The DHT listens, which need a task anyway, are per key (shared by all subscriptions on it) and run under a
-cancel scope whose deadline is the latest deadline of the key's subscriptions.
+The DHT listens are per key (shared by all subscriptions on it, :meth:`SubscriptionBook.watched`): the
+service ends a key's listen when an expiry or an unsubscribe leaves the key without subscriptions.
 
 All times are seconds on the caller's clock (the service uses ``trio.current_time()``).
 """
@@ -215,11 +215,6 @@ class SubscriptionBook:
     def watched(self, key: InfoHash) -> bool:
         """Whether ``key`` has subscriptions (so needs a DHT listen)."""
         return key in self._by_key
-
-    def key_deadline(self, key: InfoHash) -> float | None:
-        """When the last subscription on ``key`` ends (the deadline of the key's DHT listen), or None."""
-        subs = self._by_key.get(key)
-        return max(s.deadline for s in subs.values()) if subs else None
 
     def __iter__(self) -> Iterator[Subscription]:
         return iter(list(self._by_sid.values()))
