@@ -74,8 +74,7 @@ class PermanentGatewayError(GatewayError):
 
 
 class Gateway(Protocol):
-    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly). One that keeps connections of its own
-    also has a ``close()`` method, which :class:`~trio_dht.push.dispatcher.Dispatcher` calls as it ends."""
+    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly)."""
 
     name: str
     max_batch: int
