@@ -9,7 +9,6 @@ import math
 import pytest
 
 from trio_dht.api import ValueEvent
-from trio_dht.backoff import Backoff
 from trio_dht.client.health import ProxyStatus, health_from_info
 from trio_dht.client.ndjson import LineSplitter, LineTooLong, parse_line
 from trio_dht.client.push_state import (
@@ -150,20 +149,6 @@ def test_health_node_info():
     health = health_from_info({"node_id": NODE, "ipv4": {"good": 5}, "public_ip": "::ffff:127.0.0.1"})
     info = health.node_info()
     assert info.node_id.hex() == NODE and info.good == 5 and health.public_ip == "::ffff:127.0.0.1"
-
-
-# -- backoff -------------------------------------------------------------------------------------------------
-
-
-def test_backoff_grows_caps_and_resets():
-    backoff = Backoff(1.0, 8.0, jitter=0.0, stable_after=10.0)
-    assert [backoff.failed() for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
-    assert backoff.ended(lasted=2.0) == 8.0  # a stream that died at once does not reset
-    assert backoff.ended(lasted=30.0) == 1.0  # one that stayed up does
-    jittered = Backoff(1.0, 8.0, jitter=0.5, rng=lambda: 0.0)
-    assert jittered.failed() == 0.5
-    with pytest.raises(ValueError):
-        Backoff(0, 1)
 
 
 # -- notifications -------------------------------------------------------------------------------------------
