@@ -252,9 +252,13 @@ async def test_a_slowloris_endpoint_times_out_as_a_whole_and_a_huge_reply_is_cut
         ]
 
 
-async def test_gorush_slowloris_and_huge_replies():
+@pytest.mark.parametrize("https_path", [False, True])
+async def test_gorush_slowloris_and_huge_replies(https_path):
+    """The same bounds on both of gorush's transports (the lean keep-alive client and httpx)."""
     async with open_gorush_double() as gorush, new_http_client(LIMITS) as client:
         gateway = GorushGateway(client, gorush.url, limits=LIMITS)
+        if https_path:  # the httpx path, as an https:// gorush takes it (here over plain loopback HTTP)
+            gateway._lean = None
         gorush.script(200, b'{"counts":1,"logs":[],"success":"ok"}', byte_interval=0.4)
         with pytest.raises(TemporaryGatewayError) as info:
             await gateway.send([push(1, "t", Platform.ANDROID)])
@@ -268,3 +272,4 @@ async def test_gorush_slowloris_and_huge_replies():
             await gateway.send([push(1, "t", Platform.ANDROID)])
         assert info.value.reason == OVERSIZED
         assert await gateway.send([push(1, "t", Platform.ANDROID)]) == [Outcome.DELIVERED]
+        gateway.close()

@@ -183,6 +183,8 @@ async def test_dispatcher_without_window_batches_what_one_step_submits_and_what_
     autojump_clock,
 ):
     gateway = ScriptedGateway()
+    closed = []
+    gateway.close = lambda: closed.append(True)
     sizes = []
     send = gateway.send
 
@@ -202,6 +204,7 @@ async def test_dispatcher_without_window_batches_what_one_step_submits_and_what_
         await trio.sleep(1)
         assert sizes == [5, 3] and len(gateway.delivered) == 8
         nursery.cancel_scope.cancel()
+    assert closed == [True]  # the dispatcher closes its gateways as it ends
 
 
 # -- bounds ------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class Dispatcher:
         self.queue.discard(sid)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send until cancelled.
+        """Send until cancelled; then close the gateways' kept connections (those with a ``close()``).
 
         Workers (at most ``Limits.push_concurrency`` per gateway kind) send batches of their kind one after
         another while some are ready. What :meth:`submit` makes ready is taken by a worker the scheduling step
@@ -128,6 +128,10 @@ class Dispatcher:
                         await self._wake.wait()
         finally:
             self._nursery = None
+            for gateway in self._by_name.values():
+                close = getattr(gateway, "close", None)
+                if close is not None:
+                    close()
 
     def _take(self, kind: str, now: float) -> Batch | None:
         """A batch of ``kind`` to send now, counted in flight, if that kind has room and one is ready."""

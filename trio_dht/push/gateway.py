@@ -74,7 +74,8 @@ class PermanentGatewayError(GatewayError):
 
 
 class Gateway(Protocol):
-    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly)."""
+    """A push gateway (gorush, UnifiedPush, later FCM or APNs directly). One that keeps connections of its own
+    also has a ``close()`` method, which :class:`~trio_dht.push.dispatcher.Dispatcher` calls as it ends."""
 
     name: str
     max_batch: int

@@ -13,8 +13,8 @@ as OpenDHT's current code does:
   ``platform`` field are iOS clients, and gorush reports an unusable token as a failed push, which prunes it.
 
 Notifications are batched, one token each, up to gorush's ``max_notification`` (100) per request, posted
-through the gateways' shared httpx client (:func:`~trio_dht.push.gateway.post`: the request bounded as a
-whole by ``Limits.push_request_timeout``). With gorush in sync mode its ``logs`` name failed tokens: dead ones
+through a :class:`~trio_dht.push.keepalive.KeepAliveClient` to an ``http://`` gorush (through the shared
+httpx client to an ``https://`` one). With gorush in sync mode its ``logs`` name failed tokens: dead ones
 (APNs ``Unregistered``/``BadDeviceToken``/..., FCM "not found"/"not a valid FCM registration token") are
 pruned, throttled ones retried, others dropped. Give gorush ``log.hide_token: false``, or ``notif_ids=True``
 here, so that failures map back to pushes. A reply body is read up to ``Limits.push_response_bytes``: past it
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ from trio_dht.limits import Limits
 from trio_dht.push import gateway
 from trio_dht.push.gateway import (
     TIMED_OUT,
+    USER_AGENT,
     Outcome,
     PermanentGatewayError,
     Reply,
@@ -43,6 +45,7 @@ from trio_dht.push.gateway import (
     raise_for_transient,
     reply_too_large,
 )
+from trio_dht.push.keepalive import KeepAliveClient
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
 
 GORUSH_ANDROID = 2
@@ -62,7 +65,6 @@ _DEAD_TOKEN_ERRORS = (
 _RETRY_ERRORS = ("toomanyrequests", "serviceunavailable", "internalservererror", "shutdown", "unavailable")
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 """The request body's JSON, as httpx's ``json=`` writes it."""
-_HEADERS = {"Content-Type": "application/json"}
 
 
 def gorush_notification(push: Push, *, bundle_id: str, now_wall: float) -> dict[str, Any]:
@@ -109,7 +111,7 @@ class GorushGateway:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None,
         url: str,
         *,
         bundle_id: str = "",
@@ -118,12 +120,20 @@ class GorushGateway:
         notif_ids: bool = False,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        """``url`` is gorush's base URL (``http://host:port`` or ``https://...``); ``lanes`` requests may be
-        in flight at once, through ``client`` (see :func:`~trio_dht.push.gateway.new_http_client`)."""
+        """``url`` is gorush's base URL (``http://host:port``); ``lanes`` requests may be in flight at
+        once. ``client`` is used only for an ``https://`` URL; :meth:`close` closes the kept connections."""
         self._client = client
         self._url = url.rstrip("/") + "/api/push"
+        self._path = urllib.parse.urlsplit(self._url).path
         self._max_body = limits.push_response_bytes
         self._timeout = limits.push_request_timeout
+        self._lean = (
+            KeepAliveClient(
+                url, timeout=limits.push_request_timeout, user_agent=USER_AGENT, max_body=self._max_body
+            )
+            if url.lower().startswith("http://")
+            else None
+        )
         self._bundle_id = bundle_id
         self.max_batch = max_batch
         self._lanes = lanes
@@ -139,14 +149,26 @@ class GorushGateway:
                 note["notif_id"] = str(i)
         return {"notifications": notes}
 
+    def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
         now_wall = time.time()
         body = _encode_json(self.request_body(pushes, now_wall)).encode()
         try:
-            with gateway.deadline(self._timeout, "gorush"):
-                response = await gateway.post(
-                    self._client, self._url, content=body, headers=_HEADERS, max_bytes=self._max_body
-                )
+            if self._lean is not None:
+                response = await self._lean.post(self._path, body, "application/json")
+            else:
+                assert self._client is not None, "an https:// gorush needs the httpx client"
+                with gateway.deadline(self._timeout, "gorush"):
+                    response = await gateway.post(
+                        self._client,
+                        self._url,
+                        content=body,
+                        headers={"Content-Type": "application/json"},
+                        max_bytes=self._max_body,
+                    )
         except httpx.TimeoutException as exc:
             raise TemporaryGatewayError(f"gorush timed out: {exc!r}", reason=TIMED_OUT) from exc
         except httpx.TransportError as exc:

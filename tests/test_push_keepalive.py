@@ -1,5 +1,4 @@
-"""The gateways' HTTP requests (:func:`trio_dht.push.gateway.post` through the shared httpx client, and the
-gorush gateway's whole-request deadline), against scripted raw servers."""
+"""The lean keep-alive HTTP/1.1 client the gorush gateway posts through, against scripted raw servers."""
 
 from __future__ import annotations
 
@@ -10,11 +9,9 @@ import httpx
 import pytest
 import trio
 
-from trio_dht.limits import Limits
-from trio_dht.push import gateway
-from trio_dht.push.gateway import TIMED_OUT, ReplyTooLarge, TemporaryGatewayError, new_http_client
-from trio_dht.push.gorush import GorushGateway
-from trio_dht.push.payloads import Platform, Push, PushKind
+from trio_dht.push import keepalive
+from trio_dht.push.gateway import ReplyTooLarge
+from trio_dht.push.keepalive import KeepAliveClient
 
 Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
 
@@ -55,7 +52,7 @@ async def serve(nursery: trio.Nursery, handler: Handler) -> tuple[str, list[int]
 
 
 def replying(*replies: bytes) -> Handler:
-    """A handler answering each request on a connection with the next reply, then closing it."""
+    """A handler answering each request on a connection with the next reply, then waiting for the next."""
 
     async def handler(stream: trio.SocketStream, _: int) -> None:
         buffer = bytearray()
@@ -68,52 +65,39 @@ def replying(*replies: bytes) -> Handler:
     return handler
 
 
-async def post(
-    client: httpx.AsyncClient, url: str, body: bytes = b"", max_bytes: int = 65536
-) -> gateway.Reply:
-    return await gateway.post(
-        client, url, content=body, headers={"Content-Type": "text/plain"}, max_bytes=max_bytes
-    )
-
-
-def push() -> Push:
-    return Push(1, PushKind.VALUES, "t", Platform.ANDROID, "", {"key": "ab" * 20}, True)
+def client(url: str, timeout: float = 5.0) -> KeepAliveClient:
+    return KeepAliveClient(url, timeout=timeout, user_agent="test-agent")
 
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
 
-async def test_post_sends_the_body_and_reuses_the_connection():
-    seen: list[tuple[bytes, bytes]] = []
+async def test_post_writes_one_request_and_reuses_the_connection():
+    seen: list[bytes] = []
 
     async def handler(stream: trio.SocketStream, _: int) -> None:
         buffer = bytearray()
         while (request := await read_request(stream, buffer)) is not None:
-            seen.append(request)
+            seen.append(request[0] + b"\r\n\r\n" + request[1])
             await stream.send_all(OK)
 
-    async with trio.open_nursery() as nursery, new_http_client() as client:
+    async with trio.open_nursery() as nursery:
         url, counts = await serve(nursery, handler)
+        http = client(url + "/base")
         for _ in range(3):
-            response = await gateway.post(
-                client,
-                url + "/api/push",
-                content=b'{"n":1}',
-                headers={"Content-Type": "application/json"},
-                max_bytes=65536,
-            )
+            response = await http.post("/api/push", b'{"n":1}', "application/json")
             assert response.status_code == 200 and response.json() == {"ok": True}
             assert response.headers["content-type"] == "application/json"
         assert len(counts) == 1  # one connection for the three requests
-        head, body = seen[0]
-        lines = head.decode("latin-1").split("\r\n")
-        fields = {
-            name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])
-        }
-        assert lines[0] == "POST /api/push HTTP/1.1" and body == b'{"n":1}'
-        assert fields["host"] == url.removeprefix("http://") and fields["user-agent"] == gateway.USER_AGENT
-        assert fields["content-type"] == "application/json" and fields["content-length"] == "7"
-        assert fields["accept-encoding"] == "identity"  # a reply is never decompressed past its cap
+        host = url.removeprefix("http://")
+        assert (
+            seen[0]
+            == (
+                f"POST /api/push HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test-agent\r\nAccept: */*\r\n"
+                'Content-Type: application/json\r\nContent-Length: 7\r\n\r\n{"n":1}'
+            ).encode()
+        )
+        http.close()
         nursery.cancel_scope.cancel()
 
 
@@ -124,33 +108,38 @@ async def test_chunked_interim_and_until_close_replies():
         b"4;ext=1\r\nbusy\r\n3\r\n!!!\r\n0\r\nX-Trailer: 1\r\n\r\n"
     )
     until_close = b"HTTP/1.0 200 OK\r\n\r\nall of it"
-    async with trio.open_nursery() as nursery, new_http_client() as client:
+    async with trio.open_nursery() as nursery:
         url, counts = await serve(nursery, replying(chunked, until_close))
-        response = await post(client, url, b"x")
+        http = client(url)
+        response = await http.post("/", b"x", "text/plain")
         assert response.status_code == 503 and response.content == b"busy!!!"
         assert response.headers["retry-after"] == "2"
-        response = await post(client, url, b"y")
+        response = await http.post("/", b"y", "text/plain")
         assert response.status_code == 200 and response.content == b"all of it"
         assert len(counts) == 1
-        await post(client, url, b"z")  # the until-close reply ended that connection
+        await http.post("/", b"z", "text/plain")  # the until-close reply ended that connection
         assert len(counts) == 2
+        http.close()
         nursery.cancel_scope.cancel()
 
 
 async def test_connection_close_and_a_server_closed_idle_connection_open_new_ones():
     closing = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
-    async with trio.open_nursery() as nursery, new_http_client() as client:
+    async with trio.open_nursery() as nursery:
         url, counts = await serve(nursery, replying(closing))
-        assert (await post(client, url)).status_code == 204
-        assert (await post(client, url)).status_code == 204
+        http = client(url)
+        assert (await http.post("/", b"", "text/plain")).status_code == 204
+        assert (await http.post("/", b"", "text/plain")).status_code == 204
         assert len(counts) == 2
         nursery.cancel_scope.cancel()
-    async with trio.open_nursery() as nursery, new_http_client() as client:
+    async with trio.open_nursery() as nursery:
         url, counts = await serve(nursery, replying(OK))  # answers once, then closes the connection
-        await post(client, url)
+        http = client(url)
+        await http.post("/", b"", "text/plain")
         await trio.sleep(0.05)  # the server's close reaches us while the connection is idle
-        assert (await post(client, url)).status_code == 200
+        assert (await http.post("/", b"", "text/plain")).status_code == 200
         assert len(counts) == 2
+        http.close()
         nursery.cancel_scope.cancel()
 
 
@@ -164,36 +153,33 @@ async def test_connection_close_and_a_server_closed_idle_connection_open_new_one
     ],
 )
 async def test_bad_replies_are_protocol_errors(reply):
-    async with trio.open_nursery() as nursery, new_http_client() as client:
+    async with trio.open_nursery() as nursery:
         url, _ = await serve(nursery, replying(reply))
         with pytest.raises(httpx.RemoteProtocolError):
-            await post(client, url)
+            await client(url).post("/", b"", "text/plain")
         nursery.cancel_scope.cancel()
 
 
-async def test_unreachable_and_silent_gorush_are_temporary_errors(autojump_clock):
-    limits = Limits(push_request_timeout=15)
+async def test_unreachable_and_silent_servers_are_transport_errors(autojump_clock):
     async with trio.open_nursery() as nursery:
         url, _ = await serve(nursery, replying())
         nursery.cancel_scope.cancel()
-    async with new_http_client(limits) as client:
-        with pytest.raises(httpx.TransportError):  # nothing listens there any more
-            await post(client, url)
-        with pytest.raises(TemporaryGatewayError) as info:
-            await GorushGateway(client, url, limits=limits).send([push()])
-        assert info.value.reason is None
+    with pytest.raises(httpx.TransportError):  # nothing listens there any more
+        await client(url).post("/", b"", "text/plain")
 
     async def silent(stream: trio.SocketStream, _: int) -> None:
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery, new_http_client(limits) as client:
+    async with trio.open_nursery() as nursery:
         url, _ = await serve(nursery, silent)
-        start = trio.current_time()
-        with pytest.raises(TemporaryGatewayError) as info:
-            await GorushGateway(client, url, limits=limits).send([push()])
-        assert info.value.reason == TIMED_OUT
-        assert trio.current_time() - start == pytest.approx(15, abs=0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            await client(url, timeout=15).post("/", b"", "text/plain")
         nursery.cancel_scope.cancel()
+
+
+def test_only_plain_http_urls():
+    with pytest.raises(ValueError):
+        client("https://gorush.example")
 
 
 async def test_a_trickling_reply_hits_the_deadline_of_the_whole_request(autojump_clock):
@@ -203,13 +189,11 @@ async def test_a_trickling_reply_hits_the_deadline_of_the_whole_request(autojump
             await stream.send_all(bytes([byte]))
             await trio.sleep(1)  # well within any per-read timeout
 
-    limits = Limits(push_request_timeout=10)
-    async with trio.open_nursery() as nursery, new_http_client(limits) as client:
+    async with trio.open_nursery() as nursery:
         url, _ = await serve(nursery, trickle)
         start = trio.current_time()
-        with pytest.raises(TemporaryGatewayError) as info:
-            await GorushGateway(client, url, limits=limits).send([push()])
-        assert info.value.reason == TIMED_OUT
+        with pytest.raises(httpx.ReadTimeout):
+            await client(url, timeout=10).post("/", b"", "text/plain")
         assert trio.current_time() - start == pytest.approx(10, abs=0.1)
         nursery.cancel_scope.cancel()
 
@@ -225,10 +209,7 @@ async def test_a_trickling_reply_hits_the_deadline_of_the_whole_request(autojump
 async def test_a_body_over_the_cap_is_not_read_and_the_connection_not_reused(head):
     sent: list[int] = []
 
-    async def huge_then_ok(stream: trio.SocketStream, index: int) -> None:
-        if index:
-            await replying(OK)(stream, index)
-            return
+    async def huge(stream: trio.SocketStream, _: int) -> None:
         await read_request(stream, bytearray())
         await stream.send_all(head)
         chunked = b"chunked" in head
@@ -240,15 +221,15 @@ async def test_a_body_over_the_cap_is_not_read_and_the_connection_not_reused(hea
         except trio.BrokenResourceError:
             pass
 
-    async with trio.open_nursery() as nursery, new_http_client() as client:
-        url, counts = await serve(nursery, huge_then_ok)
+    async with trio.open_nursery() as nursery:
+        url, _ = await serve(nursery, huge)
+        http = KeepAliveClient(url, timeout=5, user_agent="test-agent", max_body=100_000)
         with pytest.raises(ReplyTooLarge) as info:
-            await post(client, url, max_bytes=100_000)
+            await http.post("/", b"", "text/plain")
         assert info.value.status_code == int(head.split()[1])
         await trio.sleep(0.2)
         assert sum(sent) < 8 * 1024 * 1024  # the server's sends stopped: the connection was closed
-        assert (await post(client, url)).status_code == 200
-        assert len(counts) == 2  # on a new connection
+        assert not http._idle
         nursery.cancel_scope.cancel()
 
 
@@ -266,9 +247,14 @@ async def test_a_reply_within_the_cap_builds_no_exception(reply, monkeypatch):
     def built(*args):
         raise AssertionError("ReplyTooLarge built for a reply within the cap")
 
-    monkeypatch.setattr(gateway, "ReplyTooLarge", built)
-    async with trio.open_nursery() as nursery, new_http_client() as client:
-        url, _ = await serve(nursery, replying(reply))
-        response = await post(client, url, max_bytes=1024)
-        assert response.status_code == 200 and response.content in (b"abc", b'{"ok":true}')
-        nursery.cancel_scope.cancel()
+    monkeypatch.setattr(keepalive, "ReplyTooLarge", built)
+
+    class Stream:
+        def __init__(self):
+            self.data = [reply]
+
+        async def receive_some(self, _):
+            return self.data.pop() if self.data else b""
+
+    response, _ = await keepalive._read_response(Stream(), 1024)
+    assert response.status_code == 200 and response.content in (b"abc", b'{"ok":true}')
