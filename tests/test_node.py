@@ -424,15 +424,6 @@ async def test_lenient_requests_are_answered(lone_node, raw_peer):
 # -- a node without sockets, under MockClock ---------------------------------------------------------------
 
 
-class _IPv4Only:
-    """Stands for a driven node's IPv4 socket, so that it searches and listens over IPv4."""
-
-    queue_drops = 0
-
-    def close(self) -> None:
-        pass
-
-
 class FakePeer:
     """A peer of a driven node: an id, an address and its encoder."""
 
@@ -450,7 +441,7 @@ class FakePeer:
 async def known_storer(driven) -> FakePeer:
     """A peer the driven node knows (it pinged), as the one node of an IPv4-only network: where the node's
     listens look for storing nodes and send ``listen``. What the node sent so far is dropped."""
-    driven.node._socks[False] = _IPv4Only()  # the fixture captures what is sent
+    driven.node.protocol.families.add(False)  # it searches and listens over IPv4 (the fixture captures sends)
     storer = FakePeer(5002)
     await driven.feed(storer.request("ping", {}), storer.addr)
     driven.take()
@@ -700,7 +691,7 @@ async def test_a_cancelled_get_leaves_the_shared_round_to_the_others(lone_node, 
             nursery.start_soon(lambda: lone_node.get(key))
             await next_request(raw_peer, "get")
             nursery.cancel_scope.cancel()
-        assert not lone_node._get_rounds
+        assert not lone_node.searches.rounds
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: lone_node.get(key))
             await next_request(raw_peer, "get")
@@ -834,13 +825,13 @@ async def test_a_listen_ended_while_it_searches_does_not_listen_for_its_successo
 def count_bytes(driven) -> list[tuple[int, tuple[str, int]]]:
     """Record the size and destination of every datagram the driven node sends from now on."""
     sizes: list[tuple[int, tuple[str, int]]] = []
-    send = driven.node._send
+    send = driven.node.protocol.send
 
     def counting(data: bytes, addr) -> None:
         sizes.append((len(data), addr))
         send(data, addr)
 
-    driven.node._send = counting
+    driven.node.protocol.send = counting
     return sizes
 
 
@@ -853,7 +844,7 @@ async def test_an_unsolicited_fragmented_reply_is_dropped_before_any_buffer(open
         for _ in range(3):
             await driven.feed(header, peer.addr)
         assert node.counters.dropped_unsolicited == 3
-        assert len(node._reassembler) == 0 and node._reassembler.held == 0
+        assert len(node.protocol.reassembler) == 0 and node.protocol.reassembler.held == 0
         assert node.info().extra["dropped_unsolicited_fragments"] == 3
 
 
@@ -870,8 +861,8 @@ async def test_a_fragmented_reply_is_reassembled_only_from_the_address_asked(ope
         for datagram in reply:
             await driven.feed(datagram, peer.addr)
         assert [v.data for v in got[0].values] == [value.data]
-        assert node._reassembler.held == 0  # the stray fragments started nothing
-        assert node._validation.is_validated(peer.addr)
+        assert node.protocol.reassembler.held == 0  # the stray fragments started nothing
+        assert node.protocol.validation.is_validated(peer.addr)
 
 
 async def test_unsolicited_fragments_start_nothing_and_replies_still_get_through(open_driven_node):
@@ -883,7 +874,7 @@ async def test_unsolicited_fragments_start_nothing_and_replies_still_get_through
             fragment = msgpack.unpackb(datagram, strict_map_key=False)
             fragment["t"] = i
             await driven.feed(msgpack.packb(fragment), ("127.0.0.1", 6000 + i % 50))
-        assert len(node._reassembler) == 0 and node._reassembler.held == 0
+        assert len(node.protocol.reassembler) == 0 and node.protocol.reassembler.held == 0
         assert node.info().extra["dropped_unsolicited_fragments"] == len(other[1:]) * 100
         got: list[Message | None] = []
         tid = node.start_request(peer.addr, "get", {"h": InfoHash.get("k")}, got.append, node_id=peer.id)
@@ -891,7 +882,7 @@ async def test_unsolicited_fragments_start_nothing_and_replies_still_get_through
         for datagram in reversed(reply):  # a reply's fragments may come before its header
             await driven.feed(datagram, peer.addr)
         assert [v.data for v in got[0].values] == [value.data]
-        assert node._reassembler.held == 0
+        assert node.protocol.reassembler.held == 0
 
 
 async def test_spoofed_ids_keep_the_confirm_queue_bounded(open_driven_node, autojump_clock):
@@ -910,7 +901,7 @@ async def test_spoofed_ids_keep_the_confirm_queue_bounded(open_driven_node, auto
         await trio.sleep(9)  # the 4 pings failed: the next 4 go out
         assert len({m.tid for m, _ in driven.take("ping")} - first) == 4  # (and the first 4 resent)
         await trio.sleep(120)  # the rest waited over a minute: dropped unpinged
-        assert node.info().extra["confirm_dropped_stale"] > 0 and len(node._confirms) == 0
+        assert node.info().extra["confirm_dropped_stale"] > 0 and len(node.protocol.confirms) == 0
 
 
 async def test_an_unvalidated_address_gets_at_most_three_times_its_bytes(open_driven_node):
@@ -945,10 +936,10 @@ async def test_a_write_token_validates_the_address(open_driven_node):
         node, peer = driven.node, FakePeer(5000)
         key = InfoHash.get("token")
         tok = await driven_token(driven, peer, key)
-        assert not node._validation.is_validated(peer.addr)
+        assert not node.protocol.validation.is_validated(peer.addr)
         put = peer.request("put", {"h": key, "values": [Value(b"x", id=3).to_wire()], "token": tok})
         await driven.feed(put, peer.addr)
-        assert node._validation.is_validated(peer.addr)
+        assert node.protocol.validation.is_validated(peer.addr)
 
 
 async def test_listens_past_the_per_source_bound_are_refused_with_an_error(open_raw_peer):
