@@ -9,7 +9,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
 from trio_dht.node.protocol import ERROR_TEXTS, NodeProtocol
 from trio_dht.node.ratelimit import RateLimiter
-from trio_dht.node.requests import FAIL_AFTER
+from trio_dht.node.transactions import FAIL_AFTER
 from trio_dht.value import Value
 from trio_dht.wire.compact import Address
 from trio_dht.wire.message import Encoder, ErrorCode, Kind, Message, decode, fragments

@@ -27,13 +27,13 @@ from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.listen_driver import ListenDriver
-from trio_dht.node.listening import Listener
+from trio_dht.node.local_listens import Listener
 from trio_dht.node.protocol import NodeProtocol, Request
 from trio_dht.node.ratelimit import RateLimiter
-from trio_dht.node.requests import FAIL_AFTER
 from trio_dht.node.routing import K, Node
 from trio_dht.node.search_driver import Searches, wait_for
 from trio_dht.node.storage import Storage
+from trio_dht.node.transactions import FAIL_AFTER
 from trio_dht.node.udp import UdpEndpoint
 from trio_dht.value import Query, Value, random_value_id, type_expiration
 from trio_dht.wire.compact import Address, is_ipv6, normalize

@@ -1,6 +1,6 @@
 """The listen driver: keeps the node's own listens open on the nodes that store their keys (Trio side).
 
-Every local listener of a key shares one remote listen (:class:`~trio_dht.node.listening.KeyListen`), kept
+Every local listener of a key shares one remote listen (:class:`~trio_dht.node.local_listens.KeyListen`), kept
 alive from one heap of due times: a listen costs no task. A refresh that only re-sends ``listen`` to the
 nodes holding it (every 20 s, the steady state) is sent by the driver's task and finished in its replies'
 callbacks, at most :data:`LISTEN_REFRESHES_IN_FLIGHT` at once. One that must look for the storing nodes
@@ -23,7 +23,7 @@ import trio
 
 from trio_dht.api import ValueEvent
 from trio_dht.infohash import InfoHash
-from trio_dht.node.listening import KeyListen, Listener, ListenTarget
+from trio_dht.node.local_listens import KeyListen, Listener, ListenTarget
 from trio_dht.node.protocol import NodeProtocol, Request
 from trio_dht.node.search import SearchState
 from trio_dht.node.search_driver import Searches

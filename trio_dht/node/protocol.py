@@ -37,13 +37,13 @@ from trio_dht import signature
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.confirm import ConfirmQueue, Pushed
-from trio_dht.node.listeners import ListenerBook, TooManyListeners
-from trio_dht.node.listening import ListenRegistry
+from trio_dht.node.local_listens import LocalListens
 from trio_dht.node.ratelimit import RateLimiter, source_key
-from trio_dht.node.requests import Action, PendingRequest, RequestTracker
+from trio_dht.node.remote_listeners import ListenerBook, TooManyListeners
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.storage import PutOutcome, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
+from trio_dht.node.transactions import Action, PendingRequest, RequestTracker
 from trio_dht.node.validation import AddressValidation, smaller_answers
 from trio_dht.value import Value, type_expiration
 from trio_dht.wire.compact import (
@@ -129,7 +129,7 @@ class NodeProtocol:
         self.verifier = signature.Verifier(limits)
         self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
         self.remote_listeners = ListenerBook(limits)
-        self.listens = ListenRegistry()
+        self.listens = LocalListens()
         self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter(limits=limits)
         self.counters = Counters()
         self.tables = {False: RoutingTable(node_id), True: RoutingTable(node_id)}

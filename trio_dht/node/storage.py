@@ -1,7 +1,7 @@
 """The values a node stores for others and for itself (OpenDHT's ``Storage`` plus the node's store rules).
 
 Sans-IO: every call takes ``now`` (seconds on any monotonic clock); nothing here reads a clock or does I/O.
-The caller (the node engine) answers requests and pushes ``update``s to listeners from the results:
+The caller (``node.protocol``) answers requests and pushes ``update``s to listeners from the results:
 
 - :meth:`Storage.put` applies OpenDHT's put rules and returns a :class:`PutResult`:
   ``STORED``/``EDITED`` → push ``values``; ``REFRESHED`` → push ``re``; ``evicted`` → push ``exp``.
