@@ -114,7 +114,7 @@ async def test_60_kb_value_between_nodes(open_network):
         assert [v.data for v in got] == [value.data]
 
 
-# -- one node and a raw peer (the P of Appendix B) -----------------------------------------------------------
+# -- one node and a raw peer (hand-made datagrams on a UDP socket) ------------------------------------------
 
 
 async def test_ping_find_get_replies(lone_node, raw_peer):
@@ -294,7 +294,7 @@ async def test_listen_then_put_pushes_update(lone_node, open_raw_peer):
         update, addr = await next_request(listener, "update")
         assert update.sid == 5001 and [v.id for v in update.values] == [102]
         raw = msgpack.unpackb(listener.last_raw)
-        assert list(raw["a"]) == ["id", "ve", "h", "sid", "values", "token"]  # as real nodes (B.1)
+        assert list(raw["a"]) == ["id", "ve", "h", "sid", "values", "token"]  # as OpenDHT packs it
         await answer(listener, update, addr)
         await listener.expect_none(0.2)
         # A value from the node's own API is pushed too, before its put search starts (which would time out
@@ -308,7 +308,7 @@ async def test_listen_then_put_pushes_update(lone_node, open_raw_peer):
 
 
 async def test_exp_pushed_when_a_short_lived_value_expires(lone_node, open_raw_peer):
-    """Type 5 lives 60 s; put with ``c`` = now - 58 it expires ~2 s later and ``exp`` is pushed (B.3)."""
+    """Type 5 lives 60 s; put with ``c`` = now - 58 it expires ~2 s later and ``exp`` is pushed."""
     to = node_addr(lone_node)
     key = InfoHash.get("ice")
     async with open_raw_peer() as listener, open_raw_peer() as putter:
@@ -751,7 +751,7 @@ async def test_listen_refresh_resends_every_20_s_and_searches_only_when_needed(
 
 async def test_new_listens_on_a_slow_network_look_for_their_nodes_at_once(open_driven_node, autojump_clock):
     """New listens look for their storing nodes concurrently, each on callbacks: 1,000 new keys on a network
-    with a 100 ms round trip all send their ``listen`` within 2 s (32 worker tasks, a key each, took 6 s)."""
+    with a 100 ms round trip all send their ``listen`` within 2 s."""
     async with open_driven_node() as driven:
         node = driven.node
         storer = await known_storer(driven)

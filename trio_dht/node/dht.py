@@ -85,7 +85,6 @@ class DhtNode:
             limits=limits,
         )
         self.network = network
-        self.limits = limits
         # The protocol's parts that callers and tests read:
         self.storage = protocol.storage
         self.tables = protocol.tables
