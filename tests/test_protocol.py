@@ -189,3 +189,77 @@ def test_a_value_expires_at_its_time_and_remote_listeners_hear_of_it():
     driven.protocol.expire(T0 + 60)
     [(update, to)] = driven.sent
     assert (update.method, update.expired, update.sid, to) == ("update", [9], 3, listener.addr)
+
+
+# -- what a datagram costs, and who may start a reassembly ---------------------------------------------------
+
+
+def token(driven: Driven, peer: Peer, key: InfoHash) -> bytes:
+    [reply] = driven.replies(peer.request("get", {"h": key}), peer)
+    return reply.token
+
+
+def test_inline_puts_are_rate_limited():
+    driven, peer = Driven(rate_limiter=RateLimiter(per_ip=3, total=-1)), Peer()
+    key = InfoHash.get("rate")
+    tok = token(driven, peer, key)  # request 1
+    replies = []
+    for i in range(5):  # requests 2..6: only 2 and 3 pass
+        args = {"h": key, "values": [Value(b"x", id=i + 1).to_wire()], "token": tok}
+        replies += [m for m, _ in driven.feed(peer.request("put", args), peer.addr) if m.kind is Kind.REPLY]
+    assert [m.value_id for m in replies] == [1, 2]
+    assert driven.protocol.counters.dropped_rate == 3
+
+
+def test_a_fragmented_put_counts_once_for_the_rate_limiter():
+    driven, peer = Driven(rate_limiter=RateLimiter(per_ip=2, total=-1)), Peer()
+    key = InfoHash.get("rate fragments")
+    tok = token(driven, peer, key)
+    peer.tid += 1
+    sent = []
+    for d in peer.encoder.request_with_values(
+        peer.tid, "put", {"h": key, "token": tok}, [Value(os.urandom(5000), id=9)]
+    ):
+        sent += driven.feed(d, peer.addr)
+    assert [m.value_id for m, _ in sent if m.kind is Kind.REPLY] == [9]
+    assert driven.protocol.counters.dropped_rate == 0
+
+
+def test_drops_are_counted():
+    driven, peer = Driven(), Peer()
+    counters = driven.protocol.counters
+    assert driven.feed(b"\xc1garbage", peer.addr) == []
+    assert driven.feed(peer.request("ping", {}), ("0.0.0.1", 5)) == []
+    assert driven.feed(Encoder(peer.id, network=3).request(1, "ping", {}), peer.addr) == []
+    assert driven.feed(Encoder(driven.protocol.id).request(1, "ping", {}), peer.addr) == []
+    assert (counters.dropped_malformed, counters.dropped_martian) == (1, 1)
+    assert (counters.dropped_network, counters.dropped_self) == (1, 1)
+    frag = fragments(7, [b"lonely"])[0]
+    assert driven.feed(frag, peer.addr) == []  # a fragment without header: no reply
+
+
+def test_a_fragmented_reply_is_reassembled_only_from_the_address_asked():
+    driven, peer = Driven(), Peer()
+    protocol = driven.protocol
+    value = Value(os.urandom(20_000), id=5)
+    got: list[Message | None] = []
+    tid = protocol.start_request(peer.addr, "get", {"h": InfoHash.get("k")}, got.append, T0, node_id=peer.id)
+    reply = peer.encoder.reply_with_values(tid, {"sa": SA, "token": b"t" * 32}, [value])
+    for datagram in reply:
+        driven.feed(datagram, (peer.addr[0], 5999))  # another port: not the address asked
+    assert got == [] and protocol.counters.dropped_unsolicited == 1
+    for datagram in reply:
+        driven.feed(datagram, peer.addr)
+    assert [v.data for v in got[0].values] == [value.data]
+    assert protocol.reassembler.held == 0  # the stray fragments started nothing
+    assert protocol.validation.is_validated(peer.addr)
+
+
+def test_a_write_token_validates_the_address():
+    driven, peer = Driven(), Peer()
+    key = InfoHash.get("token")
+    tok = token(driven, peer, key)
+    assert not driven.protocol.validation.is_validated(peer.addr)
+    put = peer.request("put", {"h": key, "values": [Value(b"x", id=3).to_wire()], "token": tok})
+    driven.feed(put, peer.addr)
+    assert driven.protocol.validation.is_validated(peer.addr)
