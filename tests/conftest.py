@@ -255,7 +255,7 @@ async def _open_driven_node(**kwargs: Any) -> AsyncIterator[DrivenNode]:
         except MalformedMessage as exc:  # our own datagrams must always decode
             raise AssertionError(f"node sent an undecodable datagram: {exc}") from None
 
-    node._send = capture  # type: ignore[method-assign]
+    node.protocol.send = capture
     async with trio.open_nursery() as nursery:
         await nursery.start(node._run, [])
         try:

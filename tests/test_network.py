@@ -1,8 +1,8 @@
 """A loopback network of 20 of our nodes: values put from random members are found from other members.
 
-The issue's acceptance test adds 3 real OpenDHT nodes to this network: the harness of tests/peers/ passes
-``add_peers=`` to ``open_network`` (they bootstrap from ``net.bootstrap`` and are appended to
-``net.members``) and runs the same ``check_puts_found``.
+Other peers (real OpenDHT nodes, from the harness of tests/peers/) join such a network through ``add_peers=``
+of ``open_network``: they bootstrap from ``net.bootstrap``, are appended to ``net.members``, and the same
+``check_puts_found`` runs over every member.
 """
 
 from __future__ import annotations

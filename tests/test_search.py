@@ -1,4 +1,4 @@
-"""Search state (trio_dht.node.search): 14 kept, 4 in flight, slow nodes, synced, token rules (spec §2.5)."""
+"""Search state (trio_dht.node.search): 14 kept, 4 in flight, slow nodes, synced, token rules."""
 
 from __future__ import annotations
 

@@ -185,11 +185,12 @@ def test_confirm_queue_sends_as_slots_free():
     nodes = [node(i) for i in range(4)]
     for n in nodes:
         q.push(n, 0.0)
-    sent: list[tuple[Node, object]] = []
-    q.send(lambda: 1.0, lambda n, ended: sent.append((n, ended)))
-    assert [n for n, _ in sent] == nodes[:2] and q.in_flight == 2
-    sent[0][1](None)  # the first ping ends (unanswered): the third goes out
-    assert [n for n, _ in sent] == nodes[:3] and q.in_flight == 2
-    sent[1][1](object())
-    sent[2][1](None)
-    assert [n for n, _ in sent] == nodes and q.in_flight == 1 and len(q) == 0
+    sent = q.ready(1.0)
+    assert sent == nodes[:2] and q.in_flight == 2
+    q.done(sent[0])  # the first ping ends (unanswered): the third goes out
+    sent += q.ready(1.0)
+    assert sent == nodes[:3] and q.in_flight == 2
+    q.done(sent[1])
+    q.done(sent[2])
+    sent += q.ready(1.0)
+    assert sent == nodes and q.in_flight == 1 and len(q) == 0

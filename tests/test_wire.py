@@ -1,6 +1,7 @@
-"""The wire codec (trio_dht.wire.message, .compact) and values (trio_dht.value) against the spec.
+"""The wire codec (trio_dht.wire.message, .compact) and values (trio_dht.value) against OpenDHT's wire format.
 
-Exact bytes come from Appendix B.1/B.5 of the wire spec; silent drops from Appendix B.8.
+The exact bytes are those OpenDHT nodes send (requests, replies, errors, updates, fragments); the silent drops
+are the datagrams an OpenDHT node drops without an answer.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def s(text: str) -> bytes:
     return bytes([0xA0 | len(raw)]) + raw
 
 
-# -- exact bytes (Appendix B.1, B.5) ----------------------------------------------------------------------
+# -- exact bytes, as OpenDHT nodes send them --------------------------------------------------------------
 
 
 def test_ping_is_the_52_byte_layout():
@@ -298,8 +299,9 @@ def test_replies_round_trip():
     assert msg.requester_ip == bytes(16)
 
 
-def test_lenient_inputs_b8():
-    """Rows of B.8 that real nodes answer: no y, unknown top-level key, STR t, s: true, tolerated blobs."""
+def test_lenient_inputs():
+    """What an OpenDHT node answers although it is odd: no y, unknown top-level key, STR t, s: true, tolerated
+    blobs."""
     base = {"a": {"id": bytes(ID_D)}, "q": "ping", "t": 5}
     assert decode(pack(base)).method == "ping"  # no y
     assert decode(pack({**base, "zz": [1, {"x": 2}]})).method == "ping"
@@ -350,7 +352,7 @@ def with_args(method: str, **args) -> dict:
         pytest.param({**PING, "q": "frobnicate"}, id="unknown-query"),
     ],
 )
-def test_b8_silent_drops(obj):
+def test_silent_drops(obj):
     drop(obj)
 
 
@@ -478,7 +480,7 @@ def test_encrypted_value_wire_form():
 @pytest.mark.parametrize(
     "obj",
     [
-        {"id": 81, "data": b"x"},  # no dat (B.2: not answered)
+        {"id": 81, "data": b"x"},  # no dat: an OpenDHT node does not answer it
         {"id": 81, "dat": {"body": {"data": b"x"}}},  # no type
         {"id": 81, "dat": {"body": {"type": 0}}},  # no data
         {"id": -1, "dat": {"body": {"type": 0, "data": b""}}},

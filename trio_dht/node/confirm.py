@@ -9,17 +9,15 @@ ask for one, so the queue is bounded twice:
 - at most ``Limits.udp_confirm_in_flight`` pings await their reply at once (a ping that gets none fails after
   8 s, so a flood of spoofed ids costs at most that many pings every 8 s).
 
-A node is queued or pinged once at a time (by id). The node's shell calls :meth:`ConfirmQueue.send` when
-:meth:`ConfirmQueue.push` returns :attr:`Pushed.SEND`; each ping's end frees its slot and sends the next.
+A node is queued or pinged once at a time (by id). When :meth:`ConfirmQueue.push` returns
+:attr:`Pushed.SEND`, the node pings the nodes :meth:`ConfirmQueue.ready` gives; each ping's end
+(:meth:`ConfirmQueue.done`) frees its slot for the next.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
@@ -97,19 +95,3 @@ class ConfirmQueue:
         """The ping of ``node`` ended (answered or not): its slot is free."""
         self._in_flight.discard(node.id)
         self.held.discard(node.id)
-
-    def send(self, clock: Callable[[], float], ping: Callable[[Node, Callable[[Any], None]], None]) -> None:
-        """Ping the nodes that free slots allow: ``ping(node, ended)`` sends one, and calls ``ended(reply)``
-        when it ends (answered or not), which frees its slot and sends the next."""
-        for node in self.ready(clock()):
-            ping(node, functools.partial(self._ended, node, clock, ping))
-
-    def _ended(
-        self,
-        node: Node,
-        clock: Callable[[], float],
-        ping: Callable[[Node, Callable[[Any], None]], None],
-        _: Any,
-    ) -> None:
-        self.done(node)
-        self.send(clock, ping)

@@ -244,7 +244,3 @@ class RoutingTable:
             if 0 <= j < len(self.buckets) and self.buckets[j].nodes:
                 return self.buckets[j].nodes
         return []
-
-    def dubious_to_ping(self, now: float) -> list[Node]:
-        """Nodes not heard from within the good window, worth a ping to confirm them."""
-        return [n for n in self.by_id.values() if not n.expired and not n.is_good(now)]

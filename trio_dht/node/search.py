@@ -1,7 +1,8 @@
 """The state of one iterative search (OpenDHT: keep 14 nodes, 4 requests in flight), sans-IO.
 
-The Trio driver asks :meth:`SearchState.next_nodes` whom to query, then reports each outcome. A node is
-*synced* once it answered with a usable token; the search is *done* when the first 8 usable nodes are synced.
+The search driver (``node.search_driver``) asks :meth:`SearchState.next_nodes` whom to query, then reports
+each outcome. A node is *synced* once it answered with a usable token; the search is *done* when the first 8
+usable nodes are synced.
 """
 
 from __future__ import annotations

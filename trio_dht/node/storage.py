@@ -1,7 +1,7 @@
 """The values a node stores for others and for itself (OpenDHT's ``Storage`` plus the node's store rules).
 
 Sans-IO: every call takes ``now`` (seconds on any monotonic clock); nothing here reads a clock or does I/O.
-The caller (the node engine) answers requests and pushes ``update``s to listeners from the results:
+The caller (``node.protocol``) answers requests and pushes ``update``s to listeners from the results:
 
 - :meth:`Storage.put` applies OpenDHT's put rules and returns a :class:`PutResult`:
   ``STORED``/``EDITED`` → push ``values``; ``REFRESHED`` → push ``re``; ``evicted`` → push ``exp``.
@@ -31,11 +31,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgpack
-
 from trio_dht.infohash import InfoHash
 from trio_dht.sources import client_key
 from trio_dht.value import MAX_VALUE_SIZE, SECURED_TYPES, Query, Value, type_expiration
+from trio_dht.wire.msgpack_codec import unpackb
 
 MAX_VALUES_PER_KEY = 64 * 1024
 """At most this many values under one key (OpenDHT's ``Storage::MAX_VALUES``)."""
@@ -515,9 +514,10 @@ def _refused(refusal: Refusal) -> PutResult:
 
 
 def _empty_service(data: bytes) -> bool:
-    """True if ``data`` is a DHT message ``[service, data]`` with an empty service (OpenDHT refuses it)."""
+    """True if ``data`` is a DHT message ``[service, data]`` whose service is empty, STR or BIN (OpenDHT
+    refuses it)."""
     try:
-        obj = msgpack.unpackb(data, raw=True)
-    except Exception:  # not a DHT message: nothing to check
+        obj = unpackb(data)
+    except ValueError:  # not a DHT message: nothing to check
         return False
-    return isinstance(obj, list) and len(obj) == 2 and obj[0] == b""
+    return isinstance(obj, list) and len(obj) == 2 and (obj[0] == "" or obj[0] == b"")

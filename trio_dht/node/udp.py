@@ -44,7 +44,6 @@ class UdpEndpoint:
         self._queue: deque[tuple[bytes, Address, float]] = deque()
         self._writable = trio.Event()
         self.sent = 0
-        self.send_errors = 0
         self.queue_drops = 0
         """Datagrams dropped from a full or stale send queue."""
 
@@ -59,7 +58,6 @@ class UdpEndpoint:
         except BlockingIOError:
             self._enqueue(data, addr)
         except OSError as exc:
-            self.send_errors += 1
             log.debug("send to %s failed: %s", addr, exc)
 
     def _enqueue(self, data: bytes, addr: Address) -> None:
@@ -85,8 +83,8 @@ class UdpEndpoint:
                     self.sent += 1
                 except BlockingIOError:
                     continue
-                except OSError:
-                    self.send_errors += 1
+                except OSError as exc:
+                    log.debug("send to %s failed: %s", addr, exc)
                 self._queue.popleft()
 
     async def serve(self, handler: Callable[[bytes, Address], None]) -> None:

@@ -18,8 +18,8 @@ RECORD6 = HASH_LEN + 16 + 2
 
 # Address-family numbers OpenDHT puts in ``w`` (Linux values, with other platforms' IPv6 numbers accepted).
 WANT_INET = 2
-WANT_INET6 = 10
 _WANT_INET6_ALIASES = frozenset({10, 23, 28, 30})
+"""IPv6: 10 on Linux, and the other platforms' numbers."""
 
 
 class MalformedRecords(ValueError):

@@ -181,7 +181,7 @@ def _decode_body(msg: Message, body: Any, what: str) -> None:
             except MalformedRecords as exc:
                 raise MalformedMessage(str(exc)) from None
         elif key == "c":
-            if type(val) is not int or not -(1 << 63) <= val < (1 << 63):
+            if type(val) is not int or not _INT64_MIN <= val <= _INT64_MAX:
                 raise MalformedMessage("c is not an int64")
             msg.created = val
         elif key == "sa":
@@ -354,7 +354,7 @@ class Encoder:
     ) -> list[bytes]:
         """A put or update carrying values: the request, then its fragments if any.
 
-        ``values`` goes before ``c`` and ``token``, the order real nodes send (Appendix B.1, B.5).
+        ``values`` goes before ``c`` and ``token``, the order in which OpenDHT nodes pack a put and an update.
         """
         field_, packed = pack_values(values)
         head = {k: v for k, v in args.items() if k not in ("c", "token")}

@@ -1,4 +1,4 @@
-"""The retransmission schedule of outstanding requests (trio_dht.node.requests), without sockets or clock."""
+"""The retransmission schedule of our requests (trio_dht.node.transactions), without sockets or clock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import os
 import struct
 
-from trio_dht.node.requests import TICK, Action, PendingRequest, RequestTracker
+from trio_dht.node.transactions import TICK, Action, PendingRequest, RequestTracker
 
 
 def request(tid: int, *, slow: bool = False, start: float = 100.0) -> PendingRequest:

@@ -1,9 +1,9 @@
-"""The storing side's book of remote listeners: nodes that sent us ``listen``.
+"""Remote listeners: the nodes that sent us ``listen`` (the storing side of a listen).
 
 Sans-IO. A listener is keyed by (node id, ``sid``) under a key. A new one gets the stored matching values
 pushed at once (the caller does that when :meth:`ListenerBook.listen` returns True); a known one only has its
 timer refreshed and its query replaced. Listeners not refreshed for 10 minutes are dropped by
-:meth:`ListenerBook.expire`. The node's own (local) listeners live in the node engine, not here.
+:meth:`ListenerBook.expire`. The node's own listens of keys stored elsewhere are ``node.local_listens``.
 
 The book is bounded: at most ``Limits.udp_listeners`` listeners in all and ``Limits.udp_listeners_per_source``
 per source (IPv4 address, IPv6 /64, loopback address and port). A new listener past either raises

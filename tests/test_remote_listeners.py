@@ -1,4 +1,4 @@
-"""The storing side's book of remote listeners (explicit ``now`` values)."""
+"""Remote listeners (trio_dht.node.remote_listeners), the storing side of a listen, with explicit ``now``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
-from trio_dht.node.listeners import LISTENER_EXPIRE_TIME, ListenerBook, TooManyListeners
+from trio_dht.node.remote_listeners import LISTENER_EXPIRE_TIME, ListenerBook, TooManyListeners
 from trio_dht.value import Query, Value
 
 K = InfoHash.get("key")

@@ -1,23 +1,24 @@
-"""The sans-IO listen registry: shared value cache, real changes only, expiry heap, refresh schedule."""
+"""The node's local listens (trio_dht.node.local_listens): shared value cache, real changes only, expiry heap,
+refresh schedule."""
 
 from __future__ import annotations
 
 from trio_dht.api import ValueEvent
 from trio_dht.infohash import InfoHash
-from trio_dht.node.listening import ListenRegistry, ListenTarget
+from trio_dht.node.local_listens import ListenTarget, LocalListens
 from trio_dht.node.routing import Node
 from trio_dht.value import FIELD_TYPE, Query, Value
 
 KEY = InfoHash.get("listening")
 
 
-def _collect(reg: ListenRegistry, query: Query | None = None):
+def _collect(reg: LocalListens, query: Query | None = None):
     events: list[ValueEvent] = []
     return reg.add(KEY, query, events.append), events
 
 
 def test_only_real_changes_reach_listeners() -> None:
-    reg = ListenRegistry()
+    reg = LocalListens()
     _, events = _collect(reg)
     v = Value(data=b"a", id=1)
     reg.deliver(KEY, v, expires=100)
@@ -32,7 +33,7 @@ def test_only_real_changes_reach_listeners() -> None:
 
 
 def test_late_listener_gets_cached_values_and_queries_filter() -> None:
-    reg = ListenRegistry()
+    reg = LocalListens()
     _, first = _collect(reg)
     reg.deliver(KEY, Value(data=b"t0", id=1, type=0), expires=100)
     reg.deliver(KEY, Value(data=b"t7", id=2, type=7), expires=100)
@@ -42,7 +43,7 @@ def test_late_listener_gets_cached_values_and_queries_filter() -> None:
 
 
 def test_values_expire_from_the_heap_unless_refreshed() -> None:
-    reg = ListenRegistry()
+    reg = LocalListens()
     _, events = _collect(reg)
     reg.deliver(KEY, Value(data=b"a", id=1), expires=10)
     reg.deliver(KEY, Value(data=b"b", id=2), expires=10)
@@ -57,7 +58,7 @@ def test_values_expire_from_the_heap_unless_refreshed() -> None:
 
 
 def test_cancel_drops_the_key_and_its_sockets() -> None:
-    reg = ListenRegistry()
+    reg = LocalListens()
     a, _ = _collect(reg)
     b, _ = _collect(reg)
     kl = reg.by_key[KEY]
@@ -72,7 +73,7 @@ def test_cancel_drops_the_key_and_its_sockets() -> None:
 
 
 def test_schedule_pops_each_due_key_once() -> None:
-    reg = ListenRegistry()
+    reg = LocalListens()
     _collect(reg)
     kl = reg.by_key[KEY]
     reg.schedule(kl, 5)

@@ -1,9 +1,9 @@
 """Local listens (what ``node.listen`` and ``node.add_listener`` open), sans-IO.
 
 Every listener of a key shares one :class:`KeyListen`: one value cache, one set of remote listen targets (the
-closest synced nodes, each with its ``sid`` and token) and one refresh schedule. The :class:`ListenRegistry`
-keeps them with two heaps, one of refresh times and one of value expirations, so the Trio shell drives any
-number of listens from one task and a small worker pool: no task per listen, no timer per value.
+closest synced nodes, each with its ``sid`` and token) and one refresh schedule. The :class:`LocalListens`
+keeps them with two heaps, one of refresh times and one of value expirations, so the listen driver
+(``node.listen_driver``) keeps any number of listens with two tasks: no task per listen, no timer per value.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Listener:
     key: InfoHash
     query: Query | None
     callback: Callable[[ValueEvent], None]
-    _registry: ListenRegistry | None = field(default=None, repr=False)
+    _registry: LocalListens | None = field(default=None, repr=False)
 
     def wants(self, value: Value) -> bool:
         return self.query is None or self.query.matches(value)
@@ -71,7 +71,7 @@ class KeyListen:
                 listener.callback(event)
 
 
-class ListenRegistry:
+class LocalListens:
     """All local listens of a node."""
 
     def __init__(self) -> None:

@@ -1,12 +1,14 @@
-"""Outstanding requests and OpenDHT's retransmission schedule, sans-IO.
+"""The node's transactions: the requests it sent and awaits a reply to, on OpenDHT's retransmission
+schedule, sans-IO.
 
 A request is sent at once, again about 1 s and 3 s later (each with up to 0.25 s of jitter), and fails 8 s
 after the first send. A request with an ``on_slow`` callback is told at 1 s that it is slow (a search then
-stops counting it in flight). The node's Trio shell sends the datagrams, asks :meth:`RequestTracker.due` what
-to do when :meth:`RequestTracker.next_due` comes, and calls the callbacks: no task and no cancel scope per
-request. Deadlines are kept in 50 ms buckets, so that the timer wakes at most 20 times a second however
-many requests are out (the many that are answered in time are dropped with their bucket). A bucket holds
-only numbers, so an answered request is freed at once, not when its bucket comes.
+stops counting it in flight). The node's protocol (``node.protocol``) sends the datagrams, does what
+:meth:`RequestTracker.due` says when :meth:`RequestTracker.next_due` comes (its shell's one timer task asks it
+to), and calls the callbacks: no task and no cancel scope per request. Deadlines are kept in 50 ms
+buckets, so that the timer wakes at most 20 times a second however many requests are out (the many that are
+answered in time are dropped with their bucket). A bucket holds only numbers, so an answered request is
+freed at once, not when its bucket comes.
 
 Transaction ids are random 32-bit numbers (never 0, never one pending), drawn from the operating system's
 generator: a peer that sees the ids of our requests to it cannot guess those of our requests to others, so
