@@ -7,11 +7,15 @@ with the ``Dht`` put/get interface); ``check_puts_found`` then runs over every m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -298,3 +302,29 @@ def open_driven_node():
     Stateless, so it is safe with Hypothesis (suppress ``HealthCheck.function_scoped_fixture``).
     """
     return _open_driven_node
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    if os.geteuid() != 0:
+        path.chmod(0o400)
+        try:
+            yield
+        finally:
+            path.chmod(0o600)
+        return
+    try:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a file read-only for root: {exc}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only():
+    """``with read_only(path):`` makes ``path`` read-only for this user: mode 0400, or ``chattr +i`` for root
+    (whom modes do not stop)."""
+    return _read_only

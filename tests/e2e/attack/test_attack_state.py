@@ -11,19 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import resource
 import signal
 import sqlite3
 import stat
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 from conftest import Target, attacked
 
@@ -177,28 +172,7 @@ async def test_a_disk_error_while_saving_is_a_503_and_changes_nothing(tmp_path: 
         assert await values_under(http, other_key) == []
 
 
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[None]:
-    """``path`` made read-only for this user: ``chattr +i`` for root (whom modes do not stop), else mode
-    0400."""
-    if os.geteuid() != 0:
-        path.chmod(0o400)
-        try:
-            yield
-        finally:
-            path.chmod(0o600)
-        return
-    try:
-        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot make a file read-only for root: {exc}")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
-async def test_a_read_only_state_file_answers_503(tmp_path: Path) -> None:
+async def test_a_read_only_state_file_answers_503(tmp_path: Path, read_only) -> None:
     path = tmp_path / "state.db"
     async with attacked("-f", str(path)) as target, http_client(target) as http:
         assert (

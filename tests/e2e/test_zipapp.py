@@ -21,7 +21,7 @@ from trio_dht import signature
 from trio_dht.push import webpush_crypto
 from trio_dht.value import Value
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: zipapp/native.py, shipped in the zipapp as ``_trio_dht_native``.
 _spec = importlib.util.spec_from_file_location("zipapp_native", ROOT / "zipapp" / "native.py")
 assert _spec is not None and _spec.loader is not None

@@ -90,13 +90,13 @@ def test_unpackable_objects_are_errors() -> None:
 
 
 def test_the_wire_suite_passes_with_the_pure_codec() -> None:
-    """tests/test_wire.py again, with the codec the zipapp uses."""
-    root = Path(__file__).resolve().parent.parent
+    """tests/wire/test_wire.py again, with the codec the zipapp uses."""
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "MSGPACK_PUREPYTHON": "1"}
     check = "from trio_dht.wire import msgpack_codec; assert msgpack_codec.PURE"
     subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=root)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_wire.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/wire/test_wire.py"],
         env=env, cwd=root, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]

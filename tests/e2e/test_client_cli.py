@@ -119,7 +119,7 @@ async def test_push_command(proxy_url: str, dht: MemoryDht) -> None:
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory: pytest.TempPathFactory) -> str:
     output = tmp_path_factory.mktemp("client_pyz") / "trio_dht.pyz"
-    build = Path(__file__).resolve().parent.parent / "zipapp" / "build.py"
+    build = Path(__file__).resolve().parents[2] / "zipapp" / "build.py"
     subprocess.run([sys.executable, build, "-o", output], check=True, timeout=600)
     return str(output)
 

@@ -266,12 +266,10 @@ def test_a_write_that_fails_is_a_counted_persist_error(tmp_path):
     store.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file")
-def test_a_read_only_file_refuses_writes(tmp_path, caplog):
+def test_a_read_only_file_refuses_writes(tmp_path, caplog, read_only):
     path = tmp_path / "state.db"
     StateStore(path).close()
-    path.chmod(0o400)
-    with StateStore(path) as store:
+    with read_only(path), StateStore(path) as store:
         assert "read-only" in caplog.text
         with pytest.raises(PersistError, match="readonly"):
             store.save_subscription(row(1, 5000.0))
