@@ -4,7 +4,7 @@ every response, and the replies more than one layer sends (errors, refusals).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from trio_dht.rest.value_json import dumps
 
@@ -22,8 +22,7 @@ OPTIONS_HEADERS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """A response whose whole body is known; :data:`BASE_HEADERS` are added by the HTTP layer.
 
     ``chunks``: send the body chunked (``Transfer-Encoding: chunked``), one chunk each, instead of ``body``

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -274,14 +274,10 @@ def push_reply(reply: PushReply) -> Reply:
     value, when it says so."""
     if not reply.chunked:
         return Reply(reply.status, reply.body)
-    return Reply(reply.status, chunks=tuple(_push_chunks(reply)))
-
-
-def _push_chunks(reply: PushReply) -> Iterator[bytes]:
-    if reply.body:
-        yield reply.body
-    for value in reply.values or ():
-        yield value_line(value)
+    chunks = (reply.body,) if reply.body else ()
+    if reply.values:
+        chunks += tuple(value_line(value) for value in reply.values)
+    return Reply(reply.status, chunks=chunks)
 
 
 ROUTES: dict[Route, RouteSpec] = {

@@ -67,6 +67,9 @@ class Route(enum.Enum):
     SUBSCRIBE = "subscribe a push target to a key"
     UNSUBSCRIBE = "unsubscribe a push target"
 
+    __hash__ = object.__hash__
+    """By identity, as members compare (``Enum``'s own hashes the name in Python: a lookup per request)."""
+
     @property
     def needs_push(self) -> bool:
         """Served only by a proxy with push hooks (without, a blueprint of the caller's may serve it)."""
