@@ -1,4 +1,4 @@
-"""The plain-HTTP front end: its narrow HTTP/1.1 reader; hot routes served beside hypercorn on one socket."""
+"""The plain-HTTP front end: its narrow HTTP/1.1 reader; the route table served beside hypercorn."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from trio_dht.persist import UNAVAILABLE
 from trio_dht.rest.value_json import dumps
 
 SERVER = "trio-dht"
@@ -61,3 +62,4 @@ TOO_MANY_LISTENS = error(429, "Too many listen streams from this address", close
 INTERNAL_ERROR = error(500, "Internal server error")
 PUT_FAILED = error(502, "Put failed")
 NOT_READY = error(503, "Incorrect DhtRunner")
+STATE_UNAVAILABLE = error(503, UNAVAILABLE)

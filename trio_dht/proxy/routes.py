@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.persist import UNAVAILABLE, PersistError
+from trio_dht.persist import PersistError
 from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.replies import (
     INCORRECT_JSON,
@@ -34,6 +34,7 @@ from trio_dht.proxy.replies import (
     NOT_READY,
     OPTIONS_HEADERS,
     PUT_FAILED,
+    STATE_UNAVAILABLE,
     TOO_MANY_LISTENS,
     BadRequest,
     Reply,
@@ -159,9 +160,6 @@ def listen(state: ProxyState, request: Request) -> ListenStream | Reply:
     if not state.listens.reserve(request.client):
         return TOO_MANY_LISTENS
     return ListenStream(state.dht, request.key, state.listens, request.client)
-
-
-STATE_UNAVAILABLE = error(503, UNAVAILABLE)
 
 
 def put(state: ProxyState, request: Request) -> Reply | Later:

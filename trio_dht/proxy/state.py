@@ -39,7 +39,7 @@ class PushHooks(Protocol):
     def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
         """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body from ``source`` (the client's address
         bucket, ``""`` if unknown), answered without waiting (a reply with ``fetch_values`` leaves the DHT get
-        of the key's values to the HTTP layer)."""
+        of the key's values to the route, :func:`trio_dht.proxy.routes.subscribe`)."""
         ...
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:

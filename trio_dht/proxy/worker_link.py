@@ -24,6 +24,7 @@ from trio_dht.logs import LogLimit
 from trio_dht.proxy import relay
 from trio_dht.proxy.conn_limits import Budgets
 from trio_dht.proxy.connection import BLOCKING
+from trio_dht.proxy.http_worker import Settings, worker_command
 
 if TYPE_CHECKING:
     from trio_dht.proxy.routes import Later
@@ -112,8 +113,6 @@ class WorkerLink:
     async def run(self, connections: trio.Nursery) -> None:
         """Run the worker until it is drained (again after a second if it dies); handed-over connections and
         the values a SUBSCRIBE waits for are served in ``connections``."""
-        from trio_dht.proxy.http_worker import Settings, worker_command
-
         front = self._front
         settings = Settings(front.budgets, front.connections_per_address, front.timeout_response)
 
