@@ -412,7 +412,7 @@ async def test_a_worker_that_cannot_start_leaves_the_sockets_to_the_front_end(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(
-        http_worker, "worker_command", lambda *_: [sys.executable, "-c", "raise SystemExit(3)"]
+        worker_link, "worker_command", lambda *_: [sys.executable, "-c", "raise SystemExit(3)"]
     )
     proxy = await push_proxy(nursery)
     client = await connect(proxy.port)
@@ -454,7 +454,7 @@ async def test_a_worker_that_misbehaves_is_stopped(
     code: str,
     logged: str,
 ) -> None:
-    monkeypatch.setattr(http_worker, "worker_command", fake_worker(code))
+    monkeypatch.setattr(worker_link, "worker_command", fake_worker(code))
     monkeypatch.setattr(worker_link, "STARTUP_TIMEOUT", 0.5)
     monkeypatch.setattr(worker_link, "STOP_TIMEOUT", 0.5)
     proxy = await push_proxy(nursery)
