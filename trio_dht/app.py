@@ -1,14 +1,35 @@
 """The running process: one DHT node and its front ends, composed as one Trio nursery tree.
 
-This is the one place where the tree is put together. :func:`run` reads top to bottom::
+This is the one place where the tree is put together. :func:`run` reads top to bottom; the tasks below
+``serve_proxy`` are started by the proxy's own modules (named on the right)::
 
     run(config)                         returns after SIGINT/SIGTERM; raises when any task fails
     └── nursery
         ├── _cancel_on_signal           the first SIGINT or SIGTERM cancels the whole tree
         └── open_node(...)              the UDP node: sockets, routing table, storage, searches
-            └── _open_push(...)         the proxy's push side: HTTP client, dispatcher, subscriptions
+            └── _open_push(...)         the proxy's push side: HTTP client and this nursery:
+                ├── Dispatcher.run      push delivery: batching, retries, one lane per gateway
+                ├── PushService.run     subscriptions: deadlines, DHT listens, pushes
                 └── services nursery    what serves the node to the outside; stops first
                     └── serve_proxy     the REST proxy: --proxyserver PORT (default 8000), --proxyserverssl
+                        ├── ProxyState.run              permanent puts: expiry, refresh pushes, restore
+                        └── FrontEnd.serve              (shielded; on cancellation drained, then cut)
+                            └── ASGI lifespan nursery   hypercorn's Lifespan.handle_lifespan
+                                └── connections         drained on shutdown:
+                                    ├── a task per connection (FrontEnd._serve_connection; hypercorn's
+                                    │   TCPServer inside it for TLS and handed-over connections)
+                                    ├── WorkerLink.run per HTTP worker (--http-workers)
+                                    │   ├── trio.run_process    the worker process (below)
+                                    │   └── _write_blocked, _expect_ready   the channel's writer, start-up
+                                    ├── WorkerLink._answer_later    a relayed SUBSCRIBE awaiting values
+                                    └── acceptors               cancelled on shutdown:
+                                        ├── accept_loop per listening socket (TLS; plain without workers)
+                                        ├── close_late_connections  the sweep of connection deadlines
+                                        └── Poller.run          reads idle connections (Linux epoll)
+
+    HTTP worker process: http_worker.main -> trio.run(HttpWorker.run)
+    └── nursery: close_late_connections (its sweep), _resume_accepts (after an accept pause); the one
+        serving task reads every socket through one epoll
 
 A task that fails cancels the others, and its exception leaves :func:`run` (inside ExceptionGroups); the CLI
 turns that into one line and exit code 1.
@@ -33,7 +54,6 @@ from trio_dht.persist import StateStore
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.put_journal import StorePutJournal
 from trio_dht.proxy.server import serve_proxy
-from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import new_http_client
 from trio_dht.push.gorush import GorushGateway
@@ -138,7 +158,6 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
             await push_tasks.start(service.run)
             yield {
                 "push": ProxyPushHooks(service, dispatcher, counts),
-                "blueprints": [subscribe_blueprint()],
                 "journal": StorePutJournal(store) if store is not None else None,
             }
             push_tasks.cancel_scope.cancel()

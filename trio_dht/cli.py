@@ -20,7 +20,7 @@ from typing import TypeVar
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
 from trio_dht.node import DEFAULT_PORT
-from trio_dht.proxy.config import ProxyConfig, default_http_workers
+from trio_dht.proxy.settings import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
 
 DEFAULT_PROXY = ProxyConfig(http_workers=default_http_workers())

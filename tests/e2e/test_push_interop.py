@@ -35,7 +35,6 @@ from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
-from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import new_http_client
 from trio_dht.push.gorush import GorushGateway
@@ -100,7 +99,6 @@ async def open_push_stack() -> AsyncIterator[PushStack]:
             lambda task_status: serve_proxy(
                 node,
                 ProxyConfig(host=LOOPBACK, port=0),
-                blueprints=[subscribe_blueprint()],
                 push=ProxyPushHooks(service, dispatcher, counts),
                 task_status=task_status,
             )

@@ -20,7 +20,7 @@ from trio_dht.cli import (
     parse_host_port,
 )
 from trio_dht.node import DEFAULT_PORT
-from trio_dht.proxy.config import ProxyConfig, default_http_workers
+from trio_dht.proxy.settings import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME
 
 

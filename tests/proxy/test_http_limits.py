@@ -16,7 +16,7 @@ from cli_process import read_to_end
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
-from trio_dht.proxy import ProxyConfig, frontend, relay, serve_proxy
+from trio_dht.proxy import ProxyConfig, asgi, connection, relay, serve_proxy
 from trio_dht.proxy.conn_limits import AcceptPause, Budgets, Expiry, HttpCounters, PerAddress
 from trio_dht.proxy.http_worker import HttpWorker, Settings
 from trio_dht.testing.memory_dht import MemoryDht
@@ -30,7 +30,7 @@ INF = float("inf")
 
 def test_a_head_deadline_counts_from_its_first_byte() -> None:
     ends = socket.socketpair()
-    conn = frontend._Connection(ends[0], "127.0.0.1", Budgets(head=10, keep_alive=60))
+    conn = connection.Connection(ends[0], "127.0.0.1", Budgets(head=10, keep_alive=60))
     conn.wait_for_request(0.0)  # nothing waited for yet: the keep-alive time
     assert (conn.expiry, conn.deadline) == (Expiry.IDLE, 60.0)
     conn.wait_for_request(5.0)  # idle already: the keep-alive runs on
@@ -365,11 +365,13 @@ async def test_the_worker_caps_connections_per_address(
 async def test_hypercorn_connections_have_the_deadlines_too(
     nursery: trio.Nursery, dht: MemoryDht, autojump_clock: object
 ) -> None:
-    """After a request of Quart's, the connection is hypercorn's: a head begun and not ended gets a 408 within
-    the head deadline (hypercorn's keep-alive wait), a body that never comes one within the body deadline."""
+    """After a request the front end hands over (a chunked body), the connection is hypercorn's: a head begun
+    and not ended gets a 408 within the head deadline (hypercorn's keep-alive wait), a body that never comes
+    one within the body deadline."""
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n"
     port = await start(nursery, dht, LIMITS)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost: x\r\n" + chunked + b"0\r\n\r\n")
     await trio.sleep(1)
     await stream.send_all(b"GET /node/stats HTTP/1.1\r\nHost:")
     start_time = trio.current_time()
@@ -377,7 +379,7 @@ async def test_hypercorn_connections_have_the_deadlines_too(
     assert first.startswith(b"HTTP/1.1 200") and last
     assert trio.current_time() - start_time <= LIMITS.http_head_timeout + 1
     body = await trio.open_tcp_stream("127.0.0.1", port)
-    await body.send_all(b"POST /node/pingPush HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await body.send_all(b"POST /node/pingPush HTTP/1.1\r\nHost: x\r\n" + chunked + b"64\r\n{")
     start_time = trio.current_time()
     assert (await read_to_end(body)).startswith(b"HTTP/1.1 408")
     assert LIMITS.http_body_timeout <= trio.current_time() - start_time <= LIMITS.http_body_timeout + 1
@@ -402,14 +404,16 @@ async def test_a_hypercorn_response_the_client_does_not_take_is_cut(
     assert not (await read_to_end(stream)).endswith(b"\r\n0\r\n\r\n")
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["raw-asgi", "quart"])
+@pytest.mark.parametrize("quart", [False, True], ids=["raw-asgi", "quart"])
 async def test_concurrent_listens_through_hypercorn_hold_the_cap(
-    nursery: trio.Nursery, dht: MemoryDht, fast_path: bool
+    nursery: trio.Nursery, dht: MemoryDht, quart: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Listens that hypercorn serves (a chunked request is handed over: the raw-ASGI path; with the fast path
-    off, Quart's route), five at once on a cap of 3: three streams, two 429s; once the three end, three may
+    """Listens that hypercorn serves (a chunked request is handed over: the raw-ASGI path; or Quart's view of
+    the route), five at once on a cap of 3: three streams, two 429s; once the three end, three may
     open again and no more (the count did not drift)."""
-    config = ProxyConfig(host="127.0.0.1", port=0, limits=Limits(http_listens_per_ip=3), fast_path=fast_path)
+    if quart:
+        monkeypatch.setattr(asgi, "match", lambda *args, **kwargs: None)  # every request to the Quart app
+    config = ProxyConfig(host="127.0.0.1", port=0, limits=Limits(http_listens_per_ip=3))
     port = int((await nursery.start(serve_proxy, dht, config))[0].rsplit(":", 1)[1])
     request = f"GET /key/{KEY.hex()}/listen HTTP/1.1\r\nHost: x\r\n".encode()
     request += b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"

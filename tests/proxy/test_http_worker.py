@@ -27,7 +27,6 @@ from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, http_worker, relay, serve_proxy, worker_link
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
-from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
@@ -306,7 +305,7 @@ async def push_proxy(nursery: trio.Nursery, **config: object) -> Proxy:
         await nursery.start(task)
     settings = {"host": "127.0.0.1", "port": 0, "http_workers": 1, **config}
     hooks = ProxyPushHooks(service, dispatcher, counts)
-    serve = partial(serve_proxy, dht, ProxyConfig(**settings), blueprints=[subscribe_blueprint()], push=hooks)
+    serve = partial(serve_proxy, dht, ProxyConfig(**settings), push=hooks)
     (url,) = await nursery.start(serve)
     return Proxy(dht, gateway, service, int(url.rsplit(":", 1)[1]))
 
@@ -356,10 +355,13 @@ async def test_a_worker_serves_every_route_with_the_front_end(
     assert headers["transfer-encoding"] == "chunked"
     assert sorted(json.loads(line)["id"] for line in content.splitlines()) == ["1", "2", "3"]
     # A GET behind it moves the connection to the front end, which serves the rest of it.
-    await client.stream.send_all(request("GET", f"/key/{KEY.hex()}") + request("GET", "/node/stats"))
+    await client.stream.send_all(
+        request("GET", f"/key/{KEY.hex()}") + request("GET", "/node/stats") + request("GET", "/node/none")
+    )
     assert len((await client.response())[2].splitlines()) == 3
     assert "listenCount" in json.loads((await client.response())[2])
-    assert (await subscribe(client, key="other"))[0] == "HTTP/1.1 200 "  # Quart's: /node/stats moved it there
+    assert (await client.response())[0] == "HTTP/1.1 404 "  # Quart's: a request of no route moved it there
+    assert (await subscribe(client, key="other"))[0] == "HTTP/1.1 200 "  # served there too
     assert len(proxy.service.book) == 2
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -410,7 +412,7 @@ async def test_a_worker_that_cannot_start_leaves_the_sockets_to_the_front_end(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(
-        http_worker, "worker_command", lambda *_: [sys.executable, "-c", "raise SystemExit(3)"]
+        worker_link, "worker_command", lambda *_: [sys.executable, "-c", "raise SystemExit(3)"]
     )
     proxy = await push_proxy(nursery)
     client = await connect(proxy.port)
@@ -452,7 +454,7 @@ async def test_a_worker_that_misbehaves_is_stopped(
     code: str,
     logged: str,
 ) -> None:
-    monkeypatch.setattr(http_worker, "worker_command", fake_worker(code))
+    monkeypatch.setattr(worker_link, "worker_command", fake_worker(code))
     monkeypatch.setattr(worker_link, "STARTUP_TIMEOUT", 0.5)
     monkeypatch.setattr(worker_link, "STOP_TIMEOUT", 0.5)
     proxy = await push_proxy(nursery)

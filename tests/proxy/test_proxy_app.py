@@ -1,5 +1,6 @@
 """The proxy app at the ASGI level (httpx.ASGITransport): every non-streaming route, headers, errors,
-fuzzing.
+fuzzing. Most tests run twice: through :class:`ProxyApp` (the raw-ASGI path of the route table, ``fast``) and
+through its Quart app alone (the same routes as Quart views, ``quart``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,34 @@ from quart import Blueprint
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, RateLimit, create_app
-from trio_dht.proxy.handlers import OPTIONS_HEADERS
+from trio_dht.proxy.asgi import ProxyApp, proxy_state, to_response
 from trio_dht.proxy.permanent import PermanentPut
-from trio_dht.proxy.routes import proxy_state, to_response
+from trio_dht.proxy.replies import OPTIONS_HEADERS, Reply
 from trio_dht.rest.paths import canonical_path
 from trio_dht.rest.value_json import PushTarget
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
 HELLO = InfoHash.get("hello")
+
+
+class QuartOnly:
+    """A proxy app whose requests all go to its Quart app (paths canonicalised, as :class:`ProxyApp` does)."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            canonical = canonical_path(scope.get("raw_path") or scope["path"].encode())
+            if canonical is not None:
+                scope = {**scope, "path": canonical[0], "raw_path": canonical[0].encode()}
+        await self.app.quart(scope, receive, send)
+
+
+def served(app: ProxyApp, fast: bool) -> Any:
+    """``app`` itself (``fast``), or the same app with every request served by Quart."""
+    return app if fast else QuartOnly(app)
 
 
 def client_for(app: Any, host: str = "127.0.0.1") -> httpx.AsyncClient:
@@ -41,8 +61,8 @@ def dht() -> MemoryDht:
 
 @pytest.fixture(params=[True, False], ids=["fast", "quart"])
 async def client(request: pytest.FixtureRequest, dht: MemoryDht) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(dht, ProxyConfig(fast_path=request.param, max_body=4096))
-    async with client_for(app) as c:
+    app = create_app(dht, ProxyConfig(max_body=4096))
+    async with client_for(served(app, request.param)) as c:
         yield c
 
 
@@ -210,18 +230,25 @@ async def test_rate_limit() -> None:
 
 
 async def test_extra_blueprint_and_push_hooks() -> None:
-    bp = Blueprint("push", __name__)
+    from trio_dht.push.service import PushReply
+
+    bp = Blueprint("extra", __name__)
     seen: list[Any] = []
 
-    @bp.route("/key/<hash:key>", methods=["SUBSCRIBE"])
-    async def subscribe(key: InfoHash) -> Any:
+    @bp.route("/key/<hash:key>", methods=["PATCH"])
+    async def patch(key: InfoHash) -> Any:
         proxy_state().count_request()
         seen.append(key)
-        from trio_dht.proxy.handlers import Reply
-
         return to_response(Reply(200, b"{}\n"))
 
     class Hooks:
+        def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
+            seen.append(("subscribe", key, body))
+            return PushReply(200, b"{}\n")
+
+        def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
+            return PushReply(200)
+
         async def ping(self, target: PushTarget) -> None:
             seen.append(target)
 
@@ -233,12 +260,15 @@ async def test_extra_blueprint_and_push_hooks() -> None:
 
     app = create_app(MemoryDht(), blueprints=[bp], push=Hooks())
     async with client_for(app) as c:
+        r = await c.request("PATCH", "/KEY/hello/", content=b"x")
+        assert r.status_code == 200 and r.content == b"{}\n"
+        assert_base_headers(r)
         r = await c.request("SUBSCRIBE", "/KEY/hello/", content=b'{"key":"t"}')
         assert r.status_code == 200 and r.content == b"{}\n"
         assert_base_headers(r)
         assert (await c.post("/node/pingPush", json={"key": "t", "platform": "ios"})).status_code == 200
         assert (await c.get("/node/stats")).json()["pushListenersCount"] == 3
-    assert seen == [HELLO, PushTarget("t", platform="ios")]
+    assert seen == [HELLO, ("subscribe", HELLO, b'{"key":"t"}'), PushTarget("t", platform="ios")]
 
 
 # -- fuzzing -------------------------------------------------------------------------------------------------
@@ -322,8 +352,8 @@ def is_endless(method: str, path: str) -> bool:
 async def test_fuzz_no_server_errors(method: str, path: str, body: bytes | None, fast: bool) -> None:
     if is_endless(method, path):
         return
-    app = create_app(MemoryDht(), ProxyConfig(fast_path=fast, max_body=256))
-    async with client_for(app) as c:
+    app = create_app(MemoryDht(), ProxyConfig(max_body=256))
+    async with client_for(served(app, fast)) as c:
         try:
             with trio.fail_after(5):
                 r = await c.request(method, httpx.URL(path=path), content=body)
@@ -363,10 +393,10 @@ async def test_put_value_round_trips_through_get(client: httpx.AsyncClient) -> N
 async def test_permanent_puts_per_client_address(dht: MemoryDht, fast: bool) -> None:
     from trio_dht.limits import Limits
 
-    app = create_app(dht, ProxyConfig(fast_path=fast, limits=Limits(permanent_puts_per_source=2)))
+    app = create_app(dht, ProxyConfig(limits=Limits(permanent_puts_per_source=2)))
 
     async def post(host: str, value: dict[str, Any]) -> httpx.Response:
-        async with client_for(app, host) as c:
+        async with client_for(served(app, fast), host) as c:
             return await c.post(f"/key/{HELLO.hex()}", json={**value, "permanent": True})
 
     assert (await post("2001:db8::1", {"data": "YQ==", "id": "1"})).status_code == 200
@@ -396,10 +426,10 @@ async def test_a_permanent_put_the_state_file_refuses_is_a_503(dht: MemoryDht, f
 
     path = tmp_path / "state.db"
     store = StateStore(path)
-    app = create_app(dht, ProxyConfig(fast_path=fast), journal=StorePutJournal(store))
+    app = create_app(dht, journal=StorePutJournal(store))
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    async with client_for(app) as c:
+    async with client_for(served(app, fast)) as c:
         r = await c.post(f"/key/{HELLO.hex()}", json={"data": "eA==", "permanent": True})
         assert r.status_code == 503 and r.json() == {"err": "Cannot save the change: state file unavailable"}
         assert_base_headers(r)

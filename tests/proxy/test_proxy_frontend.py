@@ -1,4 +1,4 @@
-"""The plain-HTTP front end: its narrow HTTP/1.1 reader; hot routes served beside hypercorn on one socket."""
+"""The plain-HTTP front end: its narrow HTTP/1.1 reader; the route table served beside hypercorn."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import trio
 
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
-from trio_dht.proxy import ProxyConfig, RateLimit, frontend, serve_proxy
-from trio_dht.proxy.handlers import BASE_HEADERS
-from trio_dht.proxy.hot_routes import Route, hot_route
+from trio_dht.proxy import ProxyConfig, RateLimit, connection, frontend, serve_proxy
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, UNUSUAL, Head, Writer, chunk, read_head
+from trio_dht.proxy.replies import BASE_HEADERS
+from trio_dht.rest.paths import Route, match
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
@@ -97,17 +97,20 @@ H = KEY.hex()
         ("SUBSCRIBE", f"/key/{H}", False, None),
         ("SUBSCRIBE", f"/key/{H}", True, "subscribe"),
         ("GET", "/node/info", False, "node_info"),
-        ("GET", "/node/stats", False, None),
-        ("OPTIONS", f"/key/{H}/listen", False, None),
+        ("GET", "/node/stats", False, "node_stats"),
+        ("OPTIONS", f"/key/{H}/listen", False, "options"),
+        ("GET", f"/KEY/{H}/Options/", False, "options"),
+        ("POST", "/node/pingpush", False, "ping_push"),
+        ("GET", "/node/pingPush", False, None),
     ],
 )
-def test_hot_routes(method: str, target: str, push: bool, handler: str | None) -> None:
-    route = hot_route(Head(method, target.encode(), 0, 0, False), push=push)
+def test_routes(method: str, target: str, push: bool, handler: str | None) -> None:
+    route = match(method, target.encode(), push=push)
     if handler is None:
         assert route is None
     else:
         assert route is not None and route[0] is Route[handler.upper()]
-        assert route[1] == (None if handler == "node_info" else KEY)
+        assert route[1] == (None if handler.startswith(("node_", "ping_")) else KEY)
 
 
 # -- the front end on a socket -------------------------------------------------------------------------------
@@ -380,12 +383,12 @@ async def test_pipelined_replies_the_socket_takes_in_part(
     """Replies the socket does not take at once are finished by the connection's task, in order, with GETs
     between them; a long run of pipelined requests is answered in turns.
     """
-    send_now = frontend._Connection.send_now
+    send_now = connection.Connection.send_now
 
-    def send_some(conn: frontend._Connection, data: bytes) -> bytes:  # as a full socket buffer does
+    def send_some(conn: connection.Connection, data: bytes) -> bytes:  # as a full socket buffer does
         return send_now(conn, data[:100]) + data[100:]
 
-    monkeypatch.setattr(frontend._Connection, "send_now", send_some)
+    monkeypatch.setattr(connection.Connection, "send_now", send_some)
     await dht.put(KEY, Value(data=b"v", id=7))
     client = await connect(await start(nursery, dht))
     info = b"GET /node/info HTTP/1.1\r\nHost: x\r\n\r\n"

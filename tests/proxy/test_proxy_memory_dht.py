@@ -10,8 +10,8 @@ import trio.testing
 from trio_dht.api import ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, create_app
-from trio_dht.proxy.handlers import put
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPut
+from trio_dht.proxy.routes import Later, Request, put
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Query, Value
 
@@ -110,7 +110,8 @@ async def test_proxy_cancels_lapsed_permanent_puts(autojump_clock: trio.testing.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(state.run)
         body = b'{"data":"cA==","id":5,"permanent":{"key":"tok","client_id":"c"}}'
-        assert (await put(state, KEY, body)).status == 200
+        answer = put(state, Request(KEY, body))
+        assert isinstance(answer, Later) and (await answer.reply()).status == 200
         await trio.sleep(LIFETIME - REFRESH_MARGIN + 1)
         assert [h.value.id for h in warned] == [5] and state.permanent.total == 1
         await trio.sleep(REFRESH_MARGIN)

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from proxy_layers import serve_with_quart
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
@@ -34,8 +35,12 @@ async def dht(nursery: trio.Nursery) -> MemoryDht:
 
 
 @pytest.fixture(params=[True, False], ids=["fast", "quart"])
-async def base_url(request: pytest.FixtureRequest, nursery: trio.Nursery, dht: MemoryDht) -> str:
-    config = ProxyConfig(host="127.0.0.1", port=0, fast_path=request.param)
+async def base_url(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    if not request.param:
+        serve_with_quart(monkeypatch)
+    config = ProxyConfig(host="127.0.0.1", port=0)
     urls = await nursery.start(serve_proxy, dht, config)
     return urls[0]
 

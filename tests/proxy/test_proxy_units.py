@@ -10,9 +10,9 @@ from typing import NoReturn
 import pytest
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.config import ProxyConfig, RateLimit
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
 from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.settings import ProxyConfig, RateLimit
 from trio_dht.proxy.streams import ListenFeed, ListenRegistry, ListenStream
 from trio_dht.rest.keys import decode_unreserved, hash_from_segment
 from trio_dht.rest.paths import canonical_path
@@ -435,7 +435,7 @@ def test_a_permanent_put_the_journal_refuses_changes_nothing() -> None:
 
 
 def test_client_source_buckets() -> None:
-    from trio_dht.proxy.handlers import client_source
+    from trio_dht.proxy.routes import client_source
 
     assert client_source("192.0.2.7") == "192.0.2.7"
     assert client_source("::ffff:192.0.2.7") == "192.0.2.7"

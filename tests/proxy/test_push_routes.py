@@ -2,7 +2,7 @@
 
 Every test runs three times: with the plain-HTTP front end serving SUBSCRIBE/UNSUBSCRIBE (``fast``); with an
 HTTP worker process relaying them to it (``worker``: every other request hands its connection over); and with
-``fast_path`` off, so that hypercorn and the Quart blueprint serve them (``quart``).
+every request served by hypercorn and the Quart app, the same routes as Quart views (``quart``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from functools import partial
 import httpx
 import pytest
 import trio
+from proxy_layers import serve_with_quart
 from test_proxy_frontend import connect
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
-from trio_dht.proxy.subscribe import subscribe_blueprint
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import Outcome
 from trio_dht.push.payloads import Platform, PushKind
@@ -65,7 +65,9 @@ class Stack:
 
 
 @pytest.fixture(params=["fast", "worker", "quart"])
-async def stack(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+async def stack(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Stack]:
     dht = MemoryDht()
     gateway = RecordingGateway()
     counts = PushCounts()
@@ -78,8 +80,10 @@ async def stack(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncI
     hooks = ProxyPushHooks(service, dispatcher, counts)
     fast = request.param != "quart"
     workers = 1 if request.param == "worker" else 0
-    config = ProxyConfig(host="127.0.0.1", port=0, fast_path=fast, max_body=1000, http_workers=workers)
-    serve = partial(serve_proxy, dht, config, blueprints=[subscribe_blueprint()], push=hooks)
+    if not fast:
+        serve_with_quart(monkeypatch)
+    config = ProxyConfig(host="127.0.0.1", port=0, max_body=1000, http_workers=workers)
+    serve = partial(serve_proxy, dht, config, push=hooks)
     (url,) = await nursery.start(serve)
     async with httpx.AsyncClient(base_url=url, timeout=BOUND) as client:
         yield Stack(dht, gateway, service, hooks, client, fast)
@@ -163,7 +167,7 @@ async def test_a_failing_service_is_a_500(stack: Stack, monkeypatch: pytest.Monk
     def broken(key: InfoHash, body: bytes) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(stack.service, "unsubscribe", broken)
+    monkeypatch.setattr(stack.hooks, "unsubscribe", broken)  # the service's method, as the hooks hold it
     r = await stack.client.request("UNSUBSCRIBE", "/key/hello", content=body())
     assert r.status_code == 500 and r.json() == {"err": "Internal server error"}
 

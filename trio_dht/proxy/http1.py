@@ -1,4 +1,4 @@
-"""A deliberately narrow HTTP/1.1 reader and writer for the proxy's hot requests (sans-IO).
+"""A deliberately narrow HTTP/1.1 reader and writer for the requests the proxy's front end serves (sans-IO).
 
 :func:`read_head` recognises only the plainest requests, a strict subset of what h11 (hypercorn's HTTP/1.1
 parser) accepts and reads the same way: an HTTP/1.1 request line with an origin-form target of visible ASCII,

@@ -1,7 +1,7 @@
 """An HTTP worker process: serves the proxy's plain listening sockets beside the front end's process.
 
-Why: on one core, a SUBSCRIBE costs the front end about 60 µs, a third of it moving bytes (the ``recv``, the
-``send`` of the response, reading the head). A worker takes that part to another core. It accepts the
+Why: moving a request's bytes (the ``recv``, reading the head, the ``send`` of the response) is a large part
+of what a SUBSCRIBE costs the front end; a worker does it on another core. It accepts the
 connections, reads their requests with :mod:`~trio_dht.proxy.http1`, relays each SUBSCRIBE and UNSUBSCRIBE of
 a key route to the front end (:mod:`~trio_dht.proxy.relay`) and writes the response it gets back. It hands any
 other request's connection over, with the bytes already read; the front end serves it from then on, as if it
@@ -9,7 +9,7 @@ had accepted it. So a worker holds no state of the proxy, and every answer comes
 owns the DHT node and the subscriptions.
 
 The front end starts a worker with :func:`worker_command` and supervises it (see
-:meth:`~trio_dht.proxy.frontend.FrontEnd.serve`). One Trio task serves everything here through one epoll: no
+:class:`~trio_dht.proxy.worker_link.WorkerLink`). One Trio task serves everything here through one epoll: no
 task per connection. A connection has at most one request relayed at a time; it is read on meanwhile, up to
 a limit, so that pipelined requests keep their order. The worker ignores SIGINT (Ctrl-C reaches the whole
 process group; the front end drains it), exits when the front end's end of the channel closes, and after a
@@ -50,14 +50,14 @@ from trio_dht.proxy.conn_limits import (
     close_late_connections,
     expire,
 )
-from trio_dht.proxy.hot_routes import Route, hot_route
+from trio_dht.proxy.connection import BLOCKING
 from trio_dht.proxy.http1 import RECV_SIZE, UNUSUAL, Head, read_head
+from trio_dht.rest.paths import Route, match
 
 log = logging.getLogger(__name__)
 
 _RELAYED = {Route.SUBSCRIBE: relay.SUBSCRIBE, Route.UNSUBSCRIBE: relay.UNSUBSCRIBE}
 _READ = select.EPOLLIN | select.EPOLLRDHUP
-_BLOCKING = (BlockingIOError, InterruptedError)
 MAX_BUFFERED = RECV_SIZE
 """A connection is not read further once this many bytes wait in its buffer (behind a request relayed and
 not answered yet, or a response the socket has not taken)."""
@@ -114,7 +114,7 @@ def relayed_request(head: Head) -> tuple[int, bytes] | None:
     """``(method, key)`` of a request the worker relays; None for a connection to hand over."""
     if head.content_length > relay.MAX_RELAYED_BODY:
         return None
-    route = hot_route(head, push=True)
+    route = match(head.method, head.target)
     if route is None:
         return None
     method = _RELAYED.get(route[0])
@@ -269,7 +269,7 @@ class HttpWorker:
         for _ in range(64):
             try:
                 size = self._channel.recv_into(buffer)
-            except _BLOCKING:
+            except BLOCKING:
                 return True
             except OSError:
                 return False
@@ -294,7 +294,7 @@ class HttpWorker:
                     self._channel.send(record)
                 else:
                     socket.send_fds(self._channel, [record], [handed.fd])
-            except _BLOCKING:
+            except BLOCKING:
                 self._watch_channel(writable=True)
                 return
             except OSError:  # the front end is gone: so is every response
@@ -370,7 +370,7 @@ class HttpWorker:
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, address = listener.accept()
-            except _BLOCKING:
+            except BLOCKING:
                 return
             except OSError as exc:  # skipped, or accepting pauses (no descriptor or memory left)
                 delay = self._accept_pause.after(exc, now)
@@ -423,7 +423,7 @@ class HttpWorker:
         if events & ~select.EPOLLOUT:
             try:
                 data = client.sock.recv(RECV_SIZE)
-            except _BLOCKING:
+            except BLOCKING:
                 return
             except OSError:
                 data = b""
@@ -474,7 +474,7 @@ class HttpWorker:
         while client.out:
             try:
                 sent = client.sock.send(client.out)
-            except _BLOCKING:
+            except BLOCKING:
                 self._wait(client, _SEND, self._budgets.send, now)
                 self._watch(client)
                 return

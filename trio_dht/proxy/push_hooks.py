@@ -18,12 +18,11 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import PermanentPut
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.gateway import LOOKUP_STUCK, OVERSIZED, TIMED_OUT, Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
-from trio_dht.push.service import PushReply, PushService
+from trio_dht.push.service import PushService
 from trio_dht.rest.value_json import PushTarget
 
 STATS_NAMES = {
@@ -91,14 +90,10 @@ class ProxyPushHooks:
         self.service = service
         self.dispatcher = dispatcher
         self.counts = counts or PushCounts()
-
-    def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
-        """``SUBSCRIBE``: :meth:`PushService.subscribe_now`."""
-        return self.service.subscribe_now(key, body, source)
-
-    def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
-        """``UNSUBSCRIBE``: :meth:`PushService.unsubscribe`."""
-        return self.service.unsubscribe(key, body)
+        self.subscribe = service.subscribe_now
+        """``SUBSCRIBE``: the service's, answered without waiting."""
+        self.unsubscribe = service.unsubscribe
+        """``UNSUBSCRIBE``: the service's."""
 
     async def ping(self, target: PushTarget) -> None:
         """``{"pong": true, "to": client_id}`` at high priority (``POST /node/pingPush``)."""

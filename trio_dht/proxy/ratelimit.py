@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trio_dht.proxy.config import RateLimit
+from trio_dht.proxy.settings import RateLimit
 from trio_dht.sources import client_key, evict_oldest
 
 

@@ -37,9 +37,9 @@ MAX_RECORD = 64 * 1024
 most a read and a request head). A record must fit the socket's send buffer: :func:`socket_pair` sizes it."""
 BATCH = 4
 """Each side sends a record every this many frames, and at the end of each pass of its loop. Sending only at
-the end of a pass moves the 32 requests of a load client in lockstep, each stage waiting for the whole batch
-of the one before (16 k SUBSCRIBE/s, a third of the cores idle); a record per frame costs a system call each
-way. In the SUBSCRIBE rig, batches of 1, 2, 4 and 8 gave 19.1, 19.6, 20.8 and 19.9 k requests/s."""
+the end of a pass moves the requests of a load client in lockstep, each stage waiting for the whole batch of
+the one before (cores then idle); a record per frame costs a system call each way. Four is the best of the
+batch sizes measured under SUBSCRIBE load (1, 2, 4, 8)."""
 RECEIVE_SIZE = 4 * MAX_RECORD
 """Every record fits in this many bytes (none is much over :data:`MAX_RECORD`); each end receives into one
 buffer of this size, reused (a fresh quarter-megabyte object per record fragments the heap)."""

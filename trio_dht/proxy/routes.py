@@ -1,103 +1,292 @@
-"""The proxy's routes as a Quart blueprint (thin: the logic is in :mod:`trio_dht.proxy.handlers`).
+"""What each of the proxy's routes does, written once for every HTTP layer: :data:`ROUTES`.
 
-Paths reach Quart already canonicalised by :func:`trio_dht.rest.paths.canonical_path`, so a route names its
-key with the ``hash`` converter (40 lowercase hex digits, handed to the view as an :class:`InfoHash`).
+A handler takes the proxy's state and a parsed :class:`Request` (key, body, client address) and returns what
+to answer, knowing nothing of the transport:
+
+* a :class:`~trio_dht.proxy.replies.Reply` (a complete response, maybe chunked),
+* a :class:`Later`: a reply that needs waiting for (a DHT put, a push, a SUBSCRIBE's values),
+* a :class:`~trio_dht.proxy.streams.GetStream` (values as the DHT finds them) or a
+  :class:`~trio_dht.proxy.streams.ListenStream` (never ends).
+
+The routes are those of :data:`trio_dht.rest.paths.TABLE`; every HTTP layer serves them from here: the
+plain-HTTP front end (:mod:`~trio_dht.proxy.frontend`), the raw-ASGI path for TLS and handed-over
+connections and the Quart app (both :mod:`~trio_dht.proxy.asgi`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from quart import Blueprint, Quart, Response, current_app, request
-from werkzeug.routing import BaseConverter
+import trio
 
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy import handlers
-from trio_dht.proxy.handlers import BASE_HEADERS, Reply
-from trio_dht.proxy.state import ProxyState
+from trio_dht.persist import PersistError
+from trio_dht.proxy.permanent import TooManyPuts
+from trio_dht.proxy.replies import (
+    INCORRECT_JSON,
+    MISSING_PARAMETERS,
+    NO_TOKEN,
+    NOT_READY,
+    OPTIONS_HEADERS,
+    PUT_FAILED,
+    STATE_UNAVAILABLE,
+    TOO_MANY_LISTENS,
+    BadRequest,
+    Reply,
+    error,
+)
+from trio_dht.proxy.state import ProxyState, PushHooks
+from trio_dht.proxy.streams import GetStream, ListenStream
+from trio_dht.rest.paths import Route
+from trio_dht.rest.value_json import PushTarget, ValueJsonError, dumps, put_request_from_json, value_line
+from trio_dht.sources import client_key
+from trio_dht.value import Value, random_value_id
 
-STATE_KEY = "trio_dht.proxy"
-"""Where the :class:`ProxyState` lives in ``app.extensions``."""
+if TYPE_CHECKING:
+    from trio_dht.push.service import PushReply
 
-
-class HashConverter(BaseConverter):
-    """``<hash:key>``: a canonical key segment, as an :class:`InfoHash`."""
-
-    regex = "[0-9a-f]{40}"
-
-    def to_python(self, value: str) -> InfoHash:
-        return InfoHash.from_hex(value)
-
-    def to_url(self, value: Any) -> str:
-        return bytes(value).hex()
-
-
-def proxy_state(app: Quart | None = None) -> ProxyState:
-    """The :class:`ProxyState` of ``app`` (default: the current app), for routes added by other modules."""
-    return (app or current_app).extensions[STATE_KEY]
-
-
-def to_response(reply: Reply) -> Response:
-    response = current_app.response_class(reply.body, status=reply.status)
-    for name, value in (*BASE_HEADERS, *reply.headers):
-        response.headers[name] = value
-    return response
+log = logging.getLogger(__name__)
 
 
-def streaming_response(body: Any, *, endless: bool = False) -> Response:
-    response = current_app.response_class(body, status=200)
-    for name, value in BASE_HEADERS:
-        response.headers[name] = value
-    if endless:
-        response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut the stream
-    return response
+class Request(NamedTuple):
+    """A request as a route sees it."""
+
+    key: InfoHash | None = None
+    """The ``{hash}`` of the path (None on the routes without one)."""
+    body: bytes = b""
+    """The whole body (read only for the routes that take one: :attr:`RouteSpec.reads_body`)."""
+    client: str | None = None
+    """The client's address, when known."""
 
 
-def _route(bp: Blueprint, rule: str, methods: list[str]) -> Any:
-    return bp.route(rule, methods=methods, provide_automatic_options=False)
+class Later(NamedTuple):
+    """A reply the HTTP layer waits for: ``await later.reply()``."""
+
+    reply: Callable[[], Awaitable[Reply]]
 
 
-def proxy_blueprint() -> Blueprint:
-    """All of OpenDHT's proxy routes but SUBSCRIBE and UNSUBSCRIBE (push) and sign/encrypt (identity)."""
-    bp = Blueprint("proxy", __name__)
+Answer = Reply | Later | GetStream | ListenStream
+"""What a route answers."""
 
-    @_route(bp, "/", ["GET"])
-    @_route(bp, "/node/info", ["GET"])
-    async def node_info() -> Response:
-        return to_response(handlers.node_info(proxy_state(), request.remote_addr))
 
-    @_route(bp, "/node/stats", ["GET"])
-    async def node_stats() -> Response:
-        return to_response(handlers.node_stats(proxy_state()))
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A route's handler, and whether the HTTP layer reads the request's body for it."""
 
-    @_route(bp, "/<hash:key>", ["OPTIONS"])
-    @_route(bp, "/key/<hash:key>/listen", ["OPTIONS"])
-    @_route(bp, "/key/<hash:key>/options", ["GET"])
-    async def options(key: InfoHash) -> Response:
-        return to_response(handlers.options(proxy_state()))
+    handler: Callable[[ProxyState, Request], Answer]
+    reads_body: bool = False
 
-    @_route(bp, "/<hash:key>", ["GET"])
-    @_route(bp, "/key/<hash:key>", ["GET"])
-    async def get(key: InfoHash) -> Response:
-        return streaming_response(handlers.get(proxy_state(), key))
 
-    @_route(bp, "/<hash:key>", ["POST"])
-    @_route(bp, "/key/<hash:key>", ["POST"])
-    async def put(key: InfoHash) -> Response:
-        body = await request.get_data(cache=False)
-        return to_response(await handlers.put(proxy_state(), key, body, request.remote_addr))
+def parse_json(body: bytes) -> Any:
+    """The JSON of a request body; :class:`BadRequest` (400 Incorrect JSON) if it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequest(INCORRECT_JSON) from None
 
-    @_route(bp, "/key/<hash:key>/listen", ["GET"])
-    @_route(bp, "/<hash:key>", ["LISTEN"])
-    async def listen(key: InfoHash) -> Response:
-        body = handlers.listen(proxy_state(), key, request.remote_addr)
-        if isinstance(body, Reply):
-            return to_response(body)
-        return streaming_response(body, endless=True)
 
-    @_route(bp, "/node/pingPush", ["POST"])
-    async def ping_push() -> Response:
-        body = await request.get_data(cache=False)
-        return to_response(await handlers.ping_push(proxy_state(), body))
+def client_source(client: str | None) -> str:
+    """The bucket a client's subscriptions and permanent puts are counted in
+    (:func:`~trio_dht.sources.client_key`); ``""`` when unknown (not counted)."""
+    key = client_key(client) if client else None
+    return "" if key is None else key[0]
 
-    return bp
+
+# -- the routes ----------------------------------------------------------------------------------------------
+
+
+def node_info(state: ProxyState, request: Request) -> Reply:
+    """``GET /``, ``GET /node/info``: node info plus the client's address as seen here (not counted).
+
+    The document is rebuilt at most every ``config.node_info_cache`` seconds (OpenDHT: every 2 minutes), and
+    while it stays the same each client address gets the same :class:`Reply` object (an HTTP layer may keep
+    the response it made from it).
+    """
+    now = trio.current_time()
+    cached = state.node_info_replies
+    if cached is None or now >= cached[0]:
+        doc = state.node_info()
+        if doc is None:
+            return NOT_READY
+        doc["public_ip"] = _PUBLIC_IP_MARK
+        head, tail = dumps(doc).split(_PUBLIC_IP_JSON)
+        cached = state.node_info_replies = (now + state.config.node_info_cache, head, tail + b"\n", {})
+    replies = cached[3]
+    client = request.client or ""
+    reply = replies.get(client)
+    if reply is None:
+        if len(replies) >= _NODE_INFO_CLIENTS:
+            replies.clear()
+        reply = replies[client] = Reply(200, cached[1] + dumps(client) + cached[2])
+    return reply
+
+
+_PUBLIC_IP_MARK = "\x00public_ip\x00"
+_PUBLIC_IP_JSON = dumps(_PUBLIC_IP_MARK)
+_NODE_INFO_CLIENTS = 1024
+"""Client addresses whose node-info reply is kept while the document stays the same."""
+
+
+def node_stats(state: ProxyState, request: Request) -> Reply:
+    """``GET /node/stats``."""
+    state.count_request()
+    return Reply(200, dumps(state.stats(trio.current_time())) + b"\n")
+
+
+def options(state: ProxyState, request: Request) -> Reply:
+    """``OPTIONS /{hash}``, ``OPTIONS /key/{hash}/listen``, ``GET /key/{hash}/options``: the CORS
+    preflight."""
+    state.count_request()
+    return Reply(200, b"", OPTIONS_HEADERS)
+
+
+def get(state: ProxyState, request: Request) -> GetStream:
+    """``GET /key/{hash}``, ``GET /{hash}``: always 200, NDJSON as values arrive."""
+    assert request.key is not None
+    state.count_request()
+    return GetStream(state.dht, request.key)
+
+
+def listen(state: ProxyState, request: Request) -> ListenStream | Reply:
+    """``GET /key/{hash}/listen`` (and the old ``LISTEN /{hash}``): an endless NDJSON stream; 429 when the
+    client holds ``Limits.http_listens_per_ip`` streams already."""
+    assert request.key is not None
+    state.count_request()
+    if not state.listens.reserve(request.client):
+        return TOO_MANY_LISTENS
+    return ListenStream(state.dht, request.key, state.listens, request.client)
+
+
+def put(state: ProxyState, request: Request) -> Reply | Later:
+    """``POST /key/{hash}``, ``POST /{hash}``: store a value; 200 with its JSON (id assigned) or 502.
+
+    A new permanent put from a client that holds ``Limits.permanent_puts_per_source`` is refused (429), so is
+    one past ``Limits.permanent_puts_bytes`` (503), and one the state file cannot take (503), before anything
+    is held or put.
+    """
+    key, body = request.key, request.body
+    assert key is not None
+    if not body.strip():
+        return MISSING_PARAMETERS
+    try:
+        parsed = put_request_from_json(parse_json(body))
+    except BadRequest as exc:
+        return exc.reply
+    except ValueJsonError as exc:
+        return error(400, f"Invalid value: {exc}")
+    state.count_request()
+    value = parsed.value
+    if parsed.permanent:
+        now = trio.current_time()
+        try:
+            held = None if value.id else state.permanent.find_same(key, value, parsed.push)
+            if held is not None:
+                state.permanent.renew(held, parsed.push, now)
+                return Reply(200, value_line(held.value))
+            state.permanent.record(key, value, parsed.push, now, client_source(request.client))
+        except TooManyPuts as exc:
+            return error(exc.status, exc.message)
+        except PersistError:
+            return STATE_UNAVAILABLE
+        state.permanent_changed()
+    elif not value.id:
+        value.id = random_value_id()
+    return Later(functools.partial(_put_value, state, key, value, parsed.permanent))
+
+
+async def _put_value(state: ProxyState, key: InfoHash, value: Value, permanent: bool) -> Reply:
+    try:
+        ok = await state.dht.put(key, value, permanent=permanent)
+    except Exception:
+        log.exception("proxy put on %s failed", key)
+        ok = False
+    return Reply(200, value_line(value)) if ok else PUT_FAILED
+
+
+_PONG = Reply(200, b"{}\n")
+
+
+def ping_push(state: ProxyState, request: Request) -> Reply | Later:
+    """``POST /node/pingPush``: ask the push side to send a pong; replies ``{}`` (OpenDHT never replies)."""
+    try:
+        doc = parse_json(request.body)
+    except BadRequest as exc:
+        return exc.reply
+    if not isinstance(doc, dict):
+        return INCORRECT_JSON
+    state.count_request()
+    token = doc.get("key")
+    if not isinstance(token, str | int) or isinstance(token, bool) or not str(token):
+        return NO_TOKEN
+    fields = {k: doc.get(k) for k in ("client_id", "platform", "topic")}
+    if not all(isinstance(v, str | None) for v in fields.values()):
+        return error(400, "client_id, platform and topic must be strings")
+    if state.push is None:
+        return _PONG
+    target = PushTarget(
+        str(token),
+        client_id=fields["client_id"] or "",
+        platform=fields["platform"] or "",
+        topic=fields["topic"] or "",
+    )
+    return Later(functools.partial(_ping, state.push, target))
+
+
+async def _ping(push: PushHooks, target: PushTarget) -> Reply:
+    try:
+        await push.ping(target)
+    except Exception:
+        log.exception("ping push failed")
+    return _PONG
+
+
+def subscribe(state: ProxyState, request: Request) -> Reply | Later:
+    """``SUBSCRIBE /key/{hash}``, ``SUBSCRIBE /{hash}``: the push hooks' reply; a repeated subscription is
+    answered with the values now under the key (a DHT get)."""
+    assert state.push is not None and request.key is not None
+    state.count_request()
+    reply = state.push.subscribe(request.key, request.body, client_source(request.client))
+    if not reply.fetch_values:
+        return push_reply(reply)
+    return Later(functools.partial(_with_values, state, request.key, reply))
+
+
+async def _with_values(state: ProxyState, key: InfoHash, reply: PushReply) -> Reply:
+    return push_reply(reply.with_values(await state.dht.get(key)))
+
+
+def unsubscribe(state: ProxyState, request: Request) -> Reply:
+    """``UNSUBSCRIBE /key/{hash}``, ``UNSUBSCRIBE /{hash}``: the push hooks' reply."""
+    assert state.push is not None and request.key is not None
+    state.count_request()
+    return push_reply(state.push.unsubscribe(request.key, request.body))
+
+
+def push_reply(reply: PushReply) -> Reply:
+    """The :class:`Reply` of a push hooks' reply: chunked, its body (if any) then one value JSON line per
+    value, when it says so."""
+    if not reply.chunked:
+        return Reply(reply.status, reply.body)
+    chunks = (reply.body,) if reply.body else ()
+    if reply.values:
+        chunks += tuple(value_line(value) for value in reply.values)
+    return Reply(reply.status, chunks=chunks)
+
+
+ROUTES: dict[Route, RouteSpec] = {
+    Route.NODE_INFO: RouteSpec(node_info),
+    Route.NODE_STATS: RouteSpec(node_stats),
+    Route.OPTIONS: RouteSpec(options),
+    Route.GET: RouteSpec(get),
+    Route.PUT: RouteSpec(put, reads_body=True),
+    Route.LISTEN: RouteSpec(listen),
+    Route.PING_PUSH: RouteSpec(ping_push, reads_body=True),
+    Route.SUBSCRIBE: RouteSpec(subscribe, reads_body=True),
+    Route.UNSUBSCRIBE: RouteSpec(unsubscribe, reads_body=True),
+}
+"""Each route's handler (the routes: :data:`trio_dht.rest.paths.TABLE`)."""

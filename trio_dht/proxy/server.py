@@ -1,6 +1,6 @@
-"""Serving the proxy: the plain sockets through the hot-route front end (:mod:`~trio_dht.proxy.frontend`,
-which hands other requests to hypercorn), TLS sockets through hypercorn's Trio worker, and a clean drain on
-cancellation.
+"""Serving the proxy (:func:`serve_proxy`): the plain sockets through the front end
+(:mod:`~trio_dht.proxy.frontend`, which hands other requests to hypercorn), TLS sockets through hypercorn,
+and a clean drain on cancellation.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from hypercorn.config import Config, Sockets
 from quart import Blueprint
 
 from trio_dht.api import Dht
-from trio_dht.proxy.app import create_app
-from trio_dht.proxy.config import ProxyConfig
+from trio_dht.proxy.asgi import create_app
 from trio_dht.proxy.frontend import FrontEnd
 from trio_dht.proxy.permanent import PutJournal
+from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.state import PushHooks
 
 
@@ -57,7 +57,7 @@ def hypercorn_config(config: ProxyConfig) -> Config:
     limits = config.limits
     # hypercorn's deadlines: its keep-alive wait runs from a connection's start (or its last response) to the
     # end of the next request's head, so it bounds the head; a request body is bounded by Quart's
-    # BODY_TIMEOUT and the fast path's own deadline, a send by the front end's stream (read_timeout stays
+    # BODY_TIMEOUT and the raw-ASGI path's own deadline, a send by the front end's stream (read_timeout stays
     # off: it would cut a listen stream whose client has nothing to say).
     cfg.keep_alive_timeout = min(cfg.keep_alive_timeout, limits.http_head_timeout)
     cfg.ssl_handshake_timeout = limits.http_head_timeout
@@ -87,7 +87,7 @@ async def serve_proxy(
     sockets = cfg.create_sockets()
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(cfg.backlog)
-    front = FrontEnd(app, cfg, fast_path=config.fast_path, http_workers=config.http_workers)
+    front = FrontEnd(app, cfg, http_workers=config.http_workers)
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope(shield=True)
 

@@ -14,10 +14,11 @@ import trio
 
 from trio_dht.api import Dht, FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
-from trio_dht.proxy.config import ProxyConfig
 from trio_dht.proxy.conn_limits import HttpCounters
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
 from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.replies import Reply
+from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.streams import ListenRegistry
 from trio_dht.rest.value_json import PushTarget
 
@@ -38,7 +39,7 @@ class PushHooks(Protocol):
     def subscribe(self, key: InfoHash, body: bytes, source: str = "") -> PushReply:
         """``SUBSCRIBE /key/{key}`` (or ``/{key}``) with this raw body from ``source`` (the client's address
         bucket, ``""`` if unknown), answered without waiting (a reply with ``fetch_values`` leaves the DHT get
-        of the key's values to the HTTP layer)."""
+        of the key's values to the route, :func:`trio_dht.proxy.routes.subscribe`)."""
         ...
 
     def unsubscribe(self, key: InfoHash, body: bytes) -> PushReply:
@@ -56,10 +57,6 @@ class PushHooks(Protocol):
     def stats(self) -> dict[str, Any]:
         """Fields merged into ``/node/stats`` (``pushListenersCount``, ``androidPush``, ...)."""
         ...
-
-
-class Closable(Protocol):
-    def close(self) -> None: ...
 
 
 class ProxyState:
@@ -93,8 +90,9 @@ class ProxyState:
         self._window: tuple[float, int] | None = None
         self._last_rate = 0.0
         self._timers_changed = trio.Event()
-        self.node_info_bytes: tuple[float, bytes, bytes] | None = None
-        """The cached ``GET /node/info`` JSON: (valid until, bytes before ``public_ip``'s value, after it)."""
+        self.node_info_replies: tuple[float, bytes, bytes, dict[str, Reply]] | None = None
+        """The cached ``GET /node/info`` JSON: (valid until, bytes before ``public_ip``'s value, after it, the
+        replies made from it by client address)."""
         self.stats_sources: list[Callable[[], dict[str, Any]]] = []
         """More of ``/node/stats``: each returns fields to add (the front end's HTTP workers)."""
 

@@ -1,10 +1,9 @@
 """The proxy's two streaming bodies: a GET (values as the DHT finds them) and a LISTEN (never ends).
 
-Both are Quart ``ResponseBody`` objects, so a Quart handler returns them as they are, and the raw-ASGI fast
-path drives them the same way: ``async with body as chunks: async for chunk in chunks: ...``. Each chunk is
-one or more NDJSON lines. The plain-HTTP front end uses their cores directly: a GET's lines come from
-:func:`get_lines` and a listen's from a :class:`ListenFeed`, both through callbacks it writes from (no task
-per event, no channel).
+Both are Quart ``ResponseBody`` objects, so a Quart view returns them as they are, and the raw-ASGI path
+drives them the same way: ``async with body as chunks: async for chunk in chunks: ...``. Each chunk is one or
+more NDJSON lines. The plain-HTTP front end writes them from callbacks instead (no task per event, no
+channel): :meth:`GetStream.run` and :meth:`ListenStream.open_feed`.
 """
 
 from __future__ import annotations
@@ -55,10 +54,15 @@ class GetStream(ResponseBody):
     def __init__(self, dht: Dht, key: InfoHash) -> None:
         self.dht = dht
         self.key = key
-        self._stack = AsyncExitStack()
-        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
+
+    async def run(self, on_lines: Callable[[bytes], None]) -> None:
+        """The get, for a writer that takes the lines from a callback: ``on_lines`` gets each batch; returns
+        when the get ends."""
+        await get_lines(self.dht, self.key, on_lines)
 
     async def __aenter__(self) -> GetStream:
+        self._stack = AsyncExitStack()
+        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._stack.callback(nursery.cancel_scope.cancel)  # runs first on exit: stop a get nobody reads
         nursery.start_soon(self._run)
@@ -253,9 +257,15 @@ class ListenStream(ResponseBody):
     async def __aenter__(self) -> ListenStream:
         if not self._reserved:
             raise RuntimeError("a listen stream is entered once, before its slot is released")
-        self._reserved = False
-        self._feed = ListenFeed(self.dht, self.key, self.registry, self._wake, self.client)
+        self.open_feed(self._wake)
         return self
+
+    def open_feed(self, on_ready: Callable[[], None]) -> ListenFeed:
+        """Start the stream's listen, for a writer that takes the lines from its feed when ``on_ready`` is
+        called (the feed takes over the reserved slot; :meth:`ListenFeed.cancel` when the stream is over)."""
+        self._reserved = False
+        self._feed = ListenFeed(self.dht, self.key, self.registry, on_ready, self.client)
+        return self._feed
 
     def release(self) -> None:
         """Give back the slot of a stream that was never entered (idempotent; nothing once entered)."""

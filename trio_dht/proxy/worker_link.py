@@ -1,11 +1,11 @@
 """The front end's side of one HTTP worker process (:mod:`~trio_dht.proxy.http_worker`).
 
 A :class:`WorkerLink` starts the worker over the plain listening sockets and serves its channel
-(:mod:`~trio_dht.proxy.relay`): it answers each relayed request through the front end and gives every
-handed-over connection to the front end to serve. It supervises the process: a worker that dies is started
-again a second later; one that never says it serves (it cannot start here) leaves the sockets to the front
-end's own accept loops. On shutdown, :meth:`drain` asks the worker to finish; the caller's deadline bounds
-that (a cancelled link kills its worker).
+(:mod:`~trio_dht.proxy.relay`): it answers each relayed request through its :class:`Relay` (the front end)
+and gives every handed-over connection to the relay to serve. It supervises the process: a worker that dies is
+started again a second later; one that never says it serves (it cannot start here) leaves the sockets to the
+front end's own accept loops. On shutdown, :meth:`drain` asks the worker to finish; the caller's deadline
+bounds that (a cancelled link kills its worker).
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import collections
 import functools
 import logging
 import socket
-from typing import TYPE_CHECKING
+import ssl
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from trio_dht.logs import LogLimit
 from trio_dht.proxy import relay
+from trio_dht.proxy.conn_limits import Budgets
+from trio_dht.proxy.connection import BLOCKING
+from trio_dht.proxy.http_worker import Settings, worker_command
 
 if TYPE_CHECKING:
-    from trio_dht.proxy.frontend import FrontEnd
-    from trio_dht.push.service import PushReply
+    from trio_dht.proxy.routes import Later
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,41 @@ STOP_TIMEOUT = 5.0
 """How long a worker whose channel is closed gets to end before it is killed."""
 STARTUP_TIMEOUT = 30.0
 """A worker that has not said it serves by then is stopped, and the front end accepts in its place."""
-_BLOCKING = (BlockingIOError, InterruptedError)
 _INT_SIZE = array.array("i").itemsize
+
+
+class Relay(Protocol):
+    """What a worker link needs of the process that owns the proxy (the front end)."""
+
+    budgets: Budgets
+    connections_per_address: int
+    timeout_response: bytes
+    """The 408 a worker sends a client whose request is late."""
+
+    def relayed_response(self, request: relay.Relayed) -> tuple[bytes | Later, bool]:
+        """The response to a relayed request and whether its connection closes after it; or, in place of the
+        bytes, what :meth:`relayed_later_response` finishes."""
+        ...
+
+    async def relayed_later_response(self, later: Later, close: bool) -> tuple[bytes, bool]:
+        """The response to a relayed request once its reply is ready."""
+        ...
+
+    def take_over(self, sock: socket.socket, read: bytes, connections: trio.Nursery) -> None:
+        """Serve a connection a worker handed over, starting with the bytes it read."""
+        ...
+
+    async def accept_loop(
+        self, listener: socket.socket, nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """Accept the connections of ``listener`` in place of a worker that cannot start."""
+        ...
 
 
 class WorkerLink:
     """One worker process of a front end, and its channel (see the module docstring)."""
 
-    def __init__(self, front: FrontEnd, plain: list[socket.socket]) -> None:
+    def __init__(self, front: Relay, plain: list[socket.socket]) -> None:
         self._front = front
         self._plain = plain
         self._sock: socket.socket | None = None
@@ -83,13 +113,8 @@ class WorkerLink:
     async def run(self, connections: trio.Nursery) -> None:
         """Run the worker until it is drained (again after a second if it dies); handed-over connections and
         the values a SUBSCRIBE waits for are served in ``connections``."""
-        from trio_dht.proxy.http_worker import Settings, worker_command
-
-        settings = Settings(
-            self._front.budgets,
-            self._front.state.config.limits.http_connections_per_ip,
-            self._front.timeout_response,
-        )
+        front = self._front
+        settings = Settings(front.budgets, front.connections_per_address, front.timeout_response)
 
         while not self._draining:
             mine, theirs = relay.socket_pair()
@@ -158,7 +183,7 @@ class WorkerLink:
         while True:
             try:
                 size, ancillary, _, _ = sock.recvmsg_into([buffer], fd_space, socket.MSG_CMSG_CLOEXEC)
-            except _BLOCKING:
+            except BLOCKING:
                 self._flush()
                 await trio.lowlevel.wait_readable(sock)
                 continue
@@ -209,10 +234,10 @@ class WorkerLink:
         if isinstance(response, bytes):
             self._send(relay.response_frames(request_id, close, response))
         else:
-            connections.start_soon(self._answer_with_values, request_id, request.key, response, close)
+            connections.start_soon(self._answer_later, request_id, response, close)
 
-    async def _answer_with_values(self, request_id: int, key: bytes, reply: PushReply, close: bool) -> None:
-        response, close = await self._front.relayed_values_response(key, reply, close)
+    async def _answer_later(self, request_id: int, later: Later, close: bool) -> None:
+        response, close = await self._front.relayed_later_response(later, close)
         self._send(relay.response_frames(request_id, close, response))
         self._flush()
 
@@ -232,7 +257,7 @@ class WorkerLink:
         while unsent and self._sock is not None:
             try:
                 self._sock.send(unsent[0])
-            except _BLOCKING:
+            except BLOCKING:
                 self._blocked.set()
                 return
             except OSError:  # the worker is gone: its requests end with it

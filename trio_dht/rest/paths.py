@@ -1,14 +1,20 @@
-"""Path matching with RESTinio's rules, mapping a request path to one canonical form that Quart can route.
+"""The proxy's routes: each one a method on a path shape, and the one matcher from a request to its route.
 
-The proxy's routes are matched on the raw path: literal segments case-insensitively, an optional trailing
-slash, the query string ignored, and ``{hash}`` per :mod:`trio_dht.rest.keys`. :func:`canonical_path` turns
-any path that has one of the proxy's shapes into its canonical spelling, with the key as 40 lowercase hex
-digits, so that ``/KEY/hello/`` and ``/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d`` both become the latter.
-The method is not looked at: a shape is routed the same way whatever the method, and Quart answers 405 for a
-wrong one.
+Paths are matched with RESTinio's rules: literal segments case-insensitively, an optional trailing slash, the
+query string ignored, and ``{hash}`` per :mod:`trio_dht.rest.keys`. :func:`canonical_path` turns any path
+that has one of the proxy's shapes into its canonical spelling, with the key as 40 lowercase hex digits, so
+that ``/KEY/hello/`` and ``/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d`` both become the latter.
+
+:data:`TABLE` lists every route of OpenDHT's proxy API as ``(method, shape, route)``; :func:`match` finds a
+request's route and key in it. The server derives everything it serves from this table (the plain-HTTP
+front end, the raw-ASGI path, the Quart app, the HTTP worker's choice of what to relay). Sans-IO and free of
+the server's imports: an HTTP worker process loads it.
 """
 
 from __future__ import annotations
+
+import enum
+import re
 
 from trio_dht.infohash import InfoHash
 from trio_dht.rest.keys import decode_unreserved, hash_from_segment
@@ -46,3 +52,103 @@ def canonical_path(raw_path: bytes) -> tuple[str, InfoHash | None] | None:
         suffix = KEY_SUFFIXES.get(segments[2].lower())
         return (f"/key/{key.hex()}/{suffix}", key) if suffix else None
     return None
+
+
+class Route(enum.Enum):
+    """A route of the proxy: what a request asks for, whatever spelling of method and path it uses."""
+
+    NODE_INFO = "node info"
+    NODE_STATS = "node stats"
+    OPTIONS = "CORS preflight"
+    GET = "get a key's values"
+    PUT = "put a value"
+    LISTEN = "listen to a key"
+    PING_PUSH = "ping a push target"
+    SUBSCRIBE = "subscribe a push target to a key"
+    UNSUBSCRIBE = "unsubscribe a push target"
+
+    __hash__ = object.__hash__
+    """By identity, as members compare (``Enum``'s own hashes the name in Python: a lookup per request)."""
+
+    @property
+    def needs_push(self) -> bool:
+        """Served only by a proxy with push hooks (without, a blueprint of the caller's may serve it)."""
+        return self in _PUSH_ROUTES
+
+
+_PUSH_ROUTES = frozenset((Route.SUBSCRIBE, Route.UNSUBSCRIBE))
+
+BARE, KEY, LISTEN, OPTIONS = "/{hash}", "/key/{hash}", "/key/{hash}/listen", "/key/{hash}/options"
+"""The shapes of a key's routes (``{hash}``: the key's segment)."""
+
+TABLE: tuple[tuple[str, str, Route], ...] = (
+    ("GET", "/", Route.NODE_INFO),
+    ("GET", "/node/info", Route.NODE_INFO),
+    ("GET", "/node/stats", Route.NODE_STATS),
+    ("OPTIONS", BARE, Route.OPTIONS),
+    ("OPTIONS", LISTEN, Route.OPTIONS),
+    ("GET", OPTIONS, Route.OPTIONS),
+    ("GET", BARE, Route.GET),
+    ("GET", KEY, Route.GET),
+    ("POST", BARE, Route.PUT),
+    ("POST", KEY, Route.PUT),
+    ("GET", LISTEN, Route.LISTEN),
+    ("LISTEN", BARE, Route.LISTEN),
+    ("POST", "/node/pingPush", Route.PING_PUSH),
+    ("SUBSCRIBE", BARE, Route.SUBSCRIBE),
+    ("SUBSCRIBE", KEY, Route.SUBSCRIBE),
+    ("UNSUBSCRIBE", BARE, Route.UNSUBSCRIBE),
+    ("UNSUBSCRIBE", KEY, Route.UNSUBSCRIBE),
+)
+"""Every route of the proxy: ``(method, path shape, route)``."""
+
+_BY_SHAPE = {(method, shape): route for method, shape, route in TABLE}
+_METHODS = frozenset(method for method, _, _ in TABLE)
+_SHAPE_OF_SUFFIX = {"": KEY, "/listen": LISTEN, "/options": OPTIONS}
+
+RouteMatch = tuple[Route, InfoHash | None]
+"""A request's route, and its key (None on the routes without one)."""
+
+_PLAIN_KEY_TARGET = re.compile(rb"/(key/)?([0-9a-f]{40})(/listen)?")
+"""``/key/{hash}``, ``/{hash}`` or ``/key/{hash}/listen`` with the hash as 40 lowercase hex digits: the usual
+spellings, matched without :func:`canonical_path`'s rules (which give them the same shape)."""
+_NODE_INFO: RouteMatch = (Route.NODE_INFO, None)
+
+
+def shape_of(path: str, key: InfoHash | None) -> str:
+    """The shape of a canonical path (see :func:`canonical_path`)."""
+    if key is None:
+        return path
+    if path.startswith("/key/"):
+        return _SHAPE_OF_SUFFIX[path[45:]]
+    return BARE
+
+
+def match(method: str, target: bytes, *, push: bool = True) -> RouteMatch | None:
+    """The route of a request (its method and raw target), with its key; None when no route of
+    :data:`TABLE` has this method on this path (or a route that needs push hooks, without ``push``).
+    """
+    if method not in _METHODS:
+        return None
+    if target == b"/node/info" or target == b"/":
+        return _NODE_INFO if method == "GET" else None
+    plain = _PLAIN_KEY_TARGET.fullmatch(target)
+    if plain is not None:
+        if plain[1] is None:
+            if plain[3] is not None:  # "/<hex>/listen": not a route
+                return None
+            shape = BARE
+        else:
+            shape = KEY if plain[3] is None else LISTEN
+        route = _BY_SHAPE.get((method, shape))
+        if route is None or (not push and route in _PUSH_ROUTES):
+            return None
+        return route, hash_from_segment(plain[2])
+    canonical = canonical_path(target)
+    if canonical is None:
+        return None
+    path, key = canonical
+    route = _BY_SHAPE.get((method, shape_of(path, key)))
+    if route is None or (not push and route in _PUSH_ROUTES):
+        return None
+    return route, key

@@ -1,4 +1,4 @@
-"""Malformed requests against the real program: h11's refusal, never an answer from the fast path.
+"""Malformed requests against the real program: h11's refusal, never an answer from the front end.
 
 The plain-HTTP port is served by the HTTP worker and the front end, which read the plainest requests
 themselves and hand every other one to hypercorn. A request h11 refuses (no ``Host``, a control byte in a
@@ -26,7 +26,7 @@ PLAIN = [
     f"GET /key/{KEY} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
     f"UNSUBSCRIBE /key/{KEY} HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n".encode() + UNSUBSCRIBE,
 ]
-"""Plain requests, each answered (the fast path is serving)."""
+"""Plain requests, each answered (the front end is serving)."""
 
 REFUSED = [
     b"GET /node/info HTTP/1.1\r\n\r\n",
@@ -111,6 +111,6 @@ async def test_requests_h11_refuses_get_its_refusal_from_the_real_program() -> N
         for data in REFUSED:  # h11's refusal: its status, no body
             assert await responses(target.http_port, data, until=1) == [(h11_refusal(data), b"")], data
         plain = PLAIN[0]
-        for data in REFUSED[:8]:  # after a plain request on the connection (read by the fast path)
+        for data in REFUSED[:8]:  # after a plain request on the connection (read by the front end)
             [first, refusal] = await responses(target.http_port, plain + data, until=2)
             assert first[0] == 200 and refusal == (h11_refusal(data), b""), data

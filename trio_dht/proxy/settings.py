@@ -53,15 +53,10 @@ class ProxyConfig:
     """On shutdown, how long open requests get to finish before their connections are cut."""
     node_info_cache: float = 1.0
     """``GET /node/info`` is rebuilt at most this often, in seconds (OpenDHT: 120; 0 rebuilds every time)."""
-    fast_path: bool = True
-    """Serve GET/POST ``/key/{hash}`` and ``GET /node/info`` without Quart: on the plain-HTTP front end
-    (:mod:`~trio_dht.proxy.frontend`), and on a raw-ASGI path for TLS and handed-over connections. Off: every
-    request goes through hypercorn and Quart."""
-
     http_workers: int = 0
     """Worker processes that accept the plain-HTTP connections, relay SUBSCRIBE and UNSUBSCRIBE to this
     process and hand every other connection over to it (:mod:`~trio_dht.proxy.http_worker`): the bytes of
-    the hot push routes move on other cores. Used only with push hooks, the fast path and Linux; 0: none."""
+    the hot push routes move on other cores. Used only with push hooks and on Linux; 0: none."""
     limits: Limits = DEFAULT_LIMITS
     """The budgets of what clients may cost (``--limit NAME=VALUE``; see :mod:`trio_dht.limits`)."""
 

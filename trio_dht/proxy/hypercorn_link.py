@@ -1,5 +1,5 @@
-"""Connections the front end gives to hypercorn (TLS, and the requests its narrow reader leaves alone), held
-to the same deadlines as its own.
+"""hypercorn inside the front end: the ASGI lifespan, and the connections the front end gives to hypercorn
+(TLS, and the requests its narrow reader leaves alone), held to the same deadlines as its own.
 
 * The head: hypercorn's keep-alive wait runs from a connection's start (or its last response) to the end of
   the next request's head, and ``hypercorn_config`` caps it at ``Limits.http_head_timeout``. Past it, a head
@@ -9,7 +9,7 @@ to the same deadlines as its own.
   (``Limits.http_send_timeout``) is inside the stream it writes to (:class:`_DeadlineStream`): past it the
   connection breaks (counted). These routes are off the hot path: a cancel scope per send costs little here.
 
-Requires hypercorn 0.18's ``TCPServer`` (pinned in pyproject.toml).
+Requires hypercorn 0.18's ``TCPServer``, ``WorkerContext`` and ``Lifespan`` (pinned in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from trio_dht.proxy.conn_limits import HttpCounters
 
@@ -42,6 +45,29 @@ class HypercornLink:
     send_timeout: float
     counters: HttpCounters
     timeout_response: bytes
+
+    @classmethod
+    def create(
+        cls, app: Any, config: Config, send_timeout: float, counters: HttpCounters, timeout_response: bytes
+    ) -> HypercornLink:
+        """The link of one front end serving the ASGI ``app`` with hypercorn's ``config``."""
+        asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        return cls(asgi, config, WorkerContext(None), send_timeout, counters, timeout_response)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Run the ASGI lifespan around the block, as hypercorn runs it."""
+        lifespan = Lifespan(self.asgi, self.config, {})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            yield
+            await lifespan.wait_for_shutdown()
+            nursery.cancel_scope.cancel()
+
+    async def close_idle(self) -> None:
+        """Close the idle connections hypercorn serves (those in a request finish it first)."""
+        await self.context.terminated.set()
 
     async def serve(self, sock: socket.socket, read: bytes, ssl_context: ssl.SSLContext | None) -> None:
         """Serve ``sock`` until it closes, starting with the bytes already ``read`` (plain HTTP only)."""
@@ -108,3 +134,8 @@ class _DeadlineStream(trio.abc.HalfCloseableStream):
 
     def setsockopt(self, *args: Any) -> None:
         self._stream.setsockopt(*args)
+
+
+def url(sock: socket.socket, scheme: str) -> str:
+    """The URL a listening socket serves, as hypercorn logs it."""
+    return f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
