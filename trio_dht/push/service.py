@@ -64,7 +64,7 @@ class PushReply:
     Write ``status`` with ``Content-Type: application/json``; if ``chunked``, stream the response
     (``Transfer-Encoding: chunked``): ``body`` (if any) then, if ``values`` is not None, one value JSON per
     line; otherwise send ``body`` with a ``Content-Length``. ``fetch_values``: the values are those now under
-    the key, which the HTTP layer gets from the DHT (:func:`trio_dht.proxy.handlers.push_reply_values`).
+    the key, which the HTTP layer gets from the DHT (:func:`trio_dht.proxy.routes.subscribe`).
     """
 
     status: int
