@@ -6,8 +6,13 @@ This is the one place where the tree is put together. :func:`run` reads top to b
     run(config)                         returns after SIGINT/SIGTERM; raises when any task fails
     └── nursery
         ├── _cancel_on_signal           the first SIGINT or SIGTERM cancels the whole tree
-        └── open_node(...)              the UDP node: sockets, routing table, storage, searches
-            └── _open_push(...)         the proxy's push side: HTTP client and this nursery:
+        └── open_node(...)              the UDP node (node/dht.py), whose nursery runs:
+            ├── UdpEndpoint.serve       per socket: a batch of datagrams per wake-up, answered at once
+            ├── _request_timer          resends and timeouts of every request we await (one timer)
+            ├── _expiry_loop, _maintenance_loop, _confirm_loop, _bootstrap_loop (with -b)
+            ├── ListenDriver.run        our listens kept open on their storing nodes (+ _setups)
+            ├── get rounds              Searches: one round per key shared by concurrent gets
+            └── _open_push(...)         (the block's body) the push side: HTTP client and this nursery:
                 ├── Dispatcher.run      push delivery: batching, retries, one lane per gateway
                 ├── PushService.run     subscriptions: deadlines, DHT listens, pushes
                 └── services nursery    what serves the node to the outside; stops first
