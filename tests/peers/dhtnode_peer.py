@@ -494,21 +494,10 @@ class DhtnodePeer:
         """Ping ``host:port`` (prompt ``b``)."""
         await self.prompt.bootstrap(host, port)
 
-    async def put(
-        self,
-        key: bytes,
-        data: bytes,
-        *,
-        value_type: int = 0,
-        utype: str = "",
-        value_id: int | None = None,
-        timeout: float = CALL_TIMEOUT,
-    ) -> bool:
-        """Put a value through the proxy; True when the DHT put succeeded (HTTP 200, not 502)."""
-        result = await self.put_value(
-            key, data, value_type=value_type, utype=utype, value_id=value_id, timeout=timeout
-        )
-        return bool(result["ok"])
+    async def put(self, key: bytes, data: bytes, **options: Any) -> bool:
+        """Put a value through the proxy; True when the DHT put succeeded (HTTP 200, not 502). ``options``
+        as :meth:`put_value`."""
+        return bool((await self.put_value(key, data, **options))["ok"])
 
     async def put_value(
         self,

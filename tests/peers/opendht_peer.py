@@ -154,28 +154,10 @@ class OpenDhtPeer:
         """Ping ``host:port`` and add it to the routing table (returns at once)."""
         await self._call("bootstrap", host=host, port=port)
 
-    async def put(
-        self,
-        key: bytes,
-        data: bytes,
-        *,
-        value_type: int = 0,
-        utype: str = "",
-        value_id: int | None = None,
-        permanent: bool = False,
-        timeout: float = CALL_TIMEOUT,
-    ) -> bool:
-        """Put a value; True when the DHT put succeeded (stored on at least one other node)."""
-        result = await self.put_value(
-            key,
-            data,
-            value_type=value_type,
-            utype=utype,
-            value_id=value_id,
-            permanent=permanent,
-            timeout=timeout,
-        )
-        return bool(result["ok"])
+    async def put(self, key: bytes, data: bytes, **options: Any) -> bool:
+        """Put a value; True when the DHT put succeeded (stored on at least one other node). ``options`` as
+        :meth:`put_value`."""
+        return bool((await self.put_value(key, data, **options))["ok"])
 
     async def put_value(
         self,

@@ -63,28 +63,14 @@ def _reply_or_raise(reply: Message | None, method: str, addr: Address) -> Messag
 class DhtNode:
     """A running node. Create it with :func:`open_node`."""
 
-    def __init__(
-        self,
-        *,
-        node_id: InfoHash | None = None,
-        network: int = 0,
-        is_client: bool = False,
-        storage: Storage | None = None,
-        rate_limiter: RateLimiter | None = None,
-        limits: Limits = DEFAULT,
-    ) -> None:
+    def __init__(self, *, node_id: InfoHash | None = None, **options: Any) -> None:
+        """``options``: the :class:`~trio_dht.node.protocol.NodeProtocol`'s (``network``, ``is_client``,
+        ``storage``, ``rate_limiter``, ``limits``)."""
         self._clock = trio.lowlevel.current_clock().current_time  # trio.current_time, minus 2 calls
         self.protocol = protocol = NodeProtocol(
-            node_id or InfoHash.random(),
-            now=self._clock(),
-            wall_clock=time.time,
-            network=network,
-            is_client=is_client,
-            storage=storage,
-            rate_limiter=rate_limiter,
-            limits=limits,
+            node_id or InfoHash.random(), now=self._clock(), wall_clock=time.time, **options
         )
-        self.network = network
+        self.network = protocol.network
         # The protocol's parts that callers and tests read:
         self.storage = protocol.storage
         self.tables = protocol.tables

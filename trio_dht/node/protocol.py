@@ -454,21 +454,10 @@ class NodeProtocol:
             return True
         return closest[-1].id.distance(key) >= self.id.distance(key)
 
-    def store(
-        self,
-        key: InfoHash,
-        value: Value,
-        now: float,
-        *,
-        created: float | None = None,
-        source: str | None = None,
-        local: bool = False,
-        permanent: bool = False,
-    ) -> None:
-        """Store a value (a remote put's, or ours with ``local``) and tell local and remote listeners."""
-        result = self.storage.put(
-            key, value, now, created=created, source=source, local=local, permanent=permanent
-        )
+    def store(self, key: InfoHash, value: Value, now: float, **options: Any) -> None:
+        """Store a value (a remote put's, or ours with ``local=True``) and tell local and remote listeners;
+        ``options`` as :meth:`Storage.put <trio_dht.node.storage.Storage.put>`."""
+        result = self.storage.put(key, value, now, **options)
         stored = self.storage.stored(key, value.id)
         if stored is not None and stored.expiration < self.expiry_at:
             self.wake_expiry()  # the shell waits for a later (or no) expiration
