@@ -1,7 +1,7 @@
 """REST proxy throughput: our proxy against Debian's ``dhtnode --proxyserver`` 2.4.12, in the same run.
 
-Each server is the proxy of node A in a 2-node DHT on loopback (A + a plain ``dhtnode -U`` node B), as
-reference-behaviour.md §7 measured it; a fresh stack is started for every scenario (``--quick``: one
+Each server is the proxy of node A in a 2-node DHT on loopback (A + a plain ``dhtnode -U`` node B); a fresh
+stack is started for every scenario (``--quick``: one
 stack per server, both started at once, for all scenarios). The same load client,
 ``wrk -t1 -c32`` with the Lua scripts in ``bench/wrk/``, drives both:
 

@@ -1,7 +1,7 @@
 """Push notifications: our proxy against Debian's ``dhtnode --proxyserver --pushserver`` 2.4.12, side by side.
 
-Each server is the proxy of node A in a 2-node loopback DHT (A + a plain ``dhtnode -s -U`` node B), as
-reference-behaviour.md §7 measured it, with a fresh stack per scenario (``--quick``: one stack per server,
+Each server is the proxy of node A in a 2-node loopback DHT (A + a plain ``dhtnode -s -U`` node B), with a
+fresh stack per scenario (``--quick``: one stack per server,
 both started at once, for all scenarios: memory first, rate last). Both push to the same gorush double
 (:class:`trio_dht.testing.gorush.GorushDouble`, strict decoding, sync replies), run in its own process
 behind a lean keep-alive HTTP/1.1 loop (``--gorush-sink``) so that it is not what limits dhtnode's one

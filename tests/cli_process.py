@@ -92,7 +92,7 @@ async def trio_dht_process(command: Sequence[str], *, timeout: float = 30) -> As
 
 
 async def ping(port: int, *, attempts: int = 3) -> dict[str, Any]:
-    """Ping ``127.0.0.1:port`` as a foreign OpenDHT peer would (wire spec §1.5.1); the decoded reply."""
+    """Ping ``127.0.0.1:port`` as a foreign OpenDHT peer would; the decoded reply."""
     request = msgpack.packb({"a": {"id": os.urandom(20)}, "q": "ping", "t": 0x12345678, "y": "q", "v": "o2"})
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         await sock.bind(("127.0.0.1", 0))

@@ -139,7 +139,7 @@ async def _check_puts_found(members: list[Dht], keys: int, rng: random.Random, *
 
 
 class RawPeer:
-    """One UDP socket with a node id: sends hand-made datagrams and reads decoded ones (like P in Appendix B).
+    """One UDP socket with a node id: sends hand-made datagrams and reads decoded ones.
 
     It answers the pings it receives (as any live peer does) and never shows them to the test.
     """

@@ -54,7 +54,7 @@ import trio
 
 from trio_dht.cli import AppConfig, format_host_port
 from trio_dht.node import DhtNode, open_node
-from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.ratelimit import UdpRateLimiter
 from trio_dht.persist import StateStore
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.put_journal import StorePutJournal
@@ -83,7 +83,7 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                 host6=config.bind6,
                 bootstrap=config.bootstrap,
                 network=config.network,
-                rate_limiter=None if config.rate_limit else RateLimiter(per_ip=-1, total=-1),
+                rate_limiter=None if config.rate_limit else UdpRateLimiter(per_ip=-1, total=-1),
                 limits=config.limits,
             ) as node:
                 _log_node(node, config)

@@ -1,5 +1,5 @@
 -- POST a small value to a new random key on every request (OpenDHT's proxy answers once the DHT put is done).
--- Random keys, not a counter: clustered keys make the DHT side about 3x cheaper (reference-behaviour §7).
+-- Random keys, not a counter: clustered keys make the DHT side about 3x cheaper.
 local body = '{"data":"aGVsbG8=","type":0}'
 local headers = { ["Content-Type"] = "application/json" }
 

@@ -1,4 +1,4 @@
--- SUBSCRIBE a new random device token to a new random key on every request (reference-behaviour §7).
+-- SUBSCRIBE a new random device token to a new random key on every request.
 local headers = { ["Content-Type"] = "application/json" }
 
 init = function(args)

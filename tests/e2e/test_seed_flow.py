@@ -1,4 +1,4 @@
-"""Issue 5's acceptance: the seed document's push flow end to end, every piece a real process on 127.0.0.1.
+"""The whole push flow end to end (both SUBSCRIBE dialects), every piece a real process on 127.0.0.1.
 
 * A real OpenDHT node (PyPI opendht 4.4.2) and our node (the ``trio-dht`` CLI process, with its proxy and
   ``--pushserver`` at the gorush double) form the DHT. A device-side client subscribes in push mode; the real

@@ -8,7 +8,7 @@ import os
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import Limits
 from trio_dht.node.protocol import ERROR_TEXTS, NodeProtocol
-from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.ratelimit import UdpRateLimiter
 from trio_dht.node.transactions import FAIL_AFTER
 from trio_dht.value import Value
 from trio_dht.wire.compact import Address
@@ -166,7 +166,7 @@ def test_a_reply_from_another_node_id_is_ignored():
 
 
 def test_rate_limited_and_martian_requests_get_nothing():
-    driven, peer = Driven(rate_limiter=RateLimiter(per_ip=1, total=-1)), Peer()
+    driven, peer = Driven(rate_limiter=UdpRateLimiter(per_ip=1, total=-1)), Peer()
     assert driven.replies(peer.request("ping", {}), peer)
     assert driven.feed(peer.request("ping", {}), peer.addr) == []
     assert driven.feed(peer.request("ping", {}), ("0.0.0.1", 5)) == []
@@ -200,7 +200,7 @@ def token(driven: Driven, peer: Peer, key: InfoHash) -> bytes:
 
 
 def test_inline_puts_are_rate_limited():
-    driven, peer = Driven(rate_limiter=RateLimiter(per_ip=3, total=-1)), Peer()
+    driven, peer = Driven(rate_limiter=UdpRateLimiter(per_ip=3, total=-1)), Peer()
     key = InfoHash.get("rate")
     tok = token(driven, peer, key)  # request 1
     replies = []
@@ -212,7 +212,7 @@ def test_inline_puts_are_rate_limited():
 
 
 def test_a_fragmented_put_counts_once_for_the_rate_limiter():
-    driven, peer = Driven(rate_limiter=RateLimiter(per_ip=2, total=-1)), Peer()
+    driven, peer = Driven(rate_limiter=UdpRateLimiter(per_ip=2, total=-1)), Peer()
     key = InfoHash.get("rate fragments")
     tok = token(driven, peer, key)
     peer.tid += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from trio_dht.limits import Limits
-from trio_dht.node.ratelimit import RateLimiter, source_key
+from trio_dht.node.ratelimit import UdpRateLimiter, source_key
 from trio_dht.node.tokens import MAX_CACHED, ROTATE_MAX, ROTATE_MIN, TOKEN_LEN, TokenIssuer
 
 A = ("192.0.2.1", 4222)
@@ -62,7 +62,7 @@ def test_remembered_tokens_stay_exact_past_the_memo_size():
 
 
 def test_per_ip_limit_over_a_sliding_second():
-    limiter = RateLimiter(per_ip=10, total=-1)
+    limiter = UdpRateLimiter(per_ip=10, total=-1)
     assert all(limiter.allow(A, 0.0 + i * 0.01) for i in range(10))
     assert not limiter.allow(A, 0.5)
     assert not limiter.allow(("192.0.2.1", 9999), 0.5)  # same IP, another port
@@ -73,7 +73,7 @@ def test_per_ip_limit_over_a_sliding_second():
 
 
 def test_ipv6_grouped_by_64():
-    limiter = RateLimiter(per_ip=2, total=-1)
+    limiter = UdpRateLimiter(per_ip=2, total=-1)
     assert limiter.allow(("2001:db8:1:2::1", 1), 0.0)
     assert limiter.allow(("2001:db8:1:2:ffff::9", 1), 0.0)
     assert not limiter.allow(("2001:db8:1:2::3", 1), 0.0)
@@ -81,7 +81,7 @@ def test_ipv6_grouped_by_64():
 
 
 def test_loopback_limited_per_port():
-    limiter = RateLimiter(per_ip=1, total=-1)
+    limiter = UdpRateLimiter(per_ip=1, total=-1)
     assert limiter.allow(("127.0.0.1", 1), 0.0)
     assert limiter.allow(("127.0.0.1", 2), 0.0)
     assert not limiter.allow(("127.0.0.1", 1), 0.0)
@@ -89,32 +89,32 @@ def test_loopback_limited_per_port():
 
 
 def test_global_limit():
-    limiter = RateLimiter(per_ip=-1, total=5)
+    limiter = UdpRateLimiter(per_ip=-1, total=5)
     assert all(limiter.allow((f"192.0.2.{i}", 1), 0.0) for i in range(5))
     assert not limiter.allow(("198.51.100.1", 1), 0.2)
     assert limiter.allow(("198.51.100.1", 1), 1.0)
 
 
 def test_defaults_match_opendht():
-    limiter = RateLimiter()
+    limiter = UdpRateLimiter()
     assert sum(limiter.allow(A, 0.0) for _ in range(1100)) == 1024
     assert sum(limiter.allow((f"10.0.{i // 250}.{i % 250 + 1}", 1), 0.5) for i in range(8000)) == 8192 - 1024
 
 
 def test_a_flooding_source_does_not_starve_the_others():
     """Requests refused per source do not use up the global budget (OpenDHT checks per IP first)."""
-    limiter = RateLimiter(per_ip=100, total=800)
+    limiter = UdpRateLimiter(per_ip=100, total=800)
     assert sum(limiter.allow(A, 0.0) for _ in range(10_000)) == 100
     assert all(limiter.allow((f"198.51.100.{i}", 1), 0.1) for i in range(1, 8))
 
 
 def test_disabled():
-    limiter = RateLimiter(per_ip=-1, total=-1)
+    limiter = UdpRateLimiter(per_ip=-1, total=-1)
     assert all(limiter.allow(A, 0.0) for _ in range(5000))
 
 
 def test_many_sources_are_pruned():
-    limiter = RateLimiter(per_ip=1, total=-1)
+    limiter = UdpRateLimiter(per_ip=1, total=-1)
     for i in range(70_000):
         limiter.allow((f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 1), i * 0.0001)
     assert len(limiter._sources) <= 65_536
@@ -124,7 +124,7 @@ def test_many_sources_are_pruned():
 def test_a_full_table_is_pruned_in_bulk():
     """Sources all active within the window: the table is cut by a quarter at once, so a flood of new sources
     costs one pass per quarter-table of them, not one scan per packet; a busy source keeps its window."""
-    limiter = RateLimiter(per_ip=100, total=-1, limits=Limits(udp_rate_sources=1000))
+    limiter = UdpRateLimiter(per_ip=100, total=-1, limits=Limits(udp_rate_sources=1000))
     scans = 0
     prune = limiter._prune
 
@@ -145,7 +145,7 @@ def test_a_full_table_is_pruned_in_bulk():
 
 
 def test_oldest_idle_or_light_sources_go_first():
-    limiter = RateLimiter(per_ip=4, total=-1, limits=Limits(udp_rate_sources=8))
+    limiter = UdpRateLimiter(per_ip=4, total=-1, limits=Limits(udp_rate_sources=8))
     for _ in range(4):
         limiter.allow(("10.0.0.0", 1), 0.0)  # the oldest, but busy (and not idle at t=0.5)
     for i in range(1, 8):

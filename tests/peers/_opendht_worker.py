@@ -31,8 +31,8 @@ Binding facts (opendht 4.4.2, from its .pyx and by running it):
   kept in a dict shared by *all* tokens (``ListenToken._cb``), and ``cancelListen`` releases
   whatever that dict holds last: with several listens it releases the wrong one. We keep our own
   reference to each callback object and put it back in the shared dict before cancelling.
-* About 4 s after ``cancelListen`` the callback may fire once more with ``expired=True``
-  (reference-behaviour.md section 6): events of a cancelled listen are dropped here.
+* About 4 s after ``cancelListen`` the callback may fire once more with ``expired=True`` (as observed
+  with opendht 4.4.2): events of a cancelled listen are dropped here.
 * ``getRoutingTablesLog(af)`` prints ``    Node <id> <addr> updated: ...`` lines ending in
   ``[good]``, ``[expired]`` or nothing (dubious). ``getNodeMessageStats()`` gives message
   counters (ping/find/get/listen/put), not node counts.

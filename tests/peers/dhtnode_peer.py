@@ -11,7 +11,7 @@ server over HTTP on 127.0.0.1, because the prompt cannot carry them faithfully:
 * ``g``/``l`` print ``Value[id:HEX data:HEX]``, but ``N bytes`` instead of the data once a value
   reaches 1024 bytes, so a 60 KB value cannot be read back.
 
-The HTTP API (reference-behaviour.md section 2) carries base64 data, type, id and utype, and
+The HTTP API carries base64 data, type, id and utype, and
 reports the DHT put result (200, or 502 ``Put failed``). The prompt stays open for what HTTP
 cannot do: ``b HOST:PORT`` (bootstrap later), ``ll``/``lr``/``ls``/``ld`` (diagnostics), and
 a clean exit (``x``, then EOF). :func:`open_dhtnode_proxy_client` runs

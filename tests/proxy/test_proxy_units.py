@@ -11,7 +11,7 @@ import pytest
 
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPuts
-from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.settings import ProxyConfig, RateLimit
 from trio_dht.proxy.streams import ListenFeed, ListenRegistry, ListenStream
 from trio_dht.rest.keys import decode_unreserved, hash_from_segment
@@ -280,7 +280,7 @@ def test_permanent_member() -> None:
 
 
 def test_rate_limit_bucket() -> None:
-    limiter = RateLimiter(RateLimit(per_second=10, burst=3))
+    limiter = HttpRateLimiter(RateLimit(per_second=10, burst=3))
     assert [limiter.allow("192.0.2.1", 0.0) for _ in range(4)] == [True, True, True, False]
     assert limiter.allow("192.0.2.2", 0.0)  # another client
     assert not limiter.allow("::ffff:192.0.2.1", 0.0)  # same client, mapped
@@ -289,18 +289,18 @@ def test_rate_limit_bucket() -> None:
 
 
 def test_rate_limit_loopback_and_prefixes() -> None:
-    limiter = RateLimiter(RateLimit(per_second=1, burst=1))
+    limiter = HttpRateLimiter(RateLimit(per_second=1, burst=1))
     assert all(limiter.allow("127.0.0.1", 0.0) for _ in range(10))
     assert all(limiter.allow("::1", 0.0) for _ in range(10))
     assert limiter.allow("2001:db8::1", 0.0)
     assert not limiter.allow("2001:db8::2", 0.0)  # same /64
     assert limiter.allow("not-an-ip", 0.0)
-    strict = RateLimiter(RateLimit(per_second=1, burst=1, loopback=True))
+    strict = HttpRateLimiter(RateLimit(per_second=1, burst=1, loopback=True))
     assert strict.allow("127.0.0.1", 0.0) and not strict.allow("127.0.0.1", 0.0)
 
 
 def test_rate_limit_table_is_bounded() -> None:
-    limiter = RateLimiter(RateLimit(per_second=1, burst=1), max_clients=10)
+    limiter = HttpRateLimiter(RateLimit(per_second=1, burst=1), max_clients=10)
     for i in range(100):
         limiter.allow(f"10.0.0.{i}", float(i) * 0.01)
     assert len(limiter._buckets) <= 10
@@ -489,7 +489,7 @@ def test_permanent_puts_bytes_per_source_are_capped() -> None:
 def test_rate_limit_table_frees_a_quarter_at_once() -> None:
     """A full table of busy clients frees a quarter in one pass (oldest first): the next new clients find room
     without a scan each; clients whose buckets refilled go before busy ones."""
-    limiter = RateLimiter(RateLimit(per_second=1, burst=2), max_clients=100)
+    limiter = HttpRateLimiter(RateLimit(per_second=1, burst=2), max_clients=100)
     for i in range(100):
         assert limiter.allow(f"10.0.0.{i}", 0.0) and limiter.allow(f"10.0.0.{i}", 0.0)
     assert limiter.allow("10.0.1.0", 0.5)  # full, all busy: the oldest 25 go in one pass
@@ -508,7 +508,7 @@ def test_rate_limit_table_frees_a_quarter_at_once() -> None:
     assert calls == 0 and len(limiter) == 100
     assert not limiter.allow("10.0.0.99", 0.5)  # a busy client kept its bucket
     # idle ones (refilled after 2 s) go first, even when newer than busy ones
-    limiter = RateLimiter(RateLimit(per_second=1, burst=2), max_clients=8)
+    limiter = HttpRateLimiter(RateLimit(per_second=1, burst=2), max_clients=8)
     for i in range(8):
         limiter.allow(f"10.0.0.{i}", 0.0 if i < 4 else 5.0)
     for i in range(4):

@@ -29,7 +29,7 @@ from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.listen_driver import ListenDriver
 from trio_dht.node.local_listens import Listener
 from trio_dht.node.protocol import NodeProtocol, Request
-from trio_dht.node.ratelimit import RateLimiter
+from trio_dht.node.ratelimit import UdpRateLimiter
 from trio_dht.node.routing import K, Node
 from trio_dht.node.search_driver import Searches, wait_for
 from trio_dht.node.storage import Storage
@@ -445,7 +445,7 @@ async def open_node(
     node_id: InfoHash | None = None,
     is_client: bool = False,
     storage: Storage | None = None,
-    rate_limiter: RateLimiter | None = None,
+    rate_limiter: UdpRateLimiter | None = None,
     limits: Limits = DEFAULT,
 ) -> AsyncIterator[DhtNode]:
     """Run a DHT node for the duration of the block.

@@ -38,7 +38,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.confirm import ConfirmQueue, Pushed
 from trio_dht.node.local_listens import LocalListens
-from trio_dht.node.ratelimit import RateLimiter, source_key
+from trio_dht.node.ratelimit import UdpRateLimiter, source_key
 from trio_dht.node.remote_listeners import ListenerBook, TooManyListeners
 from trio_dht.node.routing import K, Node, RoutingTable
 from trio_dht.node.storage import PutOutcome, Storage, StoredValue
@@ -119,7 +119,7 @@ class NodeProtocol:
         network: int = 0,
         is_client: bool = False,
         storage: Storage | None = None,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: UdpRateLimiter | None = None,
         limits: Limits = DEFAULT,
     ) -> None:
         self.id = node_id
@@ -130,7 +130,7 @@ class NodeProtocol:
         self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
         self.remote_listeners = ListenerBook(limits)
         self.listens = LocalListens()
-        self.rate_limiter = rate_limiter if rate_limiter is not None else RateLimiter(limits=limits)
+        self.rate_limiter = rate_limiter if rate_limiter is not None else UdpRateLimiter(limits=limits)
         self.counters = Counters()
         self.tables = {False: RoutingTable(node_id), True: RoutingTable(node_id)}
         self.families: set[bool] = set()

@@ -54,7 +54,7 @@ class _Window:
         return True
 
 
-class RateLimiter:
+class UdpRateLimiter:
     """``allow(addr, now)`` is False when a request must be dropped. A limit below 0 disables it."""
 
     def __init__(

@@ -17,7 +17,7 @@ from trio_dht.proxy.conn_limits import Budgets, Expiry
 from trio_dht.proxy.http1 import RECV_SIZE
 
 if TYPE_CHECKING:
-    from trio_dht.proxy.ratelimit import RateLimiter
+    from trio_dht.proxy.ratelimit import HttpRateLimiter
     from trio_dht.proxy.replies import Reply
 
 BLOCKING = (BlockingIOError, InterruptedError)
@@ -41,7 +41,7 @@ class Connection:
         self.fd = sock.fileno()
         self.client = client
         self.budgets = budgets
-        self.limiter: RateLimiter | None = None
+        self.limiter: HttpRateLimiter | None = None
         """The rate limiter that applies to this client (None for a trusted one)."""
         self.buffer = bytearray()
         self.pending = b""

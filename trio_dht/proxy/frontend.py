@@ -61,7 +61,7 @@ from trio_dht.proxy.connection import BLOCKING, ClientGone, Connection
 from trio_dht.proxy.http1 import LAST_CHUNK, UNUSUAL, Head, Writer, chunk, read_head
 from trio_dht.proxy.hypercorn_link import HypercornLink, url
 from trio_dht.proxy.poller import Next, Pending, Poller, Step
-from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.replies import (
     BASE_HEADERS,
     INTERNAL_ERROR,
@@ -294,7 +294,7 @@ class FrontEnd:
         conn.buffer.clear()
         await self._hypercorn.serve(conn.sock, read, ssl_context)
 
-    def _limiter_for(self, client: str) -> RateLimiter | None:
+    def _limiter_for(self, client: str) -> HttpRateLimiter | None:
         """The rate limiter that applies to a client: None for a trusted one (see RateLimit.loopback)."""
         limiter = self.state.limiter
         if limiter is not None:
@@ -303,7 +303,7 @@ class FrontEnd:
                 return limiter
         return None
 
-    def _refusal(self, limiter: RateLimiter | None, client: str, content_length: int) -> bytes | None:
+    def _refusal(self, limiter: HttpRateLimiter | None, client: str, content_length: int) -> bytes | None:
         """The response that refuses a request before it is read (over the rate or the body limit); the
         connection closes after it."""
         if limiter is not None and not limiter.allow(client, trio.current_time()):

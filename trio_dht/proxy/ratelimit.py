@@ -19,7 +19,7 @@ class _Bucket:
     updated: float
 
 
-class RateLimiter:
+class HttpRateLimiter:
     """Token buckets keyed by client address; IPv4-mapped IPv6 counts as IPv4, IPv6 is grouped per /64."""
 
     def __init__(self, limit: RateLimit, *, max_clients: int = 100_000) -> None:

@@ -38,14 +38,6 @@ class Reply(NamedTuple):
     close: bool = False
 
 
-class BadRequest(Exception):
-    """A request the proxy refuses; carries the reply to send."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.body.decode("utf-8", "replace"))
-        self.reply = reply
-
-
 def error(status: int, message: str, *, close: bool = False) -> Reply:
     """``{"err": message}`` with ``status``, as OpenDHT's proxy answers errors."""
     return Reply(status, dumps({"err": message}) + b"\n", close=close)

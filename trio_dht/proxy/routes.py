@@ -36,12 +36,12 @@ from trio_dht.proxy.replies import (
     PUT_FAILED,
     STATE_UNAVAILABLE,
     TOO_MANY_LISTENS,
-    BadRequest,
     Reply,
     error,
 )
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenStream
+from trio_dht.rest.errors import BadRequest
 from trio_dht.rest.paths import Route
 from trio_dht.rest.value_json import PushTarget, ValueJsonError, dumps, put_request_from_json, value_line
 from trio_dht.sources import client_key
@@ -87,7 +87,7 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadRequest(INCORRECT_JSON) from None
+        raise BadRequest("Incorrect JSON") from None
 
 
 def client_source(client: str | None) -> str:
@@ -176,7 +176,7 @@ def put(state: ProxyState, request: Request) -> Reply | Later:
     try:
         parsed = put_request_from_json(parse_json(body))
     except BadRequest as exc:
-        return exc.reply
+        return Reply(exc.status, exc.body)
     except ValueJsonError as exc:
         return error(400, f"Invalid value: {exc}")
     state.count_request()
@@ -216,7 +216,7 @@ def ping_push(state: ProxyState, request: Request) -> Reply | Later:
     try:
         doc = parse_json(request.body)
     except BadRequest as exc:
-        return exc.reply
+        return Reply(exc.status, exc.body)
     if not isinstance(doc, dict):
         return INCORRECT_JSON
     state.count_request()

@@ -16,7 +16,7 @@ from trio_dht.api import Dht, FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.conn_limits import HttpCounters
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
-from trio_dht.proxy.ratelimit import RateLimiter
+from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.replies import Reply
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.streams import ListenRegistry
@@ -81,7 +81,7 @@ class ProxyState:
         self.http_counters = HttpCounters()
         """The HTTP limits reached (``/node/stats`` ``"http"``, reported by the front end)."""
         self.limiter = (
-            RateLimiter(config.rate_limit, max_clients=config.limits.http_rate_clients)
+            HttpRateLimiter(config.rate_limit, max_clients=config.limits.http_rate_clients)
             if config.rate_limit
             else None
         )

@@ -18,20 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from trio_dht.push.payloads import Dialect, Platform
+from trio_dht.rest.errors import BadRequest
 
 MAX_TOKEN_LEN = 1000
 """Longest push token or endpoint URL accepted (FCM tokens are ~160 bytes, UnifiedPush endpoints ≤ 1000)."""
 MAX_ID_LEN = 256
 """Longest ``client_id``, ``callback_id``, ``session_id`` or ``topic``: they travel in every push."""
-
-
-class BadRequest(Exception):
-    """A body the route answers with ``status`` and the JSON ``body``."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = json.dumps({"err": message}, separators=(",", ":")).encode() + b"\n"
 
 
 @dataclass(frozen=True, slots=True)
