@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
+from trio_dht.backoff import Backoff
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.node.listen_driver import ListenDriver
@@ -320,8 +321,9 @@ class DhtNode:
                 await self.request(node.addr, "find", {"target": target, "w": [2, 10]}, node_id=node.id)
 
     async def _bootstrap_loop(self) -> None:
-        """Ping the bootstrap nodes until connected (retry after 10 s, doubling), then search our own id."""
-        delay = 10.0
+        """Ping the bootstrap nodes until connected (retry after 10 s, doubling up to a day), then search our
+        own id."""
+        backoff = Backoff(10.0, 24 * 3600.0, jitter=0.0)
         while True:
             addrs = await self._resolve(self._bootstrap)
             async with trio.open_nursery() as nursery:
@@ -329,8 +331,7 @@ class DhtNode:
                     nursery.start_soon(self._bootstrap_ping, addr)
             if self.is_connected():
                 break
-            await trio.sleep(delay)
-            delay = min(delay * 2, 24 * 3600)
+            await trio.sleep(backoff.failed())
         for v6 in sorted(self.protocol.families):
             await self.searches.search(self.node_id, v6, "find", {"target": self.node_id})
 

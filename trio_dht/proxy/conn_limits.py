@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar
 
 import trio
 
+from trio_dht.backoff import Backoff
 from trio_dht.logs import LogLimit
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT
 from trio_dht.sources import client_key
@@ -175,15 +176,14 @@ class AcceptPause:
     def __init__(self) -> None:
         self.pauses = 0
         """Pauses in all (``/node/stats``)."""
-        self._delay = 0.0
+        self._backoff = Backoff(self.FIRST, self.LONGEST, jitter=0.0)
         self._log = LogLimit(self.LOG_EVERY)
 
     def failed(self, error: OSError, now: float) -> tuple[float, str | None]:
         """(seconds to pause accepting, a warning to log or None) after ``error``."""
         self.pauses += 1
-        self._delay = self.FIRST if not self._delay else min(self._delay * 2, self.LONGEST)
         text = f"accept failed ({error}); accepting pauses for up to {self.LONGEST:g} s at a time"
-        return self._delay, self._log.line(text, now)
+        return self._backoff.failed(), self._log.line(text, now)
 
     def after(self, error: OSError, now: float) -> float:
         """Seconds to pause accepting after ``error`` (0: go on with the next connection); a warning is
@@ -196,7 +196,7 @@ class AcceptPause:
         return delay
 
     def accepted(self) -> None:
-        self._delay = 0.0
+        self._backoff.succeeded()
 
 
 @dataclass(slots=True)
