@@ -283,6 +283,7 @@ class ProxyClient:
         watch, created = self.book.add_listener(key, listener)
         if created:
             task = self._tasks[key] = WatchTask()
+            # One watch per key serves every listener of it, so no one listener can own its task.
             await self._nursery.start(self._run_watch, watch, task)
         try:
             async with receive:

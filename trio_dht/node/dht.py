@@ -382,6 +382,7 @@ class DhtNode:
             if old is not None:
                 old.cancel()
             self._permanent[(key, value.id)] = scope
+            # The re-announcing outlives this call (until cancel_put), so the node's nursery owns it.
             self._nursery.start_soon(self._reannounce, key, value, scope)
         return ok or self.storage.get_value(key, value.id) is not None
 

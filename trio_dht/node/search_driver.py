@@ -200,6 +200,7 @@ class Searches:
         if rnd is None:
             rnd = self.rounds[(key, where)] = _GetRound()
             assert self.nursery is not None
+            # Every concurrent get of the key shares the round, so no one caller can own its task.
             self.nursery.start_soon(self._run_round, key, where, rnd)
         add(rnd.found.values())
         rnd.callbacks.append(add)

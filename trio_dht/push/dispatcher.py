@@ -93,6 +93,7 @@ class Dispatcher:
                 self._wake.set()
             else:
                 self._kicked = True
+                # submit is synchronous (called from DHT callbacks): the dispatcher's nursery owns the kick.
                 self._nursery.start_soon(self._kick)
 
     def discard(self, sid: int) -> None:
