@@ -134,7 +134,9 @@ async def test_spoofed_ids_keep_the_confirm_queue_bounded() -> None:
                 await trio.sleep(0.02)
         stats = await node_stats(target)
         assert stats["confirm_queued"] <= 200 and stats["confirm_in_flight"] <= 64
-        assert stats["confirm_dropped_full"] >= 3000 - 200 - 64 - stats["dropped_rate"]
+        # Counted against what the node had read when asked (a loaded machine may still hold some unread).
+        assert stats["received"] > 2000
+        assert stats["confirm_dropped_full"] >= stats["received"] - 200 - 64 - stats["dropped_rate"]
         assert target.rss_kb() - before < 30 * MIB
         for peer in peers:
             peer.close()
