@@ -64,6 +64,10 @@ def parse_duration(text: str) -> float:
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
 
 
+PUBLIC_BOOTSTRAP = ("bootstrap.jami.net", DEFAULT_PORT)
+"""Where ``-b`` without a host joins: OpenDHT's default bootstrap for the public network (network id 0)."""
+
+
 def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
     """``host[:port]``, ``[v6addr]:port``, ``[v6addr]`` or a bare IPv6 address, as ``(host, port)``.
 
@@ -200,10 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-b",
         "--bootstrap",
         action="append",
+        nargs="?",
+        const=PUBLIC_BOOTSTRAP,
         default=[],
         metavar="HOST[:PORT]",
         type=_argparse_type(parse_host_port, "address"),
-        help=f"a node to join through (repeatable); IPv6 as [::1]:4222; port {DEFAULT_PORT} if omitted",
+        help=f"a node to join through (repeatable); IPv6 as [::1]:4222; port {DEFAULT_PORT} if omitted; "
+        f"without HOST, the public network's bootstrap ({format_host_port(*PUBLIC_BOOTSTRAP)}), as dhtnode",
     )
     node.add_argument(
         "-n",

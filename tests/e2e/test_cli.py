@@ -45,7 +45,7 @@ def test_help_lists_dhtnode_flags_and_says_identity_is_ignored(capsys: pytest.Ca
     assert "trio-dht client --help" in " ".join(out.split())
     for flag in (
         "-p PORT",
-        "-b HOST[:PORT]",
+        "-b [HOST[:PORT]]",
         "-n NETWORK_ID",
         "--verbose",
         "--version",

@@ -243,3 +243,10 @@ def test_http_workers() -> None:
             parse_args(["--http-workers", bad])
     with pytest.raises(ValueError, match="http_workers"):
         ProxyConfig(http_workers=-1)
+
+
+def test_bootstrap_without_a_host_joins_the_public_network() -> None:
+    public = ("bootstrap.jami.net", 4222)
+    assert parse_args(["-b"]).bootstrap == (public,)
+    assert parse_args(["-b", "-p", "4300"]).bootstrap == (public,)
+    assert parse_args(["-b", "-b", "10.0.0.1"]).bootstrap == (public, ("10.0.0.1", 4222))
