@@ -46,6 +46,7 @@ import contextlib
 import functools
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,9 +54,11 @@ from typing import Any
 import trio
 
 from trio_dht.cli import AppConfig, format_host_port
+from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import UdpRateLimiter
-from trio_dht.persist import StateStore
+from trio_dht.node.saved_state import NodeState, bootstrap_addresses, capture, restore_values
+from trio_dht.persist import PersistError, StateStore
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.put_journal import StorePutJournal
 from trio_dht.proxy.server import serve_proxy
@@ -69,30 +72,70 @@ from trio_dht.wire import msgpack_codec
 
 log = logging.getLogger(__name__)
 
+SAVE_NODE_STATE_EVERY = 300.0
+"""Seconds between saves of the node's own state with ``-f`` (and one more when it stops)."""
+
 
 async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node and its front ends until SIGINT or SIGTERM; ``task_status`` gets the node once serving."""
     if config.identity:
         log.warning("-i/--identity ignored: trio-dht has no cryptographic identity (values are not signed)")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            async with open_node(
-                port=config.port,
-                host=config.bind,
-                host6=config.bind6,
-                bootstrap=config.bootstrap,
-                network=config.network,
-                rate_limiter=None if config.rate_limit else UdpRateLimiter(per_ip=-1, total=-1),
-                limits=config.limits,
-            ) as node:
-                _log_node(node, config)
-                async with _open_push(node, config) as push, trio.open_nursery() as services:
-                    await _start_proxy(services, node, config, push)
-                    log.info("running; SIGINT or SIGTERM stops")
-                    task_status.started(node)
-                    await trio.sleep_forever()
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
+        saved = store.load_node_state() if store is not None else None
+        bootstrap = [*config.bootstrap, *(bootstrap_addresses(saved) if saved is not None else ())]
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                async with open_node(
+                    port=config.port,
+                    host=config.bind,
+                    host6=config.bind6,
+                    bootstrap=bootstrap,
+                    network=config.network,
+                    node_id=InfoHash(saved.node_id) if saved is not None else None,
+                    rate_limiter=None if config.rate_limit else UdpRateLimiter(per_ip=-1, total=-1),
+                    limits=config.limits,
+                ) as node:
+                    _log_node(node, config)
+                    if store is not None:
+                        await nursery.start(_keep_node_state, node, store, saved)
+                    async with _open_push(node, config, store) as push, trio.open_nursery() as services:
+                        await _start_proxy(services, node, config, push)
+                        log.info("running; SIGINT or SIGTERM stops")
+                        task_status.started(node)
+                        await trio.sleep_forever()
     log.info("stopped")
+
+
+async def _keep_node_state(
+    node: DhtNode,
+    store: StateStore,
+    saved: NodeState | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Restore the values the node stored before a restart, then save the node's state every
+    :data:`SAVE_NODE_STATE_EVERY` seconds and once more when the tree stops (``node.saved_state``)."""
+    if saved is not None:
+        restored = restore_values(node.storage, saved.values, trio.current_time(), time.time())
+        log.info(
+            "came back as %s: %d saved nodes to rejoin through, %d of %d saved values still alive",
+            node.node_id.hex(), len(saved.nodes), restored, len(saved.values),
+        )  # fmt: skip
+    task_status.started()
+    try:
+        while True:
+            await trio.sleep(SAVE_NODE_STATE_EVERY)
+            _save_node_state(node, store)
+    finally:
+        _save_node_state(node, store)
+
+
+def _save_node_state(node: DhtNode, store: StateStore) -> None:
+    state = capture(node.node_id, node.tables, node.storage, trio.current_time(), time.time())
+    with contextlib.suppress(PersistError):  # counted and logged by the store; the next save tries again
+        store.save_node_state(state)
 
 
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
@@ -120,7 +163,9 @@ def _log_node(node: DhtNode, config: AppConfig) -> None:
 
 
 @asynccontextmanager
-async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str, Any]]:
+async def _open_push(
+    node: DhtNode, config: AppConfig, store: StateStore | None
+) -> AsyncIterator[dict[str, Any]]:
     """The proxy's push side: gateways, dispatcher and subscriptions; yields serve_proxy's push arguments.
 
     UnifiedPush needs no server of ours (the endpoint is in the device token); Android and iOS pushes go
@@ -150,22 +195,20 @@ async def _open_push(node: DhtNode, config: AppConfig) -> AsyncIterator[dict[str
         # while the lane's request is in flight, so a window would only add its length to every push's delay.
         dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0, limits=limits), limits=limits)
         await push_tasks.start(dispatcher.run)
-        with contextlib.ExitStack() as stack:
-            store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
-            service = PushService(
-                node,
-                dispatcher,
-                lifetime=config.subscription_lifetime,
-                store=store,
-                allow_private_endpoints=config.allow_private_endpoints,
-                limits=config.limits,
-            )
-            await push_tasks.start(service.run)
-            yield {
-                "push": ProxyPushHooks(service, dispatcher, counts),
-                "journal": StorePutJournal(store) if store is not None else None,
-            }
-            push_tasks.cancel_scope.cancel()
+        service = PushService(
+            node,
+            dispatcher,
+            lifetime=config.subscription_lifetime,
+            store=store,
+            allow_private_endpoints=config.allow_private_endpoints,
+            limits=config.limits,
+        )
+        await push_tasks.start(service.run)
+        yield {
+            "push": ProxyPushHooks(service, dispatcher, counts),
+            "journal": StorePutJournal(store) if store is not None else None,
+        }
+        push_tasks.cancel_scope.cancel()
 
 
 async def _start_proxy(

@@ -1,4 +1,5 @@
-"""Proxy state on disk (``-f/--persist PATH``): push subscriptions and permanent puts, in SQLite.
+"""State on disk (``-f/--persist PATH``), in SQLite: the proxy's push subscriptions and permanent puts, and
+the node's own state (its id, the good nodes it knew, the values it stores for others: ``node.saved_state``).
 
 Every change is written when it happens, in its own transaction, before memory changes and before the HTTP
 reply acknowledges it: a write that fails raises :class:`PersistError`, the caller changes nothing and
@@ -34,11 +35,13 @@ from time import monotonic
 from typing import Any
 
 from trio_dht.logs import LogLimit
+from trio_dht.node.saved_state import NodeState, SavedNode, SavedValue
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-"""1: no ``source`` columns (added, empty, when such a file is opened)."""
+SCHEMA_VERSION = 3
+"""1: no ``source`` columns (added, empty, when such a file is opened); 2: no node state (its tables are
+added, empty)."""
 UNAVAILABLE = "Cannot save the change: state file unavailable"
 """The error of a request refused (503) because its change could not be written."""
 BUSY_TIMEOUT = 0.1
@@ -80,7 +83,20 @@ CREATE TABLE IF NOT EXISTS permanent_puts (
     source TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (key, value_id)
 );
+CREATE TABLE IF NOT EXISTS dht_nodes (
+    key BLOB NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dht_values (
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    deadline REAL NOT NULL,
+    bucket TEXT NOT NULL
+);
 """
+_NODE_COLUMNS = ("key", "host", "port")
+_VALUE_COLUMNS = ("key", "value", "deadline", "bucket")
 
 
 class PersistError(Exception):
@@ -139,7 +155,7 @@ def _check_row(row: Any, types: _Types) -> str | None:
             return f"{name} is {type(row[name]).__name__}"
     if len(row["key"]) != 20:
         return "key is not 20 bytes"
-    if not math.isfinite(row["deadline"]):
+    if "deadline" in types and not math.isfinite(row["deadline"]):
         return "deadline is not finite"
     return None
 
@@ -151,6 +167,8 @@ _SUBSCRIPTION_TYPES: _Types = {
     "key": bytes,
     "deadline": _NUMBER,
 }
+_NODE_TYPES: _Types = {"key": bytes, "host": str, "port": int}
+_VALUE_TYPES: _Types = {"key": bytes, "value": bytes, "deadline": _NUMBER, "bucket": str}
 _PUT_TYPES: _Types = {
     **dict.fromkeys(_PUT_COLUMNS, str),
     "key": bytes,
@@ -200,9 +218,10 @@ class StateStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             return
         version = row[0]
-        if version == "1":
-            for table in ("subscriptions", "permanent_puts"):
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+        if version in ("1", "2"):  # the node state's tables were created above
+            if version == "1":
+                for table in ("subscriptions", "permanent_puts"):
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN source TEXT NOT NULL DEFAULT ''")
             self._db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
             log.info("state file %s upgraded to schema %d", self.path, SCHEMA_VERSION)
         elif version != str(SCHEMA_VERSION):
@@ -245,10 +264,12 @@ class StateStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load(self, table: str, columns: tuple[str, ...], types: _Types) -> Iterator[sqlite3.Row]:
-        """The rows of ``table`` by deadline, less those that do not parse (skipped, counted, warned)."""
+    def _load(
+        self, table: str, columns: tuple[str, ...], types: _Types, order: str = "deadline"
+    ) -> Iterator[sqlite3.Row]:
+        """The rows of ``table`` by ``order``, less those that do not parse (skipped, counted, warned)."""
         try:
-            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY deadline").fetchall()
+            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
         except sqlite3.Error as exc:
             raise PersistError(f"{self.path}: cannot read {table}: {exc}") from exc
         for row in rows:
@@ -311,6 +332,48 @@ class StateStore:
             fields["deadline"] = float(fields["deadline"])
             out.append(StoredPut(**fields))
         return out
+
+    # -- the node's own state -------------------------------------------------------------------------------
+
+    def save_node_state(self, state: NodeState) -> None:
+        """Replace the saved node state with ``state``, in one transaction (else :class:`PersistError`)."""
+        with self._write("save the node state"):
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('node_id', ?)", (state.node_id.hex(),))
+            self._db.execute("DELETE FROM dht_nodes")
+            self._db.executemany(
+                "INSERT INTO dht_nodes (key, host, port) VALUES (?, ?, ?)",
+                [(n.node_id, n.host, n.port) for n in state.nodes],
+            )
+            self._db.execute("DELETE FROM dht_values")
+            self._db.executemany(
+                "INSERT INTO dht_values (key, value, deadline, bucket) VALUES (?, ?, ?, ?)",
+                [(v.key, v.packed, v.expires, v.bucket) for v in state.values],
+            )
+
+    def load_node_state(self) -> NodeState | None:
+        """The saved node state, or None if none was saved (rows that do not parse are skipped)."""
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'node_id'").fetchone()
+        try:
+            node_id = bytes.fromhex(row[0]) if row is not None else b""
+        except (TypeError, ValueError):
+            node_id = b""
+        if len(node_id) != 20:
+            if row is not None:
+                self.skipped += 1
+                log.warning("state file %s: skipping a bad node id", self.path)
+            return None
+        nodes = []
+        for r in self._load("dht_nodes", _NODE_COLUMNS, _NODE_TYPES, order="rowid"):
+            if 0 < r["port"] < 65536:
+                nodes.append(SavedNode(r["key"], r["host"], r["port"]))
+            else:
+                self.skipped += 1
+                log.warning("state file %s: skipping a row of dht_nodes: port %d", self.path, r["port"])
+        values = tuple(
+            SavedValue(r["key"], r["value"], float(r["deadline"]), r["bucket"])
+            for r in self._load("dht_values", _VALUE_COLUMNS, _VALUE_TYPES)
+        )
+        return NodeState(node_id, tuple(nodes), values)
 
 
 def _create_private(path: Path) -> None:

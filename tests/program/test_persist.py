@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from trio_dht.infohash import InfoHash
+from trio_dht.node.saved_state import NodeState, SavedNode, SavedValue
 from trio_dht.persist import PersistError, StateStore, StoredPut, StoredSubscription
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.gateway import Outcome
@@ -217,6 +218,7 @@ def test_a_schema_1_file_is_read_and_upgraded(tmp_path):
         store.save_put(StoredPut(bytes(KEY), 2**64 - 1, b"v", 9.0, source="10.0.0.1"))
     with StateStore(path) as store:
         assert store.load_puts()[-1].source == "10.0.0.1"
+        assert store.load_node_state() is None  # the node state's tables were added, empty
     newer = tmp_path / "newer.db"
     raw = sqlite3.connect(newer)
     raw.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -292,3 +294,44 @@ def test_failed_writes_log_one_line_per_ten_seconds(tmp_path, caplog, monkeypatc
         store.save_put(StoredPut(bytes(KEY), 7, b"v", 5000.0))
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2 and "(100 such events since the last such line)" in errors[1]
+
+
+def test_the_node_state_round_trips_and_replaces_the_last_one(tmp_path):
+    path = tmp_path / "state.db"
+    first = NodeState(
+        bytes(KEY),
+        (
+            SavedNode(bytes(InfoHash.get("a")), "192.0.2.1", 4222),
+            SavedNode(bytes(InfoHash.get("b")), "::1", 5),
+        ),
+        (SavedValue(bytes(KEY), b"packed", 1_000_000.5, "192.0.2.1"),),
+    )
+    with StateStore(path) as store:
+        assert store.load_node_state() is None
+        store.save_node_state(first)
+        store.save_node_state(NodeState(bytes(KEY), first.nodes[:1], ()))
+    with StateStore(path) as store:
+        assert store.load_node_state() == NodeState(bytes(KEY), first.nodes[:1], ())
+
+
+def test_bad_node_state_rows_are_skipped(tmp_path, caplog):
+    path = tmp_path / "state.db"
+    with StateStore(path) as store:
+        store.save_node_state(NodeState(bytes(KEY), (SavedNode(bytes(KEY), "192.0.2.1", 4222),)))
+    raw = sqlite3.connect(path)
+    raw.execute("INSERT INTO dht_nodes VALUES (x'01', '192.0.2.2', 4222)")  # a short id
+    raw.execute("INSERT INTO dht_nodes VALUES (?, '192.0.2.3', 0)", (bytes(KEY),))  # no port
+    raw.execute("INSERT INTO dht_values VALUES (?, x'00', 'soon', '')", (bytes(KEY),))  # not a number
+    raw.commit()
+    raw.close()
+    with StateStore(path) as store:
+        state = store.load_node_state()
+        assert state is not None and [n.host for n in state.nodes] == ["192.0.2.1"] and state.values == ()
+        assert store.skipped == 3
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE meta SET value = 'zz' WHERE name = 'node_id'")
+    raw.commit()
+    raw.close()
+    with StateStore(path) as store:
+        assert store.load_node_state() is None and store.skipped == 1
+    assert "bad node id" in caplog.text

@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from trio_dht.infohash import InfoHash
@@ -193,6 +193,12 @@ class Storage:
         """The stored record of a value (expiration, local or not), or None."""
         values = self._keys.get(key)
         return values.get(vid) if values is not None else None
+
+    def items(self) -> Iterator[tuple[InfoHash, StoredValue]]:
+        """Every stored value with its key (do not store or remove while iterating)."""
+        for key, values in self._keys.items():
+            for stored in values.values():
+                yield key, stored
 
     def keys(self) -> list[InfoHash]:
         """The keys that hold at least one value (a copy)."""
