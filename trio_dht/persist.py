@@ -336,7 +336,8 @@ class StateStore:
     # -- the node's own state -------------------------------------------------------------------------------
 
     def save_node_state(self, state: NodeState) -> None:
-        """Replace the saved node state with ``state``, in one transaction (else :class:`PersistError`)."""
+        """Replace the saved node state with ``state`` (its values too, unless None), in one transaction (else
+        :class:`PersistError`)."""
         with self._write("save the node state"):
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('node_id', ?)", (state.node_id.hex(),))
             self._db.execute("DELETE FROM dht_nodes")
@@ -344,6 +345,8 @@ class StateStore:
                 "INSERT INTO dht_nodes (key, host, port) VALUES (?, ?, ?)",
                 [(n.node_id, n.host, n.port) for n in state.nodes],
             )
+            if state.values is None:
+                return
             self._db.execute("DELETE FROM dht_values")
             self._db.executemany(
                 "INSERT INTO dht_values (key, value, deadline, bucket) VALUES (?, ?, ?, ?)",

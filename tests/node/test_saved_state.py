@@ -76,4 +76,5 @@ def test_capture_keeps_the_good_nodes_most_recently_answering_first() -> None:
     state = capture(OWN, {False: table}, Storage(), now, 0.0)
     assert [n.port for n in state.nodes] == [4000, 4001, 4002]
     assert bootstrap_addresses(state) == [("192.0.2.1", 4000), ("192.0.2.1", 4001), ("192.0.2.1", 4002)]
-    assert MAX_NODES >= 8 and all(math.isfinite(v.expires) for v in state.values)
+    assert MAX_NODES >= 8 and all(math.isfinite(v.expires) for v in state.values or ())
+    assert capture(OWN, {False: table}, None, now, 0.0).values is None  # the id and nodes alone

@@ -309,9 +309,11 @@ def test_the_node_state_round_trips_and_replaces_the_last_one(tmp_path):
     with StateStore(path) as store:
         assert store.load_node_state() is None
         store.save_node_state(first)
-        store.save_node_state(NodeState(bytes(KEY), first.nodes[:1], ()))
+        store.save_node_state(NodeState(bytes(KEY), first.nodes[:1], None))  # the values stay
     with StateStore(path) as store:
-        assert store.load_node_state() == NodeState(bytes(KEY), first.nodes[:1], ())
+        assert store.load_node_state() == NodeState(bytes(KEY), first.nodes[:1], first.values)
+        store.save_node_state(NodeState(bytes(KEY), (), ()))
+        assert store.load_node_state() == NodeState(bytes(KEY), (), ())
 
 
 def test_bad_node_state_rows_are_skipped(tmp_path, caplog):

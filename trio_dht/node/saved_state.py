@@ -48,16 +48,24 @@ class SavedValue:
 class NodeState:
     node_id: bytes
     nodes: tuple[SavedNode, ...] = ()
-    values: tuple[SavedValue, ...] = ()
+    values: tuple[SavedValue, ...] | None = ()
+    """None: the values saved before stay as they are (a save of the id and nodes alone)."""
 
 
 def capture(
-    node_id: InfoHash, tables: dict[bool, RoutingTable], storage: Storage, now: float, wall: float
+    node_id: InfoHash,
+    tables: dict[bool, RoutingTable],
+    storage: Storage | None,
+    now: float,
+    wall: float,
 ) -> NodeState:
-    """The state to save: ``now`` is the node's clock, ``wall`` the Unix time at the same instant."""
+    """The state to save: ``now`` is the node's clock, ``wall`` the Unix time at the same instant. Without
+    ``storage``, the id and nodes alone (values left as saved before)."""
     good: list[Node] = [n for table in tables.values() for n in table if n.is_good(now)]
     good.sort(key=lambda n: n.last_replied, reverse=True)
     nodes = tuple(SavedNode(bytes(n.id), n.addr[0], n.addr[1]) for n in good[:MAX_NODES])
+    if storage is None:
+        return NodeState(bytes(node_id), nodes, None)
     values = tuple(
         SavedValue(bytes(key), stored.value.packed(), wall + (stored.expiration - now), stored.bucket)
         for key, stored in storage.items()
