@@ -89,8 +89,8 @@ class PublicKey:
         return cls._of(key)
 
     @classmethod
-    def _of(cls, key: rsa.RSAPublicKey) -> PublicKey:
-        _check_rsa(key, "public key")
+    def _of(cls, key: rsa.RSAPublicKey, what: str = "public key") -> PublicKey:
+        _check_rsa(key, what)
         return cls(
             key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
@@ -130,8 +130,8 @@ class Certificate:
         self.issuers = tuple(issuers)
         key = cert.public_key()
         if not isinstance(key, rsa.RSAPublicKey):
-            raise CryptoError(f"certificate: a {type(key).__name__.lstrip('_')} key (only RSA is accepted)")
-        self.public_key = PublicKey._of(key)
+            raise CryptoError(f"certificate: not an RSA key ({type(key).__name__})")
+        self.public_key = PublicKey._of(key, "certificate")
 
     @classmethod
     def from_pem(cls, data: bytes) -> Certificate:
@@ -215,7 +215,7 @@ def load_private_key(data: bytes, password: str | bytes | None = None) -> rsa.RS
     except Exception as exc:  # cryptography reports some malformed keys as its own exceptions
         raise CryptoError(f"private key: cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise CryptoError(f"private key: a {type(key).__name__.lstrip('_')} (only RSA is accepted)")
+        raise CryptoError(f"private key: not an RSA key ({type(key).__name__})")
     _check_rsa(key.public_key(), "private key")
     try:
         return key.private_numbers().private_key()  # now with the consistency checks
