@@ -26,13 +26,16 @@ import datetime
 import hashlib
 import os
 import secrets
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
@@ -128,7 +131,10 @@ class Certificate:
     def __init__(self, cert: x509.Certificate, issuers: Iterable[x509.Certificate] = ()) -> None:
         self.x509 = cert
         self.issuers = tuple(issuers)
-        key = cert.public_key()
+        try:
+            key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. an RSA-OAEP or RSA-PSS key
+            raise CryptoError(f"certificate: a key that cannot be read ({exc})") from None
         if not isinstance(key, rsa.RSAPublicKey):
             raise CryptoError(f"certificate: not an RSA key ({type(key).__name__})")
         self.public_key = PublicKey._of(key, "certificate")
@@ -139,7 +145,11 @@ class Certificate:
         if len(data) > MAX_PEM_BYTES:
             raise CryptoError(f"certificate: more than {MAX_PEM_BYTES} bytes")
         try:
-            certs = x509.load_pem_x509_certificates(data)
+            with warnings.catch_warnings():
+                # OpenDHT 2.x writes the serial as a little-endian int64: half its certificates have a
+                # negative one, which cryptography warns about.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certs = x509.load_pem_x509_certificates(data)
         except ValueError as exc:
             raise CryptoError(f"certificate: not a PEM certificate ({exc})") from None
         return cls(certs[0], certs[1:])
@@ -147,9 +157,12 @@ class Certificate:
     @classmethod
     def from_der(cls, data: bytes) -> Certificate:
         try:
-            return cls(x509.load_der_x509_certificate(data))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # as in from_pem
+                cert = x509.load_der_x509_certificate(data)
         except ValueError as exc:
             raise CryptoError(f"certificate: not a DER certificate ({exc})") from None
+        return cls(cert)
 
     @property
     def der(self) -> bytes:
@@ -212,8 +225,8 @@ def load_private_key(data: bytes, password: str | bytes | None = None) -> rsa.RS
         key = serialization.load_pem_private_key(data, password or None, unsafe_skip_rsa_key_validation=True)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"private key: not a PEM private key, or a wrong password ({exc})") from None
-    except Exception as exc:  # cryptography reports some malformed keys as its own exceptions
-        raise CryptoError(f"private key: cannot be read ({type(exc).__name__}: {exc})") from None
+    except UnsupportedAlgorithm as exc:
+        raise CryptoError(f"private key: a kind of key that cannot be read ({exc})") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CryptoError(f"private key: not an RSA key ({type(key).__name__})")
     _check_rsa(key.public_key(), "private key")
