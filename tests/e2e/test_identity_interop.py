@@ -19,10 +19,12 @@ import json
 import random
 import re
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from peers import (
@@ -195,6 +197,14 @@ async def test_a_value_we_sign_comes_back_from_opendht_as_ours(identity: Identit
             (signed.id, b"signed hello", identity.id.hex())
         ]
         assert key.hex() in await real.storage_log()  # stored there: its store policy checked the signature
+
+        # The control: the same value with other data under the same signature is refused (silently: the put
+        # is answered) and not found.
+        forged_key = InfoHash.get("forged by trio_dht, for opendht")
+        assert await ours.put(forged_key, replace(signed, data=b"forged hello", _packed=None))
+        await trio.sleep(0.5)
+        assert await real.get(forged_key) == []
+        assert forged_key.hex() not in await real.storage_log()
 
 
 @needs_dhtnode
