@@ -4,8 +4,8 @@
 otherwise (a bare zipapp run); both accept the same keys and signatures: RSA keys of at most
 ``Limits.rsa_max_bits`` with the public exponent 65537 (what OpenDHT generates), any other refused before any
 modular arithmetic. A node checks through a :class:`Verifier`, which remembers results per (key, value) in a
-bounded LRU, so a value sent again (by every storing node, at every refresh) is verified once. :func:`sign`,
-for tests and tools, needs ``cryptography``.
+bounded LRU, so a value sent again (by every storing node, at every refresh) is verified once. Signing is
+:mod:`trio_dht.crypto`'s (it needs ``cryptography``).
 """
 
 from __future__ import annotations
@@ -13,16 +13,10 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from trio_dht import purecrypto
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.value import Value
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
 
 RsaVerify = Callable[[bytes, bytes, bytes, int], bool]
 """``(owner SPKI, signature, message, max_bits) -> bool``."""
@@ -115,18 +109,3 @@ class Verifier:
             cache.popitem(last=False)
         return valid
 
-
-def sign(value: Value, private_key: rsa.RSAPrivateKey) -> Value:
-    """A copy of ``value`` owned and signed by ``private_key`` (its ``seq`` kept).
-
-    For tests and tools: needs the ``cryptography`` package (the node itself never signs).
-    """
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    owner = private_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    unsigned = replace(value, owner=owner, signature=b"", _packed=None)
-    signature = private_key.sign(unsigned.signed_bytes(), padding.PKCS1v15(), hashes.SHA512())
-    return replace(unsigned, signature=signature)

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trio_dht import crypto, signature
 from trio_dht import purecrypto as pc
-from trio_dht import signature
 from trio_dht.limits import Limits
 from trio_dht.push import webpush_crypto
 from trio_dht.push.webpush_crypto import b64decode_any
@@ -376,7 +376,7 @@ def test_signed_values_verify_with_both_backends(backend, rsa_2048, monkeypatch:
         monkeypatch.setattr(signature, "verify_rsa_sha512", pc.rsa_verify_pkcs1v15_sha512)
     else:  # the dev venv has cryptography
         assert signature.verify_rsa_sha512 is not pc.rsa_verify_pkcs1v15_sha512
-    signed = signature.sign(Value(b"hello", type=3, id=7, seq=2), rsa_2048)
+    signed = crypto.sign_value(rsa_2048, Value(b"hello", type=3, id=7, seq=2))
     assert signature.verify(signed)
     assert signature.verify(Value.from_wire(signed.to_wire()))
     edited = Value(b"hellO", type=3, id=7, seq=2, owner=signed.owner, signature=signed.signature)
@@ -429,7 +429,7 @@ def test_oversized_or_odd_exponent_keys_are_refused_before_any_arithmetic(
     assert not pc.rsa_verify_pkcs1v15_sha512(_spki(huge, 65537), b"\x01" * 2048, b"x")
     small = signature.Verifier(Limits(rsa_max_bits=1024))  # a smaller bound refuses a 2048-bit key
     monkeypatch.undo()
-    signed = signature.sign(Value(b"hello", type=3, id=7, seq=2), rsa_2048)
+    signed = crypto.sign_value(rsa_2048, Value(b"hello", type=3, id=7, seq=2))
     assert not small.verify(signed) and small.refused_keys == 1
     assert signature.Verifier().verify(signed)
 
@@ -439,7 +439,7 @@ def test_results_are_cached_per_key_and_value_in_a_bounded_lru(rsa_2048, monkeyp
     real = signature.verify_rsa_sha512
     monkeypatch.setattr(signature, "verify_rsa_sha512", lambda *args: calls.append(1) or real(*args))
     verifier = signature.Verifier(Limits(verify_cache=2))
-    values = [signature.sign(Value(b"v%d" % i, type=3, id=i + 1, seq=1), rsa_2048) for i in range(3)]
+    values = [crypto.sign_value(rsa_2048, Value(b"v%d" % i, type=3, id=i + 1, seq=1)) for i in range(3)]
     assert verifier.verify(values[0]) and verifier.verify(Value.from_wire(values[0].to_wire()))
     assert len(calls) == 1 and verifier.cache_hits == 1
     forged = Value(b"v0!", type=3, id=1, seq=1, owner=values[0].owner, signature=values[0].signature)

@@ -8,9 +8,9 @@ from Trio. Protocol, one JSON object per line:
 * stdout, events: ``{"event": "ready", "version": v}`` once at start, and for each listen
   ``{"event": "value", "listen": lid, "expired": bool, "value": {...}}``.
 
-A value is ``{"id": int, "data": base64, "type": int | null, "utype": str}``. The 4.4.2 binding
-does not expose a value's type, so ``type`` is only known (and set) when a get filtered on it
-with ``"type"``; otherwise it is null.
+A value is ``{"id": int, "data": base64, "type": int | null, "utype": str, "owner": hex key id | null}``.
+The 4.4.2 binding does not expose a value's type, so ``type`` is only known (and set) when a get
+filtered on it with ``"type"``; otherwise it is null.
 
 Commands: ``start {port, host, network, rate_limit, log, node_id}`` -> ``{"port", "node_id"}``;
 ``bootstrap {host, port}``; ``put {key, data, type, utype, value_id, permanent}`` -> ``{"ok", "id"}``;
@@ -68,12 +68,21 @@ def emit(message: dict[str, Any]) -> None:
         _protocol.flush()
 
 
+def owner_id(value: opendht.Value) -> str | None:
+    """The hex key id of a signed value's owner (the node checked its signature before handing it over)."""
+    try:
+        return str(value.owner.getId())
+    except ValueError:  # "PublicKey is not initialized": an unsigned value
+        return None
+
+
 def encode_value(value: opendht.Value, value_type: int | None) -> dict[str, Any]:
     return {
         "id": value.id,
         "data": base64.b64encode(value.data).decode(),
         "type": value_type,
         "utype": value.user_type,
+        "owner": owner_id(value),
     }
 
 

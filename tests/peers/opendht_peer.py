@@ -65,6 +65,7 @@ def _decode_value(wire: dict[str, Any]) -> dict[str, Any]:
         "data": base64.b64decode(wire["data"]),
         "type": wire.get("type"),
         "utype": wire.get("utype", ""),
+        "owner": wire.get("owner"),
     }
 
 
@@ -190,7 +191,8 @@ class OpenDhtPeer:
         value_id: int | None = None,
         timeout: float = CALL_TIMEOUT,
     ) -> list[dict[str, Any]]:
-        """Values at ``key`` (network and local), as ``{"id", "data", "type", "utype"}`` dicts."""
+        """Values at ``key`` (network and local), as ``{"id", "data", "type", "utype", "owner"}`` dicts
+        (``owner``: a signed value's owner key id in hex, its signature checked by the node; else None)."""
         result = await self._call(
             "get", timeout=timeout, key=_key_hex(key), type=value_type, value_id=value_id
         )
