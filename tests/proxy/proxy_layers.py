@@ -12,3 +12,9 @@ def serve_with_quart(monkeypatch: pytest.MonkeyPatch) -> None:
     table's routes as Quart views): neither the front end nor the raw-ASGI path finds a route."""
     monkeypatch.setattr(frontend, "match", lambda *args, **kwargs: None)
     monkeypatch.setattr(asgi, "match", lambda *args, **kwargs: None)
+
+
+def serve_with_asgi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request of the proxies started from now on is handed to hypercorn, whose raw-ASGI path serves the
+    route table's routes (as for TLS and handed-over connections)."""
+    monkeypatch.setattr(frontend, "match", lambda *args, **kwargs: None)

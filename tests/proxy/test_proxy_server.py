@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from proxy_layers import serve_with_quart
+from proxy_layers import serve_with_asgi, serve_with_quart
 
 from trio_dht.infohash import InfoHash
+from trio_dht.limits import Limits
 from trio_dht.proxy import ProxyConfig, serve_proxy
 from trio_dht.rest.value_json import value_line
 from trio_dht.testing.memory_dht import MemoryDht
@@ -34,11 +35,13 @@ async def dht(nursery: trio.Nursery) -> MemoryDht:
     return dht
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "quart"])
+@pytest.fixture(params=["fast", "asgi", "quart"])
 async def base_url(
     request: pytest.FixtureRequest, nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
 ) -> str:
-    if not request.param:
+    if request.param == "asgi":
+        serve_with_asgi(monkeypatch)
+    elif request.param == "quart":
         serve_with_quart(monkeypatch)
     config = ProxyConfig(host="127.0.0.1", port=0)
     urls = await nursery.start(serve_proxy, dht, config)
@@ -63,6 +66,29 @@ async def test_connection_close_gets_eof(base_url: str, path: str) -> None:
         port_of(base_url), f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     )
     assert data.startswith(b"HTTP/1.1 ")
+
+
+@pytest.mark.parametrize("layer", [serve_with_asgi, serve_with_quart], ids=["asgi", "quart"])
+async def test_a_connection_that_got_a_value_stream_still_idles_out(
+    layer, nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a streamed GET through hypercorn (TLS and handed-over connections) leaves the connection to
+    its deadlines: closed at once with ``Connection: close``, else once idle past the keep-alive timeout
+    (here the 1 s head timeout, which bounds it)."""
+    layer(monkeypatch)
+    urls = await nursery.start(
+        serve_proxy, dht, ProxyConfig(host="127.0.0.1", port=0, limits=Limits(http_head_timeout=1.0))
+    )
+    await dht.put(InfoHash.get("hello"), Value(data=b"v", id=1))
+    for extra, bound in ((b"Connection: close\r\n", 1.0), (b"", 3.0)):
+        stream = await trio.open_tcp_stream("127.0.0.1", port_of(urls[0]))
+        async with stream:
+            await stream.send_all(b"GET /key/hello HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+            data = b""
+            with trio.fail_after(bound):
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"0\r\n\r\n")
 
 
 async def test_http10_gets_eof(base_url: str) -> None:

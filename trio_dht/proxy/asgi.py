@@ -83,6 +83,7 @@ async def send_reply(send: Send, reply: Reply) -> None:
 async def send_stream(send: Send, receive: Receive, body: Any) -> None:
     """Send a 200 whose headers go out at once, then each chunk of ``body`` as it comes (chunked encoding),
     until the body ends or the client goes away."""
+    ended = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
@@ -90,8 +91,10 @@ async def send_stream(send: Send, receive: Receive, body: Any) -> None:
             async with body as chunks:
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            ended = True
+            nursery.cancel_scope.cancel()  # stop watching for a disconnect
+        if ended:  # outside the watcher's scope: hypercorn ends the response (keep-alive timer, close) in it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()
     finally:
         release = getattr(body, "release", None)  # a listen stream never entered gives back its slot
         if release is not None:
