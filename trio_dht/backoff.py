@@ -32,9 +32,9 @@ class Backoff:
         stable_after: float = 10.0,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        if not 0 < initial <= maximum or factor < 1 or not 0 <= jitter < 1:
-            raise ValueError("need 0 < initial <= maximum, factor >= 1 and 0 <= jitter < 1")
-        self.initial = initial
+        if not initial > 0 or not maximum > 0 or factor < 1 or not 0 <= jitter < 1:
+            raise ValueError("need initial > 0, maximum > 0, factor >= 1 and 0 <= jitter < 1")
+        self.initial = min(initial, maximum)  # a first wait above the cap is the cap
         self.maximum = maximum
         self.factor = float(factor)
         self.jitter = jitter

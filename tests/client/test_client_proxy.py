@@ -123,6 +123,19 @@ async def test_two_listeners_share_one_stream(proxy_url: str, dht: MemoryDht) ->
             assert (await next_event(second)).value.id == 2
 
 
+async def test_connectivity_changed_restarts_the_streams_without_misses_or_duplicates(
+    proxy_url: str, dht: MemoryDht
+) -> None:
+    await dht.put(KEY, Value(data=b"a", id=1))
+    async with open_proxy_client(proxy_url) as client, client.listen(KEY) as events:
+        assert (await next_event(events)).value.id == 1
+        client.connectivity_changed()  # the device changed networks: the stream is reopened
+        await dht.put(KEY, Value(data=b"b", id=2))
+        assert (await next_event(events)).value.id == 2
+        await no_event(events)  # value 1 is not delivered again
+        assert client.connected
+
+
 async def test_killed_listen_stream_is_restarted_without_misses_or_duplicates(
     nursery: trio.Nursery, dht: MemoryDht
 ) -> None:

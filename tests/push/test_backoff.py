@@ -14,6 +14,7 @@ def test_backoff_grows_caps_and_resets():
     assert jittered.failed() == 0.5
     with pytest.raises(ValueError):
         Backoff(0, 1)
+    assert Backoff(10.0, 5.0, jitter=0.0).failed() == 5.0  # a first wait above the cap is the cap
 
 
 def test_delay_takes_up_to_jitter_off_and_never_exceeds_the_maximum():

@@ -159,6 +159,14 @@ class ProxyClient:
         await self._check_health()
         return self._health
 
+    def connectivity_changed(self) -> None:
+        """The device's network changed (Wi-Fi/4G, VPN, wake from doze): check the proxy at once and restart
+        every LISTEN stream, whose socket may have died without a sign."""
+        for task in self._tasks.values():
+            if not self.push_mode:
+                task.restart_stream()
+        self._health_wake.set()
+
     @property
     def _closed(self) -> bool:
         return self._http.closed

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from trio_dht.persist import UNAVAILABLE
-from trio_dht.rest.value_json import dumps
+from trio_dht.rest.errors import error_body
 
 SERVER = "trio-dht"
 BASE_HEADERS: tuple[tuple[str, str], ...] = (
@@ -40,7 +40,7 @@ class Reply(NamedTuple):
 
 def error(status: int, message: str, *, close: bool = False) -> Reply:
     """``{"err": message}`` with ``status``, as OpenDHT's proxy answers errors."""
-    return Reply(status, dumps({"err": message}) + b"\n", close=close)
+    return Reply(status, error_body(message), close=close)
 
 
 INCORRECT_JSON = error(400, "Incorrect JSON")

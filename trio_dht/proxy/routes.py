@@ -59,7 +59,7 @@ class Request(NamedTuple):
     key: InfoHash | None = None
     """The ``{hash}`` of the path (None on the routes without one)."""
     body: bytes = b""
-    """The whole body (read only for the routes that take one: :attr:`RouteSpec.reads_body`)."""
+    """The whole body (empty when none was sent)."""
     client: str | None = None
     """The client's address, when known."""
 

@@ -298,8 +298,3 @@ class ListenStream(ResponseBody):
         if lines:
             return lines
         raise StopAsyncIteration  # ended, nothing left
-
-    def close(self) -> None:
-        """End the stream: the client gets the last chunk, and the DHT listen is cancelled."""
-        if self._feed is not None:
-            self._feed.close()
