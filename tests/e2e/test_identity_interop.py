@@ -329,6 +329,9 @@ async def test_dhtnode_stores_our_certificate_at_the_key_id(identity: Identity) 
         ) as ours:
             await peer.wait_for_nodes(1, timeout=15)
             at_key_id = await poll_until(lambda: _proxy_values(peer.proxy_url, identity.id), timeout=15)
+            with trio.fail_after(15):  # both announces done (put registers a permanent put once announced)
+                while (_long_id_key(identity), 1) not in ours._permanent:
+                    await trio.sleep(0.05)
             assert ours.node_id == hashlib.sha1(b"node:" + identity.id.hex().encode()).digest()
         assert [(v["type"], int(v["id"])) for v in at_key_id] == [(8, 1)]
         for values in (at_key_id, await _proxy_values(peer.proxy_url, identity.id)):
