@@ -18,6 +18,7 @@ from trio_dht.crypto import Identity
 from trio_dht.infohash import InfoHash
 from trio_dht.node import open_node
 from trio_dht.node.dht import CERTIFICATE_VALUE_ID, DhtNode, NoIdentity, identity_node_id
+from trio_dht.node.storage import NEVER
 from trio_dht.value import Value
 
 LOCAL = "127.0.0.1"
@@ -169,3 +170,17 @@ def test_the_node_imports_and_runs_without_cryptography() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_permanent_signed_put_is_edited_in_place(identity: Identity) -> None:
+    async with nodes(identity) as (plain, signer):
+        key = InfoHash.get("permanent signed")
+        assert await signer.put_signed(key, Value(b"v1", id=3), permanent=True)
+        assert await signer.put_signed(key, Value(b"v2", id=3), permanent=True)
+        assert [k for k in signer._permanent if k[0] == key] == [(key, 3)]  # one re-announce, of the edit
+        stored = signer.storage.stored(key, 3)
+        assert stored is not None and (stored.value.data, stored.value.seq) == (b"v2", 1)
+        assert stored.expiration == NEVER
+        remote = plain.storage.get_value(key, 3)
+        assert remote is not None and (remote.data, remote.seq) == (b"v2", 1)
+        assert signer.cancel_put(key, 3) and signer.storage.get_value(key, 3) is None
