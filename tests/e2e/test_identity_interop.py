@@ -233,3 +233,123 @@ async def test_a_value_we_sign_comes_back_from_dhtnode_as_ours(identity: Identit
         )
         assert _owner_der(value["owner"]) == identity.public_key.der
         assert base64.b64decode(value["sig"]) == signed.signature
+
+
+# -- a node with an identity: put_signed and certificates, checked by real nodes ---------------------------
+
+
+async def _proxy_values(proxy_url: str, key: InfoHash) -> list[dict[str, object]]:
+    """The proxy JSON of the values dhtnode finds at ``key``."""
+    async with httpx.AsyncClient(base_url=proxy_url, trust_env=False, timeout=20) as client:
+        response = await client.get(f"/key/{key.hex()}")
+        return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+def _long_id_key(identity: Identity) -> InfoHash:
+    return InfoHash(hashlib.sha1(identity.public_key.long_id).digest())
+
+
+@needs_opendht
+async def test_put_signed_reaches_opendht_and_an_edit_replaces_it(identity: Identity) -> None:
+    """The real node stores our signed value, then our edit (seq + 1) in its place: checked in its own
+    storage, after our node has stopped."""
+    require_opendht()
+    key = InfoHash.get("put_signed, for opendht")
+    vid = random.getrandbits(63) + 1
+    async with open_opendht_peer() as real:
+        async with open_node(
+            port=0, host=LOOPBACK, host6=None, identity=identity, bootstrap=[real.address]
+        ) as ours:
+            await real.wait_for_nodes(1, timeout=15)
+            assert await ours.put_signed(key, Value(b"first", id=vid, utype="text/plain"))
+            assert await poll_until(lambda: real.get(key), timeout=10) == [
+                {"id": vid, "data": b"first", "type": None, "utype": "text/plain", "owner": identity.id.hex()}
+            ]
+            assert await ours.put_signed(key, Value(b"edited", id=vid, utype="text/plain"))
+            mine = ours.storage.get_value(key, vid)
+            assert mine is not None and mine.seq == 1
+        values = await real.get(key)  # ours is gone: what the real node stored
+        assert [(v["id"], v["data"], v["owner"]) for v in values] == [(vid, b"edited", identity.id.hex())]
+
+
+@needs_dhtnode
+async def test_put_signed_reaches_dhtnode_and_an_edit_replaces_it(identity: Identity) -> None:
+    require_dhtnode()
+    key = InfoHash.get("put_signed, for dhtnode")
+    vid = random.getrandbits(63) + 1
+    async with open_dhtnode_peer() as peer:
+        async with open_node(
+            port=0, host=LOOPBACK, host6=None, identity=identity, bootstrap=[peer.address]
+        ) as ours:
+            await peer.wait_for_nodes(1, timeout=15)
+            assert await ours.put_signed(key, Value(b"first", id=vid))
+            first = await poll_until(lambda: _proxy_values(peer.proxy_url, key), timeout=10)
+            assert [(int(v["id"]), base64.b64decode(v["data"]), v["seq"]) for v in first] == [
+                (vid, b"first", 0)
+            ]
+            assert _owner_der(first[0]["owner"]) == identity.public_key.der
+            assert await ours.put_signed(key, Value(b"edited", id=vid))
+        values = await _proxy_values(peer.proxy_url, key)  # ours is gone: what dhtnode stored
+        assert [(int(v["id"]), base64.b64decode(v["data"]), v["seq"]) for v in values] == [
+            (vid, b"edited", 1)
+        ]
+        assert _owner_der(values[0]["owner"]) == identity.public_key.der
+        edited = identity.sign_value(Value(b"edited", id=vid, seq=1))
+        assert base64.b64decode(values[0]["sig"]) == edited.signature
+
+
+@needs_dhtnode
+async def test_we_find_the_certificate_dhtnode_announces(tmp_path: Path) -> None:
+    require_dhtnode()
+    theirs = Identity.generate("dhtnode's", bits=2048)
+    theirs.save(tmp_path / "node.pem", tmp_path / "node.crt")
+    flags = ["--certificate", str(tmp_path / "node.crt"), "--privkey", str(tmp_path / "node.pem")]
+    async with AsyncExitStack() as stack:
+        ours = await stack.enter_async_context(open_node(port=0, host=LOOPBACK, host6=None))
+        peer = await stack.enter_async_context(
+            open_dhtnode_peer(bootstrap=(LOOPBACK, ours.bound_port), extra_args=flags)
+        )
+        await peer.wait_for_nodes(1, timeout=15)
+        found = await poll_until(lambda: ours.find_certificate(theirs.id), timeout=15)
+        assert found.der == theirs.certificate.der and found.name == "dhtnode's"
+        found = await ours.find_certificate(theirs.id, theirs.public_key.long_id)
+        assert found is not None and found.der == theirs.certificate.der
+        assert await ours.find_certificate(InfoHash.get("no such key")) is None
+
+
+@needs_dhtnode
+async def test_dhtnode_stores_our_certificate_at_the_key_id(identity: Identity) -> None:
+    """Our node announces its certificate to dhtnode; after our node stopped, dhtnode's proxy returns it from
+    its own storage at the key id. At SHA-1(long id) 2.4.12 stores nothing: its type-8 store policy accepts a
+    certificate only at its key id."""
+    require_dhtnode()
+    async with open_dhtnode_peer() as peer:
+        async with open_node(
+            port=0, host=LOOPBACK, host6=None, identity=identity, bootstrap=[peer.address]
+        ) as ours:
+            await peer.wait_for_nodes(1, timeout=15)
+            at_key_id = await poll_until(lambda: _proxy_values(peer.proxy_url, identity.id), timeout=15)
+            with trio.fail_after(15):  # both announces done (put registers a permanent put once announced)
+                while (_long_id_key(identity), 1) not in ours._permanent:
+                    await trio.sleep(0.05)
+            assert ours.node_id == hashlib.sha1(b"node:" + identity.id.hex().encode()).digest()
+        assert [(v["type"], int(v["id"])) for v in at_key_id] == [(8, 1)]
+        for values in (at_key_id, await _proxy_values(peer.proxy_url, identity.id)):
+            assert Certificate.from_pem(base64.b64decode(values[0]["data"])).der == identity.certificate.der
+        assert await _proxy_values(peer.proxy_url, _long_id_key(identity)) == []
+
+
+@needs_opendht
+async def test_opendht_gets_our_certificate_at_both_keys(identity: Identity) -> None:
+    """The ``opendht`` binding has no ``findCertificate``: a get of type 8 at each key, from the real node's
+    own storage once our node has stopped."""
+    require_opendht()
+    async with open_opendht_peer() as real:
+        async with open_node(port=0, host=LOOPBACK, host6=None, identity=identity, bootstrap=[real.address]):
+            await real.wait_for_nodes(1, timeout=15)
+            for key in (identity.id, _long_id_key(identity)):
+                await poll_until(lambda key=key: real.get(key, value_type=8), timeout=15)
+        for key in (identity.id, _long_id_key(identity)):
+            values = await real.get(key, value_type=8)
+            assert [(v["id"], v["type"], v["owner"]) for v in values] == [(1, 8, None)]
+            assert Certificate.from_pem(values[0]["data"]).der == identity.certificate.der

@@ -6,12 +6,19 @@ received to :class:`~trio_dht.node.protocol.NodeProtocol` with the time; the pro
 for: request retransmissions, value expiry, confirmation pings, maintenance (tokens, buckets, remote
 listeners), bootstrap, the listen driver (``node.listen_driver``) and the get rounds of the searches
 (``node.search_driver``). Puts and their periodic re-announces are here.
+
+A node may run with an :class:`~trio_dht.crypto.Identity` (OpenDHT's SecureDht): its id is then SHA-1 of
+"node:" and the key id in lowercase hex, it signs values with :meth:`DhtNode.put_signed`, and it announces its
+certificate as a permanent, unsigned value of type 8 with id 1 and the PEM chain as data, at the key id
+(where OpenDHT 2.x looks) and at SHA-1 of the long key id (where OpenDHT 4.x looks). ``trio_dht.crypto``
+needs the ``cryptography`` package, so it is imported only when a certificate is parsed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import random
@@ -19,7 +26,8 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,16 +41,38 @@ from trio_dht.node.protocol import NodeProtocol, Request
 from trio_dht.node.ratelimit import UdpRateLimiter
 from trio_dht.node.routing import K, Node
 from trio_dht.node.search_driver import Searches, wait_for
-from trio_dht.node.storage import Storage
+from trio_dht.node.storage import CERTIFICATE_TYPE, Storage
 from trio_dht.node.transactions import FAIL_AFTER
 from trio_dht.node.udp import UdpEndpoint
-from trio_dht.value import Query, Value, random_value_id, type_expiration
+from trio_dht.value import FIELD_ID, FIELD_TYPE, Query, Value, random_value_id, type_expiration
 from trio_dht.wire.compact import Address, is_ipv6, normalize
 from trio_dht.wire.message import Kind, Message
+
+if TYPE_CHECKING:
+    from trio_dht.crypto import Certificate, Identity
 
 log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
+CERTIFICATE_VALUE_ID = 1
+"""The value id of a node's certificate announcement."""
+
+
+def identity_node_id(identity: Identity) -> InfoHash:
+    """The node id OpenDHT takes for a node with this identity: SHA-1("node:" + hex key id)."""
+    return InfoHash(hashlib.sha1(b"node:" + identity.id.hex().encode()).digest())
+
+
+def certificate_keys(key_id: InfoHash, long_id: bytes | None = None) -> list[InfoHash]:
+    """Where a certificate is announced and looked up: the key id, and SHA-1 of the long key id if known."""
+    keys = [key_id]
+    if long_id is not None:
+        keys.append(InfoHash(hashlib.sha1(long_id).digest()))
+    return keys
+
+
+class NoIdentity(RuntimeError):
+    """A signing operation on a node that runs without an identity."""
 
 
 class RequestFailed(Exception):
@@ -64,9 +94,15 @@ def _reply_or_raise(reply: Message | None, method: str, addr: Address) -> Messag
 class DhtNode:
     """A running node. Create it with :func:`open_node`."""
 
-    def __init__(self, *, node_id: InfoHash | None = None, **options: Any) -> None:
+    def __init__(
+        self, *, node_id: InfoHash | None = None, identity: Identity | None = None, **options: Any
+    ) -> None:
         """``options``: the :class:`~trio_dht.node.protocol.NodeProtocol`'s (``network``, ``is_client``,
-        ``storage``, ``rate_limiter``, ``limits``)."""
+        ``storage``, ``rate_limiter``, ``limits``). With an ``identity`` and no ``node_id``, the node id is
+        :func:`identity_node_id`."""
+        self._identity = identity
+        if node_id is None and identity is not None:
+            node_id = identity_node_id(identity)
         self._clock = trio.lowlevel.current_clock().current_time  # trio.current_time, minus 2 calls
         self.protocol = protocol = NodeProtocol(
             node_id or InfoHash.random(), now=self._clock(), wall_clock=time.time, **options
@@ -100,6 +136,11 @@ class DhtNode:
     @property
     def node_id(self) -> InfoHash:
         return self.protocol.id
+
+    @property
+    def identity(self) -> Identity | None:
+        """The key and certificate the node signs with, or None."""
+        return self._identity
 
     @property
     def public_address(self) -> Address | None:
@@ -194,8 +235,13 @@ class DhtNode:
             nursery.start_soon(self.listen_driver.run)
             nursery.start_soon(self._request_timer)
             self._bootstrap = list(bootstrap)
+            bootstrapped = trio.Event()
             if self._bootstrap:
-                nursery.start_soon(self._bootstrap_loop)
+                nursery.start_soon(self._bootstrap_loop, bootstrapped)
+            else:
+                bootstrapped.set()
+            if self._identity is not None:
+                nursery.start_soon(self._announce_certificate, self._identity, bootstrapped)
             task_status.started()
 
     def close(self) -> None:
@@ -320,9 +366,9 @@ class DhtNode:
             with contextlib.suppress(RequestFailed):
                 await self.request(node.addr, "find", {"target": target, "w": [2, 10]}, node_id=node.id)
 
-    async def _bootstrap_loop(self) -> None:
+    async def _bootstrap_loop(self, bootstrapped: trio.Event) -> None:
         """Ping the bootstrap nodes until connected (retry after 10 s, doubling up to a day), then search our
-        own id."""
+        own id and set ``bootstrapped``."""
         backoff = Backoff(10.0, 24 * 3600.0, jitter=0.0)
         while True:
             addrs = await self._resolve(self._bootstrap)
@@ -334,6 +380,18 @@ class DhtNode:
             await trio.sleep(backoff.failed())
         for v6 in sorted(self.protocol.families):
             await self.searches.search(self.node_id, v6, "find", {"target": self.node_id})
+        bootstrapped.set()
+
+    async def _announce_certificate(self, identity: Identity, bootstrapped: trio.Event) -> None:
+        """Store our certificate here at once (gets that reach this node find it), then, once bootstrapped,
+        put it permanently at its keys."""
+        value = Value(identity.certificate.pem, type=CERTIFICATE_TYPE, id=CERTIFICATE_VALUE_ID)
+        keys = certificate_keys(identity.id, identity.public_key.long_id)
+        for key in keys:
+            self.protocol.store(key, value, trio.current_time(), local=True, permanent=True)
+        await bootstrapped.wait()
+        for key in keys:
+            await self.put(key, value, permanent=True)
 
     async def _bootstrap_ping(self, addr: Address) -> None:
         try:
@@ -410,6 +468,58 @@ class DhtNode:
                 await trio.sleep(max(1.0, type_expiration(value.type) - 10))
                 await self._announce(key, value)
 
+    async def put_signed(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        """Sign ``value`` with the node's identity and :meth:`put` it, as OpenDHT's ``putSigned``.
+
+        The values of its id under ``key`` are first fetched from the network (and this node's storage):
+        its ``seq`` becomes one more than the highest of those signed by us (with a valid signature), so
+        the put replaces them. A value without an id gets a random one. Raises :class:`NoIdentity` on a
+        node without an identity, ValueError for an encrypted value or a seq past 65535.
+        """
+        identity = self._identity
+        if identity is None:
+            raise NoIdentity("put_signed needs a node with an identity (open_node(identity=...))")
+        if value.cypher:
+            raise ValueError("an encrypted value cannot be signed")
+        if not value.id:
+            value = replace(value, id=random_value_id(), _packed=None)
+        found = await self._values_of_id(key, value.id)
+        owner = identity.public_key.der
+        ours = [
+            v for v in found if v.owner == owner and v.seq >= value.seq and self.protocol.verifier.verify(v)
+        ]
+        return await self.put(key, identity.sign_value(value, previous=ours), permanent=permanent)
+
+    async def _values_of_id(self, key: InfoHash, value_id: int) -> list[Value]:
+        """Every version of value ``value_id`` under ``key``: this node's and every reply's (a get keeps the
+        first of each id; a signed put needs the highest seq)."""
+        query = Query(where=((FIELD_ID, value_id),))
+        found = list(self.storage.get(key, query))
+
+        def on_reply(_sn: object, reply: Message) -> None:
+            found.extend(v for v in reply.values if v.id == value_id)
+
+        args = {"h": key, "q": query.to_wire()}
+        await self.searches.each_family(lambda v6: self.searches.search(key, v6, "get", args, on_reply))
+        return found
+
+    async def find_certificate(self, key_id: InfoHash, long_id: bytes | None = None) -> Certificate | None:
+        """The certificate of the public key with this key id, from the certificates announced at the key id
+        (and at SHA-1 of ``long_id`` if given), or None. A value that is not a readable certificate of that
+        key is skipped. Needs the ``cryptography`` package."""
+        from trio_dht.crypto import Certificate, CryptoError
+
+        query = Query(where=((FIELD_TYPE, CERTIFICATE_TYPE),))
+        for key in certificate_keys(key_id, long_id):
+            for value in await self.get(key, query):
+                try:
+                    cert = Certificate.from_pem(value.data)
+                except CryptoError:
+                    continue
+                if cert.id == key_id and (long_id is None or cert.long_id == long_id):
+                    return cert
+        return None
+
     def cancel_put(self, key: InfoHash, value_id: int) -> bool:
         scope = self._permanent.pop((key, value_id), None)
         if scope is None:
@@ -449,15 +559,18 @@ async def open_node(
     storage: Storage | None = None,
     rate_limiter: UdpRateLimiter | None = None,
     limits: Limits = DEFAULT,
+    identity: Identity | None = None,
 ) -> AsyncIterator[DhtNode]:
     """Run a DHT node for the duration of the block.
 
     ``async with open_node(port=4222, bootstrap=[("bootstrap.jami.net", 4222)]) as node:``. It binds UDP on
     ``host`` (and ``host6`` for IPv6, when given and available) and pings the bootstrap nodes in the
-    background.
+    background. With an ``identity`` it signs values (:meth:`DhtNode.put_signed`) and announces its
+    certificate.
     """
     node = DhtNode(
         node_id=node_id,
+        identity=identity,
         network=network,
         is_client=is_client,
         storage=storage,
