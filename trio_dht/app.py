@@ -49,7 +49,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -70,6 +70,9 @@ from trio_dht.push.service import PushService
 from trio_dht.push.unifiedpush import UnifiedPushGateway
 from trio_dht.wire import msgpack_codec
 
+if TYPE_CHECKING:
+    from trio_dht.crypto import Identity
+
 log = logging.getLogger(__name__)
 
 SAVE_NODE_STATE_EVERY = 300.0
@@ -78,8 +81,7 @@ SAVE_NODE_STATE_EVERY = 300.0
 
 async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node and its front ends until SIGINT or SIGTERM; ``task_status`` gets the node once serving."""
-    if config.identity:
-        log.warning("-i/--identity ignored: trio-dht has no cryptographic identity (values are not signed)")
+    identity = _identity(config)
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
         saved = store.load_node_state() if store is not None else None
@@ -93,7 +95,8 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                     host6=config.bind6,
                     bootstrap=bootstrap,
                     network=config.network,
-                    node_id=InfoHash(saved.node_id) if saved is not None else None,
+                    node_id=InfoHash(saved.node_id) if saved is not None and identity is None else None,
+                    identity=identity,
                     rate_limiter=None if config.rate_limit else UdpRateLimiter(per_ip=-1, total=-1),
                     limits=config.limits,
                 ) as node:
@@ -106,6 +109,26 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                         task_status.started(node)
                         await trio.sleep_forever()
     log.info("stopped")
+
+
+def _identity(config: AppConfig) -> Identity | None:
+    """The identity the flags ask for (loaded, or new with -i), saved with --save-identity; None without."""
+    if not (config.identity or config.certificate):
+        return None
+    try:
+        from trio_dht.crypto import Identity
+    except ImportError as exc:  # the zipapp carries no cryptography
+        raise RuntimeError(f"an identity needs the cryptography package ({exc})") from None
+    if config.certificate is not None and config.private_key is not None:
+        identity = Identity.load(config.private_key, config.certificate, config.private_key_password)
+    else:
+        identity = Identity.generate()
+    if config.save_identity is not None:
+        path = config.save_identity
+        identity.save(path.with_name(path.name + ".pem"), path.with_name(path.name + ".crt"))
+        log.info("identity saved to %s.pem and %s.crt", path, path)
+    log.info("identity: public key id %s", identity.id.hex())
+    return identity
 
 
 async def _keep_node_state(

@@ -44,7 +44,11 @@ class AppConfig:
     bind6: str | None = "::"  # None: IPv4 only
     rate_limit: bool = True  # OpenDHT's limits on incoming requests (1024/s per IP, 8192/s in all)
     verbose: int = 0
-    identity: bool = False  # -i: accepted for dhtnode compatibility, ignored (no signing support)
+    identity: bool = False  # -i: run with a new identity (an RSA key and its certificate)
+    certificate: Path | None = None  # --certificate and --privkey: run with this identity
+    private_key: Path | None = None
+    private_key_password: str | None = None
+    save_identity: Path | None = None  # --save-identity PATH: write the identity to PATH.pem and PATH.crt
     proxy: ProxyConfig | None = DEFAULT_PROXY  # None: no REST proxy
     push_server: str | None = None
     bundle_id: str = ""
@@ -231,12 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no limit on incoming UDP requests (as dhtnode -U; default 1024/s per IP, 8192/s in all)",
     )
-    node.add_argument(
+    identity = parser.add_argument_group("identity (as dhtnode's flags; needs the cryptography package)")
+    identity.add_argument(
         "-i",
         "--identity",
         action="store_true",
-        help="accepted for dhtnode compatibility and IGNORED: trio-dht has no cryptographic identity, "
-        "so it neither signs nor encrypts values",
+        help="run with a new identity: an RSA key and its certificate; the node id derives from the key, "
+        "and the node announces its certificate",
+    )
+    identity.add_argument("--certificate", type=Path, metavar="FILE", help="run with this PEM certificate")
+    identity.add_argument("--privkey", dest="private_key", type=Path, metavar="FILE", help="and this PEM key")
+    identity.add_argument("--privkey-password", dest="private_key_password", metavar="PW")
+    identity.add_argument(
+        "--save-identity",
+        type=Path,
+        metavar="PATH",
+        help="write the identity to PATH.pem (the key, mode 0600) and PATH.crt (the certificate)",
     )
 
     proxy = parser.add_argument_group("REST proxy")
@@ -334,6 +348,15 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
     for path in tls_files:
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
+    if (args.certificate is None) != (args.private_key is None):
+        parser.error("--certificate and --privkey go together")
+    if args.private_key_password is not None and args.private_key is None:
+        parser.error("--privkey-password is only used with --privkey")
+    if args.save_identity is not None and not (args.identity or args.certificate):
+        parser.error("--save-identity needs an identity: -i, or --certificate and --privkey")
+    for path in (args.certificate, args.private_key):
+        if path is not None and not path.is_file():
+            parser.error(f"no such file: {path}")
     try:
         limits = Limits().replace(args.limits)
     except ValueError as exc:
@@ -362,6 +385,10 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         rate_limit=args.rate_limit,
         verbose=args.verbose,
         identity=args.identity,
+        certificate=args.certificate,
+        private_key=args.private_key,
+        private_key_password=args.private_key_password,
+        save_identity=args.save_identity,
         proxy=proxy,
         push_server=args.push_server,
         bundle_id=args.bundle_id,

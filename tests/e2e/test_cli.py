@@ -37,7 +37,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"trio-dht {metadata.version('trio-dht')}\n"
 
 
-def test_help_lists_dhtnode_flags_and_says_identity_is_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_dhtnode_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
@@ -54,7 +54,10 @@ def test_help_lists_dhtnode_flags_and_says_identity_is_ignored(capsys: pytest.Ca
         assert flag in out
     for flag in ("--proxyserverssl", "--proxy-addr", "--pushserver", "--bundleid", "--persist"):
         assert flag in out
-    assert "IGNORED" in out.split("--identity", 1)[1]
+    for flag in ("--identity", "--certificate FILE", "--privkey FILE", "--privkey-password"):
+        assert flag in out  # dhtnode's identity flags
+    assert "--save-identity" in out
+    assert "needs the cryptography package" in " ".join(out.split())
 
 
 def test_client_subcommand_is_the_proxy_client(capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,6 +139,19 @@ def test_pyz_version_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
     assert result.stdout == f"trio-dht {metadata.version('trio-dht')}\n"
 
 
+def test_pyz_refuses_an_identity_in_one_line(pyz: Path, bare_python: Path) -> None:
+    """The zipapp carries no cryptography: -i is refused with one line and exit code 1, not a traceback."""
+    result = subprocess.run(
+        [bare_python, pyz, "-i", "-p", "0", "--bind", "127.0.0.1", "--no-ipv6", "--no-proxy"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "an identity needs the cryptography package" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_pyz_uses_the_pure_python_fallbacks(pyz: Path, bare_python: Path) -> None:
     check = (
         "import sys; sys.path.insert(0, sys.argv[1]);"

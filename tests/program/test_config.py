@@ -128,9 +128,23 @@ def test_dhtnode_flags() -> None:
     assert parse_args(["-vv"]).verbose == 2
 
 
-def test_identity_is_accepted() -> None:
+def test_identity_flags(tmp_path, capsys) -> None:
     assert parse_args(["-i"]).identity is True
-    assert parse_args([]).identity is False
+    assert parse_args([]).identity is False and parse_args([]).certificate is None
+    cert, key = tmp_path / "n.crt", tmp_path / "n.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    config = parse_args(["--certificate", str(cert), "--privkey", str(key), "--save-identity", "out"])
+    assert (config.certificate, config.private_key, config.save_identity) == (cert, key, Path("out"))
+    for argv, message in (
+        (["--certificate", str(cert)], "--certificate and --privkey go together"),
+        (["--privkey-password", "pw"], "--privkey-password is only used with --privkey"),
+        (["--save-identity", "out"], "--save-identity needs an identity"),
+        (["--certificate", str(tmp_path / "no"), "--privkey", str(key)], "no such file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bind_addresses() -> None:
