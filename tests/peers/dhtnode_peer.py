@@ -364,9 +364,12 @@ class DhtnodePrompt:
 
         Each family has ``good``, ``dubious``, ``incoming``, ``searches``, ``cached``.
         """
-        lines = await self.command(
-            "ll", until=r"\d+ searches, \d+ total cached nodes", count=2, timeout=timeout
-        )
+        for _ in range(3):  # the prompt may interleave the end of an earlier command's output: ask again
+            lines = await self.command(
+                "ll", until=r"\d+ searches, \d+ total cached nodes", count=2, timeout=timeout
+            )
+            if any(_BANNER.search(line) for line in lines):
+                break
         info: dict[str, Any] = {}
         family = ""
         for line in lines:
