@@ -145,7 +145,7 @@ async def _keep_node_state(
     again, so a killed node loses only what it stored since its last stop."""
     if saved is not None:
         values = saved.values or ()
-        restored = restore_values(node.storage, values, trio.current_time(), time.time())
+        restored = restore_values(node.protocol.store, values, trio.current_time(), time.time())
         log.info(
             "came back as %s: %d saved nodes to rejoin through, %d of %d saved values still alive",
             node.node_id.hex(), len(saved.nodes), restored, len(values),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import trio
 
 from trio_dht.infohash import InfoHash
 from trio_dht.node.routing import RoutingTable
@@ -46,7 +47,7 @@ def test_a_restored_value_lives_what_remained_of_its_life() -> None:
     state = capture(OWN, {False: RoutingTable(OWN)}, storage, 160.0, 1_000_000.0)
     remaining = state.values[0].expires - 1_000_100.0  # the node was down for 100 s
     fresh = Storage()
-    assert restore_values(fresh, state.values, 5.0, 1_000_100.0) == 1
+    assert restore_values(fresh.put, state.values, 5.0, 1_000_100.0) == 1
     stored = fresh.stored(KEY, 7)
     assert stored is not None and stored.bucket == "192.0.2.1"
     assert stored.expiration == pytest.approx(5.0 + remaining)
@@ -62,7 +63,7 @@ def test_dead_or_broken_values_are_not_restored() -> None:
         SavedValue(bytes(KEY), good, 1000.0 + 10 * lifetime, "192.0.2.1"),  # longer than its type allows
     )
     fresh = Storage()
-    assert restore_values(fresh, values, 0.0, 1000.0) == 1
+    assert restore_values(fresh.put, values, 0.0, 1000.0) == 1
     stored = fresh.stored(KEY, 1)
     assert stored is not None and stored.expiration <= lifetime  # never longer than a fresh put's
 
@@ -78,3 +79,17 @@ def test_capture_keeps_the_good_nodes_most_recently_answering_first() -> None:
     assert bootstrap_addresses(state) == [("192.0.2.1", 4000), ("192.0.2.1", 4001), ("192.0.2.1", 4002)]
     assert MAX_NODES >= 8 and all(math.isfinite(v.expires) for v in state.values or ())
     assert capture(OWN, {False: table}, None, now, 0.0).values is None  # the id and nodes alone
+
+
+async def test_a_restored_value_expires_in_the_running_node(open_driven_node, autojump_clock) -> None:
+    """Restored through the node's store path: its expiry is scheduled like any stored value's."""
+    saved = SavedValue(bytes(KEY), Value(data=b"theirs", id=7).packed(), 1_000_030.0, "192.0.2.1")
+    async with open_driven_node() as driven:
+        node = driven.node
+        await trio.sleep(1)  # the expiry loop waits, with nothing stored
+        start = trio.current_time()
+        assert restore_values(node.protocol.store, (saved,), start, 1_000_000.0) == 1
+        await trio.sleep(29)
+        assert node.storage.get_value(KEY, 7) is not None
+        await trio.sleep(2)
+        assert node.storage.get_value(KEY, 7) is None  # 30 s were left of its life

@@ -41,7 +41,7 @@ from trio_dht.node.local_listens import LocalListens
 from trio_dht.node.ratelimit import UdpRateLimiter, source_key
 from trio_dht.node.remote_listeners import ListenerBook, TooManyListeners
 from trio_dht.node.routing import K, Node, RoutingTable
-from trio_dht.node.storage import PutOutcome, Storage, StoredValue
+from trio_dht.node.storage import PutOutcome, PutResult, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
 from trio_dht.node.transactions import Action, PendingRequest, RequestTracker
 from trio_dht.node.validation import AddressValidation, smaller_answers
@@ -454,9 +454,10 @@ class NodeProtocol:
             return True
         return closest[-1].id.distance(key) >= self.id.distance(key)
 
-    def store(self, key: InfoHash, value: Value, now: float, **options: Any) -> None:
-        """Store a value (a remote put's, or ours with ``local=True``) and tell local and remote listeners;
-        ``options`` as :meth:`Storage.put <trio_dht.node.storage.Storage.put>`."""
+    def store(self, key: InfoHash, value: Value, now: float, **options: Any) -> PutResult:
+        """Store a value (a remote put's, ours with ``local=True``, or one restored after a restart) and tell
+        local and remote listeners; ``options`` as :meth:`Storage.put <trio_dht.node.storage.Storage.put>`,
+        whose result it returns."""
         result = self.storage.put(key, value, now, **options)
         stored = self.storage.stored(key, value.id)
         if stored is not None and stored.expiration < self.expiry_at:
@@ -471,6 +472,7 @@ class NodeProtocol:
                 self._send_update(rl.addr, rl.node_id, rl.sid, {"ve": 1, "h": key}, [value], now)
         elif result.outcome is PutOutcome.REFRESHED:
             self._push_ids(key, "re", [value.id], now)
+        return result
 
     def expiration(self, key: InfoHash, value: Value, now: float) -> float:
         """When a value we store expires (never, for our permanent puts)."""

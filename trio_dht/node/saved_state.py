@@ -14,11 +14,12 @@ holds; a value that no longer parses, or whose life ended while the node was dow
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trio_dht.infohash import InfoHash
 from trio_dht.node.routing import Node, RoutingTable
-from trio_dht.node.storage import Storage
+from trio_dht.node.storage import PutResult, Storage
 from trio_dht.value import InvalidValue, Value, type_expiration
 from trio_dht.wire.compact import Address
 
@@ -74,8 +75,12 @@ def capture(
     return NodeState(bytes(node_id), nodes, values)
 
 
-def restore_values(storage: Storage, values: tuple[SavedValue, ...], now: float, wall: float) -> int:
-    """Store the saved values that are still alive, each for what remains of its life; returns how many."""
+def restore_values(
+    store: Callable[..., PutResult], values: tuple[SavedValue, ...], now: float, wall: float
+) -> int:
+    """Store the saved values that are still alive, each for what remains of its life, with ``store`` (the
+    running node's ``NodeProtocol.store``, which schedules their expiry, or a ``Storage.put``); returns how
+    many were taken."""
     restored = 0
     for saved in values:
         remaining = saved.expires - wall
@@ -87,7 +92,7 @@ def restore_values(storage: Storage, values: tuple[SavedValue, ...], now: float,
             continue
         lifetime = type_expiration(value.type)
         created = now - max(0.0, lifetime - remaining)  # so that it expires at now + remaining (at most)
-        if storage.put(InfoHash(saved.key), value, now, created=created, source=saved.bucket).accepted:
+        if store(InfoHash(saved.key), value, now, created=created, source=saved.bucket).accepted:
             restored += 1
     return restored
 
