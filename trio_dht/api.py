@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from trio_dht.infohash import InfoHash
 from trio_dht.value import Query, Value
@@ -58,6 +58,14 @@ GetCallback = Callable[[list[Value]], None]
 ListenCallback = Callable[[ValueEvent], None]
 
 
+class NoIdentity(RuntimeError):
+    """A signing or encrypting operation on a DHT that runs without an identity."""
+
+
+class RecipientNotFound(LookupError):
+    """``put_encrypted`` found no certificate of the recipient's key on the DHT."""
+
+
 class ListenHandle(Protocol):
     """What :meth:`Dht.add_listener` returns."""
 
@@ -83,6 +91,17 @@ class Dht(Protocol):
 
         A permanent put is re-announced until :meth:`cancel_put`.
         """
+        ...
+
+    async def put_signed(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        """Sign ``value`` with the DHT's identity and put it, its ``seq`` one above the highest of ours
+        already there (OpenDHT's ``putSigned``). :class:`NoIdentity` without an identity."""
+        ...
+
+    async def put_encrypted(self, key: InfoHash, value: Value, to: Any, *, permanent: bool = False) -> bool:
+        """Sign ``value`` and encrypt it for ``to`` (a :class:`~trio_dht.crypto.PublicKey`, or the key id or
+        32-byte long id of one whose certificate is on the DHT), then put it (OpenDHT's ``putEncrypted``).
+        :class:`NoIdentity` without an identity, :class:`RecipientNotFound` if no certificate is found."""
         ...
 
     def cancel_put(self, key: InfoHash, value_id: int) -> bool:

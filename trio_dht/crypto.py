@@ -17,6 +17,11 @@ Values are signed with RSA PKCS#1 v1.5 over SHA-512 of :meth:`trio_dht.value.Val
 :data:`MAX_PEM_BYTES`. Files are PEM: the private key as PKCS#8 (encrypted with a password, PBES2 with
 AES-256), the certificate as its chain, the node's own certificate first, as OpenDHT's ``saveIdentity``.
 
+A value is encrypted for one recipient as OpenDHT's ``putEncrypted`` does it (:func:`encrypt_value`):
+its ``to`` is set to the recipient's key id, it is signed, and its ``dat`` map (``body`` and ``sig``) is
+packed and encrypted with the recipient's RSA key (:func:`encrypt_bytes`); what travels is the id, that
+cypher and the push hints. :func:`decrypt_value` undoes it and checks the ``to`` and the signature.
+
 This module needs the ``cryptography`` package (the zipapp cannot import it).
 """
 
@@ -27,7 +32,7 @@ import hashlib
 import os
 import secrets
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,13 +40,15 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from trio_dht import purecrypto
 from trio_dht.infohash import InfoHash
-from trio_dht.value import Value
+from trio_dht.value import InvalidValue, Value
+from trio_dht.wire.msgpack_codec import packb, unpackb
 
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = purecrypto.RSA_MAX_MODULUS_BITS
@@ -55,6 +62,10 @@ MAX_NAME_CHARS = 64
 """The most characters in a certificate's common name (X.509's upper bound)."""
 MAX_SEQ = 0xFFFF
 """A signed value's ``seq`` is a uint16."""
+RSA_PADDING_BYTES = 11
+"""PKCS#1 v1.5 encryption padding: a block of k bytes carries at most k - 11 bytes."""
+GCM_IV_BYTES = 12
+GCM_TAG_BYTES = 16
 
 _PRINTABLE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ()+,-./:=?")
 """The characters GnuTLS writes as a PrintableString (no apostrophe); a name with any other is UTF8String."""
@@ -261,6 +272,78 @@ def sign_value(private_key: rsa.RSAPrivateKey, value: Value, previous: Iterable[
     return replace(unsigned, signature=sign_bytes(private_key, unsigned.signed_bytes()))
 
 
+def encrypt_bytes(public_key: PublicKey, data: bytes) -> bytes:
+    """``data`` encrypted for ``public_key`` as OpenDHT's ``PublicKey::encrypt``.
+
+    With k the modulus size in bytes: up to k - 11 bytes is one RSA PKCS#1 v1.5 block of k bytes. Anything
+    longer is a block holding a random AES key (the largest of 32, 24 or 16 bytes that fits), followed by
+    IV (12 bytes) || AES-GCM ciphertext || tag (16 bytes), with no associated data.
+    """
+    block = public_key.bits // 8
+    room = block - RSA_PADDING_BYTES
+    if len(data) <= room:
+        return public_key.key().encrypt(data, padding.PKCS1v15())
+    aes_key = secrets.token_bytes(next(size for size in (32, 24, 16) if size <= room))
+    iv = secrets.token_bytes(GCM_IV_BYTES)
+    head = public_key.key().encrypt(aes_key, padding.PKCS1v15())
+    return head + iv + AESGCM(aes_key).encrypt(iv, data, None)
+
+
+def decrypt_bytes(private_key: rsa.RSAPrivateKey, cypher: bytes) -> bytes:
+    """What :func:`encrypt_bytes` encrypted for ``private_key``'s public key; :class:`CryptoError` for
+    anything else (too short, not for this key, altered)."""
+    block = private_key.key_size // 8
+    if len(cypher) < block:
+        raise CryptoError(f"a cypher is at least {block} bytes, not {len(cypher)}")
+    try:
+        # cryptography may answer bad PKCS#1 v1.5 padding with random bytes instead of an error (the
+        # "implicit rejection" against timing attacks): the GCM tag, or parsing the plaintext, catches it.
+        head = private_key.decrypt(cypher[:block], padding.PKCS1v15())
+    except ValueError:
+        raise CryptoError("the cypher is not for this key") from None
+    if len(cypher) == block:
+        return head
+    if len(head) not in (16, 24, 32) or len(cypher) < block + GCM_IV_BYTES + GCM_TAG_BYTES:
+        raise CryptoError("the cypher is not for this key")
+    iv, sealed = cypher[block : block + GCM_IV_BYTES], cypher[block + GCM_IV_BYTES :]
+    try:
+        return AESGCM(head).decrypt(iv, sealed, None)
+    except Exception:  # cryptography's InvalidTag
+        raise CryptoError("the cypher is not for this key, or was altered") from None
+
+
+def encrypt_value(private_key: rsa.RSAPrivateKey, value: Value, recipient: PublicKey) -> Value:
+    """``value`` signed by ``private_key`` for ``recipient`` and encrypted for it, as OpenDHT's
+    ``putEncrypted``: the copy that travels holds only the id, the cypher and the push hints (``prio``,
+    ``push_type``, which are not encrypted). ValueError for a value already encrypted."""
+    if value.cypher:
+        raise ValueError("the value is already encrypted")
+    signed = sign_value(private_key, replace(value, recipient=bytes(recipient.id), _packed=None))
+    plain = packb(signed.to_wire()["dat"])
+    return Value(
+        id=value.id, cypher=encrypt_bytes(recipient, plain), prio=value.prio, push_type=value.push_type
+    )
+
+
+def decrypt_value(private_key: rsa.RSAPrivateKey, value: Value, verify: Callable[[Value], bool]) -> Value:
+    """The value inside ``value``'s cypher, for ``private_key``'s public key, as OpenDHT's ``SecureDht``
+    decrypts it: its ``to`` must be that key's id and ``verify`` must accept its signature. Anything else
+    is a :class:`CryptoError`."""
+    plain = decrypt_bytes(private_key, value.cypher)
+    try:
+        inner = Value.from_wire({"id": value.id, "dat": unpackb(plain)})
+    except (InvalidValue, ValueError) as exc:
+        raise CryptoError(f"the decrypted value is not a value ({exc})") from None
+    if inner.cypher or not inner.is_signed:
+        raise CryptoError("the decrypted value is not signed")
+    if inner.recipient != PublicKey._of(private_key.public_key()).id:
+        raise CryptoError("the decrypted value is for another recipient")
+    if not verify(inner):
+        raise CryptoError("the decrypted value's signature is not valid")
+    inner.prio, inner.push_type = value.prio, value.push_type
+    return inner
+
+
 def _name_attribute(oid: x509.ObjectIdentifier, text: str) -> x509.NameAttribute:
     kind = _ASN1Type.PrintableString if set(text) <= _PRINTABLE else _ASN1Type.UTF8String
     return x509.NameAttribute(oid, text, _type=kind)
@@ -367,6 +450,14 @@ class Identity:
     def sign_value(self, value: Value, previous: Iterable[Value] = ()) -> Value:
         """``value`` owned and signed by this identity (see :func:`sign_value`)."""
         return sign_value(self.private_key, value, previous)
+
+    def encrypt_value(self, value: Value, recipient: PublicKey) -> Value:
+        """``value`` signed by this identity and encrypted for ``recipient`` (see :func:`encrypt_value`)."""
+        return encrypt_value(self.private_key, value, recipient)
+
+    def decrypt_value(self, value: Value, verify: Callable[[Value], bool]) -> Value:
+        """The value encrypted for this identity in ``value`` (see :func:`decrypt_value`)."""
+        return decrypt_value(self.private_key, value, verify)
 
     def __repr__(self) -> str:
         return f"<Identity {self.certificate.name!r} {self.id.hex()} ({self.public_key.bits} bits)>"

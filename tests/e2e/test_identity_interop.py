@@ -263,7 +263,14 @@ async def test_put_signed_reaches_opendht_and_an_edit_replaces_it(identity: Iden
             await real.wait_for_nodes(1, timeout=15)
             assert await ours.put_signed(key, Value(b"first", id=vid, utype="text/plain"))
             assert await poll_until(lambda: real.get(key), timeout=10) == [
-                {"id": vid, "data": b"first", "type": None, "utype": "text/plain", "owner": identity.id.hex()}
+                {
+                    "id": vid,
+                    "data": b"first",
+                    "type": None,
+                    "utype": "text/plain",
+                    "owner": identity.id.hex(),
+                    "recipient": None,
+                }
             ]
             assert await ours.put_signed(key, Value(b"edited", id=vid, utype="text/plain"))
             mine = ours.storage.get_value(key, vid)

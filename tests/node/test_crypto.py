@@ -4,11 +4,13 @@ files we do not accept, and signing values our verifier accepts."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import os
 import secrets
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -338,3 +340,71 @@ def test_sign_value_with_a_bare_key() -> None:
     signed = crypto.sign_value(key, Value(b"v", id=3, seq=2))
     assert signed.seq == 2 and signature.verify(signed)
     assert PublicKey.from_der(signed.owner).key().public_numbers() == key.public_key().public_numbers()
+
+
+# -- encryption (OpenDHT's PublicKey::encrypt layout) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 245, 246, 1000, 60_000])
+def test_encrypt_bytes_layout_and_round_trip(identity: Identity, size: int) -> None:
+    data = secrets.token_bytes(size)
+    cypher = crypto.encrypt_bytes(identity.public_key, data)
+    block = identity.public_key.bits // 8  # 256 for 2048 bits: one block carries at most 245 bytes
+    if size <= block - 11:
+        assert len(cypher) == block
+        assert identity.private_key.decrypt(cypher, padding.PKCS1v15()) == data
+    else:  # an RSA block with an AES-256 key, then IV (12) || ciphertext || tag (16)
+        assert len(cypher) == block + 12 + size + 16
+        assert len(identity.private_key.decrypt(cypher[:block], padding.PKCS1v15())) == 32
+    assert crypto.decrypt_bytes(identity.private_key, cypher) == data
+
+
+def test_decrypt_bytes_refuses_what_is_not_for_us(identity: Identity, other: Identity) -> None:
+    long = crypto.encrypt_bytes(identity.public_key, b"x" * 1000)
+    short = crypto.encrypt_bytes(identity.public_key, b"short")
+    altered = bytearray(long)
+    altered[-20] ^= 1
+    for cypher in (long[:255], long[:-1], bytes(altered), long[:256] + b"\0" * 20):
+        with pytest.raises(CryptoError):
+            crypto.decrypt_bytes(identity.private_key, cypher)
+    for cypher in (long, short):  # another key: refused, or (implicit rejection) garbage caught later
+        with contextlib.suppress(CryptoError):
+            assert crypto.decrypt_bytes(other.private_key, cypher) not in (b"x" * 1000, b"short")
+
+
+def test_encrypted_values_round_trip_and_are_checked(identity: Identity, other: Identity) -> None:
+    value = Value(b"secret", id=9, utype="text/plain", prio=1, push_type="call")
+    sealed = identity.encrypt_value(value, other.public_key)
+    assert (sealed.id, sealed.data, sealed.owner, sealed.prio, sealed.push_type) == (9, b"", None, 1, "call")
+    assert sealed.to_wire()["dat"] == sealed.cypher
+    opened = other.decrypt_value(sealed, signature.verify)
+    assert (opened.data, opened.utype, opened.owner, opened.recipient) == (
+        b"secret",
+        "text/plain",
+        identity.public_key.der,
+        other.id,
+    )
+    assert signature.verify(opened) and (opened.prio, opened.push_type) == (1, "call")
+    with pytest.raises(CryptoError):  # not for us
+        identity.decrypt_value(sealed, signature.verify)
+    with pytest.raises(ValueError):
+        identity.encrypt_value(sealed, other.public_key)
+
+    # Encrypted for us but addressed ("to") to someone else, or with a bad signature: refused.
+    misaddressed = identity.sign_value(replace(value, recipient=bytes(identity.id)))
+    plain = crypto.packb(misaddressed.to_wire()["dat"])
+    with pytest.raises(CryptoError, match="another recipient"):
+        other.decrypt_value(
+            Value(id=9, cypher=crypto.encrypt_bytes(other.public_key, plain)), signature.verify
+        )
+    forged = replace(identity.sign_value(replace(value, recipient=bytes(other.id))), data=b"forged")
+    plain = crypto.packb(forged.to_wire()["dat"])
+    with pytest.raises(CryptoError, match="signature"):
+        other.decrypt_value(
+            Value(id=9, cypher=crypto.encrypt_bytes(other.public_key, plain)), signature.verify
+        )
+    for garbage in (b"\xc1", crypto.packb({"body": {"data": b"x", "type": 0}})):  # not msgpack; unsigned
+        with pytest.raises(CryptoError):
+            other.decrypt_value(
+                Value(id=9, cypher=crypto.encrypt_bytes(other.public_key, garbage)), signature.verify
+            )

@@ -1,4 +1,5 @@
-"""A node with an identity: its id, signed puts (seq from the network) and its certificate, on loopback."""
+"""A node with an identity: its id, signed puts (seq from the network), encrypted puts and its certificate,
+on loopback."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from trio_dht import signature
 from trio_dht.crypto import Identity
 from trio_dht.infohash import InfoHash
 from trio_dht.node import open_node
-from trio_dht.node.dht import CERTIFICATE_VALUE_ID, DhtNode, NoIdentity, identity_node_id
+from trio_dht.node.dht import CERTIFICATE_VALUE_ID, DhtNode, NoIdentity, RecipientNotFound, identity_node_id
 from trio_dht.node.storage import NEVER
 from trio_dht.value import Value
 
@@ -104,14 +105,17 @@ async def test_put_signed_takes_seq_from_the_network(identity: Identity) -> None
 
 async def test_a_forged_value_does_not_raise_our_seq(identity: Identity) -> None:
     """Type 2 values are stored without a signature check (OpenDHT checks types 0, 1, 3, 4, 5 only), so the
-    network can answer one with our owner and a signature that fails: put_signed does not count it."""
+    network can answer one with our owner and a signature that fails: a get drops it (as OpenDHT's SecureDht)
+    and put_signed, which reads every reply, does not count it."""
     async with nodes(identity) as (plain, signer):
         key = InfoHash.get("forged seq")
         real = identity.sign_value(Value(b"ours", type=2, id=5, seq=3))
         forged = replace(real, seq=900, _packed=None)
         assert not signature.verify(forged)
         plain.protocol.store(key, forged, trio.current_time(), local=True)
-        assert [v.seq for v in await signer.get(key)] == [900]
+        assert await signer.get(key) == []
+        assert signer.protocol.screen.bad_signatures == 1
+        assert [v.seq for v in await signer._values_of_id(key, 5)] == [900]
         await signer.put_signed(key, Value(b"next", type=2, id=5))
         stored = signer.storage.get_value(key, 5)
         assert stored is not None and (stored.data, stored.seq) == (b"next", 0)
@@ -184,3 +188,65 @@ async def test_a_permanent_signed_put_is_edited_in_place(identity: Identity) -> 
         remote = plain.storage.get_value(key, 3)
         assert remote is not None and (remote.data, remote.seq) == (b"v2", 1)
         assert signer.cancel_put(key, 3) and signer.storage.get_value(key, 3) is None
+
+
+# -- encrypted puts -------------------------------------------------------------------------------------
+
+
+async def test_put_encrypted_is_read_by_its_recipient_only(identity: Identity, other: Identity) -> None:
+    async with nodes(identity, other, None) as (plain, sender, recipient, stranger):
+        with trio.fail_after(10):  # the recipient's certificate is announced
+            while plain.storage.get_value(other.id, CERTIFICATE_VALUE_ID) is None:
+                await trio.sleep(0.05)
+        key = InfoHash.get("encrypted")
+        # By key id: the sender finds the recipient's certificate on the DHT (then keeps its key).
+        assert await sender.put_encrypted(key, Value(b"for you", id=4, utype="text/plain"), other.id)
+        assert await sender.find_public_key(bytes(other.id)) == other.public_key
+        stored = plain.storage.get_value(key, 4)
+        assert stored is not None and stored.cypher and not stored.data and stored.owner is None
+        got = await recipient.get(key)
+        assert [(v.id, v.data, v.utype, v.owner_id, v.recipient) for v in got] == [
+            (4, b"for you", "text/plain", identity.id, other.id)
+        ]
+        assert [v.cypher for v in await stranger.get(key)] == [stored.cypher]  # no identity: opaque
+        assert [v.cypher for v in await sender.get(key)] == [stored.cypher]  # not for the sender either
+        assert (sender.protocol.screen.not_for_us, recipient.protocol.screen.decrypted) == (1, 1)
+        await recipient.get(key)  # the same cypher again: its outcome is remembered
+        assert recipient.protocol.screen.decrypted == 1
+
+        # By long id and by public key, and listened to: the recipient's listen hears it decrypted.
+        key = InfoHash.get("encrypted, listened")
+        async with recipient.listen(key) as events:
+            assert await sender.put_encrypted(key, Value(b"by long id", id=5), other.public_key.long_id)
+            assert await sender.put_encrypted(key, Value(b"by key", id=6), other.public_key)
+            with trio.fail_after(10):
+                heard = {(await events.receive()).value.data for _ in range(2)}
+        assert heard == {b"by long id", b"by key"}
+
+
+async def test_put_encrypted_needs_an_identity_and_a_known_recipient(
+    identity: Identity, other: Identity
+) -> None:
+    async with nodes(identity) as (plain, sender):
+        key = InfoHash.get("nobody")
+        with pytest.raises(NoIdentity):
+            await plain.put_encrypted(key, Value(b"x"), other.public_key)
+        with pytest.raises(RecipientNotFound):
+            await sender.put_encrypted(key, Value(b"x"), bytes(InfoHash.get("no such key")))
+        with pytest.raises(RecipientNotFound):
+            await sender.put_encrypted(key, Value(b"x"), other.public_key.long_id)
+        with pytest.raises(ValueError):
+            await sender.put_encrypted(key, Value(id=1, cypher=b"sealed"), other.public_key)
+        assert plain.storage.get_value(key, 1) is None
+
+
+async def test_a_forged_signed_value_does_not_hide_the_real_one(identity: Identity) -> None:
+    """Replies are screened before a get keeps the first value of each id."""
+    async with nodes(None, None) as (first, forger, reader):
+        key = InfoHash.get("forged first")
+        real = identity.sign_value(Value(b"real", type=2, id=8))
+        forged = replace(real, data=b"forged", _packed=None)
+        forger.protocol.store(key, forged, trio.current_time(), local=True)  # type 2: stored unchecked
+        first.protocol.store(key, real, trio.current_time(), local=True)
+        assert [v.data for v in await reader.get(key)] == [b"real"]
+        assert reader.protocol.screen.bad_signatures >= 1

@@ -77,12 +77,15 @@ def owner_id(value: opendht.Value) -> str | None:
 
 
 def encode_value(value: opendht.Value, value_type: int | None) -> dict[str, Any]:
+    recipient = str(value.recipient)
     return {
         "id": value.id,
         "data": base64.b64encode(value.data).decode(),
         "type": value_type,
         "utype": value.user_type,
         "owner": owner_id(value),
+        # A value's "to": the key id it was encrypted for (the node hands it over decrypted), else None.
+        "recipient": None if recipient == "0" * 40 else recipient,
     }
 
 
@@ -137,6 +140,12 @@ class Worker:
             config.setNodeId(opendht.InfoHash(str(args["node_id"]).encode()))
         if not args.get("rate_limit", True):
             config.setRateLimit(-1, -1)
+        identity = None
+        if args.get("identity_bits"):
+            identity = opendht.Identity.generate(
+                str(args.get("identity_name", "opendht")), bits=int(args["identity_bits"])
+            )
+            config.setIdentity(identity)
         log = args.get("log")
         host = str(args.get("host", "127.0.0.1"))
         if ":" in host:
@@ -151,7 +160,10 @@ class Worker:
         elif isinstance(log, str):
             self.dht.enableFileLogging(log)
         bound = self.dht.getBound(family)
-        emit({"id": request_id, "ok": True, "result": {"port": bound.getPort(), "node_id": self.node_id()}})
+        result: dict[str, Any] = {"port": bound.getPort(), "node_id": self.node_id()}
+        if identity is not None:
+            result["certificate"] = identity.certificate.toString()
+        emit({"id": request_id, "ok": True, "result": result})
 
     def node_id(self) -> str:
         return str(self.dht.getNodeId())
@@ -171,6 +183,28 @@ class Worker:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
         self.dht.put(self.key(args), value, done_cb=done, permanent=bool(args.get("permanent", False)))
+
+    def do_put_signed(self, request_id: int, args: dict[str, Any]) -> None:
+        value = opendht.Value(base64.b64decode(args["data"]), int(args.get("type") or 0))
+        if args.get("value_id") is not None:
+            value.id = int(args["value_id"])
+
+        def done(ok: bool, _nodes: Any) -> None:
+            emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
+
+        self.dht.putSigned(self.key(args), value, done_cb=done)
+
+    def do_put_encrypted(self, request_id: int, args: dict[str, Any]) -> None:
+        value = opendht.Value(base64.b64decode(args["data"]), int(args.get("type") or 0))
+        if args.get("value_id") is not None:
+            value.id = int(args["value_id"])
+
+        def done(ok: bool, _nodes: Any) -> None:
+            emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
+
+        # 4.x takes the recipient's long key id (PkId) and finds its certificate on the DHT.
+        to = opendht.PkId(str(args["to"]).encode())
+        self.dht.putEncrypted(self.key(args), value, to, done_cb=done)
 
     def do_get(self, request_id: int, args: dict[str, Any]) -> None:
         values: list[dict[str, Any]] = []

@@ -66,6 +66,7 @@ def _decode_value(wire: dict[str, Any]) -> dict[str, Any]:
         "type": wire.get("type"),
         "utype": wire.get("utype", ""),
         "owner": wire.get("owner"),
+        "recipient": wire.get("recipient"),
     }
 
 
@@ -88,6 +89,8 @@ class OpenDhtPeer:
         self._listeners: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._ready = trio.Event()
         self._closed = False
+        self.certificate_pem = b""
+        """The PEM certificate of the node's identity (started with ``identity_bits``), else empty."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -183,6 +186,25 @@ class OpenDhtPeer:
             permanent=permanent,
         )
 
+    async def put_signed(self, key: bytes, data: bytes, *, value_id: int | None = None) -> dict[str, Any]:
+        """``putSigned`` with the node's identity; ``{"ok", "id"}``."""
+        return await self._call(
+            "put_signed", key=_key_hex(key), data=base64.b64encode(data).decode(), value_id=value_id
+        )
+
+    async def put_encrypted(
+        self, key: bytes, data: bytes, to_long_id: bytes, *, value_id: int | None = None
+    ) -> dict[str, Any]:
+        """``putEncrypted`` for the key whose long id (SHA-256 of its public key) is ``to_long_id``; the
+        node looks its certificate up on the DHT. ``{"ok", "id"}``."""
+        return await self._call(
+            "put_encrypted",
+            key=_key_hex(key),
+            data=base64.b64encode(data).decode(),
+            to=bytes(to_long_id).hex(),
+            value_id=value_id,
+        )
+
     async def get(
         self,
         key: bytes,
@@ -266,6 +288,7 @@ async def open_opendht_peer(
     rate_limit: bool = True,
     log: bool | str = False,
     node_id: bytes | None = None,
+    identity_bits: int = 0,
     start_timeout: float = 15.0,
 ) -> AsyncIterator[OpenDhtPeer]:
     """Run a PyPI opendht node on ``host:port`` (0: any free port) for the length of the block.
@@ -274,6 +297,8 @@ async def open_opendht_peer(
     ``rate_limit=False`` lifts the per-IP request limits (like ``dhtnode -U``). ``log`` sends the
     C++ log to the worker's stderr (``True``) or to a file (a path). ``node_id`` fixes the
     20-byte node id (random otherwise). ``host="::1"`` runs the node on IPv6 loopback only.
+    ``identity_bits`` runs it with a new identity of that many bits (its certificate:
+    :attr:`OpenDhtPeer.certificate_pem`).
     """
     if not opendht_available():
         raise PeerUnavailable("PyPI opendht is not installed for this interpreter")
@@ -301,8 +326,10 @@ async def open_opendht_peer(
             rate_limit=rate_limit,
             log=log,
             node_id=_key_hex(node_id) if node_id is not None else None,
+            identity_bits=identity_bits,
         )
         peer.port = int(started["port"])
+        peer.certificate_pem = str(started.get("certificate", "")).encode()
         if bootstrap is not None:
             await peer.bootstrap(*bootstrap)
         yield peer

@@ -24,6 +24,7 @@ import math
 import random
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_dht.api import FamilyStats, GetCallback, NodeInfo, ValueEvent
+from trio_dht.api import FamilyStats, GetCallback, NodeInfo, NoIdentity, RecipientNotFound, ValueEvent
 from trio_dht.backoff import Backoff
 from trio_dht.infohash import InfoHash
 from trio_dht.limits import DEFAULT, Limits
@@ -49,13 +50,18 @@ from trio_dht.wire.compact import Address, is_ipv6, normalize
 from trio_dht.wire.message import Kind, Message
 
 if TYPE_CHECKING:
-    from trio_dht.crypto import Certificate, Identity
+    from trio_dht.crypto import Certificate, Identity, PublicKey
 
 log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
 CERTIFICATE_VALUE_ID = 1
 """The value id of a node's certificate announcement."""
+PUBLIC_KEY_CACHE = 256
+"""Recipients' public keys kept after a certificate lookup (the least recently used go first)."""
+LONG_ID_LEN = 32
+
+__all__ = ["DhtNode", "NoIdentity", "RecipientNotFound", "open_node"]
 
 
 def identity_node_id(identity: Identity) -> InfoHash:
@@ -63,16 +69,13 @@ def identity_node_id(identity: Identity) -> InfoHash:
     return InfoHash(hashlib.sha1(b"node:" + identity.id.hex().encode()).digest())
 
 
-def certificate_keys(key_id: InfoHash, long_id: bytes | None = None) -> list[InfoHash]:
-    """Where a certificate is announced and looked up: the key id, and SHA-1 of the long key id if known."""
-    keys = [key_id]
+def certificate_keys(key_id: InfoHash | None, long_id: bytes | None = None) -> list[InfoHash]:
+    """Where a certificate is announced and looked up: the key id (where OpenDHT 2.x puts it), and SHA-1 of
+    the long key id (where 3.5 and later do), each if known."""
+    keys = [key_id] if key_id is not None else []
     if long_id is not None:
         keys.append(InfoHash(hashlib.sha1(long_id).digest()))
     return keys
-
-
-class NoIdentity(RuntimeError):
-    """A signing operation on a node that runs without an identity."""
 
 
 class RequestFailed(Exception):
@@ -107,6 +110,7 @@ class DhtNode:
         self.protocol = protocol = NodeProtocol(
             node_id or InfoHash.random(), now=self._clock(), wall_clock=time.time, **options
         )
+        protocol.screen.identity = identity
         self.network = protocol.network
         # The protocol's parts that callers and tests read:
         self.storage = protocol.storage
@@ -126,6 +130,7 @@ class DhtNode:
         self._expiry_wake = trio.Event()
         self._confirm_wake = trio.Event()
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
+        self._public_keys: OrderedDict[bytes, PublicKey] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
         self.bound_port = 0
@@ -468,6 +473,11 @@ class DhtNode:
                 await trio.sleep(max(1.0, type_expiration(value.type) - 10))
                 await self._announce(key, value)
 
+    def _require_identity(self, operation: str) -> Identity:
+        if self._identity is None:
+            raise NoIdentity(f"{operation} needs a node with an identity (open_node(identity=...))")
+        return self._identity
+
     async def put_signed(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
         """Sign ``value`` with the node's identity and :meth:`put` it, as OpenDHT's ``putSigned``.
 
@@ -476,10 +486,8 @@ class DhtNode:
         the put replaces them. A value without an id gets a random one. Raises :class:`NoIdentity` on a
         node without an identity, ValueError for an encrypted value or a seq past 65535.
         """
-        identity = self._identity
-        if identity is None:
-            raise NoIdentity("put_signed needs a node with an identity (open_node(identity=...))")
-        if value.cypher:
+        identity = self._require_identity("put_signed")
+        if value.cypher:  # before the network round that sign_value's own check would follow
             raise ValueError("an encrypted value cannot be signed")
         if not value.id:
             value = replace(value, id=random_value_id(), _packed=None)
@@ -489,6 +497,48 @@ class DhtNode:
             v for v in found if v.owner == owner and v.seq >= value.seq and self.protocol.verifier.verify(v)
         ]
         return await self.put(key, identity.sign_value(value, previous=ours), permanent=permanent)
+
+    async def put_encrypted(
+        self, key: InfoHash, value: Value, to: PublicKey | bytes, *, permanent: bool = False
+    ) -> bool:
+        """Sign ``value`` for ``to`` and encrypt it for it, then :meth:`put` it, as OpenDHT's
+        ``putEncrypted``; only ``to``'s key can read it (a get there returns it decrypted).
+
+        ``to`` is a :class:`~trio_dht.crypto.PublicKey`, or the 20-byte key id or 32-byte long id of one,
+        whose certificate is then found on the DHT (:meth:`find_public_key`). Raises :class:`NoIdentity`
+        on a node without an identity, :class:`RecipientNotFound` when no certificate is found, ValueError
+        for a value already encrypted.
+        """
+        identity = self._require_identity("put_encrypted")
+        if value.cypher:
+            raise ValueError("the value is already encrypted")
+        recipient = to if not isinstance(to, bytes) else await self.find_public_key(to)
+        if recipient is None:
+            raise RecipientNotFound(f"no certificate of key {bytes(to).hex()} found on the DHT")
+        if not value.id:
+            value = replace(value, id=random_value_id(), _packed=None)
+        return await self.put(key, identity.encrypt_value(value, recipient), permanent=permanent)
+
+    async def find_public_key(self, key_id: bytes) -> PublicKey | None:
+        """The public key with this key id (20 bytes) or long id (32 bytes): ours, one found before, or the
+        one in a certificate found on the DHT (:meth:`find_certificate`); None if there is none."""
+        known = self._public_keys.get(key_id)
+        if known is not None:
+            self._public_keys.move_to_end(key_id)
+            return known
+        own = self._identity.public_key if self._identity is not None else None
+        if own is not None and key_id in (own.id, own.long_id):
+            return own
+        if len(key_id) == LONG_ID_LEN:
+            cert = await self.find_certificate(long_id=key_id)
+        else:
+            cert = await self.find_certificate(InfoHash(key_id))
+        if cert is None:
+            return None
+        self._public_keys[bytes(key_id)] = cert.public_key
+        if len(self._public_keys) > PUBLIC_KEY_CACHE:
+            self._public_keys.popitem(last=False)
+        return cert.public_key
 
     async def _values_of_id(self, key: InfoHash, value_id: int) -> list[Value]:
         """Every version of value ``value_id`` under ``key``: this node's and every reply's (a get keeps the
@@ -503,12 +553,16 @@ class DhtNode:
         await self.searches.each_family(lambda v6: self.searches.search(key, v6, "get", args, on_reply))
         return found
 
-    async def find_certificate(self, key_id: InfoHash, long_id: bytes | None = None) -> Certificate | None:
-        """The certificate of the public key with this key id, from the certificates announced at the key id
-        (and at SHA-1 of ``long_id`` if given), or None. A value that is not a readable certificate of that
-        key is skipped. Needs the ``cryptography`` package."""
+    async def find_certificate(
+        self, key_id: InfoHash | None = None, long_id: bytes | None = None
+    ) -> Certificate | None:
+        """The certificate of the public key with this key id and/or long id, from the certificates announced
+        at :func:`certificate_keys`, or None. A value that is not a readable certificate of that key is
+        skipped. Needs the ``cryptography`` package."""
         from trio_dht.crypto import Certificate, CryptoError
 
+        if key_id is None and long_id is None:
+            raise ValueError("find_certificate needs a key id or a long id")
         query = Query(where=((FIELD_TYPE, CERTIFICATE_TYPE),))
         for key in certificate_keys(key_id, long_id):
             for value in await self.get(key, query):
@@ -516,7 +570,7 @@ class DhtNode:
                     cert = Certificate.from_pem(value.data)
                 except CryptoError:
                     continue
-                if cert.id == key_id and (long_id is None or cert.long_id == long_id):
+                if (key_id is None or cert.id == key_id) and (long_id is None or cert.long_id == long_id):
                     return cert
         return None
 

@@ -74,7 +74,9 @@ class KeyListen:
 class LocalListens:
     """All local listens of a node."""
 
-    def __init__(self) -> None:
+    def __init__(self, screen: Callable[[Value], Value | None] = lambda value: value) -> None:
+        self._screen = screen
+        """What listeners are handed of a value (decrypted, or None to drop a badly signed one)."""
         self.by_key: dict[InfoHash, KeyListen] = {}
         self.by_socket: dict[Socket, KeyListen] = {}
         self._due: list[tuple[float, int, InfoHash]] = []
@@ -116,6 +118,11 @@ class LocalListens:
         kl = self.by_key.get(key)
         if kl is None:
             return
+        if value.cypher or value.signature:
+            screened = self._screen(value)
+            if screened is None:
+                return
+            value = screened
         old = kl.values.get(value.id)
         kl.values[value.id] = (value, max(expires, old[1]) if old is not None else expires)
         heapq.heappush(self._expiries, (kl.values[value.id][1], next(self._seq), key, value.id))

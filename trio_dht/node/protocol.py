@@ -45,6 +45,7 @@ from trio_dht.node.storage import PutOutcome, PutResult, Storage, StoredValue
 from trio_dht.node.tokens import TokenIssuer
 from trio_dht.node.transactions import Action, PendingRequest, RequestTracker
 from trio_dht.node.validation import AddressValidation, smaller_answers
+from trio_dht.node.value_screen import ValueScreen
 from trio_dht.value import Value, type_expiration
 from trio_dht.wire.compact import (
     Address,
@@ -129,7 +130,9 @@ class NodeProtocol:
         self.verifier = signature.Verifier(limits)
         self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
         self.remote_listeners = ListenerBook(limits)
-        self.listens = LocalListens()
+        self.screen = ValueScreen(self.verifier)
+        """Screens the values handed to local gets and listens (the shell gives it the node's identity)."""
+        self.listens = LocalListens(self.screen.one)
         self.rate_limiter = rate_limiter if rate_limiter is not None else UdpRateLimiter(limits=limits)
         self.counters = Counters()
         self.tables = {False: RoutingTable(node_id), True: RoutingTable(node_id)}

@@ -59,13 +59,15 @@ class _GetRound:
     receive what the round has found so far.
     """
 
+    screen: Callable[[Iterable[Value]], list[Value]]
+    """Drops the badly signed values of a reply and decrypts ours, before they take their id's place."""
     found: dict[int, Value] = field(default_factory=dict)
     callbacks: list[Callable[[list[Value]], None]] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def on_reply(self, sn: SearchNode, reply: Message) -> None:
-        new = [v for v in reply.values if v.id not in self.found]
+        new = [v for v in self.screen(reply.values) if v.id not in self.found]
         if new:
             for v in new:
                 self.found[v.id] = v
@@ -194,11 +196,11 @@ class Searches:
             if new and on_values is not None:
                 on_values(new)
 
-        add(self.protocol.storage.get(key, query))
+        add(self.protocol.screen.screen(self.protocol.storage.get(key, query)))
         where = query.where if query is not None else ()
         rnd = self.rounds.get((key, where))
         if rnd is None:
-            rnd = self.rounds[(key, where)] = _GetRound()
+            rnd = self.rounds[(key, where)] = _GetRound(self.protocol.screen.screen)
             assert self.nursery is not None
             # Every concurrent get of the key shares the round, so no one caller can own its task.
             self.nursery.start_soon(self._run_round, key, where, rnd)
