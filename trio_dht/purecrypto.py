@@ -8,6 +8,10 @@ extensions): exactly the primitives trio_dht needs, on the standard library only
 * RSA PKCS#1 v1.5 signature verification with SHA-512 (RFC 8017 RSASSA-PKCS1-v1_5), the key a DER
   SubjectPublicKeyInfo.
 
+Project Wycheproof's vectors for these four algorithms pass (tests/node/test_wycheproof.py), refusals
+included: compressed points, other AES key and nonce sizes, other RSA exponents and a DigestInfo without its
+NULL parameters are refused.
+
 Callers prefer ``cryptography`` where it is importable (:mod:`trio_dht.signature`,
 :mod:`trio_dht.push.webpush_crypto`). Python integers and table look-ups are not constant-time: these
 functions leak timing. That is acceptable for their uses here: RSA verification handles public data only,
@@ -472,7 +476,8 @@ def rsa_verify_pkcs1v15_sha512(
 ) -> bool:
     """True if ``signature`` is an RSASSA-PKCS1-v1_5 signature with SHA-512 of ``message`` by the RSA key
     ``spki`` (DER SubjectPublicKeyInfo); False for any other key type, a malformed key or a bad signature
-    (which, as RFC 8017 and OpenSSL have it, is exactly as long as the modulus).
+    (which, as RFC 8017 and OpenSSL have it, is exactly as long as the modulus). The encoded message must
+    be the one DER encoding, with the DigestInfo's NULL parameters: the form without them is refused.
     """
     try:
         n, e = rsa_public_key_from_spki(spki, max_bits)
