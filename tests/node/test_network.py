@@ -53,3 +53,41 @@ async def test_added_peers_become_members(open_network, check_puts_found):
                 while not all(p.is_connected() for p in extra):
                     await trio.sleep(0.02)
             await check_puts_found(net.members, 10, random.Random(4))
+
+
+async def test_a_permanent_put_reaches_a_node_that_joins_later(monkeypatch):
+    """Not only once per lifetime: when the routing table shows a new node among the closest of the key,
+    the permanent value is put to it within a table watch (OpenDHT announces to each new search node)."""
+    from trio_dht.infohash import InfoHash
+    from trio_dht.node import dht
+    from trio_dht.value import Value
+
+    monkeypatch.setattr(dht, "TABLE_WATCH", 0.2)
+    local = "127.0.0.1"
+    key = InfoHash.get("permanent, then a newcomer")
+    with trio.fail_after(30):
+        async with AsyncExitStack() as stack:
+            first = await stack.enter_async_context(open_node(port=0, host=local, host6=None))
+            boot = [(local, first.bound_port)]
+            putter = await stack.enter_async_context(
+                open_node(port=0, host=local, host6=None, bootstrap=boot)
+            )
+            while not putter.is_connected():
+                await trio.sleep(0.02)
+            announce, announces = putter._announce, []
+
+            async def counted(*args):
+                announces.append(trio.current_time())
+                return await announce(*args)
+
+            putter._announce = counted
+            assert await putter.put(key, Value(b"kept", id=11), permanent=True)
+            assert first.storage.get_value(key, 11) is not None
+            late = await stack.enter_async_context(open_node(port=0, host=local, host6=None, bootstrap=boot))
+            while late.storage.get_value(key, 11) is None:  # the value's lifetime is 10 min
+                await trio.sleep(0.05)
+            # Once every closest node has it, new table entries that are not closer cause no announce.
+            await trio.sleep(1.0)
+            settled = len(announces)
+            await trio.sleep(1.0)
+            assert len(announces) == settled <= 4

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
+TABLE_WATCH = 5.0
+"""Seconds between two looks for new nodes in the routing tables (see :meth:`DhtNode._table_watch`)."""
 __all__ = [
     "CERTIFICATE_VALUE_ID",
     "DhtNode",
@@ -114,6 +116,7 @@ class DhtNode(SecureOperations):
         self._expiry_wake = trio.Event()
         self._confirm_wake = trio.Event()
         self._permanent: dict[tuple[InfoHash, int], trio.CancelScope] = {}
+        self._tables_grew = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._bootstrap: list[tuple[str, int]] = []
         self.bound_port = 0
@@ -217,6 +220,7 @@ class DhtNode(SecureOperations):
             nursery.start_soon(self._confirm_loop)
             nursery.start_soon(self.listen_driver.run)
             nursery.start_soon(self._request_timer)
+            nursery.start_soon(self._table_watch)
             self._bootstrap = list(bootstrap)
             bootstrapped = trio.Event()
             if self._bootstrap:
@@ -404,7 +408,7 @@ class DhtNode(SecureOperations):
             # run to their first wait (the push's send) before this task goes on.
             await trio.lowlevel.checkpoint()
             await trio.lowlevel.checkpoint()
-        ok = await self._announce(key, value)
+        reached = await self._announce(key, value)
         if permanent:
             assert self._nursery is not None
             scope = trio.CancelScope()
@@ -413,32 +417,69 @@ class DhtNode(SecureOperations):
                 old.cancel()
             self._permanent[(key, value.id)] = scope
             # The re-announcing outlives this call (until cancel_put), so the node's nursery owns it.
-            self._nursery.start_soon(self._reannounce, key, value, scope)
-        return ok or self.storage.get_value(key, value.id) is not None
+            self._nursery.start_soon(self._reannounce, key, value, scope, reached)
+        return bool(reached) or self.storage.get_value(key, value.id) is not None
 
-    async def _announce(self, key: InfoHash, value: Value) -> bool:
-        acked = 0
+    async def _announce(self, key: InfoHash, value: Value) -> set[InfoHash]:
+        """Put ``value`` to the closest nodes of ``key`` in each family; the ids of those that stored it."""
+        acked: set[InfoHash] = set()
 
         async def announce_family(v6: bool) -> None:
-            nonlocal acked
             state = await self.searches.search(key, v6, "find", {"target": key})
             created = int(time.time())
+            synced = state.synced(K)
             replies = await self.request_all(
                 [
                     (sn.node.addr, "put", {"h": key, "c": created, "token": sn.token}, sn.node.id, [value])
-                    for sn in state.synced(K)
+                    for sn in synced
                 ]
             )
-            acked += sum(1 for reply in replies if reply is not None and reply.value_id == value.id)
+            for sn, reply in zip(synced, replies, strict=True):
+                if reply is not None and reply.value_id == value.id:
+                    acked.add(sn.node.id)
 
         await self.searches.each_family(announce_family)
-        return acked > 0
+        return acked
 
-    async def _reannounce(self, key: InfoHash, value: Value, scope: trio.CancelScope) -> None:
+    async def _reannounce(
+        self, key: InfoHash, value: Value, scope: trio.CancelScope, reached: set[InfoHash]
+    ) -> None:
+        """Put a permanent value again before it expires on the nodes that store it, and as soon as the
+        routing tables show a node among the closest of ``key`` that has not stored it (a node that joined
+        or came back), as OpenDHT announces to every new node of a search."""
+        lifetime = max(1.0, type_expiration(value.type) - 10)
         with scope:
+            due = trio.current_time() + lifetime
             while True:
-                await trio.sleep(max(1.0, type_expiration(value.type) - 10))
-                await self._announce(key, value)
+                with trio.move_on_at(due):
+                    await self._tables_grew.wait()
+                    if self._closest_missing(key, reached):
+                        reached |= await self._announce(key, value)
+                    continue
+                reached = await self._announce(key, value)
+                due = trio.current_time() + lifetime
+
+    def _closest_missing(self, key: InfoHash, reached: set[InfoHash]) -> bool:
+        """Whether a good node among the closest of ``key`` known now is not in ``reached``."""
+        now = trio.current_time()
+        return any(
+            node.id not in reached
+            for v6 in self.protocol.families
+            for node in self.tables[v6].closest(key, K, now=now)
+        )
+
+    async def _table_watch(self) -> None:
+        """Wake the permanent puts' re-announcing when a routing table gained nodes, at most every
+        :data:`TABLE_WATCH` seconds (one event for every put, so a burst of new nodes costs each put one
+        check)."""
+        seen = [table.grown_at for table in self.tables.values()]
+        while True:
+            await trio.sleep(TABLE_WATCH)
+            grown = [table.grown_at for table in self.tables.values()]
+            if grown != seen:
+                seen = grown
+                self._tables_grew.set()
+                self._tables_grew = trio.Event()
 
     def cancel_put(self, key: InfoHash, value_id: int) -> bool:
         scope = self._permanent.pop((key, value_id), None)
