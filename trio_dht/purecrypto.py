@@ -476,13 +476,21 @@ def rsa_verify_pkcs1v15_sha512(
 ) -> bool:
     """True if ``signature`` is an RSASSA-PKCS1-v1_5 signature with SHA-512 of ``message`` by the RSA key
     ``spki`` (DER SubjectPublicKeyInfo); False for any other key type, a malformed key or a bad signature
-    (which, as RFC 8017 and OpenSSL have it, is exactly as long as the modulus). The encoded message must
-    be the one DER encoding, with the DigestInfo's NULL parameters: the form without them is refused.
+    (see :func:`rsa_verify_pkcs1v15_sha512_key`).
     """
     try:
         n, e = rsa_public_key_from_spki(spki, max_bits)
     except ValueError:
         return False
+    return rsa_verify_pkcs1v15_sha512_key((n, e), signature, message)
+
+
+def rsa_verify_pkcs1v15_sha512_key(key: tuple[int, int], signature: bytes, message: bytes) -> bool:
+    """:func:`rsa_verify_pkcs1v15_sha512` with the key already parsed to ``(n, e)``. A signature is exactly
+    as long as the modulus (as RFC 8017 and OpenSSL have it). The encoded message must be the one DER
+    encoding, with the DigestInfo's NULL parameters: the form without them is refused.
+    """
+    n, e = key
     k = (n.bit_length() + 7) // 8
     s = int.from_bytes(signature, "big")
     digest_info = _SHA512_DIGEST_INFO + hashlib.sha512(message).digest()

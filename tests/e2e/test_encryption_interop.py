@@ -7,6 +7,9 @@
   our get returns it decrypted, with 4.4.2's key as owner. A node without our key gets it opaque.
 * Our ``put_encrypted`` for 4.4.2's identity, by its long id (our node finds its certificate on the DHT)
   and by its public key: 4.4.2's get returns it decrypted, owned by us.
+* Debian's ``dhtnode`` 2.4.12 (whose API names the recipient by key id): its prompt's ``e`` encrypts for us
+  (it finds our certificate at our key id) and we decrypt; our ``put_encrypted`` by its key id (we find
+  the certificate it announces there) is decrypted by its ``g``.
 
 With ``CI=true`` a missing peer fails these tests instead of skipping them.
 """
@@ -16,10 +19,19 @@ from __future__ import annotations
 import random
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
-from peers import needs_opendht, open_opendht_peer, poll_until, require_opendht
+from peers import (
+    needs_dhtnode,
+    needs_opendht,
+    open_dhtnode_peer,
+    open_opendht_peer,
+    poll_until,
+    require_dhtnode,
+    require_opendht,
+)
 
 from trio_dht import InfoHash, Value, open_node, signature
 from trio_dht.crypto import Certificate, Identity
@@ -131,3 +143,41 @@ async def test_we_encrypt_for_opendht_and_it_decrypts(identity: Identity) -> Non
             assert [(v["id"], v["data"], v["owner"], v["recipient"], v["utype"]) for v in values] == [
                 (vid, data, identity.id.hex(), theirs.id.hex(), "text/plain")
             ]
+
+
+@needs_dhtnode
+async def test_dhtnode_encrypts_for_us_and_decrypts_ours(identity: Identity, tmp_path: Path) -> None:
+    require_dhtnode()
+    theirs = Identity.generate("dhtnode", bits=2048)  # saved for dhtnode, so we know its key id
+    theirs.save(tmp_path / "node.pem", tmp_path / "node.crt")
+    flags = ["--certificate", str(tmp_path / "node.crt"), "--privkey", str(tmp_path / "node.pem")]
+    async with AsyncExitStack() as stack:
+        ours = await stack.enter_async_context(
+            open_node(port=0, host=LOOPBACK, host6=None, identity=identity)
+        )
+        peer = await stack.enter_async_context(
+            open_dhtnode_peer(bootstrap=(LOOPBACK, ours.bound_port), extra_args=flags)
+        )
+        await peer.wait_for_nodes(1, timeout=15)
+
+        # dhtnode looks our certificate up at our key id, encrypts for it, and our get decrypts it.
+        key = InfoHash.get("encrypted by dhtnode for trio_dht")
+        lines = await peer.command(
+            f"e {key.hex()} {identity.id.hex()} secret-for-trio", until=r"Put encrypted: (success|failure)"
+        )
+        assert "Put encrypted: success" in lines[-1], lines
+        got = await poll_until(lambda: ours.get(key), timeout=10)
+        assert [(v.data, v.utype, v.owner_id, v.recipient) for v in got] == [
+            (b"secret-for-trio", "text/plain", theirs.id, identity.id)
+        ]
+
+        # Ours for dhtnode, by its key id: we find the certificate it announced there; its get decrypts.
+        key = InfoHash.get("encrypted by trio_dht for dhtnode")
+        found = await poll_until(lambda: ours.find_public_key(bytes(theirs.id)), timeout=15)
+        assert found == theirs.public_key
+        assert await ours.put_encrypted(
+            key, Value(b"secret-for-dhtnode", id=77, utype="text/plain"), theirs.id
+        )
+        values = await poll_until(lambda: peer.prompt.get(key), timeout=10)
+        assert [(v["id"], v["data"]) for v in values] == [(77, b"secret-for-dhtnode")]
+        assert "decrypted" in values[0]["text"] or "signed" in values[0]["text"], values[0]["text"]

@@ -5,6 +5,7 @@ signed-value verification with both backends."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -283,9 +284,7 @@ def rsa_sign(key: rsa.RSAPrivateKey, message: bytes) -> bytes:
     return key.sign(message, padding.PKCS1v15(), hashes.SHA512())
 
 
-@pytest.fixture(
-    scope="module", params=[(2048, 65537), (4096, 65537)], ids=lambda p: f"{p[0]}-e{p[1]}"
-)
+@pytest.fixture(scope="module", params=[(2048, 65537), (4096, 65537)], ids=lambda p: f"{p[0]}-e{p[1]}")
 def rsa_key(request: pytest.FixtureRequest) -> rsa.RSAPrivateKey:
     bits, exponent = request.param
     return rsa.generate_private_key(public_exponent=exponent, key_size=bits)
@@ -418,8 +417,9 @@ def test_oversized_or_odd_exponent_keys_are_refused_before_any_arithmetic(
     huge = (1 << 16383) | secrets.randbits(16000) | 1  # a 16,384-bit "modulus"
     n = rsa_2048.public_key().public_numbers().n
     calls = []
-    real = signature.verify_rsa_sha512 if backend == "cryptography" else pc.rsa_verify_pkcs1v15_sha512
-    monkeypatch.setattr(signature, "verify_rsa_sha512", lambda *args: calls.append(args) or real(*args))
+    real = signature.backend if backend == "cryptography" else signature.PURE
+    counted = real._replace(verify=lambda *args: calls.append(args) or real.verify(*args))
+    monkeypatch.setattr(signature, "backend", counted)
     monkeypatch.setattr(pc, "pow", lambda *args: pytest.fail("modular exponentiation"), raising=False)
     verifier = signature.Verifier()
     for owner in (_spki(huge, 65537), _spki(n, 3), _spki(n, (1 << 64) + 1)):
@@ -435,9 +435,13 @@ def test_oversized_or_odd_exponent_keys_are_refused_before_any_arithmetic(
 
 
 def test_results_are_cached_per_key_and_value_in_a_bounded_lru(rsa_2048, monkeypatch: pytest.MonkeyPatch):
-    calls = []
-    real = signature.verify_rsa_sha512
-    monkeypatch.setattr(signature, "verify_rsa_sha512", lambda *args: calls.append(1) or real(*args))
+    calls, loads = [], []
+    real = signature.backend
+    counted = real._replace(
+        load=lambda *args: loads.append(1) or real.load(*args),
+        verify=lambda *args: calls.append(1) or real.verify(*args),
+    )
+    monkeypatch.setattr(signature, "backend", counted)
     verifier = signature.Verifier(Limits(verify_cache=2))
     values = [crypto.sign_value(rsa_2048, Value(b"v%d" % i, type=3, id=i + 1, seq=1)) for i in range(3)]
     assert verifier.verify(values[0]) and verifier.verify(Value.from_wire(values[0].to_wire()))
@@ -448,3 +452,23 @@ def test_results_are_cached_per_key_and_value_in_a_bounded_lru(rsa_2048, monkeyp
     verifier.verify(values[1])
     verifier.verify(values[2])  # evicts values[0]'s entry, the least recently used
     assert verifier.verify(values[0]) and len(calls) == 5
+    assert len(loads) == 1  # one owner: its key is loaded once
+
+
+def test_owner_keys_stay_loaded_in_a_bounded_lru(rsa_2048, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(signature, "KEY_CACHE", 2)
+    keys = [rsa_2048, *(rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))]
+    loads = []
+    real = signature.backend
+    monkeypatch.setattr(
+        signature, "backend", real._replace(load=lambda *a: loads.append(a[0]) or real.load(*a))
+    )
+    verifier = signature.Verifier(Limits(verify_cache=1))
+    signed = [crypto.sign_value(k, Value(b"v%d" % i, type=3, id=1, seq=1)) for i, k in enumerate(keys)]
+    for value in (*signed, signed[2], signed[1]):
+        assert verifier.verify(value)
+    assert loads == [v.owner for v in signed]  # the last two owners were still loaded
+    assert verifier.verify(signed[0]) and len(loads) == 4  # the first was dropped, and is loaded again
+    refused = Value(b"x", type=3, id=1, seq=1, owner=b"junk", signature=b"\x01" * 256)
+    assert not verifier.verify(refused) and not verifier.verify(replace(refused, data=b"y"))
+    assert verifier.refused_keys == 2 and loads.count(b"junk") == 1  # a refused key is remembered too
