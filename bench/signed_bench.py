@@ -15,25 +15,27 @@ PKCS#1 v1.5, SHA-512: their data differ, so their signatures do). Then, for each
 
 Why the gets are measured on the storing node and not on a client node that verifies what it gets: the
 storing node checked each value when it was put, and neither implementation checks it again to answer a get,
-so the target's cost of a get of a signed value is answering with a value that must be fragmented. The
-client's check is the same RSA verify whose cost the put workload measures (our node runs the same
-``Verifier`` on values it gets as on values it stores; ``dhtnode`` its one ``checkSignature``). A client
-node's gets per second would instead measure its lookup machinery and how it is driven (``dhtnode``'s
-interactive prompt against our library API), which would swamp the verify in either direction. The load
-client checks each answer against the values it put (signature and data), not with RSA, so that it is not
-the bottleneck.
+so the storing node's cost of a get of a signed value is answering with a value that must be fragmented, the
+same work on both sides, driven by the same client. A client's check of a value it gets is one RSA verify
+of the kind the put workload already measures; a client node's gets per second would instead measure its
+lookup machinery and how it is driven (``dhtnode``'s interactive prompt against our library API), which
+would swamp the verify either way. The load client checks each answer against the values it put (signature
+and data) by comparison, not with RSA, so that it is not the bottleneck.
 
 Our node remembers verify results per (owner, signature, signed bytes); ``dhtnode`` verifies every value it
 is sent. A stream of values never seen before is what this workload models, so ours runs with that cache
 smaller than the number of distinct values the client cycles through (``--limit verify_cache``): the cache
-is still looked up, filled and evicted for every put, and never hits (the run checks ``verify_cache_hits``
-in ``/node/stats`` and reports it). Both servers run with rate limits off (``-U``) and with the same saved
-identity of their own (``--certificate``/``--privkey``), which a storing node's check does not need.
+is still looked up, filled and evicted for every put, and never hits (the run reads ``verify_cache_hits``
+from ``/node/stats`` after the puts and reports it). Both servers run with rate limits off (``-U``) and
+with the same saved identity of their own (``--certificate``/``--privkey``), which a storing node's check
+does not need.
 
 Ours is started with ``TRIO_DHT_CMD`` (see ``common.py``), ``dhtnode`` as ``dhtnode -s``; the RSA verify ours
-uses is ``cryptography``'s (OpenSSL) when that interpreter can import it, else trio_dht's pure-Python one
-(the zipapp on a bare CPython), and the run records which. One server at a time; ``--quick`` (a smoke run)
-starts both at once, 0.5 s per workload and 256 values.
+uses is ``cryptography``'s (OpenSSL) when that interpreter can import it, else trio_dht's pure-Python one,
+and the run records which. When ours is the zipapp, a third server, ``trio_dht -S``, runs it as on a bare
+CPython (``python -S``: no site-packages, so no ``cryptography``: pure-Python RSA, and no identity of its
+own); it is in the details table, not in the summary. One server at a time; ``--quick`` (a smoke run)
+starts them all at once, 0.5 s per workload and 256 values.
 
     python bench/signed_bench.py [--seconds 5] [--values 1024] [--quick] [--output FILE]
 """
@@ -68,6 +70,8 @@ from common import (
 )
 
 KINDS = ("dhtnode", "trio_dht")
+BARE = "trio_dht -S"
+"""Our zipapp as on a bare CPython: its pure-Python RSA verify."""
 METHODS = ("signed-put", "signed-get")
 BITS = 4096
 DATA_BYTES = 64
@@ -98,10 +102,21 @@ def sign_values(count: int, workdir: Path) -> tuple[Path, Path, Path]:
     return values, key, cert
 
 
-def our_verifier() -> str:
-    """Which RSA verify our server uses: cryptography's if its interpreter imports it."""
-    command = our_command()
-    probe = [command[0], "-c", "import cryptography.hazmat.primitives.asymmetric.rsa"]
+def command(kind: str) -> list[str]:
+    """How our server of ``kind`` starts: :func:`our_command`, with ``-S`` after the interpreter for BARE."""
+    ours = our_command()
+    return [ours[0], "-S", *ours[1:]] if kind == BARE else ours
+
+
+def zipapp() -> bool:
+    """Whether our server is the zipapp (so that it also runs without site-packages)."""
+    return our_command()[1].endswith(".pyz")
+
+
+def verifier(kind: str) -> str:
+    """Which RSA verify our server of ``kind`` uses: cryptography's if its interpreter imports it."""
+    interpreter = command(kind)[: 2 if kind == BARE else 1]
+    probe = [*interpreter, "-c", "import cryptography.hazmat.primitives.asymmetric.rsa"]
     found = subprocess.run(probe, capture_output=True).returncode == 0
     return "cryptography (OpenSSL)" if found else "pure Python (trio_dht.purecrypto)"
 
@@ -114,12 +129,14 @@ def spawner(
 
     def start() -> tuple[subprocess.Popen, tuple[int, int]]:
         port = free_port(socket.SOCK_DGRAM)
-        flags = ["-U", "-p", str(port), "--certificate", str(cert), "--privkey", str(key)]
+        flags = ["-U", "-p", str(port)]
+        if kind != BARE:  # loading an identity needs cryptography
+            flags += ["--certificate", str(cert), "--privkey", str(key)]
         if kind == "dhtnode":
             return spawn(["dhtnode", "-s", *flags], workdir / f"{kind}.log"), (port, 0)
         http = free_port()
         cmd = [
-            *our_command(),
+            *command(kind),
             *flags,
             "--bind",
             "127.0.0.1",
@@ -128,7 +145,7 @@ def spawner(
             f"verify_cache={verify_cache}",
         ]
         cmd += ["--proxyserver", str(http), "--proxy-addr", "127.0.0.1", "--http-workers", "0"]
-        return spawn(cmd, workdir / f"{kind}.log", our_env()), (port, http)
+        return spawn(cmd, workdir / f"{kind.replace(' ', '')}.log", our_env()), (port, http)
 
     return start
 
@@ -179,31 +196,35 @@ def measure(
                 r = load(port, method, seconds, values)
                 r["cpu_us_per_req"] = (cpu_seconds(proc.pid) - before) / max(1, r["replies"]) * 1e6
                 results[kind][method] = r
-        for kind in kinds:
-            proc, (port, http) = servers[kind]
-            if http:
-                info = node_info(http)
-                results[kind]["verify_cache_hits"] = info.get("verify_cache_hits")
+                if http and method == "signed-put":  # before the gets store their values
+                    results[kind]["verify_cache_hits"] = node_info(http).get("verify_cache_hits")
     return results
 
 
-def table(results: dict[str, dict], verifier: str, distinct: int) -> str:
-    d, o = results["dhtnode"], results["trio_dht"]
+def table(results: dict[str, dict], distinct: int) -> str:
+    d = results["dhtnode"]
+    ours = [kind for kind in (*KINDS[1:], BARE) if kind in results]
     lines = [
-        f"4096-bit RSA signatures, {distinct} distinct signed values; limits off (`-U`); our RSA verify: "
-        f"{verifier}; our verify-cache hits during the run: {o.get('verify_cache_hits')}.",
+        f"4096-bit RSA signatures, {distinct} distinct signed values; limits off (`-U`). Our RSA verify: "
+        + "; ".join(f"`{kind}` {results[kind]['verifier']}" for kind in ours)
+        + ". Our verify-cache hits during the puts: "
+        + ", ".join(f"`{kind}` {results[kind].get('verify_cache_hits')}" for kind in ours)
+        + ".",
         "",
-        "| workload | dhtnode req/s | trio_dht req/s | ratio | dhtnode µs CPU/req | trio_dht µs CPU/req "
+        "| workload | ours | dhtnode req/s | ours req/s | ratio | dhtnode µs CPU/req | ours µs CPU/req "
         "| p50 ms dhtnode / ours | errors or wrong answers dhtnode / ours |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     names = {"signed-put": "signed put accepted (one verify each)", "signed-get": "get of a signed value"}
     for m, label in names.items():
-        lines.append(
-            f"| {label} | {d[m]['rps']:.0f} | {o[m]['rps']:.0f} | {o[m]['rps'] / d[m]['rps']:.2f} "
-            f"| {d[m]['cpu_us_per_req']:.1f} | {o[m]['cpu_us_per_req']:.1f} "
-            f"| {d[m]['p50_ms']:.2f} / {o[m]['p50_ms']:.2f} | {d[m]['errors']} / {o[m]['errors']} |"
-        )
+        for kind in ours:
+            o = results[kind]
+            lines.append(
+                f"| {label} | `{kind}` | {d[m]['rps']:.0f} | {o[m]['rps']:.0f} "
+                f"| {o[m]['rps'] / d[m]['rps']:.2f} "
+                f"| {d[m]['cpu_us_per_req']:.1f} | {o[m]['cpu_us_per_req']:.1f} "
+                f"| {d[m]['p50_ms']:.2f} / {o[m]['p50_ms']:.2f} | {d[m]['errors']} / {o[m]['errors']} |"
+            )
     return "\n".join(lines)
 
 
@@ -218,25 +239,26 @@ def main() -> None:
         sys.exit("dhtnode is not installed: apt-get install dhtnode")
     distinct = 256 if args.quick else args.values
     verify_cache = max(1, distinct // 8)  # cycling through more values than it holds: never a hit
-    verifier = our_verifier()
+    kinds = [*KINDS, BARE] if zipapp() else list(KINDS)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         started = time.monotonic()
         values, key, cert = sign_values(distinct, workdir)
         print(f"signed {distinct} values in {time.monotonic() - started:.1f} s", flush=True)
         if args.quick:
-            results = measure(list(KINDS), 0.5, 0.0, values, (key, cert), verify_cache, workdir)
+            results = measure(kinds, 0.5, 0.0, values, (key, cert), verify_cache, workdir)
         else:  # one server at a time, 1.5 s after it answers
             results = {}
-            for kind in KINDS:
+            for kind in kinds:
                 results |= measure([kind], args.seconds, 1.5, values, (key, cert), verify_cache, workdir)
-    text = table(results, verifier, distinct)
+    for kind in kinds[1:]:
+        results[kind]["verifier"] = verifier(kind)
+    text = table(results, distinct)
     print(text)
     args.output.write_text(
         json.dumps(
             {
                 "machine": machine(),
-                "verifier": verifier,
                 "distinct_values": distinct,
                 "results": results,
                 "table": text,

@@ -96,3 +96,14 @@ def test_signed_bench_smoke_run_verifies_every_put(tmp_path: Path) -> None:
             assert run["replies"] > 0 and run["errors"] == 0, (kind, run)
     assert data["results"]["trio_dht"]["verify_cache_hits"] == 0
     assert "| signed put accepted (one verify each) |" in data["table"]
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run import signed_rows
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = signed_rows(data)  # what bench/run.py puts in its summary
+    assert [row.workload.split(" (")[0] for row in rows if row.unit == "req/s"] == [
+        "UDP signed puts accepted by one node",
+        "UDP get of a signed value answered by one node",
+    ]
+    assert all(row.dhtnode > 0 and row.trio_dht > 0 for row in rows)
