@@ -23,6 +23,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgpack
@@ -84,8 +85,8 @@ def read_values(path: Path) -> list[bytes]:
 class _Answers:
     """Get answers carrying one value, inline or in fragments, matched against the signatures put."""
 
-    def __init__(self, dats: list[bytes]) -> None:
-        self.data_of = {}
+    def __init__(self, dats: Sequence[bytes]) -> None:
+        self.data_of: dict[bytes, bytes] = {}
         for dat in dats:
             obj = msgpack.unpackb(dat, raw=False, strict_map_key=False)
             self.data_of[obj["sig"]] = obj["body"]["data"]
@@ -164,7 +165,7 @@ def run(
     window: int,
     key: bytes,
     sources: int = 1,
-    values: list[bytes] = (),
+    values: Sequence[bytes] = (),
     get_keys: int = 128,
 ) -> dict:
     """Load from ``sources`` sockets, each on its own loopback IP (127.0.0.2, ...), as distinct peers."""
@@ -223,6 +224,7 @@ def run(
                 t = msg.get("t")
                 if answers is not None:
                     kind = msg.get("y")
+                    answers.wrong += kind == "e"
                     t = answers.reply(msg) if kind == "r" else answers.fragment(msg) if kind == "p" else None
                 elif method == "signed-put" and msg.get("y") != "r":
                     if msg.get("y") == "e":  # a refusal
