@@ -5,6 +5,8 @@ other side is ``dhtnode`` with the same flags. Each suite uses one load client a
 servers:
 
 * ``udp_bench.py``: UDP ping / get / put answered per second by one node (16 loopback source addresses);
+* ``signed_bench.py``: puts of 4096-bit signed values a storing node accepts per second (one RSA verify each)
+  and its CPU per verify, and gets of signed values it answers per second;
 * ``proxy_bench.py``: REST proxy GET one value, POST distinct keys, GET /node/info (wrk, 32 connections);
 * ``push_bench.py``: SUBSCRIBE distinct keys, memory per subscription, put -> push latency, push throughput;
 * ``client_bench.py``: proxy-client ``get`` round trips and listen fan-out to 1 000 streams.
@@ -73,6 +75,30 @@ def udp_rows(data: dict) -> list[Row]:
         for m in d
     ]
     return rows
+
+
+def signed_rows(data: dict) -> list[Row]:
+    """Limits off (``-U``); every put a value the node has not seen, so one RSA verify each."""
+    d, o = data["results"]["dhtnode"], data["results"]["trio_dht"]
+    put, get = "signed-put", "signed-get"
+    return [
+        Row("UDP signed puts accepted by one node (4096-bit RSA)", "req/s", d[put]["rps"], o[put]["rps"]),
+        Row(
+            "UDP signed put: server CPU per verify",
+            "µs",
+            d[put]["cpu_us_per_req"],
+            o[put]["cpu_us_per_req"],
+            False,
+        ),
+        Row("UDP get of a signed value answered by one node", "req/s", d[get]["rps"], o[get]["rps"]),
+        Row(
+            "UDP get of a signed value: server CPU per get",
+            "µs",
+            d[get]["cpu_us_per_req"],
+            o[get]["cpu_us_per_req"],
+            False,
+        ),
+    ]
 
 
 def proxy_rows(data: dict) -> list[Row]:
@@ -197,6 +223,7 @@ def main() -> None:
     quick = ["--quick"] if args.quick else []
     suites = [
         ("UDP node", "udp_bench.py", quick, udp_rows),
+        ("Signed values", "signed_bench.py", quick, signed_rows),
         ("REST proxy", "proxy_bench.py", [*quick, "--no-write"], proxy_rows),
         ("Push notifications", "push_bench.py", [*quick, "--no-write"], push_rows),
         ("Proxy client", "client_bench.py", quick, client_rows),

@@ -17,6 +17,9 @@ WORKLOADS = (
     "UDP ping answered",
     "UDP get answered",
     "UDP put answered",
+    "UDP signed puts accepted",
+    "UDP signed put: server CPU per verify",
+    "UDP get of a signed value answered",
     "GET /key/{h}",
     "POST distinct keys",
     "GET /node/info",
@@ -46,7 +49,7 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
     )
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
-    assert len(rows) >= 15
+    assert len(rows) >= 19
     for row in rows:
         assert set(row) >= {"workload", "unit", "dhtnode", "trio_dht", "ratio"}
         assert row["dhtnode"] > 0 and row["trio_dht"] > 0, row  # a workload that ran and was answered
@@ -71,3 +74,36 @@ def test_a_repeated_scenario_reports_its_median_run_and_every_figure() -> None:
     assert median_run(runs[:2], "rps")["rps"] == 1.0  # of an even count, the lower middle
     assert median_run(runs[:1], "rps") is runs[0]
     assert median_run(runs, None) is runs[0]  # a scenario that runs once
+
+
+def test_signed_bench_smoke_run_verifies_every_put(tmp_path: Path) -> None:
+    """``bench/signed_bench.py --quick``: both servers accept the signed puts and answer the gets with the
+    values put, and every put to ours costs a verify (no verify-cache hit)."""
+    if shutil.which("dhtnode") is None:
+        pytest.skip("needs dhtnode (apt-get install dhtnode)")
+    pytest.importorskip("cryptography")
+    output = tmp_path / "signed.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "signed_bench.py"), "--quick", "--output", str(output)],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    data = json.loads(output.read_text())
+    for kind in ("dhtnode", "trio_dht"):
+        for method in ("signed-put", "signed-get"):
+            run = data["results"][kind][method]
+            assert run["replies"] > 0 and run["errors"] == 0, (kind, run)
+    assert data["results"]["trio_dht"]["verify_cache_hits"] == 0
+    assert "| signed put accepted (one verify each) |" in data["table"]
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run import signed_rows
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = signed_rows(data)  # what bench/run.py puts in its summary
+    assert [row.workload.split(" (")[0] for row in rows if row.unit == "req/s"] == [
+        "UDP signed puts accepted by one node",
+        "UDP get of a signed value answered by one node",
+    ]
+    assert all(row.dhtnode > 0 and row.trio_dht > 0 for row in rows)
