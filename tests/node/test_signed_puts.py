@@ -213,6 +213,8 @@ async def test_put_encrypted_is_read_by_its_recipient_only(identity: Identity, o
         assert (sender.protocol.screen.not_for_us, recipient.protocol.screen.decrypted) == (1, 1)
         await recipient.get(key)  # the same cypher again: its outcome is remembered
         assert recipient.protocol.screen.decrypted == 1
+        assert recipient.limit_counters()["values_decrypted"] == 1  # as /node/stats shows it
+        assert sender.limit_counters()["values_not_for_us"] == 1
 
         # By long id and by public key, and listened to: the recipient's listen hears it decrypted.
         key = InfoHash.get("encrypted, listened")

@@ -182,6 +182,9 @@ class DhtNode(SecureOperations):
             "amplification_deferred": validation.deferred,
             "verify_refused_keys": protocol.verifier.refused_keys,
             "verify_cache_hits": protocol.verifier.cache_hits,
+            "values_bad_signature": protocol.screen.bad_signatures,
+            "values_decrypted": protocol.screen.decrypted,
+            "values_not_for_us": protocol.screen.not_for_us,
             "send_queue_dropped": sum(endpoint.queue_drops for endpoint in self._socks.values()),
         }
 
