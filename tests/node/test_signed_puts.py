@@ -239,6 +239,10 @@ async def test_put_encrypted_needs_an_identity_and_a_known_recipient(
             await sender.put_encrypted(key, Value(b"x"), other.public_key.long_id)
         with pytest.raises(ValueError):
             await sender.put_encrypted(key, Value(id=1, cypher=b"sealed"), other.public_key)
+        with pytest.raises(ValueError):
+            await sender.put_encrypted(key, Value(b"x"), b"short id")
+        with pytest.raises(TypeError):
+            await sender.put_encrypted(key, Value(b"x"), other.id.hex())
         assert plain.storage.get_value(key, 1) is None
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trio_dht.api import NoIdentity, RecipientNotFound
-from trio_dht.infohash import InfoHash
+from trio_dht.infohash import HASH_LEN, InfoHash
 from trio_dht.node.storage import CERTIFICATE_TYPE
 from trio_dht.value import FIELD_ID, FIELD_TYPE, Query, Value, random_value_id
 from trio_dht.wire.message import Message
@@ -122,7 +122,14 @@ class SecureOperations:
         identity = self._require_identity("put_encrypted")
         if value.cypher:
             raise ValueError("the value is already encrypted")
-        recipient = to if not isinstance(to, bytes) else await self.find_public_key(to)
+        from trio_dht.crypto import PublicKey
+
+        if isinstance(to, PublicKey):
+            recipient: PublicKey | None = to
+        elif isinstance(to, bytes):
+            recipient = await self.find_public_key(to)
+        else:
+            raise TypeError(f"to is a PublicKey, a key id or a long id, not {type(to).__name__}")
         if recipient is None:
             raise RecipientNotFound(f"no certificate of key {bytes(to).hex()} found on the DHT")
         if not value.id:
@@ -132,6 +139,8 @@ class SecureOperations:
     async def find_public_key(self, key_id: bytes) -> PublicKey | None:
         """The public key with this key id (20 bytes) or long id (32 bytes): ours, one found before, or the
         one in a certificate found on the DHT (:meth:`find_certificate`); None if there is none."""
+        if len(key_id) not in (HASH_LEN, LONG_ID_LEN):
+            raise ValueError(f"a key id is {HASH_LEN} bytes and a long id {LONG_ID_LEN}, not {len(key_id)}")
         known = self._public_keys.get(key_id)
         if known is not None:
             self._public_keys.move_to_end(key_id)
