@@ -44,8 +44,9 @@ NATIVE_LICENCES = (
     "cryptography/cryptography-*.dist-info/licenses/LICENSE.APACHE",
     "cryptography/cryptography-*.dist-info/licenses/LICENSE.BSD",
 )
-#: Imports every module, then, with the pure-Python crypto: verifies a signed value (argv[2], packed, hex) and
-#: a tampered copy, and encrypts a Web Push message to the keys p256dh (argv[3]) and auth (argv[4]).
+#: With the zip on the path but not its native packages (the loader does not run): imports every module,
+#: then, with the pure-Python crypto: verifies a signed value (argv[2], packed, hex) and a tampered copy, and
+#: encrypts a Web Push message to the keys p256dh (argv[3]) and auth (argv[4]).
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
