@@ -32,6 +32,7 @@ import tempfile
 import tomllib
 import zipapp
 from pathlib import Path
+from py_compile import PycInvalidationMode
 
 import native
 
@@ -113,8 +114,8 @@ def drop_native_distributions(stage: Path) -> list[str]:
 
 def stage_native(stage: Path) -> tuple[str, list[str]] | None:
     """Copy each of ``native.PACKAGES`` that has a C extension, without what is not needed at run time, to
-    ``native.FOLDER/<distribution>/`` (with its ``.dist-info`` unless the root keeps that) and write the
-    manifest; return the native tag and the distributions kept, or ``None`` when there is nothing."""
+    ``native.FOLDER/<distribution>/`` (with its ``.dist-info`` unless the root keeps that), compile it and
+    write the manifest; return the native tag and the distributions kept, or ``None`` when there is none."""
     folder = stage / native.FOLDER
     ignore = shutil.ignore_patterns(*BUILD_ONLY, "__pycache__")
     kept = []
@@ -140,6 +141,10 @@ def stage_native(stage: Path) -> tuple[str, list[str]] | None:
     for path in sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True):
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # it held type stubs only
+    # Bytecode the importer uses without comparing it with the source (the manifest's hashes cover both):
+    # nothing to compile at the first start, nothing written to the cache later.
+    if not compileall.compile_dir(folder, quiet=1, invalidation_mode=PycInvalidationMode.UNCHECKED_HASH):
+        raise SystemExit("compileall failed")
     paths = [path for path in folder.rglob("*") if path.is_file()]
     files = {path.relative_to(folder).as_posix(): path.read_bytes() for path in paths}
     tag = native.native_tag()
@@ -149,12 +154,12 @@ def stage_native(stage: Path) -> tuple[str, list[str]] | None:
 
 
 def strip(stage: Path) -> None:
-    """Delete C extensions (but those kept in ``native.FOLDER``) and what is not needed at run time; fail if
-    any other native code is left."""
+    """Delete C extensions and what is not needed at run time, but in ``native.FOLDER`` (staged already); fail
+    if any other native code is left."""
     kept = stage / native.FOLDER
     for pattern in STRIP_DIRS:
         for path in sorted(stage.glob(f"**/{pattern}"), reverse=True):
-            if path.is_dir():
+            if path.is_dir() and not path.is_relative_to(kept):
                 shutil.rmtree(path)
     for pattern in STRIP_FILES:
         for path in stage.rglob(pattern):
@@ -179,7 +184,7 @@ def build(output: Path) -> Path:
         strip(stage)
         shutil.copy2(Path(native.__file__), stage / f"{NATIVE_MODULE}.py")
         (stage / "__main__.py").write_text(ENTRY_POINT)
-        skipped = re.compile(re.escape(str(stage / native.FOLDER)))  # imported from the cache: no .pyc needed
+        skipped = re.compile(re.escape(str(stage / native.FOLDER)))  # compiled for the cache already
         if not compileall.compile_dir(stage, quiet=1, legacy=True, rx=skipped):
             raise SystemExit("compileall failed")
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -4,17 +4,19 @@ cache directory (Python cannot load one from a zip).
 ``zipapp/build.py`` keeps each of :data:`PACKAGES`, with the C extensions built for the building interpreter,
 in the zip's folder ``trio_dht-native/<distribution>/`` (not importable: the name has a hyphen), beside a
 ``manifest.json`` naming the interpreters that can load them (:func:`native_tag`), the packages, every file
-with its SHA-256, and a hash of all of it. It ships this module as ``_trio_dht_native``, and the zip's
-``__main__.py`` calls :func:`enable` before anything imports those packages. When the tag matches the running
-interpreter, :func:`enable` extracts the files once to ``$XDG_CACHE_HOME/trio_dht/native-<hash>/`` (default
-``~/.cache``; a temporary directory renamed into place, so processes starting together are safe). On later
-starts it checks every cached file against its hash and rewrites one that differs (a temporary file renamed
-over it) before anything is imported. Then, package by package, it puts ``native-<hash>/<distribution>``
-first on ``sys.path`` and imports the module that proves the C extension loads; a package whose import fails
-is taken off the path again. Anything else (``TRIO_DHT_NATIVE=0``, another platform or Python, an unwritable
-cache) uses none of them. Then msgpack runs its pure-Python code from the zip, and ``cryptography`` (and so
-``trio_dht.crypto``) is missing: :mod:`trio_dht.signature` and Web Push use ``trio_dht.purecrypto``, and an
-identity (``-i``, ``--certificate``) is refused. Every such case is logged at DEBUG.
+with its SHA-256, and a hash of all of it. Their bytecode is there too, compiled to be used without comparing
+it with the source: nothing is compiled at the first start, nothing unchecked is written to the cache. It
+ships this module as ``_trio_dht_native``, and the zip's ``__main__.py`` calls :func:`enable` before anything
+imports those packages. When the tag matches the running interpreter, :func:`enable` extracts the files once
+to ``$XDG_CACHE_HOME/trio_dht/native-<hash>/`` (default ``~/.cache``; a temporary directory renamed into
+place, so processes starting together are safe). On later starts it checks every cached file against its
+hash and rewrites one that differs (a temporary file renamed over it) before anything is imported. Then,
+package by package, it puts ``native-<hash>/<distribution>`` first on ``sys.path`` and imports the module
+that proves the C extension loads; a package whose import fails is taken off the path again. Anything else
+(``TRIO_DHT_NATIVE=0``, another platform or Python, an unwritable cache) uses none of them. Then msgpack runs
+its pure-Python code from the zip, and ``cryptography`` (and so ``trio_dht.crypto``) is missing:
+:mod:`trio_dht.signature` and Web Push use ``trio_dht.purecrypto``, and an identity (``-i``,
+``--certificate``) is refused. Every such case is logged at DEBUG.
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ def test_pyz_is_pure_python_with_compiled_sources(pyz: Path) -> None:
     assert [n for n in native_or_build_only if not n.startswith(extensions)] == []
     # cffi and cryptography only in native.FOLDER, out of the zip's importable root
     assert not [n for n in names if n.startswith(("cryptography", "cffi", "_cffi_backend"))]
-    assert not [n for n in names if "__pycache__/" in n or n.startswith(("bin/", "trio/_tests/"))]
+    root = [n for n in names if not n.startswith(f"{native.FOLDER}/")]  # (its bytecode: see the next test)
+    assert not [n for n in root if "__pycache__/" in n or n.startswith(("bin/", "trio/_tests/"))]
     for module in ("trio_dht/app", "trio_dht/__main__", "trio/__init__", "msgpack/fallback"):
         assert {f"{module}.py", f"{module}.pyc"} <= set(names), module
     assert any(n.startswith("trio_dht-") and n.endswith(".dist-info/METADATA") for n in names)
@@ -187,7 +188,12 @@ def test_pyz_keeps_the_native_packages_for_this_python(pyz: Path) -> None:
     assert manifest["packages"] == ["msgpack", "cffi", "cryptography"]
     assert manifest["files"] == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     folders = {f"{parent}/" for name in files for parent in Path(name).parents if parent != Path(".")}
-    assert kept == sorted(["", *folders, "manifest.json", *files])  # no .pyc, no C sources
+    assert kept == sorted(["", *folders, "manifest.json", *files])  # no C sources, no legacy .pyc
+    sources = [Path(name) for name in files if name.endswith(".py")]
+    for source in sources:  # bytecode used unchecked: the manifest's hashes cover it
+        pyc = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
+        assert int.from_bytes(files[pyc.as_posix()][4:8], "little") == 0b01, pyc  # hash-based, unchecked
+    assert len([name for name in files if name.endswith(".pyc")]) == len(sources)
     assert "msgpack/msgpack/__init__.py" in files
     assert "cryptography/cryptography/hazmat/primitives/asymmetric/rsa.py" in files
     extensions = sorted(n for n in files if n.endswith(".so"))
@@ -342,8 +348,9 @@ def with_broken_extension(pyz: Path, tmp_path: Path, distribution: str) -> Path:
 
 
 def test_pyz_extracts_the_native_packages_once_and_uses_them(
-    pyz: Path, bare_python: Path, cache_home: Path
+    pyz: Path, bare_python: Path, cache_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the zip's own .pyc files are used
     folder = native_folder(pyz, cache_home)
     result = subprocess.run([bare_python, pyz, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -360,6 +367,10 @@ def test_pyz_extracts_the_native_packages_once_and_uses_them(
     }
     assert {name: extension(folder, name).stat() for name in NATIVE_EXTENSIONS} == first  # not written again
     assert os.listdir(cache_home / "trio_dht") == [folder.name]
+    with zipfile.ZipFile(pyz) as zf:
+        files = json.loads(zf.read(native.MANIFEST))["files"]
+    cached = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    assert cached == set(files)  # no bytecode written beside them: each file is checked against its hash
 
 
 def test_pyz_processes_starting_together_extract_once(pyz: Path, bare_python: Path, cache_home: Path) -> None:
@@ -388,6 +399,8 @@ def test_pyz_rewrites_a_corrupted_cache_file_before_loading_it(
     rust, module = extension(folder, "cryptography"), folder / "msgpack" / "msgpack" / "__init__.py"
     rust.write_bytes(b"not a shared object")  # would fail to import: no cryptography
     module.write_text("raise SystemExit('the corrupted copy was imported')\n")
+    pyc = module.parent / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"
+    pyc.write_bytes(pyc.read_bytes()[:16] + b"not bytecode")
     extension(folder, "cffi").unlink()
     report = native_check(bare_python, pyz)
     assert report["loaded"] == {name: str(folder / name) for name in ("msgpack", "cffi", "cryptography")}
