@@ -210,7 +210,9 @@ def test_pyz_version_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
     assert result.stdout == f"trio-dht {metadata.version('trio-dht')}\n"
 
 
-@pytest.mark.parametrize("flags", [["-i"], ["--certificate", "node.crt", "--privkey", "node.pem"]])
+@pytest.mark.parametrize(
+    "flags", [["-i"], ["--certificate", "node.crt", "--privkey", "node.pem"]], ids=["-i", "--certificate"]
+)
 @pytest.mark.parametrize("where", ["native off", "another python"])
 def test_pyz_without_its_native_packages_refuses_an_identity_in_one_line(
     pyz: Path, bare_python: Path, tmp_path: Path, cache_home: Path, flags: list[str], where: str
