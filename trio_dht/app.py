@@ -117,7 +117,7 @@ def _identity(config: AppConfig) -> Identity | None:
         return None
     try:
         from trio_dht.crypto import Identity
-    except ImportError as exc:  # the zipapp carries no cryptography
+    except ImportError as exc:  # the zipapp without its native packages (TRIO_DHT_NATIVE=0, another Python)
         raise RuntimeError(f"an identity needs the cryptography package ({exc})") from None
     if config.certificate is not None and config.private_key is not None:
         identity = Identity.load(config.private_key, config.certificate, config.private_key_password)

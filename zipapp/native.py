@@ -1,15 +1,22 @@
-"""The zipapp's native msgpack: its C extension, loaded from a cache directory (Python cannot load one from
-a zip).
+"""The zipapp's native packages (msgpack, cffi's backend, cryptography): their C extensions, loaded from a
+cache directory (Python cannot load one from a zip).
 
-``zipapp/build.py`` keeps msgpack with the C extension built for the building interpreter in the zip's folder
-``trio_dht-native/`` (not importable: the name has a hyphen), with a ``manifest.json`` naming the files, the
-interpreters that can load them (:func:`native_tag`) and a hash of their content. It ships this module as
-``_trio_dht_native``, and the zip's ``__main__.py`` calls :func:`enable` before anything imports msgpack.
-When the tag matches the running interpreter, :func:`enable` extracts the package once to
-``$XDG_CACHE_HOME/trio_dht/native-<hash>/`` (default ``~/.cache``; a temporary directory renamed into place,
-so processes starting together are safe), reuses it on later starts, and puts it first on ``sys.path``.
-Anything else (``TRIO_DHT_NATIVE=0``, another platform or Python, an unwritable cache, an import error)
-leaves the zip's pure-Python msgpack in use, logged at DEBUG.
+``zipapp/build.py`` keeps each of :data:`PACKAGES`, with the C extensions built for the building interpreter,
+in the zip's folder ``trio_dht-native/<distribution>/`` (not importable: the name has a hyphen), beside a
+``manifest.json`` naming the interpreters that can load them (:func:`native_tag`), the packages, every file
+with its SHA-256, and a hash of all of it. Their bytecode is there too, compiled to be used without comparing
+it with the source: nothing is compiled at the first start, nothing unchecked is written to the cache. It
+ships this module as ``_trio_dht_native``, and the zip's ``__main__.py`` calls :func:`enable` before anything
+imports those packages. When the tag matches the running interpreter, :func:`enable` extracts the files once
+to ``$XDG_CACHE_HOME/trio_dht/native-<hash>/`` (default ``~/.cache``; a temporary directory renamed into
+place, so processes starting together are safe). On later starts it checks every cached file against its
+hash and rewrites one that differs (a temporary file renamed over it) before anything is imported. Then,
+package by package, it puts ``native-<hash>/<distribution>`` first on ``sys.path`` and imports the module
+that proves the C extension loads; a package whose import fails is taken off the path again. Anything else
+(``TRIO_DHT_NATIVE=0``, another platform or Python, an unwritable cache) uses none of them. Then msgpack runs
+its pure-Python code from the zip, and ``cryptography`` (and so ``trio_dht.crypto``) is missing:
+:mod:`trio_dht.signature` and Web Push use ``trio_dht.purecrypto``, and an identity (``-i``,
+``--certificate``) is refused. Every such case is logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -23,15 +30,33 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import NamedTuple
 
 #: The zip's folder holding the native packages, and its manifest.
 FOLDER = "trio_dht-native"
 MANIFEST = f"{FOLDER}/manifest.json"
-#: ``TRIO_DHT_NATIVE=0`` keeps the pure-Python msgpack.
+#: ``TRIO_DHT_NATIVE=0`` uses none of the native packages.
 ENV = "TRIO_DHT_NATIVE"
-#: The package extracted, and the module that proves its C extension loads.
-PACKAGE = "msgpack"
-EXTENSION = "msgpack._cmsgpack"
+
+
+class NativePackage(NamedTuple):
+    """A distribution whose C extension the zipapp carries, kept in ``FOLDER/<distribution>/``."""
+
+    #: Its name (as pip spells its ``.dist-info`` folder), and its folder in the zip and the cache.
+    distribution: str
+    #: The top-level modules (packages or extension modules) of it that the zipapp carries.
+    modules: tuple[str, ...]
+    #: The module whose import proves its C extension loads.
+    probe: str
+
+
+#: In load order: cryptography's Rust extension imports ``_cffi_backend``. Of the ``cffi`` distribution only
+#: ``_cffi_backend`` is imported at run time (its ``cffi`` package generates bindings at build time).
+PACKAGES = (
+    NativePackage("msgpack", ("msgpack",), "msgpack._cmsgpack"),
+    NativePackage("cffi", ("_cffi_backend",), "_cffi_backend"),
+    NativePackage("cryptography", ("cryptography",), "cryptography.hazmat.bindings._rust"),
+)
 
 log = logging.getLogger("trio_dht.native")
 
@@ -43,6 +68,11 @@ def native_tag() -> str:
     return f"{sys.implementation.cache_tag}-{sys.platform}-{machine}{EXTENSION_SUFFIXES[0]}"
 
 
+def file_hash(data: bytes) -> str:
+    """A file's SHA-256, as the manifest lists it."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def content_hash(tag: str, files: Iterable[tuple[str, bytes]]) -> str:
     """A short hash of the tag and every ``(path, content)``: names the cache directory."""
     digest = hashlib.sha256(tag.encode())
@@ -50,6 +80,16 @@ def content_hash(tag: str, files: Iterable[tuple[str, bytes]]) -> str:
         digest.update(b"\0%s\0%d\0" % (name.encode(), len(data)))
         digest.update(data)
     return digest.hexdigest()[:16]
+
+
+def manifest(tag: str, packages: Iterable[str], files: Mapping[str, bytes]) -> dict:
+    """The manifest of ``files`` (paths under :data:`FOLDER`) holding ``packages`` built for ``tag``."""
+    return {
+        "tag": tag,
+        "hash": content_hash(tag, files.items()),
+        "packages": list(packages),
+        "files": {name: file_hash(files[name]) for name in sorted(files)},
+    }
 
 
 def cache_root(environ: Mapping[str, str]) -> Path:
@@ -80,63 +120,109 @@ def extract(read: Callable[[str], bytes], files: Iterable[str], folder: Path) ->
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def enable(environ: Mapping[str, str] = os.environ) -> Path | None:
-    """Put the zip's native msgpack first on ``sys.path`` and return its directory; ``None`` (and a DEBUG
-    line) when it is not used. Never raises."""
+def repair(read: Callable[[str], bytes], hashes: Mapping[str, str], folder: Path) -> list[str]:
+    """Rewrite each of ``hashes``'s files (path -> SHA-256) that is missing from ``folder`` or differs, each
+    atomically (a temporary sibling renamed over it); return their paths."""
+    import tempfile
+
+    rewritten = []
+    for name, expected in hashes.items():
+        path = folder / name
+        try:
+            with path.open("rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() == expected:
+                    continue
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(read(name))
+            os.replace(partial, path)
+        except BaseException:
+            os.unlink(partial)
+            raise
+        rewritten.append(name)
+    return rewritten
+
+
+def enable(environ: Mapping[str, str] = os.environ) -> dict[str, Path]:
+    """Put each of the zip's native packages that loads first on ``sys.path``; return them (distribution ->
+    its directory), empty (and a DEBUG line) when none is used. Never raises."""
     if environ.get(ENV) == "0":
-        log.debug("native msgpack off (%s=0): pure-Python msgpack", ENV)
-        return None
-    if PACKAGE in sys.modules:
-        log.debug("msgpack already imported: not replaced")
-        return None
+        log.debug("native packages off (%s=0): pure-Python msgpack, no cryptography", ENV)
+        return {}
     try:
-        folder = _prepare(environ)
+        prepared = _prepare(environ)
     except Exception as exc:
-        log.debug("native msgpack unavailable (%s: %s): pure-Python msgpack", type(exc).__name__, exc)
-        return None
-    if folder is None:
-        return None
-    sys.path.insert(0, str(folder))
+        log.debug("native packages unavailable (%s: %s): none used", _name(exc), exc)
+        return {}
+    if prepared is None:
+        return {}
+    folder, distributions = prepared
+    loaded = {}
+    for package in PACKAGES:
+        if package.distribution in distributions:
+            path = folder / package.distribution
+            if _load(package, path):
+                loaded[package.distribution] = path
+    return loaded
+
+
+def _load(package: NativePackage, path: Path) -> bool:
+    """Put ``path`` first on ``sys.path`` and import ``package.probe``; undo both when that fails."""
+    if any(_ours(name, package) for name in sys.modules):
+        log.debug("%s already imported: not replaced", package.distribution)
+        return False
+    sys.path.insert(0, str(path))
     try:
-        importlib.import_module(EXTENSION)
+        importlib.import_module(package.probe)
     except Exception as exc:  # a broken copy, a missing system library, a noexec file system...
-        sys.path.remove(str(folder))
-        for name in [name for name in sys.modules if name == PACKAGE or name.startswith(f"{PACKAGE}.")]:
+        sys.path.remove(str(path))
+        for name in [name for name in sys.modules if _ours(name, package)]:
             del sys.modules[name]
-        log.debug(
-            "native msgpack in %s fails to import (%s: %s): pure-Python msgpack",
-            folder,
-            type(exc).__name__,
-            exc,
-        )
-        return None
-    log.debug("native msgpack from %s", folder)
-    return folder
+        log.debug("native %s in %s fails to import (%s: %s)", package.distribution, path, _name(exc), exc)
+        return False
+    log.debug("native %s from %s", package.distribution, path)
+    return True
 
 
-def _prepare(environ: Mapping[str, str]) -> Path | None:
-    """The cache directory holding the native packages of the running zip (extracted if missing), or
-    ``None`` when this zip has none for the running interpreter."""
+def _ours(module: str, package: NativePackage) -> bool:
+    return module.partition(".")[0] in package.modules
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def _prepare(environ: Mapping[str, str]) -> tuple[Path, list[str]] | None:
+    """The cache directory holding the native packages of the running zip (extracted if missing, repaired if
+    a file differs from its hash) and the distributions it holds, or ``None`` when this zip has none for the
+    running interpreter."""
     archive = getattr(__loader__, "archive", None)  # a zipimporter when run from the zipapp
     if archive is None:
         log.debug("not run from a zip: nothing to extract")
         return None
-
-    def read(name: str) -> bytes:
-        return __loader__.get_data(os.path.join(archive, FOLDER, name))
-
     try:
-        manifest = json.loads(read("manifest.json"))
+        manifest = json.loads(__loader__.get_data(os.path.join(archive, MANIFEST)))
     except OSError:
         log.debug("%s has no native code", archive)
         return None
     if manifest["tag"] != native_tag():
-        log.debug("native code built for %s, not this %s: pure-Python msgpack", manifest["tag"], native_tag())
+        log.debug("native code built for %s, not this %s: not used", manifest["tag"], native_tag())
         return None
+    hashes: dict[str, str] = manifest["files"]
+
+    def read(name: str) -> bytes:
+        data = __loader__.get_data(os.path.join(archive, FOLDER, name))
+        if file_hash(data) != hashes[name]:
+            raise ValueError(f"{archive}: {FOLDER}/{name} does not match its manifest")
+        return data
+
     folder = cache_root(environ) / f"native-{manifest['hash']}"
     if not folder.is_dir():
-        files = {name: read(name) for name in manifest["files"]}
-        if content_hash(manifest["tag"], files.items()) != manifest["hash"]:
-            raise ValueError(f"{archive}: native files do not match their manifest")
-        extract(files.__getitem__, files, folder)
-    return folder
+        extract(read, hashes, folder)
+    elif rewritten := repair(read, hashes, folder):
+        log.debug("%s: rewrote %s, which differed from the zipapp's copy", folder, ", ".join(rewritten))
+    return folder, manifest["packages"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from cli_process import LOOPBACK_NODE, free_tcp_port, ping, trio_dht_process
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from trio_dht import crypto
+from trio_dht import crypto, signature
 from trio_dht.push import webpush_crypto
 from trio_dht.value import Value
 
@@ -27,10 +29,24 @@ _spec = importlib.util.spec_from_file_location("zipapp_native", ROOT / "zipapp" 
 assert _spec is not None and _spec.loader is not None
 native = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(native)
-#: Modules that cannot be imported from the zipapp, as the zipapp has no C extensions.
+#: Modules that cannot be imported from the zipapp without its native packages (no cryptography).
 NOT_IN_ZIPAPP: set[str] = {"trio_dht.crypto"}
-#: Imports every module, then, with the pure-Python crypto: verifies a signed value (argv[2], packed, hex) and
-#: a tampered copy, and encrypts a Web Push message to the keys p256dh (argv[3]) and auth (argv[4]).
+#: The C extensions the zipapp carries in ``native.FOLDER`` (paths under it, without their suffix).
+NATIVE_EXTENSIONS = {
+    "msgpack": "msgpack/msgpack/_cmsgpack",
+    "cffi": "cffi/_cffi_backend",
+    "cryptography": "cryptography/cryptography/hazmat/bindings/_rust",
+}
+#: The licence files of the distributions kept only in ``native.FOLDER`` (paths under it, ``*`` a version).
+NATIVE_LICENCES = (
+    "cffi/cffi-*.dist-info/licenses/LICENSE",
+    "cryptography/cryptography-*.dist-info/licenses/LICENSE",
+    "cryptography/cryptography-*.dist-info/licenses/LICENSE.APACHE",
+    "cryptography/cryptography-*.dist-info/licenses/LICENSE.BSD",
+)
+#: With the zip on the path but not its native packages (the loader does not run): imports every module,
+#: then, with the pure-Python crypto: verifies a signed value (argv[2], packed, hex) and a tampered copy, and
+#: encrypts a Web Push message to the keys p256dh (argv[3]) and auth (argv[4]).
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 sys.path.insert(0, sys.argv[1])
@@ -57,27 +73,64 @@ print(json.dumps({
 """
 
 
-#: What the zipapp's start-up does before importing trio_dht, then which msgpack the wire codec uses.
+#: What the zipapp's start-up does before importing trio_dht, then which msgpack the wire codec uses and
+#: where cryptography comes from (None: not importable).
 NATIVE_CHECK = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import _trio_dht_native
-folder = _trio_dht_native.enable()
+loaded = _trio_dht_native.enable()
 from trio_dht.wire import msgpack_codec
 import msgpack
+try:
+    import cryptography.hazmat.bindings._rust
+    import trio_dht.crypto
+except ImportError:
+    cryptography = None
 obj = {"a": b"x", 1: ["y", -2]}
 print(json.dumps({
-    "folder": folder and str(folder),
+    "loaded": {name: str(path) for name, path in loaded.items()},
     "pure": msgpack_codec.PURE,
     "msgpack": msgpack.__file__,
     "roundtrip": msgpack_codec.unpackb(msgpack_codec.packb(obj)) == obj,
+    "cryptography": cryptography and cryptography.__file__,
+}))
+"""
+#: After the zipapp's start-up: a new identity signs a value (argv[2], hex), which is verified, a tampered
+#: copy not; the identity is saved to argv[3].pem/.crt and loaded again.
+SIGN_CHECK = """
+import json, sys
+from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import _trio_dht_native
+loaded = _trio_dht_native.enable()
+import cryptography
+from trio_dht import crypto, signature
+from trio_dht.push import webpush_crypto
+from trio_dht.value import Value
+identity = crypto.Identity.generate(bits=2048)
+signed = identity.sign_value(Value.unpack(bytes.fromhex(sys.argv[2])))
+path = Path(sys.argv[3])
+identity.save(path.with_suffix(".pem"), path.with_suffix(".crt"))
+again = crypto.Identity.load(path.with_suffix(".pem"), path.with_suffix(".crt"))
+print(json.dumps({
+    "loaded": sorted(loaded),
+    "cryptography": cryptography.__file__,
+    "verify": signature.verify_rsa_sha512 is not signature.purecrypto.rsa_verify_pkcs1v15_sha512,
+    "webpush": webpush_crypto.backend.name,
+    "verified": signature.verify(signed),
+    "tampered_verified": signature.verify(replace(signed, data=signed.data + b"!", _packed=None)),
+    "same_key": again.id == identity.id,
+    "signed": signed.packed().hex(),
+    "key_id": identity.id.hex(),
 }))
 """
 
 
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where the zipapp run by each test extracts its native msgpack (not the user's ~/.cache)."""
+    """Where the zipapp run by each test extracts its native packages (not the user's ~/.cache)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.delenv("TRIO_DHT_NATIVE", raising=False)
@@ -112,14 +165,18 @@ def test_pyz_is_pure_python_with_compiled_sources(pyz: Path) -> None:
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     assert {"__main__.py", "_trio_dht_native.py"} <= set(names)
     native_or_build_only = [n for n in names if n.endswith((".so", ".pyd", ".dylib", ".c", ".pyx", ".pyi"))]
-    assert [n for n in native_or_build_only if not n.startswith(f"{native.FOLDER}/msgpack/_cmsgpack.")] == []
-    assert not [n for n in names if "__pycache__/" in n or n.startswith(("bin/", "trio/_tests/"))]
+    extensions = tuple(f"{native.FOLDER}/{path}." for path in NATIVE_EXTENSIONS.values())
+    assert [n for n in native_or_build_only if not n.startswith(extensions)] == []
+    # cffi and cryptography only in native.FOLDER, out of the zip's importable root
+    assert not [n for n in names if n.startswith(("cryptography", "cffi", "_cffi_backend"))]
+    root = [n for n in names if not n.startswith(f"{native.FOLDER}/")]  # (its bytecode: see the next test)
+    assert not [n for n in root if "__pycache__/" in n or n.startswith(("bin/", "trio/_tests/"))]
     for module in ("trio_dht/app", "trio_dht/__main__", "trio/__init__", "msgpack/fallback"):
         assert {f"{module}.py", f"{module}.pyc"} <= set(names), module
     assert any(n.startswith("trio_dht-") and n.endswith(".dist-info/METADATA") for n in names)
 
 
-def test_pyz_keeps_msgpack_native_code_for_this_python(pyz: Path) -> None:
+def test_pyz_keeps_the_native_packages_for_this_python(pyz: Path) -> None:
     with zipfile.ZipFile(pyz) as zf:
         manifest = json.loads(zf.read(native.MANIFEST))
         files = {name: zf.read(f"{native.FOLDER}/{name}") for name in manifest["files"]}
@@ -128,9 +185,23 @@ def test_pyz_keeps_msgpack_native_code_for_this_python(pyz: Path) -> None:
         )
     assert manifest["tag"] == native.native_tag()
     assert manifest["hash"] == native.content_hash(manifest["tag"], files.items())
-    assert kept == sorted(["", "msgpack/", "manifest.json", *files])  # no .pyc, no C sources
-    assert "msgpack/__init__.py" in files
-    assert [n for n in files if n.endswith(".so")] == [f"msgpack/_cmsgpack{native.EXTENSION_SUFFIXES[0]}"]
+    assert manifest["packages"] == ["msgpack", "cffi", "cryptography"]
+    assert manifest["files"] == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    folders = {f"{parent}/" for name in files for parent in Path(name).parents if parent != Path(".")}
+    assert kept == sorted(["", *folders, "manifest.json", *files])  # no C sources, no legacy .pyc
+    sources = [Path(name) for name in files if name.endswith(".py")]
+    for source in sources:  # bytecode used unchecked: the manifest's hashes cover it
+        pyc = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
+        assert int.from_bytes(files[pyc.as_posix()][4:8], "little") == 0b01, pyc  # hash-based, unchecked
+    assert len([name for name in files if name.endswith(".pyc")]) == len(sources)
+    assert "msgpack/msgpack/__init__.py" in files
+    assert "cryptography/cryptography/hazmat/primitives/asymmetric/rsa.py" in files
+    extensions = sorted(n for n in files if n.endswith(".so"))
+    assert len(extensions) == len(NATIVE_EXTENSIONS)
+    for extension, path in zip(extensions, sorted(NATIVE_EXTENSIONS.values()), strict=True):
+        assert extension.startswith(f"{path}.") and extension.endswith(tuple(native.EXTENSION_SUFFIXES))
+    for licence in NATIVE_LICENCES:
+        assert [n for n in files if Path(n).match(licence)], licence
 
 
 def test_pyz_version_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
@@ -139,17 +210,70 @@ def test_pyz_version_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
     assert result.stdout == f"trio-dht {metadata.version('trio-dht')}\n"
 
 
-def test_pyz_refuses_an_identity_in_one_line(pyz: Path, bare_python: Path) -> None:
-    """The zipapp carries no cryptography: -i is refused with one line and exit code 1, not a traceback."""
+@pytest.mark.parametrize(
+    "flags", [["-i"], ["--certificate", "node.crt", "--privkey", "node.pem"]], ids=["-i", "--certificate"]
+)
+@pytest.mark.parametrize("where", ["native off", "another python"])
+def test_pyz_without_its_native_packages_refuses_an_identity_in_one_line(
+    pyz: Path, bare_python: Path, tmp_path: Path, cache_home: Path, flags: list[str], where: str
+) -> None:
+    """Without cryptography (TRIO_DHT_NATIVE=0, or native code built for another interpreter) -i and
+    --certificate are refused with one line and exit code 1, not a traceback."""
+    (tmp_path / "node.crt").write_text("not read")
+    (tmp_path / "node.pem").write_text("not read")
+    env = {**os.environ, "TRIO_DHT_NATIVE": "0"} if where == "native off" else None
+    program = pyz if where == "native off" else retagged(pyz, tmp_path)
     result = subprocess.run(
-        [bare_python, pyz, "-i", "-p", "0", "--bind", "127.0.0.1", "--no-ipv6", "--no-proxy"],
+        [bare_python, program, *flags, "-p", "0", "--bind", "127.0.0.1", "--no-ipv6", "--no-proxy"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
+        cwd=tmp_path,
     )
     assert result.returncode == 1
-    assert "an identity needs the cryptography package" in result.stderr + result.stdout
+    assert "an identity needs the cryptography package" in result.stderr
+    assert len((result.stdout + result.stderr).splitlines()) == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+    assert not cache_home.exists()
+
+
+def test_pyz_signs_and_verifies_with_its_cryptography(pyz: Path, bare_python: Path, tmp_path: Path) -> None:
+    """On the interpreter it was built for, the zipapp has cryptography: trio_dht.crypto makes an identity
+    and signs, trio_dht.signature verifies with cryptography, not the pure-Python code."""
+    value = Value(b"signed in the zipapp", type=3, id=5, seq=1)
+    result = subprocess.run(
+        [bare_python, "-c", SIGN_CHECK, pyz, value.packed().hex(), tmp_path / "node"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["loaded"] == ["cffi", "cryptography", "msgpack"]
+    assert not report["cryptography"].startswith(str(pyz))  # from the cache, not the zip
+    assert (report["verify"], report["webpush"]) == (True, "cryptography")
+    assert (report["verified"], report["tampered_verified"], report["same_key"]) == (True, False, True)
+    signed = Value.unpack(bytes.fromhex(report["signed"]))
+    assert (signed.data, signed.type, signed.id) == (value.data, value.type, value.id)
+    assert signature.verify(signed)  # and here, by the test's own cryptography
+    saved = crypto.Identity.load(tmp_path / "node.pem", tmp_path / "node.crt")
+    assert saved.id.hex() == report["key_id"]
+
+
+async def test_pyz_runs_with_a_new_identity_and_saves_it(
+    pyz: Path, bare_python: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "node"
+    command = [bare_python, pyz, *LOOPBACK_NODE, "--no-proxy", "-i", "--save-identity", path]
+    async with trio_dht_process(command, timeout=60) as node:
+        assert node.process.returncode is None, node.output
+        assert await node.stop() == 0
+    assert "Traceback" not in node.output
+    saved = crypto.Identity.load(tmp_path / "node.pem", tmp_path / "node.crt")
+    assert f"identity: public key id {saved.id.hex()}" in node.output
+    signed = saved.sign_value(Value(b"with the saved key", id=7))
+    assert signature.verify(signed)
 
 
 def test_pyz_uses_the_pure_python_fallbacks(pyz: Path, bare_python: Path) -> None:
@@ -183,25 +307,72 @@ def native_folder(pyz: Path, cache: Path) -> Path:
         return cache / "trio_dht" / f"native-{json.loads(zf.read(native.MANIFEST))['hash']}"
 
 
-def test_pyz_extracts_msgpack_native_code_once_and_uses_it(
-    pyz: Path, bare_python: Path, cache_home: Path
+def extension(folder: Path, distribution: str) -> Path:
+    """The C extension of ``distribution`` (a key of NATIVE_EXTENSIONS) under ``folder``."""
+    (path,) = folder.glob(f"{NATIVE_EXTENSIONS[distribution]}.*")
+    return path
+
+
+def rewritten(pyz: Path, output: Path, change: Callable[[str, bytes], bytes]) -> Path:
+    """A copy of ``pyz`` at ``output`` with each file's data ``change(zip path, data)``."""
+    with zipfile.ZipFile(pyz) as source, zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as copy:
+        for info in source.infolist():
+            copy.writestr(info, change(info.filename, source.read(info)))
+    return output
+
+
+def retagged(pyz: Path, tmp_path: Path) -> Path:
+    """A copy of ``pyz`` whose native code claims to be built for another interpreter."""
+
+    def change(name: str, data: bytes) -> bytes:
+        if name == native.MANIFEST:
+            return json.dumps({**json.loads(data), "tag": "cpython-399-plan9-mips.so"}).encode()
+        return data
+
+    return rewritten(pyz, tmp_path / "other.pyz", change)
+
+
+def with_broken_extension(pyz: Path, tmp_path: Path, distribution: str) -> Path:
+    """A copy of ``pyz`` whose C extension of ``distribution`` is no shared object, its manifest to match."""
+    with zipfile.ZipFile(pyz) as zf:
+        old = json.loads(zf.read(native.MANIFEST))
+        files = {name: zf.read(f"{native.FOLDER}/{name}") for name in old["files"]}
+    (broken,) = [name for name in files if name.startswith(f"{NATIVE_EXTENSIONS[distribution]}.")]
+    files[broken] = b"not a shared object"
+    manifest = json.dumps(native.manifest(old["tag"], old["packages"], files)).encode()
+
+    def change(name: str, data: bytes) -> bytes:
+        if name == native.MANIFEST:
+            return manifest
+        return files[broken] if name == f"{native.FOLDER}/{broken}" else data
+
+    return rewritten(pyz, tmp_path / f"broken-{distribution}.pyz", change)
+
+
+def test_pyz_extracts_the_native_packages_once_and_uses_them(
+    pyz: Path, bare_python: Path, cache_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the zip's own .pyc files are used
     folder = native_folder(pyz, cache_home)
     result = subprocess.run([bare_python, pyz, "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert os.listdir(cache_home / "trio_dht") == [folder.name]  # the entry point extracted it
-    extension = folder / "msgpack" / f"_cmsgpack{native.EXTENSION_SUFFIXES[0]}"
-    first = extension.stat()
+    first = {name: extension(folder, name).stat() for name in NATIVE_EXTENSIONS}
     report = native_check(bare_python, pyz)
     assert report == {
-        "folder": str(folder),
+        "loaded": {name: str(folder / name) for name in ("msgpack", "cffi", "cryptography")},
         "pure": False,
-        "msgpack": str(folder / "msgpack" / "__init__.py"),
+        "msgpack": str(folder / "msgpack" / "msgpack" / "__init__.py"),
         "roundtrip": True,
+        "cryptography": str(folder / "cryptography" / "cryptography" / "__init__.py"),
     }
-    assert extension.stat() == first  # reused, not written again
+    assert {name: extension(folder, name).stat() for name in NATIVE_EXTENSIONS} == first  # not written again
     assert os.listdir(cache_home / "trio_dht") == [folder.name]
+    with zipfile.ZipFile(pyz) as zf:
+        files = json.loads(zf.read(native.MANIFEST))["files"]
+    cached = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    assert cached == set(files)  # no bytecode written beside them: each file is checked against its hash
 
 
 def test_pyz_processes_starting_together_extract_once(pyz: Path, bare_python: Path, cache_home: Path) -> None:
@@ -214,17 +385,44 @@ def test_pyz_processes_starting_together_extract_once(pyz: Path, bare_python: Pa
         assert process.returncode == 0, err
         assert out.startswith(b"trio-dht ")
     assert os.listdir(cache_home / "trio_dht") == [native_folder(pyz, cache_home).name]  # no partial copies
-    assert native_check(bare_python, pyz)["pure"] is False
+    report = native_check(bare_python, pyz)
+    assert report["pure"] is False and report["cryptography"] is not None
+
+
+def test_pyz_rewrites_a_corrupted_cache_file_before_loading_it(
+    pyz: Path, bare_python: Path, cache_home: Path
+) -> None:
+    folder = native_folder(pyz, cache_home)
+    assert len(native_check(bare_python, pyz)["loaded"]) == len(NATIVE_EXTENSIONS)
+    with zipfile.ZipFile(pyz) as zf:
+        expected = {
+            name: zf.read(f"{native.FOLDER}/{name}") for name in json.loads(zf.read(native.MANIFEST))["files"]
+        }
+    rust, module = extension(folder, "cryptography"), folder / "msgpack" / "msgpack" / "__init__.py"
+    rust.write_bytes(b"not a shared object")  # would fail to import: no cryptography
+    module.write_text("raise SystemExit('the corrupted copy was imported')\n")
+    pyc = module.parent / "__pycache__" / f"__init__.{sys.implementation.cache_tag}.pyc"
+    pyc.write_bytes(pyc.read_bytes()[:16] + b"not bytecode")
+    extension(folder, "cffi").unlink()
+    report = native_check(bare_python, pyz)
+    assert report["loaded"] == {name: str(folder / name) for name in ("msgpack", "cffi", "cryptography")}
+    assert (report["pure"], report["roundtrip"]) == (False, True)
+    assert report["cryptography"] == str(folder / "cryptography" / "cryptography" / "__init__.py")
+    for name, data in expected.items():
+        assert (folder / name).read_bytes() == data, name
+    assert os.listdir(cache_home / "trio_dht") == [folder.name]
+    assert not [n for n in os.listdir(rust.parent) if n.startswith(".")]  # no temporary file left
 
 
 def test_pyz_falls_back_to_pure_msgpack_when_turned_off(
     pyz: Path, bare_python: Path, cache_home: Path
 ) -> None:
     report = native_check(bare_python, pyz, TRIO_DHT_NATIVE="0")
-    assert report["folder"] is None
+    assert report["loaded"] == {}
     assert report["pure"] is True
     assert report["msgpack"].startswith(f"{pyz}/msgpack/__init__.py")  # .py or .pyc, in the zip
     assert report["roundtrip"] is True
+    assert report["cryptography"] is None
     assert not cache_home.exists()
 
 
@@ -234,7 +432,12 @@ def test_pyz_falls_back_to_pure_msgpack_when_the_cache_is_unwritable(
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")  # (chmod would not stop root)
     report = native_check(bare_python, pyz, XDG_CACHE_HOME=str(not_a_folder / "cache"))
-    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
+    assert (report["loaded"], report["pure"], report["roundtrip"], report["cryptography"]) == (
+        {},
+        True,
+        True,
+        None,
+    )
     env = {**os.environ, "XDG_CACHE_HOME": str(not_a_folder / "cache")}
     result = subprocess.run(
         [bare_python, pyz, "--version"], capture_output=True, text=True, timeout=60, env=env
@@ -243,28 +446,44 @@ def test_pyz_falls_back_to_pure_msgpack_when_the_cache_is_unwritable(
 
 
 def test_pyz_falls_back_to_pure_msgpack_when_the_extension_fails_to_load(
-    pyz: Path, bare_python: Path, cache_home: Path
+    pyz: Path, bare_python: Path, cache_home: Path, tmp_path: Path
 ) -> None:
-    folder = native_folder(pyz, cache_home)
-    assert native_check(bare_python, pyz)["folder"] == str(folder)
-    (folder / "msgpack" / f"_cmsgpack{native.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared object")
-    report = native_check(bare_python, pyz)
-    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
-    assert report["msgpack"].startswith(f"{pyz}/msgpack/__init__.py")  # .py or .pyc, in the zip
+    broken = with_broken_extension(pyz, tmp_path, "msgpack")
+    folder = native_folder(broken, cache_home)
+    report = native_check(bare_python, broken)
+    assert extension(folder, "msgpack").read_bytes() == b"not a shared object"  # extracted as the zip has it
+    assert report["loaded"] == {name: str(folder / name) for name in ("cffi", "cryptography")}
+    assert (report["pure"], report["roundtrip"]) == (True, True)
+    assert report["msgpack"].startswith(f"{broken}/msgpack/__init__.py")  # .py or .pyc, in the zip
+    assert report["cryptography"] == str(folder / "cryptography" / "cryptography" / "__init__.py")
+
+
+def test_pyz_has_no_cryptography_when_its_extension_fails_to_load(
+    pyz: Path, bare_python: Path, cache_home: Path, tmp_path: Path
+) -> None:
+    broken = with_broken_extension(pyz, tmp_path, "cryptography")
+    folder = native_folder(broken, cache_home)
+    report = native_check(bare_python, broken)
+    assert report["loaded"] == {name: str(folder / name) for name in ("msgpack", "cffi")}
+    assert (report["pure"], report["roundtrip"], report["cryptography"]) == (False, True, None)
+    result = subprocess.run(
+        [bare_python, broken, "-i", *LOOPBACK_NODE, "--no-proxy"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "an identity needs the cryptography package" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_pyz_falls_back_to_pure_msgpack_on_another_python(
     pyz: Path, bare_python: Path, cache_home: Path, tmp_path: Path
 ) -> None:
-    other = tmp_path / "other.pyz"
-    with zipfile.ZipFile(pyz) as source, zipfile.ZipFile(other, "w", zipfile.ZIP_DEFLATED) as copy:
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename == native.MANIFEST:
-                data = json.dumps({**json.loads(data), "tag": "cpython-399-plan9-mips.so"}).encode()
-            copy.writestr(info, data)
-    report = native_check(bare_python, other)
-    assert (report["folder"], report["pure"], report["roundtrip"]) == (None, True, True)
+    report = native_check(bare_python, retagged(pyz, tmp_path))
+    assert (report["loaded"], report["pure"], report["roundtrip"], report["cryptography"]) == (
+        {},
+        True,
+        True,
+        None,
+    )
     assert not cache_home.exists()
 
 
@@ -279,6 +498,20 @@ def test_extract_keeps_the_copy_another_process_renamed_first(tmp_path: Path) ->
     native.extract({"msgpack/__init__.py": b"second"}.__getitem__, ["msgpack/__init__.py"], folder)
     assert (folder / "msgpack" / "__init__.py").read_text() == "second"
     assert os.listdir(folder.parent) == [folder.name]
+
+
+def test_repair_rewrites_only_the_files_that_differ_from_their_hash(tmp_path: Path) -> None:
+    files = {"a/same.py": b"same", "a/changed.so": b"right", "b/missing.py": b"back"}
+    hashes = {name: native.file_hash(data) for name, data in files.items()}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "same.py").write_bytes(b"same")
+    (tmp_path / "a" / "changed.so").write_bytes(b"wrong")
+    same = (tmp_path / "a" / "same.py").stat()
+    assert native.repair(files.__getitem__, hashes, tmp_path) == ["a/changed.so", "b/missing.py"]
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    assert (tmp_path / "a" / "same.py").stat() == same
+    assert sorted(os.listdir(tmp_path / "a")) == ["changed.so", "same.py"]  # no temporary file left
+    assert native.repair(files.__getitem__, hashes, tmp_path) == []
 
 
 def test_every_module_imports_and_the_crypto_works_from_the_pyz(pyz: Path, bare_python: Path) -> None:
