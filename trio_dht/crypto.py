@@ -22,7 +22,7 @@ its ``to`` is set to the recipient's key id, it is signed, and its ``dat`` map (
 packed and encrypted with the recipient's RSA key (:func:`encrypt_bytes`); what travels is the id, that
 cypher and the push hints. :func:`decrypt_value` undoes it and checks the ``to`` and the signature.
 
-This module needs the ``cryptography`` package (the zipapp cannot import it).
+This module needs the ``cryptography`` package (the zipapp carries it for the Python that built it).
 """
 
 from __future__ import annotations

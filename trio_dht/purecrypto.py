@@ -1,5 +1,6 @@
-"""Pure-Python cryptography for where the ``cryptography`` package is missing (the zipapp carries no C
-extensions): exactly the primitives trio_dht needs, on the standard library only.
+"""Pure-Python cryptography for where the ``cryptography`` package is missing (the zipapp on a Python other
+than the one that built it, or with ``TRIO_DHT_NATIVE=0``): exactly the primitives trio_dht needs, on the
+standard library only.
 
 * P-256 (secp256r1): private scalars, uncompressed points (validated: coordinates below p, on the curve),
   ECDH (the shared x coordinate); Jacobian coordinates, a precomputed table for the base point.

@@ -1,11 +1,11 @@
 """Signed values: RSA PKCS#1 v1.5 over SHA-512 of the value's body map, as OpenDHT signs and verifies them.
 
-:func:`verify` uses the ``cryptography`` package where it is importable and :mod:`trio_dht.purecrypto`
-otherwise (a bare zipapp run); both accept the same keys and signatures: RSA keys of at most
-``Limits.rsa_max_bits`` with the public exponent 65537 (what OpenDHT generates), any other refused before any
-modular arithmetic. A node checks through a :class:`Verifier`, which remembers results per (key, value) in a
-bounded LRU, so a value sent again (by every storing node, at every refresh) is verified once. Signing is
-:mod:`trio_dht.crypto`'s (it needs ``cryptography``).
+:func:`verify` uses the ``cryptography`` package where it is importable and
+:mod:`trio_dht.purecrypto` otherwise (the zipapp without its native packages); both accept the same keys and
+signatures: RSA keys of at most ``Limits.rsa_max_bits`` with the public exponent 65537 (what OpenDHT
+generates), any other refused before any modular arithmetic. A node checks through a :class:`Verifier`,
+which remembers results per (key, value) in a bounded LRU, so a value sent again (by every storing node, at
+every refresh) is verified once. Signing is :mod:`trio_dht.crypto`'s (it needs ``cryptography``).
 """
 
 from __future__ import annotations

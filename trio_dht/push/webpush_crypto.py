@@ -6,7 +6,8 @@ in a single record, as OpenDHT does: a fresh P-256 key pair and a random salt pe
 ``max(4096, len(ciphertext))``. :func:`decrypt` is the user agent's side, used by the test double.
 
 The primitives (P-256 ECDH, AES-128-GCM) come from the ``cryptography`` package where it is importable and
-from :mod:`trio_dht.purecrypto` otherwise (the zipapp): see :class:`Backend`. Keys are bytes either way.
+from :mod:`trio_dht.purecrypto` otherwise (the zipapp without its native packages): see
+:class:`Backend`. Keys are bytes either way.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _cryptography_backend() -> Backend | None:
 
 
 CRYPTOGRAPHY = _cryptography_backend()
-"""The ``cryptography`` package's primitives, or None where it is missing (the zipapp)."""
+"""The ``cryptography`` package's primitives, or None where it is missing."""
 backend: Backend = CRYPTOGRAPHY or PURE_PYTHON
 """The primitives in use, chosen once at import: ``cryptography`` (faster) where importable."""
 
