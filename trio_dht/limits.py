@@ -52,6 +52,13 @@ class Limits:
     """Largest RSA key accepted on a signed value (public exponent 65537 only)."""
     verify_cache: int = 16384
     """Signature checks remembered per (key, value); least recently used evicted."""
+    decrypts_per_second: float = 50.0
+    """RSA private-key operations a node with an identity spends decrypting values (a token bucket with a
+    second's worth of burst); a value past it is handed over opaque and counted, and decrypted when seen
+    again with budget."""
+    decrypt_cache_bytes: int = 8 * MIB
+    """Decrypted values remembered by their cypher (also at most 4,096 cyphers); least recently used
+    evicted."""
 
     # -- HTTP proxy ---
     http_head_timeout: float = 10.0

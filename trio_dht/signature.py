@@ -155,8 +155,8 @@ class Verifier:
         try:
             key = backend.load(owner, self.max_bits)
         except Exception:  # ValueError, or a key type the backend cannot load: refused, never a crash
-            key = _REFUSED
-        keys[owner] = key
+            return _REFUSED  # not kept: an owner of any size may be refused, and the parse refuses it cheaply
+        keys[owner] = key  # an accepted key's SPKI is at most about 550 bytes
         if len(keys) > KEY_CACHE:
             keys.popitem(last=False)
         return key

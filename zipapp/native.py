@@ -98,13 +98,28 @@ def cache_root(environ: Mapping[str, str]) -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "trio_dht"
 
 
+def _private(path: Path) -> bool:
+    """Whether only this user can change ``path`` (created if missing): a directory of ours, not a link. One
+    that group or others may write is made private (whatever was put in it meanwhile, :func:`repair` finds).
+    Always true where there are no user ids (Windows)."""
+    if not hasattr(os, "getuid"):
+        return True
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if path.is_symlink() or st.st_uid != os.getuid():
+        return False
+    if st.st_mode & 0o022:
+        path.chmod(st.st_mode & 0o755)
+    return True
+
+
 def extract(read: Callable[[str], bytes], files: Iterable[str], folder: Path) -> None:
     """Write ``files`` (zip paths under :data:`FOLDER`, read with ``read``) to ``folder``, atomically: into a
     temporary sibling renamed at the end. When another process renamed its copy first, that copy is kept."""
     import shutil
     import tempfile
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         for name in files:
@@ -122,10 +137,16 @@ def extract(read: Callable[[str], bytes], files: Iterable[str], folder: Path) ->
 
 def repair(read: Callable[[str], bytes], hashes: Mapping[str, str], folder: Path) -> list[str]:
     """Rewrite each of ``hashes``'s files (path -> SHA-256) that is missing from ``folder`` or differs, each
-    atomically (a temporary sibling renamed over it); return their paths."""
+    atomically (a temporary sibling renamed over it), and delete every file ``hashes`` does not list (a
+    module planted beside ours would be imported first); return the paths rewritten or deleted."""
     import tempfile
 
     rewritten = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if (path.is_symlink() or not path.is_dir()) and name not in hashes:
+            path.unlink()
+            rewritten.append(name)
     for name, expected in hashes.items():
         path = folder / name
         try:
@@ -221,6 +242,15 @@ def _prepare(environ: Mapping[str, str]) -> tuple[Path, list[str]] | None:
         return data
 
     folder = cache_root(environ) / f"native-{manifest['hash']}"
+    if not _private(folder.parent) or (folder.is_dir() and not _private(folder)):
+        # Another user could change what we would import: a private copy for this run instead.
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="trio_dht-native-")) / "native"
+        atexit.register(shutil.rmtree, folder.parent, ignore_errors=True)
+        log.debug("%s is not this user's: native packages extracted to %s", cache_root(environ), folder)
     if not folder.is_dir():
         extract(read, hashes, folder)
     elif rewritten := repair(read, hashes, folder):

@@ -512,6 +512,31 @@ def test_repair_rewrites_only_the_files_that_differ_from_their_hash(tmp_path: Pa
     assert (tmp_path / "a" / "same.py").stat() == same
     assert sorted(os.listdir(tmp_path / "a")) == ["changed.so", "same.py"]  # no temporary file left
     assert native.repair(files.__getitem__, hashes, tmp_path) == []
+    # A file the manifest does not list (a module that would be imported before ours) is deleted.
+    (tmp_path / "a" / "trio.py").write_bytes(b"raise SystemExit('planted')")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.cpython-311-x86_64-linux-gnu.so").write_bytes(b"planted")
+    assert native.repair(files.__getitem__, hashes, tmp_path) == [
+        "a/trio.py",
+        "c/x.cpython-311-x86_64-linux-gnu.so",
+    ]
+    assert not (tmp_path / "a" / "trio.py").exists() and os.listdir(tmp_path / "c") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="user ids")
+def test_the_cache_is_used_only_when_private_to_this_user(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    assert native._private(mine) and (mine.stat().st_mode & 0o777) == 0o700  # created private
+    mine.chmod(0o777)
+    assert native._private(mine) and not mine.stat().st_mode & 0o022  # ours: made private again
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    assert not native._private(link)
+    if os.getuid() == 0:  # as root (CI), a folder owned by someone else can be made
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 12345, 12345)
+        assert not native._private(theirs)
 
 
 def test_every_module_imports_and_the_crypto_works_from_the_pyz(pyz: Path, bare_python: Path) -> None:

@@ -86,8 +86,32 @@ async def test_a_permanent_put_reaches_a_node_that_joins_later(monkeypatch):
             late = await stack.enter_async_context(open_node(port=0, host=local, host6=None, bootstrap=boot))
             while late.storage.get_value(key, 11) is None:  # the value's lifetime is 10 min
                 await trio.sleep(0.05)
-            # Once every closest node has it, new table entries that are not closer cause no announce.
-            await trio.sleep(1.0)
-            settled = len(announces)
-            await trio.sleep(1.0)
-            assert len(announces) == settled <= 4
+            assert len(announces) == 2  # the put's, then one for the newcomer
+
+
+def test_only_nodes_closer_than_those_that_stored_a_put_call_for_an_announce(monkeypatch):
+    """A table knows few of the nodes near a key far from its own id: those it knows are not the key's
+    closest, so they do not call for an announce; a node closer than the farthest that stored it does."""
+    from types import SimpleNamespace
+
+    from trio_dht.infohash import InfoHash
+    from trio_dht.node.dht import DhtNode
+    from trio_dht.node.routing import K, RoutingTable
+
+    rnd = random.Random(7)
+    monkeypatch.setattr(trio, "current_time", lambda: 1000.0)
+    network = [InfoHash(rnd.randbytes(20)) for _ in range(3000)]
+    table = RoutingTable(InfoHash(rnd.randbytes(20)))
+    for i, node_id in enumerate(network):
+        table.heard(node_id, (f"192.0.2.{i % 250 + 1}", 4000 + i), 1000.0, replied=True)
+    fake = SimpleNamespace(protocol=SimpleNamespace(families={False}), tables={False: table})
+    keys = [InfoHash(rnd.randbytes(20)) for _ in range(100)]
+    for key in keys:
+        closest = sorted(network, key=lambda n: n.distance(key))
+        reached = set(closest[:K])  # what a search finds and puts to
+        assert not DhtNode._closer_node_known(fake, key, reached)
+        # The closest node went away: the ninth stored it instead; the first coming back calls for one.
+        assert DhtNode._closer_node_known(fake, key, set(closest[1 : K + 1])) == (
+            closest[0] in {n.id for n in table.closest(key, K, now=1000.0)}
+        )
+    assert DhtNode._closer_node_known(fake, keys[0], set())  # nobody stored it yet

@@ -52,6 +52,8 @@ log = logging.getLogger("trio_dht.node")
 
 DEFAULT_PORT = 4222
 TABLE_WATCH = 5.0
+EXTRA_ANNOUNCE_INTERVAL = 60.0
+"""Least seconds between two announces of a permanent put caused by new nodes (see ``_reannounce``)."""
 """Seconds between two looks for new nodes in the routing tables (see :meth:`DhtNode._table_watch`)."""
 __all__ = [
     "CERTIFICATE_VALUE_ID",
@@ -185,6 +187,7 @@ class DhtNode(SecureOperations):
             "values_bad_signature": protocol.screen.bad_signatures,
             "values_decrypted": protocol.screen.decrypted,
             "values_not_for_us": protocol.screen.not_for_us,
+            "values_over_decrypt_budget": protocol.screen.over_budget,
             "send_queue_dropped": sum(endpoint.queue_drops for endpoint in self._socks.values()),
         }
 
@@ -447,26 +450,33 @@ class DhtNode(SecureOperations):
     async def _reannounce(
         self, key: InfoHash, value: Value, scope: trio.CancelScope, reached: set[InfoHash]
     ) -> None:
-        """Put a permanent value again before it expires on the nodes that store it, and as soon as the
-        routing tables show a node among the closest of ``key`` that has not stored it (a node that joined
-        or came back), as OpenDHT announces to every new node of a search."""
+        """Put a permanent value again before it expires on the nodes that store it, and when the routing
+        tables show a node closer to ``key`` than the farthest that stored it (a node that joined or came
+        back), as OpenDHT announces to each node that enters a search's closest. Node ids cost a stranger
+        nothing, so those extra announces come at most every :data:`EXTRA_ANNOUNCE_INTERVAL` seconds (with up
+        to a tenth more at random, so that puts do not all go at once)."""
         lifetime = max(1.0, type_expiration(value.type) - 10)
         with scope:
             due = trio.current_time() + lifetime
             while True:
                 with trio.move_on_at(due):
                     await self._tables_grew.wait()
-                    if self._closest_missing(key, reached):
+                    if self._closer_node_known(key, reached):
                         reached |= await self._announce(key, value)
+                        await trio.sleep(EXTRA_ANNOUNCE_INTERVAL * (1 + random.random() / 10))
                     continue
                 reached = await self._announce(key, value)
                 due = trio.current_time() + lifetime
 
-    def _closest_missing(self, key: InfoHash, reached: set[InfoHash]) -> bool:
-        """Whether a good node among the closest of ``key`` known now is not in ``reached``."""
+    def _closer_node_known(self, key: InfoHash, reached: set[InfoHash]) -> bool:
+        """Whether a good node among the closest of ``key`` known now has not stored the value and is closer
+        to ``key`` than the farthest of the ``reached`` nodes that did (any such node while fewer than 8
+        did). A table's nearest buckets hold nodes farther from a far key than the ones a search finds: those
+        do not count."""
         now = trio.current_time()
+        radius = max((node_id.distance(key) for node_id in reached), default=0) if len(reached) >= K else None
         return any(
-            node.id not in reached
+            node.id not in reached and (radius is None or node.id.distance(key) < radius)
             for v6 in self.protocol.families
             for node in self.tables[v6].closest(key, K, now=now)
         )

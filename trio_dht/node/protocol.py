@@ -130,7 +130,7 @@ class NodeProtocol:
         self.verifier = signature.Verifier(limits)
         self.storage = storage if storage is not None else Storage(verify=self.verifier.verify)
         self.remote_listeners = ListenerBook(limits)
-        self.screen = ValueScreen(self.verifier)
+        self.screen = ValueScreen(self.verifier, limits=limits)
         """Screens the values handed to local gets and listens (the shell gives it the node's identity)."""
         self.listens = LocalListens(self.screen.one)
         self.rate_limiter = rate_limiter if rate_limiter is not None else UdpRateLimiter(limits=limits)

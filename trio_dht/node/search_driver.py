@@ -51,6 +51,13 @@ async def wait_for(start: Callable[[Callable[[Any], None]], Callable[[], None]])
     return results[0]
 
 
+def replaces(value: Value, found: Value | None) -> bool:
+    """Whether a get keeps ``value`` for its id, having ``found`` (or nothing) for it: the first one, unless a
+    signed one comes after one that is not. Signed values have been checked (and ours decrypted) by then, so
+    an unsigned or opaque copy sent first by one node cannot hide the owner's value that another sends."""
+    return found is None or (value.is_signed and not found.is_signed)
+
+
 @dataclass(slots=True, eq=False)
 class _GetRound:
     """One remote get of a key (and ``where`` filter), shared by every caller that asks while it runs.
@@ -67,7 +74,7 @@ class _GetRound:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def on_reply(self, sn: SearchNode, reply: Message) -> None:
-        new = [v for v in self.screen(reply.values) if v.id not in self.found]
+        new = [v for v in self.screen(reply.values) if replaces(v, self.found.get(v.id))]
         if new:
             for v in new:
                 self.found[v.id] = v
@@ -190,7 +197,7 @@ class Searches:
         def add(values: Iterable[Value]) -> None:
             new = []
             for v in values:
-                if (query is None or query.matches(v)) and v.id not in found:
+                if (query is None or query.matches(v)) and replaces(v, found.get(v.id)):
                     found[v.id] = v
                     new.append(v)
             if new and on_values is not None:

@@ -7,19 +7,24 @@
   a proxy) with an identity still serves the values encrypted for others.
 - Anything else passes unchanged.
 
-Each decryption costs an RSA private-key operation, which a stranger could make us repeat by sending the same
-cypher again: the outcome for a cypher (its value, or "not for us") is kept for the last
-:data:`DECRYPT_CACHE` cyphers, known by their SHA-256.
+Each decryption costs an RSA private-key operation (about 1.2 ms for a 4096-bit key), which a stranger can
+make us spend with any bytes of the key's length, under a key we get or listen to. So decryptions have a
+budget, ``Limits.decrypts_per_second`` (a token bucket holding a second's worth): past it a value is handed
+over opaque and counted, and decrypted when it is seen again with budget. The outcome for a cypher (its
+value, or "not for us") is kept for the last :data:`DECRYPT_CACHE` cyphers, known by their SHA-256, and at
+most ``Limits.decrypt_cache_bytes`` of decrypted values.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from trio_dht.limits import DEFAULT, Limits
 from trio_dht.signature import Verifier
 from trio_dht.value import Value
 
@@ -31,12 +36,27 @@ DECRYPT_CACHE = 4096
 
 
 class ValueScreen:
-    """Screens batches of values from peers: :meth:`screen`. ``identity`` is the node's, or None."""
+    """Screens batches of values from peers: :meth:`screen`. ``identity`` is the node's, or None; ``clock``
+    gives the seconds the decryption budget refills by."""
 
-    def __init__(self, verifier: Verifier, identity: Identity | None = None) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        identity: Identity | None = None,
+        limits: Limits = DEFAULT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.verifier = verifier
         self.identity = identity
         self._decrypted: OrderedDict[bytes, Value | None] = OrderedDict()
+        self._cache_bytes = 0
+        self._max_cache_bytes = limits.decrypt_cache_bytes
+        self._rate = limits.decrypts_per_second
+        self._tokens = self._rate
+        self._refilled = clock()
+        self._clock = clock
+        self.over_budget = 0
+        """Encrypted values handed over opaque because the decryption budget was spent."""
         self.bad_signatures = 0
         """Signed values dropped because their signature does not check."""
         self.decrypted = 0
@@ -74,6 +94,9 @@ class ValueScreen:
         if digest in cache:
             cache.move_to_end(digest)
             known = cache[digest]
+        elif not self._spend():
+            self.over_budget += 1
+            return value
         else:
             try:
                 known = self.identity.decrypt_value(value, self.verifier.verify)
@@ -82,11 +105,29 @@ class ValueScreen:
                 known = None
                 self.not_for_us += 1
             cache[digest] = known
-            if len(cache) > DECRYPT_CACHE:
-                cache.popitem(last=False)
+            self._cache_bytes += _cost(known)
+            while len(cache) > DECRYPT_CACHE or self._cache_bytes > self._max_cache_bytes:
+                self._cache_bytes -= _cost(cache.popitem(last=False)[1])
         if known is None:
             return value
         if (known.id, known.prio, known.push_type) != (value.id, value.prio, value.push_type):
             # The same cypher under another id, or other push hints (which travel outside the cypher).
             known = replace(known, id=value.id, prio=value.prio, push_type=value.push_type, _packed=None)
         return known
+
+    def _spend(self) -> bool:
+        """Take one decryption from the budget, if there is one left."""
+        now = self._clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def _cost(value: Value | None) -> int:
+    """Bytes a cached outcome holds (a digest and an entry for a refusal)."""
+    if value is None:
+        return 100
+    return 100 + value.size + len(value.owner or b"") + len(value.recipient or b"")
