@@ -21,7 +21,7 @@ from trio_dht.node.storage import CERTIFICATE_TYPE
 from trio_dht.proxy import ProxyConfig, create_app, serve_proxy
 from trio_dht.proxy.replies import IDENTITY_OPTIONS_HEADERS, OPTIONS_HEADERS
 from trio_dht.proxy.routes import recipient_id
-from trio_dht.rest.paths import Route, match
+from trio_dht.rest.paths import Route, match, served_routes
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
@@ -84,17 +84,17 @@ def test_match_sign_and_encrypt() -> None:
     hex_key = HELLO.hex().encode()
     for target in (b"/key/hello/sign", b"/KEY/hello/Sign/", b"/key/" + hex_key + b"/sign?x=1"):
         assert match("POST", target) == (Route.SIGN, HELLO)
-        assert match("POST", target, identity=False) is None
+        assert match("POST", target, served_routes(identity=False)) is None
         assert match("GET", target) is None
     assert match("POST", b"/key/hello/encrypt") == (Route.ENCRYPT, HELLO)
-    assert match("POST", b"/key/hello/encrypt", push=False) == (Route.ENCRYPT, HELLO)
+    assert match("POST", b"/key/hello/encrypt", served_routes(push=False)) == (Route.ENCRYPT, HELLO)
     assert match("SIGN", b"/" + hex_key) == (Route.SIGN, HELLO)
     assert match("ENCRYPT", b"/hello") == (Route.ENCRYPT, HELLO)
-    assert match("SIGN", b"/" + hex_key, identity=False) is None
-    assert match("ENCRYPT", b"/hello", identity=False) is None
+    assert match("SIGN", b"/" + hex_key, served_routes(identity=False)) is None
+    assert match("ENCRYPT", b"/hello", served_routes(push=False, identity=False)) is None
     assert match("POST", b"/" + hex_key + b"/sign") is None  # removed from OpenDHT in 2019
     assert match("SIGN", b"/key/hello") is None
-    assert match("POST", b"/key/hello", identity=False) == (Route.PUT, HELLO)  # the other routes stay
+    assert match("POST", b"/key/hello", served_routes(identity=False)) == (Route.PUT, HELLO)  # the rest stay
     assert Route.SIGN.needs_identity and not Route.PUT.needs_identity and not Route.SIGN.needs_push
 
 

@@ -45,7 +45,7 @@ from trio_dht.proxy.routes import ROUTES, Answer, Later, Request, RouteSpec
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import ListenStream
-from trio_dht.rest.paths import TABLE, canonical_path, match
+from trio_dht.rest.paths import canonical_path, match
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +249,14 @@ def create_quart(state: ProxyState, blueprints: Iterable[Blueprint] = ()) -> Qua
     app.url_map.merge_slashes = False  # no redirects: a path is a route or a 404
     app.url_map.strict_slashes = False
     views = {route: _quart_view(spec) for route, spec in ROUTES.items()}
-    for method, shape, route in TABLE:
-        if state.serves(route):
-            app.add_url_rule(
-                _quart_rule(shape),
-                route.name.lower(),
-                views[route],
-                methods=[method],
-                provide_automatic_options=False,
-            )
+    for (method, shape), route in state.served.items():
+        app.add_url_rule(
+            _quart_rule(shape),
+            route.name.lower(),
+            views[route],
+            methods=[method],
+            provide_automatic_options=False,
+        )
     for bp in blueprints:
         app.register_blueprint(bp)
 
@@ -325,7 +324,7 @@ class ProxyApp:
                 await send_reply(send, TOO_LARGE if value.isdigit() else BAD_CONTENT_LENGTH)
                 return
         raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
-        route = match(scope["method"], raw_path, push=state.push is not None, identity=state.identity)
+        route = match(scope["method"], raw_path, state.served)
         if route is not None:
             await serve_route(ROUTES[route[0]], state, route[1], scope, receive, send)
             return

@@ -20,7 +20,7 @@ from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.replies import Reply
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.streams import ListenRegistry
-from trio_dht.rest.paths import Route
+from trio_dht.rest.paths import served_routes
 from trio_dht.rest.value_json import PushTarget
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class ProxyState:
         self.push = push
         self.identity = getattr(dht, "identity", None) is not None
         """The DHT has an identity (``dht.identity``): the sign and encrypt routes are served."""
+        self.served = served_routes(push=push is not None, identity=self.identity)
+        """The routes this proxy serves (the push routes need push hooks, sign and encrypt an identity)."""
         self.permanent = PermanentPuts(
             journal,
             per_source=config.limits.permanent_puts_per_source,
@@ -98,11 +100,6 @@ class ProxyState:
         replies made from it by client address)."""
         self.stats_sources: list[Callable[[], dict[str, Any]]] = []
         """More of ``/node/stats``: each returns fields to add (the front end's HTTP workers)."""
-
-    def serves(self, route: Route) -> bool:
-        """Whether this proxy serves ``route`` (the push routes need push hooks, the sign and encrypt routes
-        an identity)."""
-        return (self.push is not None or not route.needs_push) and (self.identity or not route.needs_identity)
 
     # -- counters -------------------------------------------------------------------------------------------
 

@@ -115,7 +115,28 @@ TABLE: tuple[tuple[str, str, Route], ...] = (
 )
 """Every route of the proxy: ``(method, path shape, route)``."""
 
-_BY_SHAPE = {(method, shape): route for method, shape, route in TABLE}
+RouteTable = dict[tuple[str, str], Route]
+"""``(method, path shape)`` to route: the routes one proxy serves (see :func:`served_routes`)."""
+
+_SERVED: dict[tuple[bool, bool], RouteTable] = {
+    (push, identity): {
+        (method, shape): route
+        for method, shape, route in TABLE
+        if (push or not route.needs_push) and (identity or not route.needs_identity)
+    }
+    for push in (False, True)
+    for identity in (False, True)
+}
+
+
+def served_routes(*, push: bool = True, identity: bool = True) -> RouteTable:
+    """The routes of :data:`TABLE` a proxy serves, for :func:`match`: the push routes only with push hooks
+    (``push``), the sign and encrypt routes only when its DHT has an identity (``identity``)."""
+    return _SERVED[push, identity]
+
+
+ALL_ROUTES = served_routes()
+"""Every route of :data:`TABLE`."""
 _METHODS = frozenset(method for method, _, _ in TABLE)
 _SHAPE_OF_SUFFIX = {"": KEY, "/listen": LISTEN, "/options": OPTIONS, "/sign": SIGN, "/encrypt": ENCRYPT}
 
@@ -137,10 +158,9 @@ def shape_of(path: str, key: InfoHash | None) -> str:
     return BARE
 
 
-def match(method: str, target: bytes, *, push: bool = True, identity: bool = True) -> RouteMatch | None:
-    """The route of a request (its method and raw target), with its key; None when no route of
-    :data:`TABLE` has this method on this path (or a route that needs push hooks, without ``push``, or one
-    that needs an identity, without ``identity``).
+def match(method: str, target: bytes, served: RouteTable = ALL_ROUTES) -> RouteMatch | None:
+    """The route of a request (its method and raw target), with its key; None when no route of ``served``
+    (see :func:`served_routes`) has this method on this path.
     """
     if method not in _METHODS:
         return None
@@ -161,7 +181,5 @@ def match(method: str, target: bytes, *, push: bool = True, identity: bool = Tru
             return None
         path, key = canonical
         shape = shape_of(path, key)
-    route = _BY_SHAPE.get((method, shape))
-    if route is None or (not push and route in _PUSH_ROUTES) or (not identity and route in _IDENTITY_ROUTES):
-        return None
-    return route, key
+    route = served.get((method, shape))
+    return None if route is None else (route, key)
