@@ -5,10 +5,12 @@ query string ignored, and ``{hash}`` per :mod:`trio_dht.rest.keys`. :func:`canon
 that has one of the proxy's shapes into its canonical spelling, with the key as 40 lowercase hex digits, so
 that ``/KEY/hello/`` and ``/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d`` both become the latter.
 
-:data:`TABLE` lists every route of OpenDHT's proxy API as ``(method, shape, route)``; :func:`match` finds a
-request's route and key in it. The server derives everything it serves from this table (the plain-HTTP
-front end, the raw-ASGI path, the Quart app, the HTTP worker's choice of what to relay). Sans-IO and free of
-the server's imports: an HTTP worker process loads it.
+:data:`TABLE` lists every route of OpenDHT's proxy API as ``(method, shape, route)``. Some are served only
+by some proxies: SUBSCRIBE and UNSUBSCRIBE with push hooks, the sign and encrypt routes when the DHT has an
+identity; :func:`served_routes` gives a proxy's part of the table, in which :func:`match` finds a request's
+route and key. The server derives everything it serves from this table (the plain-HTTP front end, the
+raw-ASGI path, the Quart app, the HTTP worker's choice of what to relay). Sans-IO and free of the server's
+imports: an HTTP worker process loads it.
 """
 
 from __future__ import annotations
