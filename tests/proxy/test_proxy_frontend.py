@@ -14,7 +14,7 @@ from trio_dht.limits import Limits
 from trio_dht.proxy import ProxyConfig, RateLimit, connection, frontend, serve_proxy
 from trio_dht.proxy.http1 import KEEP_ALIVE_TIMEOUT, UNUSUAL, Head, Writer, chunk, read_head
 from trio_dht.proxy.replies import BASE_HEADERS
-from trio_dht.rest.paths import Route, match
+from trio_dht.rest.paths import Route, match, served_routes
 from trio_dht.testing.memory_dht import MemoryDht
 from trio_dht.value import Value
 
@@ -105,7 +105,7 @@ H = KEY.hex()
     ],
 )
 def test_routes(method: str, target: str, push: bool, handler: str | None) -> None:
-    route = match(method, target.encode(), push=push)
+    route = match(method, target.encode(), served_routes(push=push))
     if handler is None:
         assert route is None
     else:

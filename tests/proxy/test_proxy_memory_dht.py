@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from trio_dht.api import ValueEvent
+from trio_dht import signature
+from trio_dht.api import NoIdentity, RecipientNotFound, ValueEvent
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy import ProxyConfig, create_app
 from trio_dht.proxy.permanent import LIFETIME, REFRESH_MARGIN, PermanentPut
@@ -30,6 +32,37 @@ async def test_put_get_and_ids() -> None:
     assert not await dht.put(KEY, Value(data=b"x" * 70_000))  # over OpenDHT's 64 KiB
     info = dht.info()
     assert info.good == 8 and info.storage_values == 1 and info.storage_size == 1
+
+
+async def test_signed_and_encrypted_puts_with_an_identity() -> None:
+    from trio_dht.crypto import Identity
+
+    me, other = Identity.generate("me", bits=2048), Identity.generate("other", bits=2048)
+    dht = MemoryDht(identity=me)
+    value = Value(data=b"a")
+    assert await dht.put_signed(KEY, value) and value.id == 0  # the caller's value is left as it was
+    (signed,) = dht.values(KEY)
+    assert signed.owner == me.public_key.der and signed.seq == 0 and signature.verify(signed)
+    assert await dht.put_signed(KEY, Value(data=b"b", id=signed.id))
+    (signed,) = dht.values(KEY)
+    assert signed.data == b"b" and signed.seq == 1 and signature.verify(signed)
+
+    sealed = InfoHash.get("sealed")
+    with pytest.raises(RecipientNotFound):
+        await dht.put_encrypted(sealed, Value(data=b"c"), other.public_key.long_id)
+    assert await dht.put(InfoHash.get("anywhere"), Value(other.certificate.pem, type=8))
+    for to in (other.id, other.public_key.long_id, other.public_key):
+        assert await dht.put_encrypted(sealed, Value(data=b"c", id=1), to)
+        (stored,) = dht.values(sealed)
+        assert stored.cypher and other.decrypt_value(stored, signature.verify).data == b"c"
+    assert await dht.put_encrypted(sealed, Value(data=b"d", id=2), me.public_key.long_id)  # our own key
+    assert {v.id for v in dht.values(sealed)} == {1, 2}
+
+    plain = MemoryDht()
+    with pytest.raises(NoIdentity):
+        await plain.put_signed(KEY, Value(data=b"a"))
+    with pytest.raises(NoIdentity):
+        await plain.put_encrypted(KEY, Value(data=b"a"), other.public_key)
 
 
 async def test_failed_puts_still_store_locally() -> None:

@@ -212,12 +212,36 @@ class ProxyClient:
             self._puts_wake.set()
         return ok
 
-    async def _post(self, key: InfoHash, value: Value, *, permanent: bool) -> bool:
+    async def put_signed(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        """``POST /key/{key}/sign``: the proxy's node signs ``value`` and puts it (404 from a proxy whose node
+        has no identity). Returns and raises as :meth:`put`. ValueError for ``permanent``: a proxy holds a
+        permanent put as posted, so sign it here and :meth:`put` it."""
+        if permanent:
+            raise ValueError("a proxy holds no permanent signed puts: sign the value and put() it")
+        return await self._post(key, value, permanent=False, suffix="/sign")
+
+    async def put_encrypted(self, key: InfoHash, value: Value, to: Any, *, permanent: bool = False) -> bool:
+        """``POST /key/{key}/encrypt``: as :meth:`put_signed`, the value also encrypted for ``to`` (a
+        :class:`~trio_dht.crypto.PublicKey`, sent as its key id, a 20-byte key id or a 32-byte long id);
+        False when the proxy's node finds no certificate of it (502). ValueError for another ``to``."""
+        if permanent:
+            raise ValueError("a proxy holds no permanent encrypted puts: encrypt the value and put() it")
+        recipient = to if isinstance(to, bytes) else getattr(to, "id", None)
+        if not isinstance(recipient, bytes) or len(recipient) not in (20, 32):
+            raise ValueError(f"to must be a public key, a 20-byte key id or a 32-byte long id, not {to!r}")
+        return await self._post(key, value, permanent=False, suffix="/encrypt", to=recipient.hex())
+
+    async def _post(
+        self, key: InfoHash, value: Value, *, permanent: bool, suffix: str = "", to: str | None = None
+    ) -> bool:
         body = value_to_json(value)
         if permanent:
             body["permanent"] = self._permanent_push() or True
-        what = f"POST {key_path(key)}"
-        response = await self._http.request("POST", key_path(key), dumps(body))
+        if to is not None:
+            body["to"] = to
+        path = key_path(key, suffix)
+        what = f"POST {path}"
+        response = await self._http.request("POST", path, dumps(body))
         if response.status_code == 502:
             return False
         check_status(response, what)

@@ -12,7 +12,7 @@ complete proxy on its own. Other code adds routes by passing Quart blueprints: `
 blueprints=[bp])`` (or the same argument to :func:`~trio_dht.proxy.server.serve_proxy`). Their views take keys
 as ``<hash:key>`` (an :class:`~trio_dht.infohash.InfoHash`), reach the shared state with :func:`proxy_state`,
 and answer with :func:`to_response`. A blueprint may serve SUBSCRIBE/UNSUBSCRIBE when the proxy has no push
-hooks (with them, those routes are the table's).
+hooks (with them, those routes are the table's), and the sign and encrypt routes when the DHT has no identity.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from trio_dht.proxy.routes import ROUTES, Answer, Later, Request, RouteSpec
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import ListenStream
-from trio_dht.rest.paths import TABLE, canonical_path, match
+from trio_dht.rest.paths import canonical_path, match
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +249,14 @@ def create_quart(state: ProxyState, blueprints: Iterable[Blueprint] = ()) -> Qua
     app.url_map.merge_slashes = False  # no redirects: a path is a route or a 404
     app.url_map.strict_slashes = False
     views = {route: _quart_view(spec) for route, spec in ROUTES.items()}
-    for method, shape, route in TABLE:
-        if state.push is not None or not route.needs_push:
-            app.add_url_rule(
-                _quart_rule(shape),
-                route.name.lower(),
-                views[route],
-                methods=[method],
-                provide_automatic_options=False,
-            )
+    for (method, shape), route in state.served.items():
+        app.add_url_rule(
+            _quart_rule(shape),
+            route.name.lower(),
+            views[route],
+            methods=[method],
+            provide_automatic_options=False,
+        )
     for bp in blueprints:
         app.register_blueprint(bp)
 
@@ -325,7 +324,7 @@ class ProxyApp:
                 await send_reply(send, TOO_LARGE if value.isdigit() else BAD_CONTENT_LENGTH)
                 return
         raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
-        route = match(scope["method"], raw_path, push=state.push is not None)
+        route = match(scope["method"], raw_path, state.served)
         if route is not None:
             await serve_route(ROUTES[route[0]], state, route[1], scope, receive, send)
             return

@@ -97,6 +97,7 @@ class FrontEnd:
         self.writer = Writer(BASE_HEADERS)
         self._internal_error = self._response(INTERNAL_ERROR, close=True)
         self._push = app.state.push is not None
+        self._served = app.state.served
         self._max_body = app.state.config.max_body
         self._connections: set[Connection] = set()
         self._poller: Poller | None = None
@@ -403,7 +404,7 @@ class FrontEnd:
             if head is UNUSUAL:
                 return Step.HAND_OVER
             assert isinstance(head, Head)
-            route = match(head.method, head.target, push=self._push)
+            route = match(head.method, head.target, self._served)
             if route is None:
                 return Step.HAND_OVER
             conn.deadline = _INF

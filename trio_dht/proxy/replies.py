@@ -21,6 +21,11 @@ OPTIONS_HEADERS: tuple[tuple[str, str], ...] = (
     ("Access-Control-Allow-Headers", "content-type"),
     ("Access-Control-Max-Age", "86400"),
 )
+IDENTITY_OPTIONS_HEADERS = (
+    ("Access-Control-Allow-Methods", "OPTIONS, GET, POST, LISTEN, SIGN, ENCRYPT"),
+    *OPTIONS_HEADERS[1:],
+)
+"""The CORS preflight's headers when the DHT has an identity (the sign and encrypt routes are served)."""
 
 
 class Reply(NamedTuple):
@@ -44,8 +49,8 @@ def error(status: int, message: str, *, close: bool = False) -> Reply:
 
 
 INCORRECT_JSON = error(400, "Incorrect JSON")
-MISSING_PARAMETERS = error(400, "Missing parameters")
 NO_TOKEN = error(400, "No token")
+NO_DESTINATION = error(400, "No destination found")
 BAD_CONTENT_LENGTH = error(400, "Bad Content-Length")
 REQUEST_TIMEOUT = error(408, "Request Timeout")
 TOO_LARGE = error(413, "Request Entity Too Large")

@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
+from trio_dht.api import RecipientNotFound
 from trio_dht.infohash import InfoHash
 from trio_dht.persist import PersistError
 from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.replies import (
+    IDENTITY_OPTIONS_HEADERS,
     INCORRECT_JSON,
-    MISSING_PARAMETERS,
+    NO_DESTINATION,
     NO_TOKEN,
     NOT_READY,
     OPTIONS_HEADERS,
@@ -43,7 +45,14 @@ from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import GetStream, ListenStream
 from trio_dht.rest.errors import BadRequest
 from trio_dht.rest.paths import Route
-from trio_dht.rest.value_json import PushTarget, ValueJsonError, dumps, put_request_from_json, value_line
+from trio_dht.rest.value_json import (
+    PushTarget,
+    PutRequest,
+    ValueJsonError,
+    dumps,
+    put_request_from_json,
+    value_line,
+)
 from trio_dht.sources import client_key
 from trio_dht.value import Value, random_value_id
 
@@ -88,6 +97,22 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadRequest("Incorrect JSON") from None
+
+
+def put_json(body: bytes) -> Any:
+    """The JSON of a put's body; :class:`BadRequest` (400) if it is empty (Missing parameters) or not JSON."""
+    if not body.strip():
+        raise BadRequest("Missing parameters")
+    return parse_json(body)
+
+
+def put_request(doc: Any) -> PutRequest:
+    """The put a body's JSON asks for (a value, maybe ``permanent``); :class:`BadRequest` (400 Invalid value)
+    if it is not a value."""
+    try:
+        return put_request_from_json(doc)
+    except ValueJsonError as exc:
+        raise BadRequest(f"Invalid value: {exc}") from None
 
 
 def client_source(client: str | None) -> str:
@@ -142,7 +167,11 @@ def options(state: ProxyState, request: Request) -> Reply:
     """``OPTIONS /{hash}``, ``OPTIONS /key/{hash}/listen``, ``GET /key/{hash}/options``: the CORS
     preflight."""
     state.count_request()
-    return Reply(200, b"", OPTIONS_HEADERS)
+    return _IDENTITY_OPTIONS if state.identity else _OPTIONS
+
+
+_OPTIONS = Reply(200, b"", OPTIONS_HEADERS)
+_IDENTITY_OPTIONS = Reply(200, b"", IDENTITY_OPTIONS_HEADERS)
 
 
 def get(state: ProxyState, request: Request) -> GetStream:
@@ -169,16 +198,12 @@ def put(state: ProxyState, request: Request) -> Reply | Later:
     one past ``Limits.permanent_puts_bytes`` (503), and one the state file cannot take (503), before anything
     is held or put.
     """
-    key, body = request.key, request.body
+    key = request.key
     assert key is not None
-    if not body.strip():
-        return MISSING_PARAMETERS
     try:
-        parsed = put_request_from_json(parse_json(body))
+        parsed = put_request(put_json(request.body))
     except BadRequest as exc:
         return Reply(exc.status, exc.body)
-    except ValueJsonError as exc:
-        return error(400, f"Invalid value: {exc}")
     state.count_request()
     value = parsed.value
     if parsed.permanent:
@@ -196,12 +221,82 @@ def put(state: ProxyState, request: Request) -> Reply | Later:
         state.permanent_changed()
     elif not value.id:
         value.id = random_value_id()
-    return Later(functools.partial(_put_value, state, key, value, parsed.permanent))
+    return Later(functools.partial(_put_value, state.dht.put, key, value, permanent=parsed.permanent))
 
 
-async def _put_value(state: ProxyState, key: InfoHash, value: Value, permanent: bool) -> Reply:
+def sign(state: ProxyState, request: Request) -> Reply | Later:
+    """``POST /key/{hash}/sign`` (and the old ``SIGN /{hash}``), served when the DHT has an identity: a put
+    whose value the DHT signs (``dht.put_signed``); 200 with the value's JSON as sent (id assigned) or 502.
+    """
+    put = _identity_put(request)
+    if isinstance(put, Reply):
+        return put
+    state.count_request()
+    return Later(functools.partial(_put_value, state.dht.put_signed, request.key, put[0]))
+
+
+def encrypt(state: ProxyState, request: Request) -> Reply | Later:
+    """``POST /key/{hash}/encrypt`` (and the old ``ENCRYPT /{hash}``), served when the DHT has an identity: a
+    put whose value the DHT signs and encrypts for ``"to"`` (``dht.put_encrypted``): 40 hex digits (a key
+    id, as OpenDHT's proxy reads it) or 64 (a long id); 400 No destination found for anything else, 502 when
+    the recipient's certificate is not found. Replies as :func:`sign`.
+    """
+    put = _identity_put(request)
+    if isinstance(put, Reply):
+        return put
+    state.count_request()
+    value, doc = put
+    to = recipient_id(doc.get("to"))
+    if to is None:
+        return NO_DESTINATION
+    return Later(functools.partial(_put_value, state.dht.put_encrypted, request.key, value, to))
+
+
+def recipient_id(to: Any) -> bytes | None:
+    """The key id (40 hex digits) or long id (64) an encrypted put is for; None if ``to`` is neither."""
+    if not isinstance(to, str) or len(to) not in (40, 64) or not to.isascii() or not to.isalnum():
+        return None
     try:
-        ok = await state.dht.put(key, value, permanent=permanent)
+        recipient = bytes.fromhex(to)
+    except ValueError:
+        return None
+    return recipient if any(recipient) else None
+
+
+def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
+    """The value a sign or encrypt request puts (its id assigned) and the body's JSON, or the 400 refusing
+    it. It cannot be permanent: the proxy's held puts are plain values (re-announced as such after a restart
+    from the state file).
+    """
+    assert request.key is not None
+    try:
+        doc = put_json(request.body)
+        parsed = put_request(doc)
+    except BadRequest as exc:
+        return Reply(exc.status, exc.body)
+    if parsed.permanent:
+        return _NOT_PERMANENT
+    value = parsed.value
+    if value.cypher:
+        return _ALREADY_ENCRYPTED
+    if not value.id:
+        value.id = random_value_id()
+    return value, doc
+
+
+_NOT_PERMANENT = error(400, "A signed or encrypted put cannot be permanent")
+_ALREADY_ENCRYPTED = error(400, "Invalid value: it is encrypted already")
+
+
+async def _put_value(
+    put: Callable[..., Awaitable[bool]], key: InfoHash, value: Value, *args: Any, **kwargs: Any
+) -> Reply:
+    """Await ``put(key, value, *args, **kwargs)``; 200 with the value's JSON, or 502 Put failed."""
+    try:
+        ok = await put(key, value, *args, **kwargs)
+    except RecipientNotFound as exc:
+        log.info("proxy put on %s failed: %s", key, exc)
+        ok = False
     except Exception:
         log.exception("proxy put on %s failed", key)
         ok = False
@@ -288,5 +383,7 @@ ROUTES: dict[Route, RouteSpec] = {
     Route.PING_PUSH: RouteSpec(ping_push, reads_body=True),
     Route.SUBSCRIBE: RouteSpec(subscribe, reads_body=True),
     Route.UNSUBSCRIBE: RouteSpec(unsubscribe, reads_body=True),
+    Route.SIGN: RouteSpec(sign, reads_body=True),
+    Route.ENCRYPT: RouteSpec(encrypt, reads_body=True),
 }
 """Each route's handler (the routes: :data:`trio_dht.rest.paths.TABLE`)."""

@@ -20,6 +20,7 @@ from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.replies import Reply
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.streams import ListenRegistry
+from trio_dht.rest.paths import served_routes
 from trio_dht.rest.value_json import PushTarget
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class ProxyState:
         self.dht = dht
         self.config = config
         self.push = push
+        self.identity = getattr(dht, "identity", None) is not None
+        """The DHT has an identity (``dht.identity``): the sign and encrypt routes are served."""
+        self.served = served_routes(push=push is not None, identity=self.identity)
+        """The routes this proxy serves (the push routes need push hooks, sign and encrypt an identity)."""
         self.permanent = PermanentPuts(
             journal,
             per_source=config.limits.permanent_puts_per_source,

@@ -5,10 +5,12 @@ query string ignored, and ``{hash}`` per :mod:`trio_dht.rest.keys`. :func:`canon
 that has one of the proxy's shapes into its canonical spelling, with the key as 40 lowercase hex digits, so
 that ``/KEY/hello/`` and ``/key/aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d`` both become the latter.
 
-:data:`TABLE` lists every route of OpenDHT's proxy API as ``(method, shape, route)``; :func:`match` finds a
-request's route and key in it. The server derives everything it serves from this table (the plain-HTTP
-front end, the raw-ASGI path, the Quart app, the HTTP worker's choice of what to relay). Sans-IO and free of
-the server's imports: an HTTP worker process loads it.
+:data:`TABLE` lists every route of OpenDHT's proxy API as ``(method, shape, route)``. Some are served only
+by some proxies: SUBSCRIBE and UNSUBSCRIBE with push hooks, the sign and encrypt routes when the DHT has an
+identity; :func:`served_routes` gives a proxy's part of the table, in which :func:`match` finds a request's
+route and key. The server derives everything it serves from this table (the plain-HTTP front end, the
+raw-ASGI path, the Quart app, the HTTP worker's choice of what to relay). Sans-IO and free of the server's
+imports: an HTTP worker process loads it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from trio_dht.infohash import InfoHash
 from trio_dht.rest.keys import decode_unreserved, hash_from_segment
 
 NODE_ROUTES = {b"info": "/node/info", b"stats": "/node/stats", b"pingpush": "/node/pingPush"}
-KEY_SUFFIXES = {b"listen": "listen", b"options": "options"}
+KEY_SUFFIXES = {b"listen": "listen", b"options": "options", b"sign": "sign", b"encrypt": "encrypt"}
 
 
 def canonical_path(raw_path: bytes) -> tuple[str, InfoHash | None] | None:
@@ -66,6 +68,8 @@ class Route(enum.Enum):
     PING_PUSH = "ping a push target"
     SUBSCRIBE = "subscribe a push target to a key"
     UNSUBSCRIBE = "unsubscribe a push target"
+    SIGN = "sign a value and put it"
+    ENCRYPT = "encrypt a value for a recipient and put it"
 
     __hash__ = object.__hash__
     """By identity, as members compare (``Enum``'s own hashes the name in Python: a lookup per request)."""
@@ -75,10 +79,17 @@ class Route(enum.Enum):
         """Served only by a proxy with push hooks (without, a blueprint of the caller's may serve it)."""
         return self in _PUSH_ROUTES
 
+    @property
+    def needs_identity(self) -> bool:
+        """Served only by a proxy whose DHT has an identity (without, the route does not exist)."""
+        return self in _IDENTITY_ROUTES
+
 
 _PUSH_ROUTES = frozenset((Route.SUBSCRIBE, Route.UNSUBSCRIBE))
+_IDENTITY_ROUTES = frozenset((Route.SIGN, Route.ENCRYPT))
 
 BARE, KEY, LISTEN, OPTIONS = "/{hash}", "/key/{hash}", "/key/{hash}/listen", "/key/{hash}/options"
+SIGN, ENCRYPT = "/key/{hash}/sign", "/key/{hash}/encrypt"
 """The shapes of a key's routes (``{hash}``: the key's segment)."""
 
 TABLE: tuple[tuple[str, str, Route], ...] = (
@@ -99,12 +110,37 @@ TABLE: tuple[tuple[str, str, Route], ...] = (
     ("SUBSCRIBE", KEY, Route.SUBSCRIBE),
     ("UNSUBSCRIBE", BARE, Route.UNSUBSCRIBE),
     ("UNSUBSCRIBE", KEY, Route.UNSUBSCRIBE),
+    ("POST", SIGN, Route.SIGN),
+    ("POST", ENCRYPT, Route.ENCRYPT),
+    ("SIGN", BARE, Route.SIGN),
+    ("ENCRYPT", BARE, Route.ENCRYPT),
 )
 """Every route of the proxy: ``(method, path shape, route)``."""
 
-_BY_SHAPE = {(method, shape): route for method, shape, route in TABLE}
+RouteTable = dict[tuple[str, str], Route]
+"""``(method, path shape)`` to route: the routes one proxy serves (see :func:`served_routes`)."""
+
+_SERVED: dict[tuple[bool, bool], RouteTable] = {
+    (push, identity): {
+        (method, shape): route
+        for method, shape, route in TABLE
+        if (push or not route.needs_push) and (identity or not route.needs_identity)
+    }
+    for push in (False, True)
+    for identity in (False, True)
+}
+
+
+def served_routes(*, push: bool = True, identity: bool = True) -> RouteTable:
+    """The routes of :data:`TABLE` a proxy serves, for :func:`match`: the push routes only with push hooks
+    (``push``), the sign and encrypt routes only when its DHT has an identity (``identity``)."""
+    return _SERVED[push, identity]
+
+
+ALL_ROUTES = served_routes()
+"""Every route of :data:`TABLE`."""
 _METHODS = frozenset(method for method, _, _ in TABLE)
-_SHAPE_OF_SUFFIX = {"": KEY, "/listen": LISTEN, "/options": OPTIONS}
+_SHAPE_OF_SUFFIX = {"": KEY, "/listen": LISTEN, "/options": OPTIONS, "/sign": SIGN, "/encrypt": ENCRYPT}
 
 RouteMatch = tuple[Route, InfoHash | None]
 """A request's route, and its key (None on the routes without one)."""
@@ -124,9 +160,9 @@ def shape_of(path: str, key: InfoHash | None) -> str:
     return BARE
 
 
-def match(method: str, target: bytes, *, push: bool = True) -> RouteMatch | None:
-    """The route of a request (its method and raw target), with its key; None when no route of
-    :data:`TABLE` has this method on this path (or a route that needs push hooks, without ``push``).
+def match(method: str, target: bytes, served: RouteTable = ALL_ROUTES) -> RouteMatch | None:
+    """The route of a request (its method and raw target), with its key; None when no route of ``served``
+    (see :func:`served_routes`) has this method on this path.
     """
     if method not in _METHODS:
         return None
@@ -140,15 +176,12 @@ def match(method: str, target: bytes, *, push: bool = True) -> RouteMatch | None
             shape = BARE
         else:
             shape = KEY if plain[3] is None else LISTEN
-        route = _BY_SHAPE.get((method, shape))
-        if route is None or (not push and route in _PUSH_ROUTES):
+        key = hash_from_segment(plain[2])
+    else:
+        canonical = canonical_path(target)
+        if canonical is None:
             return None
-        return route, hash_from_segment(plain[2])
-    canonical = canonical_path(target)
-    if canonical is None:
-        return None
-    path, key = canonical
-    route = _BY_SHAPE.get((method, shape_of(path, key)))
-    if route is None or (not push and route in _PUSH_ROUTES):
-        return None
-    return route, key
+        path, key = canonical
+        shape = shape_of(path, key)
+    route = served.get((method, shape))
+    return None if route is None else (route, key)

@@ -4,6 +4,10 @@ Values expire by type (``type_expiration``, or the ``lifetime`` given) on the Tr
 ``trio.testing.MockClock`` drives expiry.
 Permanent puts never expire until :meth:`MemoryDht.cancel_put`. ``fail_puts`` makes every put report failure
 (the value is still stored, as on an isolated OpenDHT node), for testing a proxy's 502.
+
+With an ``identity`` (:class:`trio_dht.crypto.Identity`) it signs and encrypts values as a node does
+(:meth:`MemoryDht.put_signed`, :meth:`MemoryDht.put_encrypted`); a recipient named by its key id or long id is
+its own key or one whose certificate was put into it (a type 8 value, under any key).
 """
 
 from __future__ import annotations
@@ -12,13 +16,25 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import trio
 
-from trio_dht.api import FamilyStats, GetCallback, ListenCallback, NodeInfo, ValueEvent
+from trio_dht.api import (
+    FamilyStats,
+    GetCallback,
+    ListenCallback,
+    NodeInfo,
+    NoIdentity,
+    RecipientNotFound,
+    ValueEvent,
+)
 from trio_dht.infohash import InfoHash
 from trio_dht.value import MAX_VALUE_SIZE, Query, Value, random_value_id, type_expiration
+
+if TYPE_CHECKING:
+    from trio_dht.crypto import Identity, PublicKey
 
 
 @dataclass(slots=True)
@@ -95,7 +111,9 @@ class MemoryDht:
         good_nodes: int = 8,
         fail_puts: bool = False,
         lifetime: Callable[[Value], float] | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        self.identity = identity
         self.lifetime = lifetime or (lambda value: type_expiration(value.type))
         self._node_id = node_id if node_id is not None else InfoHash.random()
         self.good_nodes = good_nodes
@@ -159,6 +177,51 @@ class MemoryDht:
             for listener in list(self._listeners.get(key, ())):
                 listener.deliver(ValueEvent(value))
         return not self.fail_puts
+
+    async def put_signed(self, key: InfoHash, value: Value, *, permanent: bool = False) -> bool:
+        """:meth:`put` ``value`` signed by the identity, its ``seq`` one above ours stored with its id."""
+        identity = self._require_identity("put_signed")
+        value = replace(value, id=value.id or random_value_id(), _packed=None)
+        stored = self._store.get(key, {}).get(value.id)
+        previous = [stored.value] if stored is not None else []
+        return await self.put(key, identity.sign_value(value, previous), permanent=permanent)
+
+    async def put_encrypted(
+        self, key: InfoHash, value: Value, to: PublicKey | bytes, *, permanent: bool = False
+    ) -> bool:
+        """:meth:`put` ``value`` signed by the identity and encrypted for ``to`` (a public key, or the key id
+        or long id of our own key or of a certificate put into this DHT); :class:`RecipientNotFound` if
+        there is none."""
+        identity = self._require_identity("put_encrypted")
+        recipient = self.find_public_key(to) if isinstance(to, bytes) else to
+        if recipient is None:
+            raise RecipientNotFound(f"no certificate of key {to.hex()} in this DHT")
+        value = replace(value, id=value.id or random_value_id(), _packed=None)
+        return await self.put(key, identity.encrypt_value(value, recipient), permanent=permanent)
+
+    def find_public_key(self, key_id: bytes) -> PublicKey | None:
+        """The public key with this key id (20 bytes) or long id (32): ours, or a stored certificate's."""
+        from trio_dht.crypto import Certificate, CryptoError
+        from trio_dht.node.storage import CERTIFICATE_TYPE
+
+        if self.identity is not None and key_id in (self.identity.id, self.identity.public_key.long_id):
+            return self.identity.public_key
+        for by_id in self._store.values():
+            for stored in by_id.values():
+                if stored.value.type != CERTIFICATE_TYPE:
+                    continue
+                try:
+                    cert = Certificate.from_pem(stored.value.data)
+                except CryptoError:
+                    continue
+                if key_id in (cert.id, cert.long_id):
+                    return cert.public_key
+        return None
+
+    def _require_identity(self, operation: str) -> Identity:
+        if self.identity is None:
+            raise NoIdentity(f"{operation} needs an identity (MemoryDht(identity=...))")
+        return self.identity
 
     def cancel_put(self, key: InfoHash, value_id: int) -> bool:
         stored = self._store.get(key, {}).get(value_id)
