@@ -167,12 +167,6 @@ async def test_encrypt(
         ("/key/k/sign", b"[]", 400, "Invalid value: a value is a JSON object"),
         ("/key/k/sign", b'{"data":"!!!"}', 400, "Invalid value: data is not valid base64"),
         (
-            "/key/k/sign",
-            b'{"data":"eA==","permanent":true}',
-            400,
-            "A signed or encrypted put cannot be permanent",
-        ),
-        (
             "/key/k/encrypt",
             b'{"cypher":"eA==","to":"' + b"ab" * 20 + b'"}',
             400,
@@ -192,6 +186,17 @@ async def test_refusals(
     assert r.status_code == status
     if err is not None:
         assert r.json() == {"err": err}
+
+
+async def test_permanent_is_ignored_as_opendht_does(
+    nursery: trio.Nursery, signing_dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url = await serve(nursery, signing_dht, "fast", monkeypatch)
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        r = await client.post("/key/k/sign", content=b'{"data":"eA==","permanent":true}')
+        assert r.status_code == 200
+        stats = (await client.get("/node/stats")).json()
+    assert (stats["totalPermanentPuts"], stats["permanentPuts"]["bytes"]) == (0, 0)  # nothing held
 
 
 async def test_a_failed_put_is_502(

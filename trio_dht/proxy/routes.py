@@ -265,8 +265,8 @@ def recipient_id(to: Any) -> bytes | None:
 
 def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
     """The value a sign or encrypt request puts (its id assigned) and the body's JSON, or the 400 refusing
-    it. It cannot be permanent: the proxy's held puts are plain values (re-announced as such after a restart
-    from the state file).
+    it. A ``"permanent"`` is ignored, as OpenDHT's sign and encrypt handlers ignore it: the value is put once
+    (the proxy's held puts are plain values, re-announced as such after a restart from the state file).
     """
     assert request.key is not None
     try:
@@ -274,8 +274,6 @@ def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
         parsed = put_request(doc)
     except BadRequest as exc:
         return Reply(exc.status, exc.body)
-    if parsed.permanent:
-        return _NOT_PERMANENT
     value = parsed.value
     if value.cypher:
         return _ALREADY_ENCRYPTED
@@ -284,7 +282,6 @@ def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
     return value, doc
 
 
-_NOT_PERMANENT = error(400, "A signed or encrypted put cannot be permanent")
 _ALREADY_ENCRYPTED = error(400, "Invalid value: it is encrypted already")
 
 
