@@ -328,3 +328,22 @@ def read_only():
     """``with read_only(path):`` makes ``path`` read-only for this user: mode 0400, or ``chattr +i`` for root
     (whom modes do not stop)."""
     return _read_only
+
+
+# -- identities (RSA 2048: quick to make; one of each per session) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def identity():
+    """An identity (``trio_dht.crypto.Identity``) for the tests that sign, encrypt or run a secure node."""
+    from trio_dht.crypto import Identity
+
+    return Identity.generate("trio_dht tests", bits=2048)
+
+
+@pytest.fixture(scope="session")
+def other():
+    """A second identity: another owner, or a recipient."""
+    from trio_dht.crypto import Identity
+
+    return Identity.generate("someone else", bits=2048)

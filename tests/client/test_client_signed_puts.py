@@ -17,16 +17,6 @@ from trio_dht.value import Value
 KEY = InfoHash.get("signed")
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("proxy", bits=2048)
-
-
-@pytest.fixture(scope="module")
-def recipient() -> Identity:
-    return Identity.generate("recipient", bits=2048)
-
-
 async def proxy_for(nursery: trio.Nursery, dht: MemoryDht) -> str:
     (url,) = await nursery.start(serve_proxy, dht, ProxyConfig(host="127.0.0.1", port=0, node_info_cache=0))
     return url
@@ -47,17 +37,17 @@ async def test_put_signed(nursery: trio.Nursery, identity: Identity) -> None:
             await client.put_signed(KEY, Value(data=b"x"), permanent=True)
 
 
-async def test_put_encrypted(nursery: trio.Nursery, identity: Identity, recipient: Identity) -> None:
+async def test_put_encrypted(nursery: trio.Nursery, identity: Identity, other: Identity) -> None:
     dht = MemoryDht(identity=identity)
-    await dht.put(InfoHash(recipient.id), Value(recipient.certificate.pem, type=8))
+    await dht.put(InfoHash(other.id), Value(other.certificate.pem, type=8))
     async with open_proxy_client(await proxy_for(nursery, dht)) as client:
-        for number, to in enumerate((recipient.public_key, recipient.id, recipient.public_key.long_id)):
+        for number, to in enumerate((other.public_key, other.id, other.public_key.long_id)):
             key = InfoHash.get(f"sealed {number}")
             value = Value(data=b"for you")
             assert await client.put_encrypted(key, value, to)
             (stored,) = dht.values(key)
             assert stored.id == value.id and stored.cypher
-            inner = recipient.decrypt_value(stored, signature.verify)
+            inner = other.decrypt_value(stored, signature.verify)
             assert inner.data == b"for you" and inner.owner == identity.public_key.der
         assert not await client.put_encrypted(
             KEY, Value(data=b"x"), bytes(20 * [0xAB])
@@ -66,15 +56,15 @@ async def test_put_encrypted(nursery: trio.Nursery, identity: Identity, recipien
             with pytest.raises(ValueError, match="to must be"):
                 await client.put_encrypted(KEY, Value(data=b"x"), bad)
         with pytest.raises(ValueError, match="permanent"):
-            await client.put_encrypted(KEY, Value(data=b"x"), recipient.id, permanent=True)
+            await client.put_encrypted(KEY, Value(data=b"x"), other.id, permanent=True)
 
 
-async def test_a_proxy_without_identity_has_no_such_route(nursery: trio.Nursery, recipient: Identity) -> None:
+async def test_a_proxy_without_identity_has_no_such_route(nursery: trio.Nursery, other: Identity) -> None:
     async with open_proxy_client(await proxy_for(nursery, MemoryDht())) as client:
         with pytest.raises(ProxyHTTPError) as raised:
             await client.put_signed(KEY, Value(data=b"x"))
         assert raised.value.status == 404
         with pytest.raises(ProxyHTTPError) as raised:
-            await client.put_encrypted(KEY, Value(data=b"x"), recipient.public_key)
+            await client.put_encrypted(KEY, Value(data=b"x"), other.public_key)
         assert raised.value.status == 404
         assert await client.put(KEY, Value(data=b"plain"))

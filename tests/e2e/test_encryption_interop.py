@@ -42,11 +42,6 @@ pytestmark = pytest.mark.interop
 LOOPBACK = "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("trio_dht encryption interop", bits=2048)
-
-
 @needs_opendht
 async def test_opendht_signed_values_are_checked_by_our_node_and_store() -> None:
     require_opendht()

@@ -46,11 +46,6 @@ LOOPBACK = "127.0.0.1"
 _PUBLIC_KEY_ID = re.compile(r"Public key ID ([0-9a-f]{40})")
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("trio_dht interop", bits=2048)
-
-
 def _shape(cert: x509.Certificate) -> dict[str, object]:
     """What generateIdentity fixes in a certificate (not the key, serial or dates themselves)."""
     return {

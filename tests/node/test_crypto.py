@@ -26,16 +26,6 @@ from trio_dht.infohash import InfoHash
 from trio_dht.value import Value
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("my node", bits=2048)
-
-
-@pytest.fixture(scope="module")
-def other() -> Identity:
-    return Identity.generate("other", bits=2048)
-
-
 def _der(tag: int, content: bytes) -> bytes:
     if len(content) < 0x80:
         return bytes([tag, len(content)]) + content

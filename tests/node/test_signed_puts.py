@@ -25,16 +25,6 @@ from trio_dht.value import Value
 LOCAL = "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("signed puts", bits=2048)
-
-
-@pytest.fixture(scope="module")
-def other() -> Identity:
-    return Identity.generate("someone else", bits=2048)
-
-
 @asynccontextmanager
 async def nodes(*identities: Identity | None) -> AsyncIterator[list[DhtNode]]:
     """A node without identity, then one per ``identities`` bootstrapped to it (each connected)."""

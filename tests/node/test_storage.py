@@ -252,9 +252,7 @@ def test_certificate_edit_needs_the_same_owner(storage: Storage) -> None:
 
 def test_source_bucket() -> None:
     assert source_bucket("192.0.2.7") == "192.0.2.7"
-    assert (
-        source_bucket("2001:db8:1:2:aaaa::1") == source_bucket("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::"
-    )
+    assert source_bucket("2001:db8:1:2:aaaa::1") == source_bucket("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::"
     assert source_bucket("2001:db8:1:3::1") != source_bucket("2001:db8:1:2::1")
     assert source_bucket("::ffff:192.0.2.7") == "192.0.2.7"
     assert source_bucket("fe80::1%eth0") == "fe80::"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-
 from trio_dht import signature
 from trio_dht.crypto import Identity
 from trio_dht.infohash import InfoHash
@@ -17,16 +15,6 @@ from trio_dht.node.value_screen import ValueScreen
 from trio_dht.value import Value
 
 
-@pytest.fixture(scope="module")
-def me() -> Identity:
-    return Identity.generate("screen", bits=2048)
-
-
-@pytest.fixture(scope="module")
-def sender() -> Identity:
-    return Identity.generate("sender", bits=2048)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -35,30 +23,30 @@ class Clock:
         return self.now
 
 
-def screen_for(me: Identity | None, clock: Clock | None = None, **limits: float) -> ValueScreen:
-    return ValueScreen(signature.Verifier(), me, Limits(**limits), clock or Clock())
+def screen_for(identity: Identity | None, clock: Clock | None = None, **limits: float) -> ValueScreen:
+    return ValueScreen(signature.Verifier(), identity, Limits(**limits), clock or Clock())
 
 
-def test_forged_dropped_plain_passes_foreign_stays_opaque(me: Identity, sender: Identity) -> None:
-    screen = screen_for(me)
+def test_forged_dropped_plain_passes_foreign_stays_opaque(identity: Identity, other: Identity) -> None:
+    screen = screen_for(identity)
     plain = Value(b"plain", id=1)
-    signed = sender.sign_value(Value(b"signed", id=2))
+    signed = other.sign_value(Value(b"signed", id=2))
     forged = replace(signed, data=b"forged", _packed=None)
-    foreign = sender.encrypt_value(Value(b"not for me", id=3), sender.public_key)
-    ours = sender.encrypt_value(Value(b"for me", id=4), me.public_key)
+    foreign = other.encrypt_value(Value(b"not for me", id=3), other.public_key)
+    ours = other.encrypt_value(Value(b"for me", id=4), identity.public_key)
     out = screen.screen([plain, signed, forged, foreign, ours])
     assert [v.id for v in out] == [1, 2, 3, 4]
-    assert out[2] is foreign and out[3].data == b"for me" and out[3].owner == sender.public_key.der
+    assert out[2] is foreign and out[3].data == b"for me" and out[3].owner == other.public_key.der
     assert (screen.bad_signatures, screen.decrypted, screen.not_for_us) == (1, 1, 1)
     # Without an identity nothing is decrypted; forged values are still dropped.
     assert [v.cypher or v.data for v in screen_for(None).screen([forged, ours])] == [ours.cypher]
 
 
 def test_the_same_cypher_is_decrypted_once_and_keeps_the_outer_id_and_hints(
-    me: Identity, sender: Identity
+    identity: Identity, other: Identity
 ) -> None:
-    screen = screen_for(me)
-    ours = sender.encrypt_value(Value(b"for me", id=4), me.public_key)
+    screen = screen_for(identity)
+    ours = other.encrypt_value(Value(b"for me", id=4), identity.public_key)
     first = screen.one(ours)
     again = screen.one(replace(ours, id=99, prio=1, push_type="call", _packed=None))
     assert first is not None and again is not None and screen.decrypted == 1
@@ -66,10 +54,10 @@ def test_the_same_cypher_is_decrypted_once_and_keeps_the_outer_id_and_hints(
     assert signature.verify(again)  # the id and hints are outside the signed body
 
 
-def test_decryption_has_a_budget(me: Identity, sender: Identity) -> None:
+def test_decryption_has_a_budget(identity: Identity, other: Identity) -> None:
     clock = Clock()
-    screen = screen_for(me, clock, decrypts_per_second=2)
-    cyphers = [sender.encrypt_value(Value(b"v%d" % i, id=i + 1), me.public_key) for i in range(3)]
+    screen = screen_for(identity, clock, decrypts_per_second=2)
+    cyphers = [other.encrypt_value(Value(b"v%d" % i, id=i + 1), identity.public_key) for i in range(3)]
     out = [screen.one(v) for v in cyphers]
     assert [v.data for v in out] == [b"v0", b"v1", b""]  # the third is over budget: opaque
     assert (screen.decrypted, screen.over_budget) == (2, 1)
@@ -80,9 +68,9 @@ def test_decryption_has_a_budget(me: Identity, sender: Identity) -> None:
     assert screen.one(garbage) is garbage and screen.over_budget == 2
 
 
-def test_the_cache_is_bounded_in_bytes(me: Identity, sender: Identity) -> None:
-    screen = screen_for(me, decrypt_cache_bytes=25_000, decrypts_per_second=1000)
-    big = [sender.encrypt_value(Value(bytes([i]) * 10_000, id=i + 1), me.public_key) for i in range(4)]
+def test_the_cache_is_bounded_in_bytes(identity: Identity, other: Identity) -> None:
+    screen = screen_for(identity, decrypt_cache_bytes=25_000, decrypts_per_second=1000)
+    big = [other.encrypt_value(Value(bytes([i]) * 10_000, id=i + 1), identity.public_key) for i in range(4)]
     for v in big:
         assert screen.one(v).data == bytes([v.id - 1]) * 10_000
     assert len(screen._decrypted) == 2 and screen._cache_bytes <= 25_000
@@ -90,25 +78,25 @@ def test_the_cache_is_bounded_in_bytes(me: Identity, sender: Identity) -> None:
     assert screen.decrypted == 5
 
 
-def test_a_listener_never_hears_a_forged_value(me: Identity, sender: Identity) -> None:
-    screen = screen_for(me)
+def test_a_listener_never_hears_a_forged_value(identity: Identity, other: Identity) -> None:
+    screen = screen_for(identity)
     listens = LocalListens(screen.one)
     heard = []
     key = InfoHash.get("listened")
     listens.add(key, None, heard.append)
-    signed = sender.sign_value(Value(b"real", id=2))
+    signed = other.sign_value(Value(b"real", id=2))
     listens.deliver(key, replace(signed, data=b"forged", _packed=None), 100.0)
-    listens.deliver(key, sender.encrypt_value(Value(b"sealed", id=3), me.public_key), 100.0)
+    listens.deliver(key, other.encrypt_value(Value(b"sealed", id=3), identity.public_key), 100.0)
     listens.deliver(key, signed, 100.0)
     assert [(e.value.id, e.value.data) for e in heard] == [(3, b"sealed"), (2, b"real")]
 
 
-def test_a_get_keeps_a_signed_value_over_an_unsigned_or_opaque_copy(sender: Identity) -> None:
-    signed = sender.sign_value(Value(b"real", id=8))
+def test_a_get_keeps_a_signed_value_over_an_unsigned_or_opaque_copy(other: Identity) -> None:
+    signed = other.sign_value(Value(b"real", id=8))
     opaque = Value(id=8, cypher=b"\x01" * 300)
     unsigned = Value(b"copy", id=8)
     assert replaces(signed, None) and replaces(opaque, None)
     assert replaces(signed, opaque) and replaces(signed, unsigned)
     assert not replaces(opaque, signed) and not replaces(unsigned, signed) and not replaces(unsigned, opaque)
-    other = sender.sign_value(Value(b"later edit", id=8, seq=1))
+    other = other.sign_value(Value(b"later edit", id=8, seq=1))
     assert not replaces(other, signed)  # between signed copies, the first found stays (as before)

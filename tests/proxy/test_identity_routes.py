@@ -30,16 +30,6 @@ BODY = {"data": "aGVsbG8=", "type": 0}
 LOCAL = "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate("proxy", bits=2048)
-
-
-@pytest.fixture(scope="module")
-def recipient() -> Identity:
-    return Identity.generate("recipient", bits=2048)
-
-
 async def serve(nursery: trio.Nursery, dht: object, layer: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if layer == "asgi":
         serve_with_asgi(monkeypatch)
@@ -50,9 +40,9 @@ async def serve(nursery: trio.Nursery, dht: object, layer: str, monkeypatch: pyt
 
 
 @pytest.fixture
-async def signing_dht(identity: Identity, recipient: Identity) -> MemoryDht:
+async def signing_dht(identity: Identity, other: Identity) -> MemoryDht:
     dht = MemoryDht(identity=identity)
-    await dht.put(InfoHash(recipient.id), Value(recipient.certificate.pem, type=CERTIFICATE_TYPE))
+    await dht.put(InfoHash(other.id), Value(other.certificate.pem, type=CERTIFICATE_TYPE))
     return dht
 
 
@@ -142,17 +132,17 @@ async def test_encrypt(
     signing_proxy: httpx.AsyncClient,
     signing_dht: MemoryDht,
     identity: Identity,
-    recipient: Identity,
+    other: Identity,
     long: bool,
 ) -> None:
-    to = recipient.public_key.long_id if long else recipient.id
+    to = other.public_key.long_id if long else other.id
     r = await signing_proxy.post("/key/hello/encrypt", json={**BODY, "id": "77", "to": to.hex()})
     assert r.status_code == 200 and r.json() == {**BODY, "id": "77"}
     (stored,) = signing_dht.values(HELLO)
     assert stored.id == 77 and stored.cypher and not stored.data and stored.owner is None
-    inner = recipient.decrypt_value(stored, signature.verify)
+    inner = other.decrypt_value(stored, signature.verify)
     assert inner.data == b"hello" and inner.owner == identity.public_key.der
-    assert inner.recipient == recipient.id
+    assert inner.other == other.id
     r = await signing_proxy.request("ENCRYPT", "/hello", json={**BODY, "to": to.hex()})
     assert r.status_code == 200 and len(signing_dht.values(HELLO)) == 2
 
