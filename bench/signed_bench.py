@@ -33,8 +33,9 @@ does not need.
 Ours is started with ``TRIO_DHT_CMD`` (see ``common.py``), ``dhtnode`` as ``dhtnode -s``; the RSA verify ours
 uses is ``cryptography``'s (OpenSSL) when that interpreter can import it, else trio_dht's pure-Python one,
 and the run records which. When ours is the zipapp, a third server, ``trio_dht -S``, runs it as on a bare
-CPython (``python -S``: no site-packages, so no ``cryptography``: pure-Python RSA, and no identity of its
-own); it is in the details table, not in the summary. One server at a time; ``--quick`` (a smoke run)
+CPython of another version (``python -S`` and ``TRIO_DHT_NATIVE=0``: no site-packages and not the zipapp's
+own ``cryptography``, so pure-Python RSA and no identity of its own); it is in the details table, not in the
+summary. One server at a time; ``--quick`` (a smoke run)
 starts them all at once, 0.5 s per workload and 256 values.
 
     python bench/signed_bench.py [--seconds 5] [--values 1024] [--quick] [--output FILE]
@@ -71,7 +72,7 @@ from common import (
 
 KINDS = ("dhtnode", "trio_dht")
 BARE = "trio_dht -S"
-"""Our zipapp as on a bare CPython: its pure-Python RSA verify."""
+"""Our zipapp as on a bare CPython (``python -S``, ``TRIO_DHT_NATIVE=0``): its pure-Python RSA verify."""
 METHODS = ("signed-put", "signed-get")
 BITS = 4096
 DATA_BYTES = 64
@@ -113,11 +114,25 @@ def zipapp() -> bool:
     return our_command()[1].endswith(".pyz")
 
 
+def server_env(kind: str) -> dict[str, str]:
+    """Our server's environment: for BARE, without the zipapp's native packages."""
+    return {**our_env(), "TRIO_DHT_NATIVE": "0"} if kind == BARE else our_env()
+
+
 def verifier(kind: str) -> str:
-    """Which RSA verify our server of ``kind`` uses: cryptography's if its interpreter imports it."""
-    interpreter = command(kind)[: 2 if kind == BARE else 1]
-    probe = [*interpreter, "-c", "import cryptography.hazmat.primitives.asymmetric.rsa"]
-    found = subprocess.run(probe, capture_output=True).returncode == 0
+    """Which RSA verify our server of ``kind`` uses, asked of the code it runs (the zipapp loads its own
+    ``cryptography`` first, as its entry point does)."""
+    cmd = command(kind)
+    code = "from trio_dht import signature; print(signature.backend.name)"
+    if zipapp():
+        load = "import sys; sys.path.insert(0, sys.argv[1]); import _trio_dht_native as n; n.enable()"
+        code = f"{load}; {code}"
+        at = next(i for i, part in enumerate(cmd) if part.endswith(".pyz"))
+        probe = [*cmd[:at], "-c", code, cmd[at]]
+    else:
+        probe = [cmd[0], "-c", code]
+    done = subprocess.run(probe, capture_output=True, text=True, env=server_env(kind))
+    found = done.stdout.strip() == "cryptography"
     return "cryptography (OpenSSL)" if found else "pure Python (trio_dht.purecrypto)"
 
 
@@ -145,7 +160,7 @@ def spawner(
             f"verify_cache={verify_cache}",
         ]
         cmd += ["--proxyserver", str(http), "--proxy-addr", "127.0.0.1", "--http-workers", "0"]
-        return spawn(cmd, workdir / f"{kind.replace(' ', '')}.log", our_env()), (port, http)
+        return spawn(cmd, workdir / f"{kind.replace(' ', '')}.log", server_env(kind)), (port, http)
 
     return start
 
