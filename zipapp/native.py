@@ -99,17 +99,19 @@ def cache_root(environ: Mapping[str, str]) -> Path:
 
 
 def _private(path: Path) -> bool:
-    """Whether only this user can change ``path`` (created if missing): a directory of ours, not a link. One
-    that group or others may write is made private (whatever was put in it meanwhile, :func:`repair` finds).
+    """Whether only this user can change ``path`` (created if missing): a directory of ours (or a link to
+    one). One that group or others may write is made private (what was put in it meanwhile, :func:`repair`
+    finds).
     Always true where there are no user ids (Windows)."""
     if not hasattr(os, "getuid"):
         return True
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if path.is_symlink() or st.st_uid != os.getuid():
+    real = path.resolve()  # a link is judged by the directory it leads to
+    st = real.stat()
+    if st.st_uid != os.getuid():
         return False
     if st.st_mode & 0o022:
-        path.chmod(st.st_mode & 0o755)
+        real.chmod(st.st_mode & 0o755)
     return True
 
 
@@ -144,7 +146,8 @@ def repair(read: Callable[[str], bytes], hashes: Mapping[str, str], folder: Path
     rewritten = []
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if (path.is_symlink() or not path.is_dir()) and name not in hashes:
+        compiled_here = path.parent.name == "__pycache__" and ".opt-" in path.name  # python -O's own
+        if (path.is_symlink() or not path.is_dir()) and name not in hashes and not compiled_here:
             path.unlink()
             rewritten.append(name)
     for name, expected in hashes.items():

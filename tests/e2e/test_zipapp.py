@@ -521,6 +521,9 @@ def test_repair_rewrites_only_the_files_that_differ_from_their_hash(tmp_path: Pa
         "c/x.cpython-311-x86_64-linux-gnu.so",
     ]
     assert not (tmp_path / "a" / "trio.py").exists() and os.listdir(tmp_path / "c") == []
+    (tmp_path / "a" / "__pycache__").mkdir()  # what python -O compiles there itself is left alone
+    (tmp_path / "a" / "__pycache__" / "same.cpython-311.opt-1.pyc").write_bytes(b"compiled")
+    assert native.repair(files.__getitem__, hashes, tmp_path) == []
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="user ids")
@@ -531,7 +534,7 @@ def test_the_cache_is_used_only_when_private_to_this_user(tmp_path: Path) -> Non
     assert native._private(mine) and not mine.stat().st_mode & 0o022  # ours: made private again
     link = tmp_path / "link"
     link.symlink_to(mine)
-    assert not native._private(link)
+    assert native._private(link)  # a link to a directory of ours (a ~/.cache kept elsewhere)
     if os.getuid() == 0:  # as root (CI), a folder owned by someone else can be made
         theirs = tmp_path / "theirs"
         theirs.mkdir()

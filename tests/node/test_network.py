@@ -114,4 +114,6 @@ def test_only_nodes_closer_than_those_that_stored_a_put_call_for_an_announce(mon
         assert DhtNode._closer_node_known(fake, key, set(closest[1 : K + 1])) == (
             closest[0] in {n.id for n in table.closest(key, K, now=1000.0)}
         )
+        # Asked once and did not store it (refused, or the answer lost): no more announces for it.
+        assert not DhtNode._closer_node_known(fake, key, set(closest[1 : K + 1]), {closest[0]})
     assert DhtNode._closer_node_known(fake, keys[0], set())  # nobody stored it yet

@@ -91,12 +91,16 @@ def test_a_listener_never_hears_a_forged_value(identity: Identity, other: Identi
     assert [(e.value.id, e.value.data) for e in heard] == [(3, b"sealed"), (2, b"real")]
 
 
-def test_a_get_keeps_a_signed_value_over_an_unsigned_or_opaque_copy(other: Identity) -> None:
+def test_a_get_keeps_a_signed_value_over_an_unsigned_or_opaque_copy(
+    identity: Identity, other: Identity
+) -> None:
     signed = other.sign_value(Value(b"real", id=8))
     opaque = Value(id=8, cypher=b"\x01" * 300)
     unsigned = Value(b"copy", id=8)
     assert replaces(signed, None) and replaces(opaque, None)
     assert replaces(signed, opaque) and replaces(signed, unsigned)
     assert not replaces(opaque, signed) and not replaces(unsigned, signed) and not replaces(unsigned, opaque)
-    other = other.sign_value(Value(b"later edit", id=8, seq=1))
-    assert not replaces(other, signed)  # between signed copies, the first found stays (as before)
+    edit = other.sign_value(Value(b"later edit", id=8, seq=1))
+    assert replaces(edit, signed) and not replaces(signed, edit)  # the owner's latest version
+    theirs = identity.sign_value(Value(b"another owner", id=8, seq=5))
+    assert not replaces(theirs, signed)  # between owners, the first found stays

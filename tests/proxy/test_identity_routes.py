@@ -127,6 +127,50 @@ async def test_sign(signing_proxy: httpx.AsyncClient, signing_dht: MemoryDht, id
     assert stored.seq == 1 and signature.verify(stored)  # the new version replaces the first
 
 
+async def test_the_owner_signature_seq_and_recipient_are_the_nodes_to_set(
+    signing_proxy: httpx.AsyncClient, signing_dht: MemoryDht, identity: Identity, other: Identity
+) -> None:
+    """A client's own owner, sig, seq and to are neither put nor echoed as if they had been."""
+    theirs = {"owner": other.public_key.pem.decode(), "sig": "AAAA", "seq": 9}
+    r = await signing_proxy.post("/key/hello/sign", json={**BODY, **theirs, "to": other.id.hex(), "id": "5"})
+    assert r.status_code == 200 and r.json() == {**BODY, "id": "5"}
+    (stored,) = signing_dht.values(HELLO)
+    assert (stored.owner, stored.seq, stored.recipient) == (identity.public_key.der, 0, None)
+    assert signature.verify(stored)
+    long_to = other.public_key.long_id.hex()  # a long id as "to" is the recipient, not the value's field
+    r = await signing_proxy.post("/key/k/encrypt", json={**BODY, **theirs, "to": long_to})
+    assert r.status_code == 200
+
+
+async def test_a_value_that_cannot_be_signed_is_400(
+    signing_proxy: httpx.AsyncClient, signing_dht: MemoryDht, identity: Identity
+) -> None:
+    key = InfoHash.get("seq")
+    await signing_dht.put(key, identity.sign_value(Value(b"last", id=7, seq=65535)))
+    r = await signing_proxy.post("/key/seq/sign", json={**BODY, "id": "7"})  # its seq would be 65536
+    assert r.status_code == 400 and "seq" in r.json()["err"]
+
+
+async def test_a_put_that_outlasts_its_deadline_is_502(
+    nursery: trio.Nursery, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_dht.proxy import routes
+
+    monkeypatch.setattr(routes, "PUT_DEADLINE", 0.2)
+    dht = MemoryDht(identity=identity)
+
+    async def stuck(*args: object, **kwargs: object) -> bool:
+        await trio.sleep_forever()
+        return True
+
+    monkeypatch.setattr(dht, "put_signed", stuck)
+    base_url = await serve(nursery, dht, "fast", monkeypatch)
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        with trio.fail_after(5):
+            r = await client.post("/key/k/sign", json=BODY)
+    assert r.status_code == 502 and r.json() == {"err": "Put failed"}
+
+
 @pytest.mark.parametrize("long", [False, True], ids=["key id", "long id"])
 async def test_encrypt(
     signing_proxy: httpx.AsyncClient,
@@ -142,7 +186,7 @@ async def test_encrypt(
     assert stored.id == 77 and stored.cypher and not stored.data and stored.owner is None
     inner = other.decrypt_value(stored, signature.verify)
     assert inner.data == b"hello" and inner.owner == identity.public_key.der
-    assert inner.other == other.id
+    assert inner.recipient == other.id
     r = await signing_proxy.request("ENCRYPT", "/hello", json={**BODY, "to": to.hex()})
     assert r.status_code == 200 and len(signing_dht.values(HELLO)) == 2
 

@@ -414,7 +414,8 @@ class DhtNode(SecureOperations):
             # run to their first wait (the push's send) before this task goes on.
             await trio.lowlevel.checkpoint()
             await trio.lowlevel.checkpoint()
-        reached = await self._announce(key, value)
+        asked: set[InfoHash] = set()
+        reached = await self._announce(key, value, asked)
         if permanent:
             assert self._nursery is not None
             scope = trio.CancelScope()
@@ -423,11 +424,14 @@ class DhtNode(SecureOperations):
                 old.cancel()
             self._permanent[(key, value.id)] = scope
             # The re-announcing outlives this call (until cancel_put), so the node's nursery owns it.
-            self._nursery.start_soon(self._reannounce, key, value, scope, reached)
+            self._nursery.start_soon(self._reannounce, key, value, scope, reached, asked)
         return bool(reached) or self.storage.get_value(key, value.id) is not None
 
-    async def _announce(self, key: InfoHash, value: Value) -> set[InfoHash]:
-        """Put ``value`` to the closest nodes of ``key`` in each family; the ids of those that stored it."""
+    async def _announce(
+        self, key: InfoHash, value: Value, asked: set[InfoHash] | None = None
+    ) -> set[InfoHash]:
+        """Put ``value`` to the closest nodes of ``key`` in each family; the ids of those that stored it (and
+        of every node asked, added to ``asked``)."""
         acked: set[InfoHash] = set()
 
         async def announce_family(v6: bool) -> None:
@@ -443,40 +447,53 @@ class DhtNode(SecureOperations):
             for sn, reply in zip(synced, replies, strict=True):
                 if reply is not None and reply.value_id == value.id:
                     acked.add(sn.node.id)
+                if asked is not None:
+                    asked.add(sn.node.id)
 
         await self.searches.each_family(announce_family)
         return acked
 
     async def _reannounce(
-        self, key: InfoHash, value: Value, scope: trio.CancelScope, reached: set[InfoHash]
+        self,
+        key: InfoHash,
+        value: Value,
+        scope: trio.CancelScope,
+        reached: set[InfoHash],
+        asked: set[InfoHash],
     ) -> None:
         """Put a permanent value again before it expires on the nodes that store it, and when the routing
         tables show a node closer to ``key`` than the farthest that stored it (a node that joined or came
         back), as OpenDHT announces to each node that enters a search's closest. Node ids cost a stranger
         nothing, so those extra announces come at most every :data:`EXTRA_ANNOUNCE_INTERVAL` seconds (with up
-        to a tenth more at random, so that puts do not all go at once)."""
+        to a tenth more at random, so that puts do not all go at once), and a node asked once that did not
+        store it (it refused, or its answer was lost) calls for none until the next full announce."""
         lifetime = max(1.0, type_expiration(value.type) - 10)
         with scope:
             due = trio.current_time() + lifetime
             while True:
                 with trio.move_on_at(due):
                     await self._tables_grew.wait()
-                    if self._closer_node_known(key, reached):
-                        reached |= await self._announce(key, value)
+                    if self._closer_node_known(key, reached, asked):
+                        reached |= await self._announce(key, value, asked)
                         await trio.sleep(EXTRA_ANNOUNCE_INTERVAL * (1 + random.random() / 10))
                     continue
-                reached = await self._announce(key, value)
+                asked = set()
+                reached = await self._announce(key, value, asked)
                 due = trio.current_time() + lifetime
 
-    def _closer_node_known(self, key: InfoHash, reached: set[InfoHash]) -> bool:
-        """Whether a good node among the closest of ``key`` known now has not stored the value and is closer
-        to ``key`` than the farthest of the ``reached`` nodes that did (any such node while fewer than 8
+    def _closer_node_known(
+        self, key: InfoHash, reached: set[InfoHash], asked: Iterable[InfoHash] = ()
+    ) -> bool:
+        """Whether a good node among the closest of ``key`` known now, not yet ``asked``, is closer to ``key``
+        than the farthest of the ``reached`` nodes that stored the value (any such node while fewer than 8
         did). A table's nearest buckets hold nodes farther from a far key than the ones a search finds: those
         do not count."""
         now = trio.current_time()
         radius = max((node_id.distance(key) for node_id in reached), default=0) if len(reached) >= K else None
         return any(
-            node.id not in reached and (radius is None or node.id.distance(key) < radius)
+            node.id not in reached
+            and node.id not in asked
+            and (radius is None or node.id.distance(key) < radius)
             for v6 in self.protocol.families
             for node in self.tables[v6].closest(key, K, now=now)
         )

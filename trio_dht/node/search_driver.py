@@ -53,9 +53,14 @@ async def wait_for(start: Callable[[Callable[[Any], None]], Callable[[], None]])
 
 def replaces(value: Value, found: Value | None) -> bool:
     """Whether a get keeps ``value`` for its id, having ``found`` (or nothing) for it: the first one, unless a
-    signed one comes after one that is not. Signed values have been checked (and ours decrypted) by then, so
-    an unsigned or opaque copy sent first by one node cannot hide the owner's value that another sends."""
-    return found is None or (value.is_signed and not found.is_signed)
+    signed one comes after one that is not, or a later edit (higher seq) of the same owner. Signed values have
+    been checked (and ours decrypted) by then, so an unsigned or opaque copy, or a stale version, sent first
+    by one node cannot hide the owner's latest value that another sends."""
+    if found is None:
+        return True
+    if not value.is_signed:
+        return False
+    return not found.is_signed or (value.owner == found.owner and value.seq > found.seq)
 
 
 @dataclass(slots=True, eq=False)

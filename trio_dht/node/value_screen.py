@@ -10,9 +10,10 @@
 Each decryption costs an RSA private-key operation (about 1.2 ms for a 4096-bit key), which a stranger can
 make us spend with any bytes of the key's length, under a key we get or listen to. So decryptions have a
 budget, ``Limits.decrypts_per_second`` (a token bucket holding a second's worth): past it a value is handed
-over opaque and counted, and decrypted when it is seen again with budget. The outcome for a cypher (its
-value, or "not for us") is kept for the last :data:`DECRYPT_CACHE` cyphers, known by their SHA-256, and at
-most ``Limits.decrypt_cache_bytes`` of decrypted values.
+over opaque and counted, and decrypted when it is seen again with budget (so a stranger spending the budget
+can delay, but not forge or hide, what is sent to us: a get or listen that sees it again decrypts it).
+The outcome for a cypher (its value, or "not for us") is kept for the last :data:`DECRYPT_CACHE` cyphers,
+known by their SHA-256, and at most ``Limits.decrypt_cache_bytes`` of decrypted values.
 """
 
 from __future__ import annotations

@@ -271,7 +271,10 @@ def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
     assert request.key is not None
     try:
         doc = put_json(request.body)
-        parsed = put_request(doc)
+        # The owner, signature, seq and recipient are the node's to set (the recipient is "to", read by the
+        # encrypt route): a client's own are not put, nor shown in the reply as if they had been.
+        mine = {k: v for k, v in doc.items() if k not in _SET_BY_THE_NODE} if isinstance(doc, dict) else doc
+        parsed = put_request(mine)
     except BadRequest as exc:
         return Reply(exc.status, exc.body)
     value = parsed.value
@@ -283,20 +286,29 @@ def _identity_put(request: Request) -> tuple[Value, dict[str, Any]] | Reply:
 
 
 _ALREADY_ENCRYPTED = error(400, "Invalid value: it is encrypted already")
+_SET_BY_THE_NODE = frozenset({"owner", "sig", "seq", "to"})
+PUT_DEADLINE = 60.0
+"""Seconds a proxy put may take (its searches, a signed put's get of the earlier versions, an encrypted
+put's certificate lookup), whatever the peers answer; then 502 Put failed."""
 
 
 async def _put_value(
     put: Callable[..., Awaitable[bool]], key: InfoHash, value: Value, *args: Any, **kwargs: Any
 ) -> Reply:
-    """Await ``put(key, value, *args, **kwargs)``; 200 with the value's JSON, or 502 Put failed."""
-    try:
-        ok = await put(key, value, *args, **kwargs)
-    except RecipientNotFound as exc:
-        log.info("proxy put on %s failed: %s", key, exc)
-        ok = False
-    except Exception:
-        log.exception("proxy put on %s failed", key)
-        ok = False
+    """Await ``put(key, value, *args, **kwargs)`` for at most :data:`PUT_DEADLINE`; 200 with the value's
+    JSON, 400 for a value the DHT refuses to put (a signed value's seq past 65535), or 502 Put failed."""
+    ok = False
+    with trio.move_on_after(PUT_DEADLINE) as scope:
+        try:
+            ok = await put(key, value, *args, **kwargs)
+        except RecipientNotFound as exc:
+            log.info("proxy put on %s failed: %s", key, exc)
+        except ValueError as exc:
+            return error(400, f"Invalid value: {exc}")
+        except Exception:
+            log.exception("proxy put on %s failed", key)
+    if scope.cancelled_caught:
+        log.info("proxy put on %s took over %.0f s: given up", key, PUT_DEADLINE)
     return Reply(200, value_line(value)) if ok else PUT_FAILED
 
 
