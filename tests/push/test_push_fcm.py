@@ -330,6 +330,8 @@ def good_account():
         (lambda a: a | {"type": "authorized_user"}, "'authorized_user' key"),
         (lambda a: {k: v for k, v in a.items() if k != "client_email"}, "'client_email' is missing"),
         (lambda a: a | {"project_id": ""}, "'project_id' is missing"),
+        (lambda a: a | {"project_id": "x/../other"}, "not a project id"),
+        (lambda a: a | {"client_email": "nobody"}, "not an e-mail address"),
         (lambda a: a | {"private_key_id": 5}, "'private_key_id'"),
         (lambda a: a | {"token_uri": "ftp://example.com/token"}, "token_uri"),
         (
@@ -421,6 +423,7 @@ async def test_double_checks_assertions_as_google_does():
             "hs256": jwt.encode(good, "s" * 32, algorithm="HS256"),
             "tampered": sign(good)[:-4] + "AAAA",
             "garbage": "a.b",
+            "issuer": jwt.PyJWS().encode(json.dumps(good | {"iss": ["x"]}).encode(), key, algorithm="RS256"),
         }
         for name, assertion in refused.items():
             reply = await _ask_token(client, fcm, assertion)

@@ -31,6 +31,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -73,6 +74,8 @@ TOKEN_MARGIN = 300.0
 """An access token is renewed this long before it expires (at most half its life before)."""
 MAX_CREDENTIALS_BYTES = 64 * 1024
 """The largest service-account file read (Google's are about 2.3 KB)."""
+_PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
+"""A Google Cloud project id (``my-app-1234``, or domain-scoped ``example.com:my-app``), safe in a URL."""
 _REQUIRED = ("project_id", "client_email", "private_key", "token_uri")
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
@@ -106,8 +109,10 @@ def parse_service_account(info: Mapping[str, Any], what: str = "service account"
     token_uri = info["token_uri"]
     if urllib.parse.urlsplit(token_uri).scheme not in ("https", "http") or "://" not in token_uri:
         raise FcmCredentialsError(f"{what}: token_uri {token_uri!r} is not an http(s) URL")
-    if "/" in info["project_id"] or "@" not in info["client_email"]:
-        raise FcmCredentialsError(f"{what}: project_id or client_email malformed")
+    if not _PROJECT_ID.fullmatch(info["project_id"]):
+        raise FcmCredentialsError(f"{what}: project_id {info['project_id']!r} is not a project id")
+    if "@" not in info["client_email"]:
+        raise FcmCredentialsError(f"{what}: client_email {info['client_email']!r} is not an e-mail address")
     try:
         key = crypto.load_private_key(info["private_key"].encode())
     except (crypto.CryptoError, UnicodeError) as exc:

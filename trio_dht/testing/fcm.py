@@ -268,7 +268,8 @@ class FcmDouble:
             return refuse("invalid_grant", "Invalid JWT: not a compact JWS")
         if header.get("alg") != "RS256":
             return refuse("invalid_grant", "Invalid JWT: alg must be RS256")
-        known = self._accounts.get(claims.get("iss"))  # type: ignore[arg-type]
+        issuer = claims.get("iss")
+        known = self._accounts.get(issuer) if isinstance(issuer, str) else None
         if known is None:
             return refuse("invalid_grant", "Invalid grant: account not found")
         public_key, key_id = known
