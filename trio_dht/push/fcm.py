@@ -22,7 +22,8 @@
   ``Limits.push_request_timeout``; every reply body (FCM's and the token endpoint's) is read up to
   ``Limits.push_response_bytes``.
 
-This module needs the ``cryptography`` package (RS256 signing).
+Signing needs the ``cryptography`` package (imported when a service account is loaded: elsewhere, as in a
+zipapp on another Python, loading one fails with a clear :class:`FcmCredentialsError`).
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ import time
 import urllib.parse
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from trio_dht import crypto
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
 from trio_dht.logs import LogLimit
@@ -61,6 +59,9 @@ from trio_dht.push.gateway import (
     reply_too_large,
 )
 from trio_dht.push.payloads import PUSH_TTL, Push
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ def parse_service_account(info: Mapping[str, Any], what: str = "service account"
     if "@" not in info["client_email"]:
         raise FcmCredentialsError(f"{what}: client_email {info['client_email']!r} is not an e-mail address")
     try:
+        from trio_dht import crypto
+    except ImportError:
+        raise FcmCredentialsError(f"{what}: FCM needs the cryptography package (RS256 signing)") from None
+    try:
         key = crypto.load_private_key(info["private_key"].encode())
     except (crypto.CryptoError, UnicodeError) as exc:
         raise FcmCredentialsError(f"{what}: private_key: {exc}") from None
@@ -149,6 +154,9 @@ def _b64url(data: bytes) -> str:
 
 def jwt_assertion(account: ServiceAccount, now_wall: float, *, audience: str | None = None) -> str:
     """The signed JWT (RS256, compact form) that asks ``audience`` (the token URI) for an FCM access token."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     header = {"alg": "RS256", "typ": "JWT"}
     if account.private_key_id:
         header["kid"] = account.private_key_id

@@ -30,7 +30,8 @@ HTTP versions it saw. What it checks, as Google does:
 Scripted behaviour: :meth:`FcmDouble.script` (the next replies of ``messages:send`` or of the token
 endpoint), :meth:`FcmDouble.unregister` / :meth:`FcmDouble.invalidate` (a token's pushes answer
 ``UNREGISTERED`` / ``INVALID_ARGUMENT``), :meth:`FcmDouble.expire_tokens`. :func:`new_service_account`
-makes a service-account JSON with a fresh RSA key for one's own tests.
+makes a service-account JSON with a fresh RSA key for one's own tests. Keys and signatures need the
+``cryptography`` package (imported when first used).
 """
 
 from __future__ import annotations
@@ -46,16 +47,16 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hypercorn.trio
 import trio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypercorn.config import Config
 
 from trio_dht.testing.gorush import Receive, RecordedRequest, Reply, Scope, Send, _read_request, _send_reply
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 SCOPES = frozenset(
@@ -81,6 +82,9 @@ def new_service_account(
 ) -> dict[str, str]:
     """A service-account key as Google's JSON file has it, with a fresh RSA key (``json.dump`` it to a
     file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -183,6 +187,9 @@ class FcmDouble:
 
     def trust(self, account: dict[str, str]) -> None:
         """Accept assertions signed by this service account's key."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         key = serialization.load_pem_private_key(account["private_key"].encode(), None)
         assert isinstance(key, rsa.RSAPrivateKey)
         self._accounts[account["client_email"]] = (key.public_key(), account.get("private_key_id", ""))
@@ -246,6 +253,10 @@ class FcmDouble:
         return self._send(request)
 
     def _token(self, request: RecordedRequest) -> Reply:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         def refuse(error: str, description: str) -> Reply:
             return _json_reply(400, {"error": error, "error_description": description})
 
