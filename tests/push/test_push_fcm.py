@@ -180,11 +180,14 @@ async def test_token_endpoint_failures():
         )
         with pytest.raises(PermanentGatewayError, match="invalid_grant"):
             await gateway.send([push()])
+        fcm.script(200, b'{"access_token": "ya29.x", "expires_in": NaN}', endpoint="token")
+        with pytest.raises(PermanentGatewayError, match="access_token"):
+            await gateway.send([push()])
         fcm.script(200, b'{"token_type": "Bearer"}', endpoint="token")
         with pytest.raises(PermanentGatewayError, match="access_token"):
             await gateway.send([push()])
         assert await gateway.send([push()]) == [Outcome.DELIVERED]
-        assert fcm.messages and fcm.token_requests == 4
+        assert fcm.messages and fcm.token_requests == 5
 
 
 async def test_key_the_double_does_not_trust_is_refused():

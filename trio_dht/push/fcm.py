@@ -73,6 +73,8 @@ ASSERTION_LIFETIME = 3600
 """Seconds an assertion is valid (Google takes at most an hour)."""
 TOKEN_MARGIN = 300.0
 """An access token is renewed this long before it expires (at most half its life before)."""
+MAX_TOKEN_LIFE = 24 * 3600.0
+"""A longer ``expires_in`` (Google's are an hour) is taken as this."""
 MAX_CREDENTIALS_BYTES = 64 * 1024
 """The largest service-account file read (Google's are about 2.3 KB)."""
 _PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
@@ -408,5 +410,6 @@ class FcmGateway:
             or not expires_in > 0
         ):
             raise PermanentGatewayError("FCM token endpoint: no usable access_token/expires_in in its reply")
+        life = min(expires_in, MAX_TOKEN_LIFE)
         self._token = token
-        self._renew_at = self._clock() + expires_in - min(TOKEN_MARGIN, expires_in / 2)
+        self._renew_at = self._clock() + life - min(TOKEN_MARGIN, life / 2)
