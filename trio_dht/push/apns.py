@@ -234,7 +234,8 @@ class ApnsGateway:
     ) -> None:
         """``url`` (``https://host[:port]``) replaces Apple's production or (``sandbox``) development host;
         ``ca_file`` (PEM) replaces the system's CAs; ``clock`` is the wall clock (tokens, expirations)."""
-        self._base = (url or (SANDBOX_URL if sandbox else PRODUCTION_URL)).rstrip("/")
+        self.url = (url or (SANDBOX_URL if sandbox else PRODUCTION_URL)).rstrip("/")
+        """The base URL requests go to."""
         self._bundle_id = bundle_id
         self._lanes = lanes
         self.max_batch = max_batch
@@ -283,7 +284,7 @@ class ApnsGateway:
             return _Result(Outcome.DROPPED)
         headers = apns_headers(push, topic=topic, now_wall=now_wall)
         headers["apns-id"] = str(uuid.uuid4())
-        url = f"{self._base}/3/device/{push.token}"
+        url = f"{self.url}/3/device/{push.token}"
         with trio.move_on_after(self._timeout):
             for _ in range(2):
                 bearer = self.tokens.current()
@@ -306,7 +307,7 @@ class ApnsGateway:
         except httpx.TimeoutException as exc:
             return _Result(Outcome.RETRY, f"timed out: {exc!r}", reason=TIMED_OUT), ""
         except httpx.TransportError as exc:
-            return _Result(Outcome.RETRY, f"unreachable: {exc!r}"), ""
+            return _Result(Outcome.RETRY, f"unreachable: {_describe(exc)}"), ""
         except ReplyTooLarge as exc:
             if exc.status_code == 429 or exc.status_code >= 500:
                 return _Result(Outcome.RETRY, f"answered {exc.status_code}", reason=gateway.OVERSIZED), ""
@@ -332,3 +333,13 @@ def _reason(reply: Reply) -> str:
     except (ValueError, AttributeError):
         return ""
     return reason if isinstance(reason, str) else ""
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception and the first cause with a message (httpx's connection errors often have none; the TLS
+    error under them says what failed)."""
+    text = repr(exc)
+    cause: BaseException | None = exc
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    return text if cause is None or cause is exc else f"{text}: {cause!r}"
