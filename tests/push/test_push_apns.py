@@ -24,7 +24,7 @@ from trio_dht.push.apns import (
     provider_token,
 )
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
-from trio_dht.push.gateway import TIMED_OUT, Outcome, TemporaryGatewayError
+from trio_dht.push.gateway import OVERSIZED, TIMED_OUT, Outcome, TemporaryGatewayError
 from trio_dht.push.payloads import Dialect, Platform, Push, PushKind, timeout_data, values_data
 from trio_dht.testing.apns import generate_test_key, open_apns_double
 
@@ -186,13 +186,17 @@ async def test_still_expired_after_a_refresh_drops(key, apns, clock):
     ) as gw:
         assert await gw.send([push()]) == [Outcome.DROPPED]
     assert apns.replies == [(403, "ExpiredProviderToken")] * 2
+    assert gw.tokens.signed == 2
 
 
-async def test_wrong_key_is_refused(apns):
+async def test_wrong_key_is_refused_and_said(apns, caplog):
     other = generate_test_key()
     async with ApnsGateway(other.apns_key(), bundle_id=BUNDLE, url=apns.url, ca_file=apns.ca_file) as gw:
         assert await gw.send([push()]) == [Outcome.DROPPED]
-    assert apns.replies == [(403, "InvalidProviderToken")]
+        assert await gw.send([push()]) == [Outcome.DROPPED]
+    assert apns.replies == [(403, "InvalidProviderToken")] * 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "trio_dht.push.apns"]
+    assert lines == ["APNs refused a push: 403 InvalidProviderToken"]  # once per 10 s
 
 
 # -- Apple's replies -----------------------------------------------------------------------------------------
@@ -235,6 +239,16 @@ async def test_one_throttled_device_retries_alone(gateway, apns):
     assert await gateway.send([push(device(0)), push(device(1))]) == [Outcome.DELIVERED, Outcome.RETRY]
     with pytest.raises(TemporaryGatewayError):
         await gateway.send([push(device(1))])
+
+
+async def test_oversized_replies_are_not_read(gateway, apns):
+    apns.script(400, "x" * 70_000)  # over Limits.push_response_bytes (64 KiB)
+    assert await gateway.send([push()]) == [Outcome.DROPPED]
+    apns.script(503, "x" * 70_000)
+    with pytest.raises(TemporaryGatewayError) as info:
+        await gateway.send([push()])
+    assert info.value.reason == OVERSIZED
+    assert await gateway.send([push()]) == [Outcome.DELIVERED]
 
 
 async def test_a_stream_without_reply_times_out(key, apns):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import ssl
 import time
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
+from trio_dht.logs import LogLimit
 from trio_dht.push import gateway
 from trio_dht.push.gateway import (
     TIMED_OUT,
@@ -65,8 +67,11 @@ TOKEN_REFRESH = 50 * 60
 """Seconds a provider token is used before it is signed again (Apple: between 20 and 60 minutes)."""
 MAX_PAYLOAD = 4096
 """Largest JSON payload of a (non-VoIP) notification."""
+IDLE_CONNECTION = 600.0
+"""Seconds an idle connection is kept (one the server closed meanwhile is replaced when next needed)."""
 MAX_DEVICE_TOKEN = 200
 """Longest hex device token accepted (Apple's are 64 digits today and may grow)."""
+log = logging.getLogger(__name__)
 _TOKEN_GONE_400 = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
 _HEX = frozenset("0123456789abcdefABCDEF")
 
@@ -199,7 +204,7 @@ def new_apns_client(limits: Limits = DEFAULT_LIMITS, *, ca_file: str | None = No
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(limits.push_request_timeout),
-        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=IDLE_CONNECTION),
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
     )
 
@@ -207,10 +212,11 @@ def new_apns_client(limits: Limits = DEFAULT_LIMITS, *, ca_file: str | None = No
 @dataclass(frozen=True, slots=True)
 class _Result:
     outcome: Outcome
-    transient: str = ""
-    """Why the push is to be retried (empty if it is not)."""
+    why: str = ""
+    """What went wrong: for a retry, why; for a push dropped by Apple, its status and reason."""
     retry_after: float | None = None
     reason: str | None = None
+    """The error reason the dispatcher counts (:data:`TIMED_OUT`, :data:`OVERSIZED`)."""
 
 
 class ApnsGateway:
@@ -244,6 +250,7 @@ class ApnsGateway:
         self._clock = clock
         self.tokens = ProviderTokens(key, clock=clock)
         self._client = new_apns_client(limits, ca_file=ca_file)
+        self._refusals = LogLimit()
 
     async def __aenter__(self) -> ApnsGateway:
         return self
@@ -267,12 +274,11 @@ class ApnsGateway:
         async with trio.open_nursery() as nursery:
             for i, push in enumerate(pushes):
                 nursery.start_soon(one, i, push)
-        if results and all(r.transient for r in results):
+        if results and all(r.outcome is Outcome.RETRY for r in results):
             after = [r.retry_after for r in results if r.retry_after is not None]
-            reason = TIMED_OUT if all(r.reason == TIMED_OUT for r in results) else None
-            raise TemporaryGatewayError(
-                f"APNs: {results[0].transient}", max(after, default=None), reason=reason
-            )
+            reasons = {r.reason for r in results}
+            reason = reasons.pop() if len(reasons) == 1 else None
+            raise TemporaryGatewayError(f"APNs: {results[0].why}", max(after, default=None), reason=reason)
         return [r.outcome for r in results]
 
     async def _send_one(self, push: Push, now_wall: float) -> _Result:
@@ -285,20 +291,25 @@ class ApnsGateway:
         headers = apns_headers(push, topic=topic, now_wall=now_wall)
         headers["apns-id"] = str(uuid.uuid4())
         url = f"{self.url}/3/device/{push.token}"
+        result = _Result(Outcome.RETRY, f"no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
         with trio.move_on_after(self._timeout):
-            for _ in range(2):
+            for attempt in range(2):
                 bearer = self.tokens.current()
                 headers["authorization"] = f"bearer {bearer}"
-                result, reason = await self._request(url, headers, body, now_wall)
-                if reason != "ExpiredProviderToken":
-                    return result
+                result, reason = await self._request(url, headers, body)
+                if reason != "ExpiredProviderToken" or attempt:
+                    break
                 self.tokens.expired(bearer)
-            return result
-        return _Result(Outcome.RETRY, f"no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
+        if result.outcome is Outcome.DROPPED and result.why:
+            self._say_refused(result.why)
+        return result
 
-    async def _request(
-        self, url: str, headers: dict[str, str], body: bytes, now_wall: float
-    ) -> tuple[_Result, str]:
+    def _say_refused(self, why: str) -> None:
+        """Log a push Apple refused (our request, credentials or clock are wrong), at most once per 10 s."""
+        if (line := self._refusals.line(f"APNs refused a push: {why}", trio.current_time())) is not None:
+            log.warning("%s", line)
+
+    async def _request(self, url: str, headers: dict[str, str], body: bytes) -> tuple[_Result, str]:
         """One request: its result and Apple's ``reason``."""
         try:
             reply = await gateway.post(
@@ -311,7 +322,7 @@ class ApnsGateway:
         except ReplyTooLarge as exc:
             if exc.status_code == 429 or exc.status_code >= 500:
                 return _Result(Outcome.RETRY, f"answered {exc.status_code}", reason=gateway.OVERSIZED), ""
-            return _Result(Outcome.DROPPED), ""
+            return _Result(Outcome.DROPPED, f"{exc.status_code} (a reply over {self._max_body} bytes)"), ""
         reason = _reason(reply)
         status = reply.status_code
         if status == 200:
@@ -321,7 +332,7 @@ class ApnsGateway:
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(reply.headers.get("retry-after"), time.time())
             return _Result(Outcome.RETRY, f"answered {status} {reason}", retry_after), reason
-        return _Result(Outcome.DROPPED), reason
+        return _Result(Outcome.DROPPED, f"{status} {reason or '(no reason)'}"), reason
 
 
 def _reason(reply: Reply) -> str:

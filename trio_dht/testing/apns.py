@@ -30,7 +30,8 @@ with 505. Per request, in this order (Apple's replies: status and ``{"reason": .
   with an ``aps`` object (else 400 ``BadPayload``, the double's name: Apple documents none); a ``background``
   push has priority 5 (400 ``BadPriority``) and ``"content-available": 1`` without ``alert``, ``sound`` or
   ``badge``, an ``alert`` push has an ``alert`` (else 400 ``InvalidPushType``);
-- then a scripted reply if one is queued, then a failing token's reply (410 with ``timestamp`` for
+- then a scripted reply if one is queued (it replaces the double's own: a scripted 200 records no
+  notification), then a failing token's reply (410 with ``timestamp`` for
   ``Unregistered`` and ``ExpiredToken``), else 200. Every reply carries ``apns-id`` (the request's, or a new
   one).
 
