@@ -21,8 +21,8 @@ Replies: 200 is delivered; 410 (``Unregistered``, ``ExpiredToken``) and 400 ``Ba
 ``DeviceTokenNotForTopic`` prune the token (as does a token that is not hex: it cannot name a device); 429,
 5xx, connection failures and a stream without its whole reply by ``Limits.push_request_timeout`` are retried
 (that push alone, or the whole batch, with its ``Retry-After``, when every push of it failed so); other
-replies (400 ``TopicDisallowed``, other 403s, 413, ...) drop the push. A reply body is read up to
-``Limits.push_response_bytes``.
+replies (400 ``TopicDisallowed``, other 403s, 413, ...) drop the push and are logged (once per 10 s: they
+mean our credentials, topic or clock are wrong). A reply body is read up to ``Limits.push_response_bytes``.
 """
 
 from __future__ import annotations
