@@ -4,6 +4,7 @@ import base64
 import json
 import math
 import ssl
+import sys
 import time
 import uuid
 
@@ -398,3 +399,9 @@ async def test_the_double_is_strict(apns, key, clock):
     async with httpx.AsyncClient(verify=context) as http1:
         r = await http1.post(apns.url + f"/3/device/{TOKEN}", headers=base, content=body)
         assert r.status_code == 505
+
+
+def test_without_cryptography_the_key_is_refused_clearly(key, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.serialization", None)
+    with pytest.raises(ApnsKeyError, match="need the cryptography package"):
+        ApnsKey.from_pem(key.pem, key_id=key.key_id, team_id=key.team_id)

@@ -36,14 +36,10 @@ import time
 import uuid
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
@@ -60,6 +56,9 @@ from trio_dht.push.gateway import (
 )
 from trio_dht.push.gorush import IOS_ALERT
 from trio_dht.push.payloads import PUSH_TTL, Push, PushKind
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 PRODUCTION_URL = "https://api.push.apple.com"
 SANDBOX_URL = "https://api.sandbox.push.apple.com"
@@ -101,6 +100,14 @@ class ApnsKey:
     @classmethod
     def from_pem(cls, pem: bytes, *, key_id: str, team_id: str, source: str = "the APNs key") -> ApnsKey:
         """Parse a ``.p8`` key's PEM text; ``source`` names it in errors."""
+        try:  # imported here: the zipapp runs without cryptography on another Python, and needs it only here
+            from cryptography.exceptions import UnsupportedAlgorithm
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+        except ImportError:
+            raise ApnsKeyError(
+                "APNs provider tokens need the cryptography package, which is missing"
+            ) from None
         for name, value in (("key id", key_id), ("team id", team_id)):
             if len(value) != 10 or not value.isascii() or not value.isalnum():
                 raise ApnsKeyError(f"the APNs {name} must be 10 letters or digits, not {value!r}")
@@ -128,6 +135,10 @@ def _compact(obj: Any) -> bytes:
 
 def provider_token(key: ApnsKey, iat: int) -> str:
     """A provider token (ES256 JWT) issued at ``iat`` (Unix seconds)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     head = _b64url(_compact({"alg": "ES256", "kid": key.key_id}))
     claims = _b64url(_compact({"iss": key.team_id, "iat": iat}))
     signing_input = f"{head}.{claims}".encode("ascii")

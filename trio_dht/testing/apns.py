@@ -11,9 +11,10 @@ Usage::
         ...
         assert apns.notifications[0].payload["aps"] == {"content-available": 1}
 
-At start it makes a throwaway CA and a server certificate for ``127.0.0.1`` and ``localhost`` (``ca_file`` is
-the CA's PEM, for the client's ``verify``); it offers only ``h2`` by ALPN and answers any HTTP/1.1 request
-with 505. Per request, in this order (Apple's replies: status and ``{"reason": ...}``):
+It needs the ``cryptography`` package (imported when used). At start it makes a throwaway CA and a server
+certificate for ``127.0.0.1`` and ``localhost`` (``ca_file`` is the CA's PEM, for the client's ``verify``);
+it offers only ``h2`` by ALPN and answers any HTTP/1.1 request with 505. Per request, in this order
+(Apple's replies: status and ``{"reason": ...}``):
 
 - ``POST /3/device/<64 hex digits>``: else 405 ``MethodNotAllowed``, 404 ``BadPath``, 400 ``BadDeviceToken``;
   a repeated header is 400 ``DuplicateHeaders``;
@@ -58,20 +59,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hypercorn.trio
 import trio
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypercorn.config import Config
 
 from trio_dht.push.apns import ApnsKey
 from trio_dht.testing.gorush import Receive, RecordedRequest, Scope, Send
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 PUSH_TYPES = frozenset(
     {"alert", "background", "voip", "location", "complication", "fileprovider", "mdm", "liveactivity",
@@ -125,6 +123,9 @@ def _apple_id() -> str:
 
 def generate_test_key(*, team_id: str | None = None) -> ApnsTestKey:
     """A new P-256 ``.p8`` key with a random key id, for a random team (or ``team_id``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -134,6 +135,11 @@ def generate_test_key(*, team_id: str | None = None) -> ApnsTestKey:
 
 def _make_tls(directory: Path) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for 127.0.0.1 and localhost: (CA PEM, cert PEM, key PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trio-dht APNs double CA")])
@@ -359,6 +365,11 @@ class ApnsDouble:
         return 200, "", {}, 0.0
 
     def _check_provider_token(self, authorization: str, connection: tuple[str, int]) -> None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise _Refused(403, "MissingProviderToken")
