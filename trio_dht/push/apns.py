@@ -1,0 +1,367 @@
+"""The APNs gateway: iOS pushes straight to Apple's provider API (HTTP/2 over TLS, token authentication).
+
+One ``POST /3/device/<hex token>`` per push, on ``api.push.apple.com`` (or ``api.sandbox.push.apple.com``),
+port 443. A batch's requests go out at once as streams of one HTTP/2 connection, kept open across batches
+(Apple treats rapid connect/disconnect as an attack). Headers:
+
+- ``authorization: bearer <JWT>``: the provider token, ES256-signed with the team's ``.p8`` key (header
+  ``{"alg": "ES256", "kid": key id}``, claims ``{"iss": team id, "iat": Unix seconds}``, the signature as raw
+  ``r || s``). Apple refuses a token older than an hour (403 ``ExpiredProviderToken``) and one changed more
+  often than every 20 minutes (429 ``TooManyProviderTokenUpdates``): one token serves every request and is
+  signed again after 50 minutes, or once when Apple calls it expired (the refused push is then sent again);
+- ``apns-topic``: the subscription's topic, else the configured bundle id (a push with neither is dropped);
+- ``apns-push-type``/``apns-priority``: as OpenDHT's proxy asks of gorush, an ``alert`` at priority 10 for
+  high-priority and timeout pushes (``{"aps": {"alert": {"title": "hello"}, "mutable-content": 1}}``, so the
+  app's notification service extension runs and can rewrite it), else a ``background`` push at priority 5
+  (``{"aps": {"content-available": 1}}``);
+- ``apns-expiration``: now + 24 h; ``apns-id``: a new UUID per push, kept when the push is sent again here.
+
+The push's ``data`` keys go next to ``aps`` in the JSON payload (at most 4096 bytes, else it is dropped).
+Replies: 200 is delivered; 410 (``Unregistered``, ``ExpiredToken``) and 400 ``BadDeviceToken`` or
+``DeviceTokenNotForTopic`` prune the token (as does a token that is not hex: it cannot name a device); 429,
+5xx, connection failures and a stream without its whole reply by ``Limits.push_request_timeout`` are retried
+(that push alone, or the whole batch, with its ``Retry-After``, when every push of it failed so); other
+replies (400 ``TopicDisallowed``, other 403s, 413, ...) drop the push and are logged (once per 10 s: they
+mean our credentials, topic or clock are wrong). A reply body is read up to ``Limits.push_response_bytes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
+from trio_dht.limits import Limits
+from trio_dht.logs import LogLimit
+from trio_dht.push import gateway
+from trio_dht.push.gateway import (
+    TIMED_OUT,
+    USER_AGENT,
+    Outcome,
+    Reply,
+    ReplyTooLarge,
+    TemporaryGatewayError,
+    parse_retry_after,
+)
+from trio_dht.push.gorush import IOS_ALERT
+from trio_dht.push.payloads import PUSH_TTL, Push, PushKind
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+PRODUCTION_URL = "https://api.push.apple.com"
+SANDBOX_URL = "https://api.sandbox.push.apple.com"
+TOKEN_REFRESH = 50 * 60
+"""Seconds a provider token is used before it is signed again (Apple: between 20 and 60 minutes)."""
+MAX_PAYLOAD = 4096
+"""Largest JSON payload of a (non-VoIP) notification."""
+IDLE_CONNECTION = 600.0
+"""Seconds an idle connection is kept (one the server closed meanwhile is replaced when next needed)."""
+MAX_DEVICE_TOKEN = 200
+"""Longest hex device token accepted (Apple's are 64 digits today and may grow)."""
+log = logging.getLogger(__name__)
+_TOKEN_GONE_400 = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+class ApnsKeyError(ValueError):
+    """The ``.p8`` key, key id or team id cannot be used (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsKey:
+    """A team's token-signing key: the ``.p8`` P-256 private key, its 10-character key id and the team id."""
+
+    private_key: ec.EllipticCurvePrivateKey
+    key_id: str
+    team_id: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, key_id: str, team_id: str) -> ApnsKey:
+        """Read a ``.p8`` file (PEM, unencrypted PKCS#8, as Apple issues them)."""
+        try:
+            with open(path, "rb") as f:
+                pem = f.read(65536)
+        except OSError as exc:
+            raise ApnsKeyError(f"cannot read the APNs key file {os.fspath(path)!r}: {exc.strerror}") from None
+        return cls.from_pem(pem, key_id=key_id, team_id=team_id, source=repr(os.fspath(path)))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, key_id: str, team_id: str, source: str = "the APNs key") -> ApnsKey:
+        """Parse a ``.p8`` key's PEM text; ``source`` names it in errors."""
+        try:  # imported here: the zipapp runs without cryptography on another Python, and needs it only here
+            from cryptography.exceptions import UnsupportedAlgorithm
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+        except ImportError:
+            raise ApnsKeyError(
+                "APNs provider tokens need the cryptography package, which is missing"
+            ) from None
+        for name, value in (("key id", key_id), ("team id", team_id)):
+            if len(value) != 10 or not value.isascii() or not value.isalnum():
+                raise ApnsKeyError(f"the APNs {name} must be 10 letters or digits, not {value!r}")
+        if b"-----BEGIN PRIVATE KEY-----" not in pem:
+            hint = " (it is encrypted)" if b"ENCRYPTED PRIVATE KEY" in pem else ""
+            raise ApnsKeyError(f"{source} is not a PEM PKCS#8 private key (a .p8 file){hint}")
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ApnsKeyError(f"{source} is not a usable private key: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ApnsKeyError(f"{source} is not an elliptic-curve key (APNs keys are P-256)")
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ApnsKeyError(f"{source} is a {key.curve.name} key; APNs keys are P-256 (secp256r1)")
+        return cls(key, key_id, team_id)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def provider_token(key: ApnsKey, iat: int) -> str:
+    """A provider token (ES256 JWT) issued at ``iat`` (Unix seconds)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    head = _b64url(_compact({"alg": "ES256", "kid": key.key_id}))
+    claims = _b64url(_compact({"iss": key.team_id, "iat": iat}))
+    signing_input = f"{head}.{claims}".encode("ascii")
+    r, s = decode_dss_signature(key.private_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    return f"{head}.{claims}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+class ProviderTokens:
+    """The provider token in use: signed once, reused, signed again after ``refresh_after`` seconds of
+    ``clock`` (the wall clock: ``iat`` is Unix time), or when Apple calls the one in use expired."""
+
+    def __init__(
+        self, key: ApnsKey, *, clock: Callable[[], float] = time.time, refresh_after: float = TOKEN_REFRESH
+    ) -> None:
+        self._key = key
+        self._clock = clock
+        self._refresh_after = refresh_after
+        self._token = ""
+        self._issued = 0.0
+        self.signed = 0
+        """Tokens signed so far."""
+
+    def current(self) -> str:
+        now = self._clock()
+        if not self._token or now - self._issued >= self._refresh_after:
+            self._sign(now)
+        return self._token
+
+    def expired(self, token: str) -> None:
+        """Apple refused ``token`` as expired: sign a new one, unless done since ``token`` was handed out."""
+        if token == self._token:
+            self._sign(self._clock())
+
+    def _sign(self, now: float) -> None:
+        self._token = provider_token(self._key, int(now))
+        self._issued = now
+        self.signed += 1
+
+
+def is_device_token(token: str) -> bool:
+    """Whether ``token`` can be an APNs device token (hex digits), hence be put in a request's path."""
+    return 0 < len(token) <= MAX_DEVICE_TOKEN and all(c in _HEX for c in token)
+
+
+def apns_payload(push: Push) -> dict[str, Any]:
+    """The notification's JSON: ``aps`` and the push's data keys beside it."""
+    if push.high_priority or push.kind is PushKind.TIMEOUT:
+        aps: dict[str, Any] = {"alert": dict(IOS_ALERT), "mutable-content": 1}
+    else:
+        aps = {"content-available": 1}
+    return {"aps": aps, **{k: v for k, v in push.data.items() if k != "aps"}}
+
+
+def apns_headers(push: Push, *, topic: str, now_wall: float) -> dict[str, str]:
+    """The ``apns-*`` headers of a push (without ``authorization`` and ``apns-id``)."""
+    alert = push.high_priority or push.kind is PushKind.TIMEOUT
+    return {
+        "apns-topic": topic,
+        "apns-push-type": "alert" if alert else "background",
+        "apns-priority": "10" if alert else "5",
+        "apns-expiration": str(int(now_wall) + PUSH_TTL),
+        "content-type": "application/json",
+    }
+
+
+def new_apns_client(limits: Limits = DEFAULT_LIMITS, *, ca_file: str | None = None) -> httpx.AsyncClient:
+    """An HTTP/2 client for APNs: TLS verified against the system's CAs or ``ca_file``; no redirects, no
+    environment proxies; a few connections, since HTTP/2 carries every request of an origin on one."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return httpx.AsyncClient(
+        http2=True,
+        verify=context,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(limits.push_request_timeout),
+        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=IDLE_CONNECTION),
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    outcome: Outcome
+    why: str = ""
+    """What went wrong: for a retry, why; for a push dropped by Apple, its status and reason."""
+    retry_after: float | None = None
+    reason: str | None = None
+    """The error reason the dispatcher counts (:data:`TIMED_OUT`, :data:`OVERSIZED`)."""
+
+
+class ApnsGateway:
+    """Pushes for ``ios`` subscriptions straight to APNs, ``max_batch`` streams at once per lane (``lanes``
+    lanes by subscription). Use it as ``async with ApnsGateway(...) as apns:``: it owns its HTTP/2 client."""
+
+    name = "apns"
+
+    def __init__(
+        self,
+        key: ApnsKey,
+        *,
+        bundle_id: str = "",
+        sandbox: bool = False,
+        url: str | None = None,
+        ca_file: str | None = None,
+        lanes: int = 4,
+        max_batch: int = 100,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``url`` (``https://host[:port]``) replaces Apple's production or (``sandbox``) development host;
+        ``ca_file`` (PEM) replaces the system's CAs; ``clock`` is the wall clock (tokens, expirations)."""
+        self.url = (url or (SANDBOX_URL if sandbox else PRODUCTION_URL)).rstrip("/")
+        """The base URL requests go to."""
+        self._bundle_id = bundle_id
+        self._lanes = lanes
+        self.max_batch = max_batch
+        self._timeout = limits.push_request_timeout
+        self._max_body = limits.push_response_bytes
+        self._clock = clock
+        self.tokens = ProviderTokens(key, clock=clock)
+        self._client = new_apns_client(limits, ca_file=ca_file)
+        self._refusals = LogLimit()
+
+    async def __aenter__(self) -> ApnsGateway:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def lane(self, push: Push) -> Hashable:
+        return push.sid % self._lanes
+
+    async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
+        now_wall = self._clock()
+        results: list[_Result] = [_Result(Outcome.DROPPED)] * len(pushes)
+
+        async def one(i: int, push: Push) -> None:
+            results[i] = await self._send_one(push, now_wall)
+
+        async with trio.open_nursery() as nursery:
+            for i, push in enumerate(pushes):
+                nursery.start_soon(one, i, push)
+        if results and all(r.outcome is Outcome.RETRY for r in results):
+            after = [r.retry_after for r in results if r.retry_after is not None]
+            reasons = {r.reason for r in results}
+            reason = reasons.pop() if len(reasons) == 1 else None
+            raise TemporaryGatewayError(f"APNs: {results[0].why}", max(after, default=None), reason=reason)
+        return [r.outcome for r in results]
+
+    async def _send_one(self, push: Push, now_wall: float) -> _Result:
+        if not is_device_token(push.token):
+            return _Result(Outcome.TOKEN_GONE)
+        topic = push.topic or self._bundle_id
+        body = _compact(apns_payload(push))
+        if not topic or len(body) > MAX_PAYLOAD:
+            return _Result(Outcome.DROPPED)
+        headers = apns_headers(push, topic=topic, now_wall=now_wall)
+        headers["apns-id"] = str(uuid.uuid4())
+        url = f"{self.url}/3/device/{push.token}"
+        result = _Result(Outcome.RETRY, f"no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
+        with trio.move_on_after(self._timeout):
+            for attempt in range(2):
+                bearer = self.tokens.current()
+                headers["authorization"] = f"bearer {bearer}"
+                result, reason = await self._request(url, headers, body)
+                if reason != "ExpiredProviderToken" or attempt:
+                    break
+                self.tokens.expired(bearer)
+        if result.outcome is Outcome.DROPPED and result.why:
+            self._say_refused(result.why)
+        return result
+
+    def _say_refused(self, why: str) -> None:
+        """Log a push Apple refused (our request, credentials or clock are wrong), at most once per 10 s."""
+        if (line := self._refusals.line(f"APNs refused a push: {why}", trio.current_time())) is not None:
+            log.warning("%s", line)
+
+    async def _request(self, url: str, headers: dict[str, str], body: bytes) -> tuple[_Result, str]:
+        """One request: its result and Apple's ``reason``."""
+        try:
+            reply = await gateway.post(
+                self._client, url, content=body, headers=headers, max_bytes=self._max_body
+            )
+        except httpx.TimeoutException as exc:
+            return _Result(Outcome.RETRY, f"timed out: {exc!r}", reason=TIMED_OUT), ""
+        except httpx.TransportError as exc:
+            return _Result(Outcome.RETRY, f"unreachable: {_describe(exc)}"), ""
+        except ReplyTooLarge as exc:
+            if exc.status_code == 429 or exc.status_code >= 500:
+                return _Result(Outcome.RETRY, f"answered {exc.status_code}", reason=gateway.OVERSIZED), ""
+            return _Result(Outcome.DROPPED, f"{exc.status_code} (a reply over {self._max_body} bytes)"), ""
+        reason = _reason(reply)
+        status = reply.status_code
+        if status == 200:
+            return _Result(Outcome.DELIVERED), reason
+        if status == 410 or (status == 400 and reason in _TOKEN_GONE_400):
+            return _Result(Outcome.TOKEN_GONE), reason
+        if status == 429 or status >= 500:
+            retry_after = parse_retry_after(reply.headers.get("retry-after"), time.time())
+            return _Result(Outcome.RETRY, f"answered {status} {reason}", retry_after), reason
+        return _Result(Outcome.DROPPED, f"{status} {reason or '(no reason)'}"), reason
+
+
+def _reason(reply: Reply) -> str:
+    """Apple's ``reason`` in an error reply's JSON (empty if none)."""
+    if not reply.content:
+        return ""
+    try:
+        reason = reply.json().get("reason", "")
+    except (ValueError, AttributeError):
+        return ""
+    return reason if isinstance(reason, str) else ""
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception and the first cause with a message (httpx's connection errors often have none; the TLS
+    error under them says what failed)."""
+    text = repr(exc)
+    cause: BaseException | None = exc
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    return text if cause is None or cause is exc else f"{text}: {cause!r}"
