@@ -186,11 +186,18 @@ def parse_config(
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return ConfigFile(path, problems=(f"syntax: {exc}",))
     checker = _Checker(path.parent, read)
-    settings = checker.settings(doc)
-    limits = checker.limits(doc.pop("limits", {}))
-    apps = checker.apps(doc.pop("apps", {}))
-    for key in doc:
-        checker.problem(key, "unknown key")
+    settings: dict[str, Any] = {}
+    limits: list[str] = []
+    apps: list[AppSpec] = []
+    for key, value in doc.items():  # in the file's order, so that the problems are too
+        if key == "limits":
+            limits = checker.limits(value)
+        elif key == "apps":
+            apps = checker.apps(value)
+        elif key in _SETTINGS:
+            checker.setting(key, value, settings)
+        else:
+            checker.problem(key, "unknown key")
     problems = checker.problems + conflicts(apps)
     return ConfigFile(path, settings, tuple(limits), tuple(apps), tuple(problems))
 
@@ -249,23 +256,20 @@ class _Checker:
         return self.file(value)[0]
 
     # -- top level --
-    def settings(self, doc: dict[str, Any]) -> dict[str, Any]:
-        settings: dict[str, Any] = {}
-        for key, (dest, convert) in _SETTINGS.items():
-            if key not in doc:
-                continue
-            try:
-                value = convert(self, doc.pop(key))
-            except _Bad as exc:
-                self.problem(key, str(exc))
-                continue
-            if value is _UNSET:
-                continue
-            if dest in settings:
-                self.problem(key, f"contradicts {_BY_DEST[dest]}")
-                continue
-            settings[dest] = value
-        return settings
+    def setting(self, key: str, value: Any, settings: dict[str, Any]) -> None:
+        dest, convert = _SETTINGS[key]
+        try:
+            converted = convert(self, value)
+        except _Bad as exc:
+            self.problem(key, str(exc))
+            return
+        if converted is _UNSET:
+            return
+        if dest in settings:
+            other = next(k for k, (d, _) in _SETTINGS.items() if d == dest and k != key)
+            self.problem(key, f"contradicts {other}")
+            return
+        settings[dest] = converted
 
     def limits(self, table: Any) -> list[str]:
         if not isinstance(table, dict):
@@ -538,4 +542,3 @@ _SETTINGS: dict[str, tuple[str, Callable[[_Checker, Any], Any]]] = {
     "push_allow_private_endpoints": ("allow_private_endpoints", _boolean),
 }
 """Top-level key -> (argparse destination, check and convert)."""
-_BY_DEST = {dest: key for key, (dest, _) in reversed(_SETTINGS.items())}
