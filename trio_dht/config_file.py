@@ -196,6 +196,8 @@ def parse_config(
             apps = checker.apps(value)
         elif key in _SETTINGS:
             checker.setting(key, value, settings)
+        elif key.replace("-", "_") in _SETTINGS:
+            checker.problem(key, f"unknown key (keys are written with underscores: {key.replace('-', '_')})")
         else:
             checker.problem(key, "unknown key")
     problems = checker.problems + conflicts(apps)

@@ -389,6 +389,7 @@ def test_every_problem_is_reported_at_once_one_line_each_exit_2(tmp_path: Path, 
         ("pushserver = 'gorush'", "pushserver: bad address 'gorush': no port"),
         ("http_workers = 65", "http_workers: not a count from 0 to 64: '65'"),
         ("config = 'other.toml'", "config: unknown key"),
+        ("proxy-addr = '::1'", "proxy-addr: unknown key (keys are written with underscores: proxy_addr)"),
     ],
 )
 def test_one_problem(tmp_path: Path, text: str, problem: str) -> None:

@@ -9,7 +9,8 @@ UnifiedPush distributors take as the application server key.
 
 A header is signed once per origin and reused until :data:`RENEW_BEFORE` seconds before its ``exp``; the
 cache holds at most :data:`MAX_CACHED_ORIGINS` origins (subscribers choose the endpoints), oldest dropped
-first. Needs the ``cryptography`` package.
+first. Needs the ``cryptography`` package (without it, the module imports and every key is refused with
+:data:`MISSING`).
 
 ``trio-dht vapid-keygen PATH`` (:func:`keygen_main`) writes a new key as PKCS#8 PEM (mode 0600) and prints
 its public key.
@@ -27,9 +28,14 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+try:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+except ImportError as exc:  # the zipapp without its native packages: no key loads, so nothing signs
+    MISSING: str | None = f"VAPID needs the cryptography package ({exc})"
+else:
+    MISSING = None
 
 LIFETIME = 12 * 3600
 """Seconds from signing to a JWT's ``exp`` (RFC 8292 allows at most 24 hours)."""
@@ -51,6 +57,8 @@ def b64url(data: bytes) -> str:
 
 def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     """A P-256 private key from PEM (PKCS#8 or SEC 1, unencrypted); raises :class:`VapidKeyError`."""
+    if MISSING is not None:
+        raise VapidKeyError(MISSING)
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -154,6 +162,9 @@ def keygen_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("path", type=Path, metavar="PATH")
     args = parser.parse_args(argv)
+    if MISSING is not None:
+        print(f"trio-dht: error: {MISSING}", file=sys.stderr)
+        return 1
     pem = generate_pem()
     try:
         fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
