@@ -3,8 +3,10 @@ that reports a failure.
 
 :func:`parse_args` is the only place that reads ``argv``; everything downstream (``app.py``, the proxy,
 push) takes the :class:`AppConfig`. Bad values are argparse errors (usage on stderr, exit code 2), found
-before anything starts. A run that fails raises what its nursery tree raised, an exception group:
-:func:`leaf_exceptions` flattens it, :func:`describe_failure` names every leaf in one line.
+before anything starts. ``--config FILE`` (:mod:`trio_dht.config_file`) fills in what no flag gives; its
+problems are all reported, one ``trio-dht: config: FILE: WHERE: WHAT`` line each, before exit code 2.
+A run that fails raises what its nursery tree raised, an exception group: :func:`leaf_exceptions` flattens
+it, :func:`describe_failure` names every leaf in one line.
 """
 
 from __future__ import annotations
