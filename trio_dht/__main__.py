@@ -1,6 +1,7 @@
 """``trio-dht`` and ``python -m trio_dht``: run a node, and by default its REST proxy, until SIGINT/SIGTERM.
 
-``trio-dht client ...`` is the device-side proxy client instead (:mod:`trio_dht.client.cli`).
+``trio-dht client ...`` is the device-side proxy client instead (:mod:`trio_dht.client.cli`);
+``trio-dht vapid-keygen PATH`` writes a new VAPID key (:mod:`trio_dht.push.vapid`).
 
 Exit codes: 0 after SIGINT/SIGTERM (or ``--help``/``--version``), 1 when a task failed (one line on stderr
 says why; ``-v`` adds the traceback), 2 for bad flags.
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trio_dht.client.cli import client_main  # the device-side proxy client, with its own flags
 
         return client_main(argv[1:])
+    if argv[:1] == ["vapid-keygen"]:
+        from trio_dht.push.vapid import keygen_main  # needs the cryptography package
+
+        return keygen_main(argv[1:])
     config = parse_args(argv)
     configure_logging(config.verbose)
     tune_garbage_collector()

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_dht.cli import AppConfig, format_host_port
+from trio_dht.config_file import GorushCredentials, WebPushCredentials, route
 from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import UdpRateLimiter
@@ -196,8 +197,9 @@ async def _open_push(
 ) -> AsyncIterator[dict[str, Any]]:
     """The proxy's push side: gateways, dispatcher and subscriptions; yields serve_proxy's push arguments.
 
-    UnifiedPush needs no server of ours (the endpoint is in the device token); Android and iOS pushes go
-    through gorush only with ``--pushserver``, else they are dropped and counted, as OpenDHT does.
+    UnifiedPush needs no server of ours (the endpoint is in the device token; a ``webpush`` app, the default
+    of ``unifiedpush``, signs its requests with VAPID); Android and iOS pushes go through the gorush app that
+    is their platform's default (``--pushserver``), else they are dropped and counted, as OpenDHT does.
     """
     if config.proxy is None:
         if config.push_server is not None:
@@ -208,17 +210,31 @@ async def _open_push(
     async with new_http_client(limits) as client, trio.open_nursery() as push_tasks:
         counts = PushCounts()  # /node/stats: pushes per platform and priority
         gateways: dict[Platform, Any] = {}
+        webpush = route(config.apps, Platform.UNIFIEDPUSH.value, "")
+        vapid = None
+        if webpush is not None and isinstance(webpush.credentials, WebPushCredentials):
+            from trio_dht.push.vapid import Vapid, load_private_key
+
+            credentials = webpush.credentials
+            vapid = Vapid(load_private_key(credentials.key_pem), credentials.vapid_subject)
+            log.info("UnifiedPush requests signed with VAPID key %s", vapid.public_key)
         gateways[Platform.UNIFIEDPUSH] = CountingGateway(
-            UnifiedPushGateway(client, allow_private=config.allow_private_endpoints, limits=limits), counts
+            UnifiedPushGateway(
+                client, allow_private=config.allow_private_endpoints, limits=limits, vapid=vapid
+            ),
+            counts,
         )
-        if config.push_server is not None:
-            gorush = GorushGateway(
-                client, f"http://{config.push_server}", bundle_id=config.bundle_id, limits=limits
-            )
-            gateways |= dict.fromkeys(
-                (Platform.ANDROID, Platform.IOS, Platform.NONE), CountingGateway(gorush, counts)
-            )
-            log.info("Android and iOS pushes through gorush at %s", config.push_server)
+        gorush_apps: dict[str, Any] = {}
+        for platform in (Platform.ANDROID, Platform.IOS, Platform.NONE):
+            app = route(config.apps, platform.value, "")
+            if app is None or not isinstance(app.credentials, GorushCredentials):
+                continue
+            if app.id not in gorush_apps:
+                url, bundle_id = app.credentials.url, app.credentials.bundle_id
+                gorush = GorushGateway(client, url, bundle_id=bundle_id, limits=limits)
+                gorush_apps[app.id] = CountingGateway(gorush, counts)
+                log.info("%s pushes through gorush at %s", " and ".join(app.platforms), url)
+            gateways[platform] = gorush_apps[app.id]
         # No batch window: an idle lane sends a push at once; under load, batches still form from what queues
         # while the lane's request is in flight, so a window would only add its length to every push's delay.
         dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0, limits=limits), limits=limits)

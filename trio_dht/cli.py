@@ -3,25 +3,31 @@ that reports a failure.
 
 :func:`parse_args` is the only place that reads ``argv``; everything downstream (``app.py``, the proxy,
 push) takes the :class:`AppConfig`. Bad values are argparse errors (usage on stderr, exit code 2), found
-before anything starts. A run that fails raises what its nursery tree raised, an exception group:
-:func:`leaf_exceptions` flattens it, :func:`describe_failure` names every leaf in one line.
+before anything starts. ``--config FILE`` (:mod:`trio_dht.config_file`) fills in what no flag gives; its
+problems are all reported, one ``trio-dht: config: FILE: WHERE: WHAT`` line each, before exit code 2.
+A run that fails raises what its nursery tree raised, an exception group: :func:`leaf_exceptions` flattens
+it, :func:`describe_failure` names every leaf in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
 from trio_dht.node import DEFAULT_PORT
 from trio_dht.proxy.settings import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
+
+if TYPE_CHECKING:
+    from trio_dht.config_file import AppSpec
 
 DEFAULT_PROXY = ProxyConfig(http_workers=default_http_workers())
 """Plain HTTP on port 8000, every interface, as dhtnode's proxy; an HTTP worker where there are 2 cores."""
@@ -56,6 +62,7 @@ class AppConfig:
     persist_path: Path | None = None
     allow_private_endpoints: bool = False  # UnifiedPush endpoints on loopback/private addresses (tests, LANs)
     limits: Limits = DEFAULT_LIMITS  # --limit NAME=VALUE: the budget of every input (trio_dht.limits)
+    apps: tuple[AppSpec, ...] = ()  # push apps: the config file's [apps], and --pushserver's gorush app
 
 
 def parse_duration(text: str) -> float:
@@ -94,7 +101,7 @@ def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT) -> tuple
         if default_port is None:
             raise ValueError(f"bad address {text!r}: no port")
         return host, default_port
-    return host, _port(port_text, low=1)
+    return host, parse_port(port_text, low=1)
 
 
 def format_host_port(host: str, port: int) -> str:
@@ -102,7 +109,7 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _port(text: str, *, low: int = 0) -> int:
+def parse_port(text: str, *, low: int = 0) -> int:
     """A port number in ``low..65535`` (argparse ``type=``)."""
     try:
         port = int(text)
@@ -126,7 +133,7 @@ def _argparse_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
     return convert
 
 
-def _network_id(text: str) -> int:
+def parse_network_id(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
@@ -136,12 +143,12 @@ def _network_id(text: str) -> int:
     return value
 
 
-def _push_server(text: str) -> str:
+def parse_push_server(text: str) -> str:
     """A gorush address, ``host:port`` (a port is required)."""
     return format_host_port(*parse_host_port(text, default_port=None))
 
 
-def _lifetime(text: str) -> float:
+def parse_lifetime(text: str) -> float:
     seconds = parse_duration(text)
     if seconds <= 0:
         raise ValueError(f"a lifetime must be positive, not {text!r}")
@@ -155,7 +162,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _workers(text: str) -> int:
+def parse_workers(text: str) -> int:
     if not text.isdecimal() or int(text) > 64:
         raise ValueError(f"not a count from 0 to 64: {text!r}")
     return int(text)
@@ -172,7 +179,7 @@ class _ListLimits(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``trio-dht`` argument parser (dhtnode's flag names where dhtnode has the flag)."""
-    port = _argparse_type(_port, "port")
+    port = _argparse_type(parse_port, "port")
     parser = argparse.ArgumentParser(
         prog="trio-dht",
         description="Run a pure-Python OpenDHT node (and, by default, its REST proxy on port "
@@ -181,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`trio-dht client --help` describes the proxy client.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with any of these settings (keys as the long flags, with underscores), a [limits] "
+        "table and the push apps ([apps.<id>]); flags given here override it",
+    )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging: -v for INFO, -vv for DEBUG"
     )
@@ -220,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-n",
         "--net",
         dest="network",
-        type=_argparse_type(_network_id, "network id"),
+        type=_argparse_type(parse_network_id, "network id"),
         default=0,
         metavar="NETWORK_ID",
         help="network id; nodes only talk to nodes of the same network (default 0, public)",
@@ -296,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument(
         "--http-workers",
-        type=_argparse_type(_workers, "count"),
+        type=_argparse_type(parse_workers, "count"),
         default=None,
         metavar="N",
         help="processes that accept the plain-HTTP connections beside the node's and relay SUBSCRIBE to it "
@@ -308,13 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pushserver",
         dest="push_server",
         metavar="HOST:PORT",
-        type=_argparse_type(_push_server, "address"),
+        type=_argparse_type(parse_push_server, "address"),
         help="gorush gateway that delivers Android and iOS pushes",
     )
     push.add_argument("--bundleid", dest="bundle_id", default="", metavar="ID", help="default iOS topic")
     push.add_argument(
         "--subscription-lifetime",
-        type=_argparse_type(_lifetime, "duration"),
+        type=_argparse_type(parse_lifetime, "duration"),
         default=DEFAULT_SUBSCRIPTION_LIFETIME,
         metavar="DURATION",
         help="lifetime of a push subscription without a refresh "
@@ -342,6 +356,14 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
     """Parse ``argv`` (default ``sys.argv[1:]``); exits with usage and code 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.config is not None:
+        apps = _apply_config_file(args, argv)
+    elif args.push_server is not None:
+        from trio_dht.config_file import gorush_shorthand
+
+        apps = (gorush_shorthand(args.push_server, args.bundle_id),)
+    else:
+        apps = ()
     tls_files = (args.proxy_certificate, args.proxy_private_key)
     if not args.proxy_tls_port and tls_files != (None, None):
         parser.error("--proxy-certificate and --proxy-privkey are only used with --proxyserverssl")
@@ -396,7 +418,40 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         persist_path=args.persist_path,
         allow_private_endpoints=args.allow_private_endpoints,
         limits=limits,
+        apps=apps,
     )
+
+
+def _apply_config_file(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[AppSpec, ...]:
+    """Fill ``args`` from the ``--config`` file where no flag was given; the file's apps, plus the gorush app
+    of ``--pushserver``. Every problem of the file is one line on stderr, then exit code 2."""
+    from trio_dht import config_file
+
+    loaded = config_file.load_config(args.config)
+    given = _given_destinations(argv)
+    for dest, value in loaded.settings.items():
+        if dest not in given:
+            setattr(args, dest, value)
+    args.limits = [*loaded.limits, *args.limits]  # a --limit flag wins over the file's value
+    apps = loaded.apps
+    problems = list(loaded.problems)
+    if args.push_server is not None:
+        apps = (*apps, config_file.gorush_shorthand(args.push_server, args.bundle_id))
+        if not problems:
+            problems = config_file.conflicts(apps)
+    for problem in problems:
+        print(f"trio-dht: config: {args.config}: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(2)
+    return apps
+
+
+def _given_destinations(argv: Sequence[str] | None) -> set[str]:
+    """The argparse destinations that ``argv`` sets explicitly (flags given, not defaults)."""
+    parser = build_parser()
+    for action in parser._actions:  # a destination without a default is left out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def leaf_exceptions(exc: BaseException) -> list[BaseException]:

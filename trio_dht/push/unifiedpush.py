@@ -3,7 +3,8 @@
 ``POST <endpoint>`` (scheme, host, **port**, path and query as given; OpenDHT 2.4.12 dropped the port) with
 ``TTL: 86400`` and ``Urgency: high|normal``. When the subscription's topic is ``"<p256dh>|<auth>"`` the body
 is RFC 8291 ``aes128gcm``-encrypted (``Content-Encoding: aes128gcm``); otherwise it is the plain JSON, as
-OpenDHT sends it. One push per request. Replies: any 2xx is success; 404/410 prune the endpoint; 429 and 5xx
+OpenDHT sends it. With a :class:`~trio_dht.push.vapid.Vapid`, each request carries a VAPID ``Authorization``
+header (RFC 8292). One push per request. Replies: any 2xx is success; 404/410 prune the endpoint; 429 and 5xx
 back the host off (honouring ``Retry-After``); 3xx (never followed), 400, 401/403, 413 drop the push. A reply
 body is read up to ``Limits.push_response_bytes``; past it the request fails (temporary for a 429 or a 5xx,
 else the push is dropped) and the connection is closed.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -34,6 +36,9 @@ from trio_dht.push.gateway import (
     reply_too_large,
 )
 from trio_dht.push.payloads import MAX_WEBPUSH_DATA, PUSH_TTL, Push, encode_data
+
+if TYPE_CHECKING:
+    from trio_dht.push.vapid import Vapid
 
 MAX_MESSAGE = 4096
 """Largest Web Push body on the wire (RFC 8030 servers must accept at least this)."""
@@ -61,9 +66,16 @@ class UnifiedPushGateway:
     max_batch = 1
 
     def __init__(
-        self, client: httpx.AsyncClient, *, allow_private: bool = False, limits: Limits = DEFAULT_LIMITS
+        self,
+        client: httpx.AsyncClient,
+        *,
+        allow_private: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+        vapid: Vapid | None = None,
     ) -> None:
         self._client = client
+        self._vapid = vapid
+        """Signs each request's ``Authorization: vapid ...`` header; None: requests carry none."""
         self._allow_private = allow_private
         self._max_body = limits.push_response_bytes
         self._timeout = limits.push_request_timeout
@@ -90,6 +102,8 @@ class UnifiedPushGateway:
         try:
             endpoint = ssrf.parse_endpoint(push.token, allow_private=self._allow_private)
             headers, body = webpush_request(push)
+            if self._vapid is not None:
+                headers["Authorization"] = self._vapid.header(endpoint.url)
             url, extensions = await self._target(endpoint, headers)
         except ssrf.ForbiddenEndpoint:
             return Outcome.TOKEN_GONE
