@@ -54,7 +54,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_dht.cli import AppConfig, format_host_port
-from trio_dht.config_file import GorushCredentials, WebPushCredentials, route
+from trio_dht.config_file import (
+    ApnsCredentials,
+    AppSpec,
+    FcmCredentials,
+    GorushCredentials,
+    WebPushCredentials,
+    route,
+)
 from trio_dht.infohash import InfoHash
 from trio_dht.node import DhtNode, open_node
 from trio_dht.node.ratelimit import UdpRateLimiter
@@ -63,6 +70,7 @@ from trio_dht.persist import PersistError, StateStore
 from trio_dht.proxy.push_hooks import CountingGateway, ProxyPushHooks, PushCounts
 from trio_dht.proxy.put_journal import StorePutJournal
 from trio_dht.proxy.server import serve_proxy
+from trio_dht.push.apps import AppGateways
 from trio_dht.push.dispatcher import DeliveryQueue, Dispatcher
 from trio_dht.push.gateway import new_http_client
 from trio_dht.push.gorush import GorushGateway
@@ -110,6 +118,53 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                         task_status.started(node)
                         await trio.sleep_forever()
     log.info("stopped")
+
+
+async def _app_gateway(
+    app: AppSpec, client: Any, limits: Any, stack: contextlib.AsyncExitStack
+) -> Any | None:
+    """The gateway of a push app (its connections closed with ``stack``); None for a ``webpush`` app (its
+    VAPID key signs the UnifiedPush gateway's requests)."""
+    credentials = app.credentials
+    if isinstance(credentials, GorushCredentials):
+        return GorushGateway(client, credentials.url, bundle_id=credentials.bundle_id, limits=limits)
+    if isinstance(credentials, FcmCredentials):
+        from trio_dht.push.fcm import FCM_URL, FcmGateway, load_service_account, new_fcm_client
+
+        url = credentials.url or FCM_URL
+        fcm_client = await stack.enter_async_context(new_fcm_client(limits, url))
+        account = load_service_account(credentials.service_account)
+        return FcmGateway(fcm_client, account, fcm_url=url, token_uri=credentials.token_uri, limits=limits)
+    if isinstance(credentials, ApnsCredentials):
+        from trio_dht.push.apns import ApnsGateway, ApnsKey
+
+        key = ApnsKey.load(credentials.key_file, key_id=credentials.key_id, team_id=credentials.team_id)
+        bundle_id = app.topics[0] if app.topics else ""
+        ca_file = str(credentials.ca_file) if credentials.ca_file is not None else None
+        return await stack.enter_async_context(
+            ApnsGateway(
+                key,
+                bundle_id=bundle_id,
+                sandbox=credentials.sandbox,
+                url=credentials.url,
+                ca_file=ca_file,
+                limits=limits,
+            )
+        )
+    return None
+
+
+def _describe(app: AppSpec) -> str:
+    """Where an app's pushes go, for the log."""
+    credentials = app.credentials
+    if isinstance(credentials, GorushCredentials):
+        return f"gorush at {credentials.url}"
+    if isinstance(credentials, FcmCredentials):
+        return f"FCM project {credentials.project_id} (app {app.id})"
+    if isinstance(credentials, ApnsCredentials):
+        host = credentials.url or ("APNs sandbox" if credentials.sandbox else "APNs")
+        return f"{host} with key {credentials.key_id} of team {credentials.team_id} (app {app.id})"
+    return f"app {app.id}"
 
 
 def _identity(config: AppConfig) -> Identity | None:
@@ -198,8 +253,9 @@ async def _open_push(
     """The proxy's push side: gateways, dispatcher and subscriptions; yields serve_proxy's push arguments.
 
     UnifiedPush needs no server of ours (the endpoint is in the device token; a ``webpush`` app, the default
-    of ``unifiedpush``, signs its requests with VAPID); Android and iOS pushes go through the gorush app that
-    is their platform's default (``--pushserver``), else they are dropped and counted, as OpenDHT does.
+    of ``unifiedpush``, signs its requests with VAPID). Android and iOS pushes go through the app their
+    platform and topic pick (``trio_dht.push.apps``): gorush (``--pushserver``), FCM or APNs; with none they
+    are dropped and counted, as OpenDHT does.
     """
     if config.proxy is None:
         if config.push_server is not None:
@@ -207,9 +263,12 @@ async def _open_push(
         yield {}
         return
     limits = config.limits
-    async with new_http_client(limits) as client, trio.open_nursery() as push_tasks:
+    async with (
+        new_http_client(limits) as client,
+        contextlib.AsyncExitStack() as push_stack,
+        trio.open_nursery() as push_tasks,
+    ):
         counts = PushCounts()  # /node/stats: pushes per platform and priority
-        gateways: dict[Platform, Any] = {}
         webpush = route(config.apps, Platform.UNIFIEDPUSH.value, "")
         vapid = None
         if webpush is not None and isinstance(webpush.credentials, WebPushCredentials):
@@ -218,26 +277,23 @@ async def _open_push(
             credentials = webpush.credentials
             vapid = Vapid(load_private_key(credentials.key_pem), credentials.vapid_subject)
             log.info("UnifiedPush requests signed with VAPID key %s", vapid.public_key)
-        gateways[Platform.UNIFIEDPUSH] = CountingGateway(
+        unifiedpush = CountingGateway(
             UnifiedPushGateway(
                 client, allow_private=config.allow_private_endpoints, limits=limits, vapid=vapid
             ),
             counts,
         )
-        gorush_apps: dict[str, Any] = {}
-        for platform in (Platform.ANDROID, Platform.IOS, Platform.NONE):
-            app = route(config.apps, platform.value, "")
-            if app is None or not isinstance(app.credentials, GorushCredentials):
-                continue
-            if app.id not in gorush_apps:
-                url, bundle_id = app.credentials.url, app.credentials.bundle_id
-                gorush = GorushGateway(client, url, bundle_id=bundle_id, limits=limits)
-                gorush_apps[app.id] = CountingGateway(gorush, counts)
-                log.info("%s pushes through gorush at %s", " and ".join(app.platforms), url)
-            gateways[platform] = gorush_apps[app.id]
+        by_app: dict[str, Any] = {}
+        for app in config.apps:
+            gateway = await _app_gateway(app, client, limits, push_stack)
+            if gateway is not None:
+                by_app[app.id] = CountingGateway(gateway, counts, name=app.id)
+                topics = f" for {', '.join(app.topics)}" if app.topics else ""
+                log.info("%s pushes%s through %s", " and ".join(app.platforms), topics, _describe(app))
+        router = AppGateways(config.apps, by_app, unifiedpush)
         # No batch window: an idle lane sends a push at once; under load, batches still form from what queues
         # while the lane's request is in flight, so a window would only add its length to every push's delay.
-        dispatcher = Dispatcher(gateways, queue=DeliveryQueue(batch_window=0.0, limits=limits), limits=limits)
+        dispatcher = Dispatcher(router, queue=DeliveryQueue(batch_window=0.0, limits=limits), limits=limits)
         await push_tasks.start(dispatcher.run)
         service = PushService(
             node,

@@ -11,10 +11,11 @@ an Android package...; none: the app is its platforms' default). :func:`route` p
 kind       keys                                                            platforms (default first)
 =========  ==============================================================  ===========================
 gorush     ``url``, ``bundleid`` (default iOS topic)                        android + ios; android, ios
-fcm        ``service_account`` (the service account's JSON file)            android; ios, web
+fcm        ``service_account`` (the service account's JSON file),           android; ios
+           ``url``, ``token_uri``
 apns       ``key_file`` (.p8), ``key_id``, ``team_id``, ``sandbox``,        ios
            ``url``, ``ca_file``
-webpush    ``vapid_private_key`` (PEM), ``vapid_subject`` (mailto:/https:)  unifiedpush; web
+webpush    ``vapid_private_key`` (PEM), ``vapid_subject`` (mailto:/https:)  unifiedpush
 =========  ==============================================================  ===========================
 
 Sans-IO apart from reading the files it names (through ``read``): :func:`parse_config` turns the text into
@@ -39,7 +40,7 @@ from typing import Any
 from trio_dht import cli
 from trio_dht.limits import Limits
 
-PLATFORMS = ("android", "ios", "web", "unifiedpush")
+PLATFORMS = ("android", "ios", "unifiedpush")
 """SUBSCRIBE ``platform`` values an app can serve; a subscription with none or another is routed as iOS."""
 
 
@@ -64,6 +65,10 @@ class FcmCredentials:
     client_email: str
     private_key: str = field(repr=False)
     """PEM, RSA."""
+    url: str | None = None
+    """Instead of FCM's endpoint (tests)."""
+    token_uri: str | None = None
+    """Instead of the service account's token URI (tests)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +108,13 @@ class AppSpec:
 
 _KIND_PLATFORMS = {
     AppKind.GORUSH: (("android", "ios"), {"android", "ios"}),
-    AppKind.FCM: (("android",), {"android", "ios", "web"}),
+    AppKind.FCM: (("android",), {"android", "ios"}),
     AppKind.APNS: (("ios",), {"ios"}),
-    AppKind.WEBPUSH: (("unifiedpush",), {"unifiedpush", "web"}),
+    AppKind.WEBPUSH: (("unifiedpush",), {"unifiedpush"}),
 }
 _KIND_KEYS = {
     AppKind.GORUSH: {"url", "bundleid"},
-    AppKind.FCM: {"service_account"},
+    AppKind.FCM: {"service_account", "url", "token_uri"},
     AppKind.APNS: {"key_file", "key_id", "team_id", "sandbox", "url", "ca_file"},
     AppKind.WEBPUSH: {"vapid_private_key", "vapid_subject"},
 }
@@ -374,6 +379,8 @@ class _Checker:
             take("bundleid", _string, required=False)
         elif kind is AppKind.FCM:
             take("service_account", self.service_account)
+            take("url", _http_url, required=False)
+            take("token_uri", _http_url, required=False)
         elif kind is AppKind.APNS:
             take("key_file", self.apns_key)
             take("key_id", _apple_id)
@@ -391,7 +398,12 @@ class _Checker:
         if kind is AppKind.FCM:
             path, account = values["service_account"]
             return FcmCredentials(
-                path, account["project_id"], account["client_email"], account["private_key"]
+                path,
+                account["project_id"],
+                account["client_email"],
+                account["private_key"],
+                values.get("url"),
+                values.get("token_uri"),
             )
         if kind is AppKind.APNS:
             key_file, pem = values.pop("key_file")

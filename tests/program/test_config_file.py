@@ -456,7 +456,7 @@ APPS = (
         ("unifiedpush", "p256dh|auth", "up"),
         ("", "org.example.voip", "voip"),  # no platform, or an unknown one: as iOS
         ("foo", "", "ios-default"),
-        ("web", "", None),
+        ("web", "", "ios-default"),  # not an OpenDHT platform: as iOS
     ],
 )
 def test_route(platform: str, topic: str, expected: str | None) -> None:

@@ -39,6 +39,8 @@ class PushCounts:
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, bool]] = Counter()
+        self.by_gateway: Counter[tuple[str, str]] = Counter()
+        """Outcomes per gateway (an app's name): (gateway, outcome) -> pushes."""
 
     def count(self, push: Push) -> None:
         self.counts[(STATS_NAMES[push.platform], push.high_priority)] += 1
@@ -56,9 +58,10 @@ class PushCounts:
 class CountingGateway:
     """A gateway that counts every push it is asked to send, then lets ``inner`` send it."""
 
-    def __init__(self, inner: Gateway, counts: PushCounts) -> None:
+    def __init__(self, inner: Gateway, counts: PushCounts, name: str | None = None) -> None:
         self.inner = inner
-        self.name = inner.name
+        self.name = name or inner.name
+        """What the dispatcher and ``/node/stats`` know the gateway by (an app's id)."""
         self.max_batch = inner.max_batch
         self._counts = counts
 
@@ -73,7 +76,14 @@ class CountingGateway:
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
         for push in pushes:
             self._counts.count(push)
-        return await self.inner.send(pushes)
+        try:
+            outcomes = await self.inner.send(pushes)
+        except Exception as exc:
+            self._counts.by_gateway[(self.name, type(exc).__name__)] += len(pushes)
+            raise
+        for outcome in outcomes:
+            self._counts.by_gateway[(self.name, outcome.value)] += 1
+        return outcomes
 
 
 def _one_off_sid() -> int:
@@ -117,6 +127,13 @@ class ProxyPushHooks:
         push = Push(_one_off_sid(), PushKind.TIMEOUT, target.token, platform, target.topic, data, False)
         self.dispatcher.submit(push, one_off=True)
 
+    def _gateway_stats(self) -> dict[str, dict[str, int]]:
+        """Pushes per gateway (app) and outcome, e.g. ``{"android-app": {"delivered": 3}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, outcome), count in sorted(self.counts.by_gateway.items()):
+            out.setdefault(name, {})[outcome] = count
+        return out
+
     def stats(self) -> dict[str, Any]:
         delivery = self.dispatcher.stats
         service = self.service.stats
@@ -138,6 +155,7 @@ class ProxyPushHooks:
                 "refusedFull": self.service.book.refused_full,
                 "saveErrors": service["save-errors"],
             },
+            "pushGateways": self._gateway_stats(),
             "pushDelivery": {
                 "queued": len(self.dispatcher.queue),
                 "inFlight": self.dispatcher.in_flight,

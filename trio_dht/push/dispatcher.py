@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import trio
 
@@ -36,24 +37,39 @@ __all__ = ["Batch", "DeliveryQueue", "Dispatcher"]
 log = logging.getLogger(__name__)
 
 
+class GatewayRouter(Protocol):
+    """Picks each push's gateway among ``gateways`` (see :class:`trio_dht.push.apps.AppGateways`)."""
+
+    gateways: Sequence[Gateway]
+
+    def select(self, push: Push) -> Gateway | None: ...
+
+
 class Dispatcher:
     """Sends pushes through the gateway of their platform, up to ``Limits.push_concurrency`` requests at once
     per gateway kind (each gateway bounds its own requests by ``Limits.push_request_timeout``).
 
-    ``gateways`` maps platforms to gateways; a push whose platform has none is dropped and counted (as OpenDHT
-    sends nothing when no push server is configured). Call :meth:`submit` from anywhere in the Trio run;
-    :meth:`run` must be running for anything to be sent.
+    ``gateways`` maps platforms to gateways, or is a :class:`GatewayRouter` (the configured apps: a push's
+    platform and topic pick its gateway); a push that finds none is dropped and counted (as OpenDHT sends
+    nothing when no push server is configured). Gateways are known by their ``name``, which must differ.
+    Call :meth:`submit` from anywhere in the Trio run; :meth:`run` must be running for anything to be sent.
     """
 
     def __init__(
         self,
-        gateways: Mapping[Platform, Gateway],
+        gateways: Mapping[Platform, Gateway] | GatewayRouter,
         *,
         queue: DeliveryQueue | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self._gateways = dict(gateways)
-        self._by_name = {g.name: g for g in self._gateways.values()}
+        if isinstance(gateways, Mapping):
+            by_platform = dict(gateways)
+            self._select: Callable[[Push], Gateway | None] = lambda push: by_platform.get(push.platform)
+            every = list(by_platform.values())
+        else:
+            self._select = gateways.select
+            every = list(gateways.gateways)
+        self._by_name = {g.name: g for g in every}
         self.queue = queue if queue is not None else DeliveryQueue(limits=limits)
         self._concurrency = limits.push_concurrency
         self._failing_cap = max(1, limits.push_concurrency // 2)
@@ -82,7 +98,7 @@ class Dispatcher:
     def submit(self, push: Push, *, one_off: bool = False) -> None:
         """Queue a push (never blocks; coalesces with the one waiting in its slot). ``one_off``: the push
         belongs to no subscription (its attempts are limited, and so is the number queued)."""
-        gateway = self._gateways.get(push.platform)
+        gateway = self._select(push)
         if gateway is None:
             self.queue.stats["no-gateway"] += 1
             return
