@@ -57,16 +57,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
 from trio_dht.push.apns import ApnsKey
-from trio_dht.testing.gorush import Receive, RecordedRequest, Scope, Send
+from trio_dht.testing.gorush import Receive, RecordedRequest, Scope, Send, answer_lifespan, serve_on_loopback
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -273,14 +271,7 @@ class ApnsDouble:
         self._expired |= self._seen
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
-        if scope["type"] != "http":
+        if await answer_lifespan(scope, receive, send) or scope["type"] != "http":
             return
         chunks = []
         while True:
@@ -440,20 +431,11 @@ async def open_apns_double(
     with tempfile.TemporaryDirectory(prefix="apns-double-") as directory:
         ca_file, certfile, keyfile = _make_tls(Path(directory))
         config = Config()
-        config.bind = ["127.0.0.1:0"]
         config.certfile = str(certfile)
         config.keyfile = str(keyfile)
         config.alpn_protocols = ["h2"]
         config.keep_alive_timeout = 3600
-        config.accesslog = None
-        config.errorlog = None
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(hypercorn.trio.serve, double.app, config, shutdown_trigger=trio.sleep_forever)
-            )
-            double.url = binds[0]
+        async with serve_on_loopback(double.app, config) as url:
+            double.url = url
             double.ca_file = str(ca_file)
-            try:
-                yield double
-            finally:
-                nursery.cancel_scope.cancel()
+            yield double

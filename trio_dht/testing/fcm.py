@@ -46,14 +46,21 @@ import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import hypercorn.trio
 import trio
-from hypercorn.config import Config
 
-from trio_dht.testing.gorush import Receive, RecordedRequest, Reply, Scope, Send, _read_request, _send_reply
+from trio_dht.testing.gorush import (
+    Receive,
+    RecordedRequest,
+    Reply,
+    Scope,
+    Send,
+    _read_request,
+    _send_reply,
+    answer_lifespan,
+    serve_on_loopback,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -389,14 +396,7 @@ async def open_fcm_double(
     double = FcmDouble(project_id=project_id, token_lifetime=token_lifetime)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
-        if scope["type"] != "http":
+        if await answer_lifespan(scope, receive, send) or scope["type"] != "http":
             return
         double.connections.add(tuple(scope["client"]))
         double.http_versions.add(scope["http_version"])
@@ -409,16 +409,6 @@ async def open_fcm_double(
         finally:
             double.in_flight -= 1
 
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=trio.sleep_forever)
-        )
-        double.url = binds[0]
-        try:
-            yield double
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serve_on_loopback(app) as url:
+        double.url = url
+        yield double

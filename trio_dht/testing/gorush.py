@@ -115,24 +115,23 @@ async def _send_reply(send: Send, reply: Reply) -> None:
 Handler = Callable[[RecordedRequest], Awaitable[Reply]]
 
 
+async def answer_lifespan(scope: Scope, receive: Receive, send: Send) -> bool:
+    """Answer an ASGI ``lifespan`` scope (startup, shutdown) and return True; False for any other scope."""
+    if scope["type"] != "lifespan":
+        return False
+    while True:
+        message = await receive()
+        kind = message["type"].rsplit(".", 1)[-1]
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return True
+
+
 @asynccontextmanager
-async def open_loopback_server(handler: Handler) -> AsyncIterator[str]:
-    """Serve ``handler`` over HTTP/1.1 on 127.0.0.1 (a free port); yields the base URL ``http://127.0.0.1:P``."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
-        if scope["type"] != "http":
-            return
-        request = await _read_request(scope, receive)
-        await _send_reply(send, await handler(request))
-
-    config = Config()
+async def serve_on_loopback(app: Any, config: Config | None = None) -> AsyncIterator[str]:
+    """Serve the ASGI ``app`` with hypercorn on 127.0.0.1 (a free port) for the block; yields the base URL.
+    ``config``: hypercorn's, for TLS or HTTP/2 settings (its ``bind`` and logs are set here)."""
+    config = config or Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = None
@@ -144,6 +143,20 @@ async def open_loopback_server(handler: Handler) -> AsyncIterator[str]:
             yield binds[0]
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_loopback_server(handler: Handler) -> AsyncIterator[str]:
+    """Serve ``handler`` over HTTP/1.1 on 127.0.0.1 (a free port); yields the base URL ``http://127.0.0.1:P``."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if await answer_lifespan(scope, receive, send) or scope["type"] != "http":
+            return
+        request = await _read_request(scope, receive)
+        await _send_reply(send, await handler(request))
+
+    async with serve_on_loopback(app) as url:
+        yield url
 
 
 # -- gorush's request schema (Go types) ----------------------------------------------------------------------
