@@ -143,10 +143,13 @@ async def recording_relay(port: int) -> AsyncIterator[tuple[str, list[bytearray]
         record = bytearray()
         sent.append(record)
         try:
-            async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pipe, client, server, record)
-                    nursery.start_soon(pipe, server, client, None)
+            async with (
+                client,
+                await trio.open_tcp_stream("127.0.0.1", port) as server,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(pipe, client, server, record)
+                nursery.start_soon(pipe, server, client, None)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -246,7 +249,8 @@ async def test_an_outage_then_recovery_loses_no_wake_up(tmp_path: Path) -> None:
         for i in range(3)
     }
     token = {(p, i): f"fcm-{i}" if p == "android" else f"{i}" * 64 for p, i in keys}
-    failures = 2 * len(keys)  # about two rounds of Retry-After for each service
+    per_round = len(keys) // 2  # each service's subscriptions: one request each per attempt
+    failures = 4 * per_round  # about four attempts, a Retry-After apart, for each service
     async with open_stack(tmp_path) as s:
         with trio.fail_after(40):
             for (platform, i), key in keys.items():
@@ -255,21 +259,33 @@ async def test_an_outage_then_recovery_loses_no_wake_up(tmp_path: Path) -> None:
             s.fcm.script(503, {"error": {"code": 503, "status": "UNAVAILABLE"}}, retry_after, times=failures)
             s.apns.script(503, "ServiceUnavailable", headers=retry_after, times=failures)
 
-            # Values keep coming until each service has refused its share of requests.
+            # Values keep coming until each service has refused two attempts; then the puts stop.
             rounds = 0
-            while len(_fcm_tokens(s.fcm)) < failures or len(s.apns.requests) < failures:
+            while min(len(_fcm_tokens(s.fcm)), len(s.apns.requests)) < 2 * per_round:
                 for key in keys.values():
                     await s.put(key, f"during the outage {rounds}".encode())
                 rounds += 1
                 await trio.sleep(0.3)
             assert rounds >= 3  # the outage outlasted a Retry-After
-            assert s.fcm.messages == [] or s.apns.notifications == []  # one service still down, at least
+            # Every put happened during the outage: neither service has accepted anything yet.
+            assert s.fcm.messages == [] and s.apns.notifications == []
 
             await poll_until(lambda: _all_woken(s, keys, token), timeout=20)
+            await trio.sleep(0.3)  # nothing more comes
+        # Each subscription's pushes were coalesced while waiting: one wake-up each after the recovery.
+        assert sorted(m["token"] for m in s.fcm.messages) == sorted(
+            token[k] for k in keys if k[0] == "android"
+        )
+        assert sorted(n.device_token for n in s.apns.notifications) == sorted(
+            token[k] for k in keys if k[0] == "ios"
+        )
         stats = await s.stats()
-        assert stats["pushDelivery"]["retries"] > 0
-        assert stats["pushGateways"]["fcm"]["delivered"] >= 3
-        assert stats["pushGateways"]["apns"]["delivered"] >= 3
+        assert stats["pushDelivery"]["coalesced"] > 0 and stats["pushDelivery"]["expired"] == 0
+        for name in ("fcm", "apns"):
+            outcomes = stats["pushGateways"][name]
+            assert outcomes["delivered"] == per_round
+            # Every refused request was retried: in a batch that failed whole, or alone.
+            assert outcomes.get("TemporaryGatewayError", 0) + outcomes.get("retry", 0) == failures
 
 
 async def test_expired_access_tokens_are_renewed_without_losing_a_push(tmp_path: Path) -> None:
