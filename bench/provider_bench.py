@@ -1,4 +1,4 @@
-"""Direct push providers: our program pushing to the FCM double and to the APNs double, against its gorush path.
+"""Direct push providers: our program pushing to the FCM and the APNs doubles, against its gorush path.
 
 One run, our program only (``dhtnode`` pushes through gorush alone). Each provider gets its own stack, as in
 ``push_bench.py``: our node A with its proxy, node B (``dhtnode -s -U``), and the provider's double in its own
@@ -11,7 +11,8 @@ process, so that the double is not what limits A:
   (HTTP/2 over TLS, an ES256 provider token verified per request).
 
 Each double process also serves ``GET /bench/stats`` and ``POST /bench/reset`` on a second HTTP/1.1 port,
-with the gorush sink's fields, so push_bench's ``Stack``, ``CpuMeter`` and ``scenario_dhtflood`` drive all three.
+with the gorush sink's fields, so push_bench's ``Stack``, ``CpuMeter`` and ``scenario_dhtflood`` drive all
+three.
 Measures, per provider:
 
 * ``connection``: memory per open provider connection. Each FCM/APNs stack has ``--apps`` apps (4), one topic
@@ -89,11 +90,15 @@ class Arrivals(list):
             self.state["first"].setdefault(self.key_of(item), now)
 
 
-def run_double(kind: str, apps: int, directory: Path) -> None:
+def run_double(kind: str, apps: int, directory: Path, max_requests: int) -> None:
     """Serve an FCM or APNs double on loopback, with its credentials for ``apps`` apps written to
-    ``directory``; prints one JSON line (its URL, CA file, stats port, credentials) once serving."""
+    ``directory``; prints one JSON line (its URL, CA file, stats port, credentials) once serving.
+    ``max_requests``: requests per connection before the double's server (hypercorn) sends GOAWAY, 0 for no
+    limit (hypercorn's own default is 1,000)."""
     import trio
+    from hypercorn.config import Config
 
+    Config.keep_alive_max_requests = max_requests or 2**62  # the default of every Config the doubles make
     from trio_dht.testing import generate_test_key, open_apns_double, open_fcm_double
     from trio_dht.testing.gorush import RecordedRequest, Reply, open_loopback_server
 
@@ -160,15 +165,29 @@ def config_text(kind: str, double: dict, apps: int) -> str:
 
 
 @contextmanager
-def open_provider_stack(kind: str, apps: int, workdir: Path, settle: float = 1.0) -> Iterator[Stack]:
-    """The double of ``kind`` (``fcm``, ``apns``), node B, then node A with ``--config`` naming the double's
-    ``apps`` apps; ready once a put succeeds, then left ``settle`` s."""
+def open_provider_stack(
+    kind: str, apps: int, workdir: Path, settle: float = 1.0, max_requests: int = 0
+) -> Iterator[Stack]:
+    """The double of ``kind`` (``fcm``, ``apns``; ``max_requests``: see :func:`run_double`), node B, then
+    node A with ``--config`` naming the double's ``apps`` apps; ready once a put succeeds, then left
+    ``settle`` s."""
     env = our_env()
     directory = workdir / kind
     directory.mkdir(exist_ok=True)
     with processes() as procs:
         sink = subprocess.Popen(
-            [sys.executable, __file__, "--double", kind, "--apps", str(apps), "--dir", str(directory)],
+            [
+                sys.executable,
+                __file__,
+                "--double",
+                kind,
+                "--apps",
+                str(apps),
+                "--dir",
+                str(directory),
+                "--double-max-requests",
+                str(max_requests),
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=(workdir / f"{kind}-double.log").open("wb"),
@@ -199,14 +218,16 @@ def open_provider_stack(kind: str, apps: int, workdir: Path, settle: float = 1.0
 
 
 @contextmanager
-def open_stack(kind: str, apps: int, workdir: Path, settle: float = 1.0) -> Iterator[Stack]:
+def open_stack(
+    kind: str, apps: int, workdir: Path, settle: float = 1.0, max_requests: int = 0
+) -> Iterator[Stack]:
     if kind == "gorush":
         with open_stacks(["trio_dht"], workdir, settle) as stacks:
             stack = stacks["trio_dht"]
             stack.name = "gorush"
             yield stack
     else:
-        with open_provider_stack(kind, apps, workdir, settle) as stack:
+        with open_provider_stack(kind, apps, workdir, settle, max_requests) as stack:
             yield stack
 
 
@@ -344,11 +365,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 k keys, 2 apps, 0.5 s settles")
     parser.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--output", type=Path, default=HERE / "provider_results.json", help="results as JSON")
+    parser.add_argument(
+        "--double-max-requests",
+        type=int,
+        default=0,
+        help="requests per HTTP/2 connection before the FCM/APNs double sends GOAWAY (default 0: no limit)",
+    )
     parser.add_argument("--double", choices=("fcm", "apns"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.double:
-        run_double(args.double, args.apps, args.dir)
+        run_double(args.double, args.apps, args.dir, args.double_max_requests)
         return
     if args.quick:
         args.keys, args.apps, args.settle = min(args.keys, 1_000), min(args.apps, 2), 0.5
@@ -358,7 +385,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for kind in providers:
         print(f"{kind}: connection memory, then {args.keys:,} pushes", flush=True)
-        with open_stack(kind, args.apps, workdir, settle=args.settle) as stack:
+        with open_stack(kind, args.apps, workdir, args.settle, args.double_max_requests) as stack:
             connection = scenario_connection(stack, args.apps, args.settle)
             flood = scenario_dhtflood(stack, args.keys, args.settle, subscribe=subscriptions(kind))
             print(f"  {json.dumps(flood)[:600]}", flush=True)
