@@ -38,12 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -299,6 +301,70 @@ def put(stack: Stack, key: str) -> None:
         raise RuntimeError(f"{stack.name}: put answered {status} {body[:200]!r}")
 
 
+@contextmanager
+def py_spy(pid: int, output: Path, rate: int = 200) -> Iterator[None]:
+    """Sample ``pid``'s Python stacks with ``py-spy record`` (collapsed stacks to ``output``) for the
+    block."""
+    command = ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+    spy = subprocess.Popen(
+        [*command, "--nonblocking", "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+
+
+LIBRARIES = {
+    "HTTP/2 client (httpx, httpcore, h2, hpack, hyperframe)": (
+        "httpx",
+        "httpcore",
+        "h2",
+        "hpack",
+        "hyperframe",
+    ),
+    "Trio": ("trio",),
+    "TLS (ssl)": (),
+    "trio_dht": ("trio_dht",),
+}
+
+
+def where_time_goes(collapsed: Path, top: int = 20) -> dict[str, list[tuple[str, float]]]:
+    """From a ``py-spy --format raw`` file: ``functions``, those the most samples were in (themselves or
+    their callees; Trio's scheduler and the entry frames left out), and ``libraries``, the share of samples
+    whose innermost frame is in each of :data:`LIBRARIES` (the rest: ``other``)."""
+    inclusive: dict[str, int] = {}
+    libraries = dict.fromkeys([*LIBRARIES, "other"], 0)
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, text = line.rpartition(" ")
+        count = int(text)
+        total += count
+        frames = [frame.partition(" (") for frame in stack.split(";")]
+        paths = [where.split(":")[0] for _, _, where in frames]
+        names = {
+            f"{name} ({'/'.join(path.split('/')[-2:])})"
+            for (name, _, _), path in zip(frames, paths, strict=True)
+        }
+        for name in names:
+            inclusive[name] = inclusive.get(name, 0) + count
+        leaf = paths[-1].split("site-packages/")[-1]
+        library = next((k for k, tops in LIBRARIES.items() if leaf.split("/")[0] in tops), None)
+        if paths[-1].endswith(("/ssl.py", "/_ssl.py")):  # the stdlib's and Trio's SSL layers
+            library = "TLS (ssl)"
+        libraries[library or "other"] += count
+    if not total:
+        return {"functions": [], "libraries": []}
+    skip = ("_core/", "runpy", "__main__")
+    ranked = sorted(inclusive.items(), key=lambda item: -item[1])
+    functions = [(name, n / total) for name, n in ranked if not any(s in name for s in skip)][:top]
+    return {"functions": functions, "libraries": [(k, n / total) for k, n in libraries.items()]}
+
+
 # -- report --------------------------------------------------------------------------------------------------
 
 
@@ -348,6 +414,12 @@ def report(results: dict[str, dict]) -> str:
             f"{r['connection']['kb_per_connection']:,.0f}" if "kb_per_connection" in r["connection"] else "-"
         ),
     )
+    if all("profile" in results[n]["dhtflood"] for n in names):
+        for library in [*LIBRARIES, "other"]:
+            row(
+                f"A's samples (py-spy) in {library}",
+                lambda r, library=library: f"{dict(r['dhtflood']['profile']['libraries'])[library]:.0%}",
+            )
     row("VmRSS growth over the first push, KB", lambda r: f"{r['connection']['first_push_kb']:,.0f}")
     row(
         "VmRSS before the first push / after, MB",
@@ -371,6 +443,9 @@ def main() -> None:
         default=0,
         help="requests per HTTP/2 connection before the FCM/APNs double sends GOAWAY (default 0: no limit)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="sample A's stacks with py-spy during each flood"
+    )
     parser.add_argument("--double", choices=("fcm", "apns"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -387,8 +462,17 @@ def main() -> None:
         print(f"{kind}: connection memory, then {args.keys:,} pushes", flush=True)
         with open_stack(kind, args.apps, workdir, args.settle, args.double_max_requests) as stack:
             connection = scenario_connection(stack, args.apps, args.settle)
-            flood = scenario_dhtflood(stack, args.keys, args.settle, subscribe=subscriptions(kind))
+            spy = workdir / f"{kind}-A.py-spy.txt"
+            profile = args.profile and shutil.which("py-spy")
+            during = partial(py_spy, stack.a.pid, spy) if profile else nullcontext
+            flood = scenario_dhtflood(
+                stack, args.keys, args.settle, subscribe=subscriptions(kind), during=during
+            )
             print(f"  {json.dumps(flood)[:600]}", flush=True)
+        if profile:
+            flood["profile"] = where_time_goes(spy)
+            for name, share in flood["profile"]["libraries"] + flood["profile"]["functions"]:
+                print(f"  {share:6.1%} {name}")
         results[kind] = {
             "keys": args.keys,
             "platform": PLATFORM[kind],

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -524,11 +524,12 @@ def scenario_dhtflood(
     settle: float = 5.0,
     sources: int = 4,
     subscribe: Callable[[list[str]], Iterable[bytes]] = subscribe_requests,
+    during: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict:
     """10 k subscribed keys (``subscribe``: their SUBSCRIBE requests), then one value each arriving over the
     DHT: UDP ``put`` requests to A from ``sources`` peers (64 in flight), as values from other devices reach
     a proxy's node. Measures the push pipeline itself (value stored -> push delivered), without the proxy's
-    POST path."""
+    POST path. ``during``: a context entered for the puts and the pushes (a profiler)."""
     keys = random_keys(count)
     drive(stack.port, subscribe(keys))
     time.sleep(settle)
@@ -540,7 +541,7 @@ def scenario_dhtflood(
         sock.setblocking(False)
     pending: dict[int, float] = {}
     replies = lost = 0
-    with CpuMeter(stack) as cpu:
+    with CpuMeter(stack) as cpu, during():
         t0 = time.monotonic()
         todo = iter(enumerate(keys, start=1000))
         exhausted = False
