@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -333,6 +333,15 @@ LIBRARIES = {
 }
 
 
+@contextmanager
+def py_spies(targets: list[tuple[int, Path]]) -> Iterator[None]:
+    """:func:`py_spy` on each (pid, output) for the block."""
+    with ExitStack() as stack:
+        for pid, output in targets:
+            stack.enter_context(py_spy(pid, output))
+        yield
+
+
 def where_time_goes(collapsed: Path, top: int = 20) -> dict[str, list[tuple[str, float]]]:
     """From a ``py-spy --format raw`` file: ``functions``, those the most samples were in (themselves or
     their callees; Trio's scheduler and the entry frames left out), and ``libraries``, the share of samples
@@ -359,7 +368,7 @@ def where_time_goes(collapsed: Path, top: int = 20) -> dict[str, list[tuple[str,
         libraries[library or "other"] += count
     if not total:
         return {"functions": [], "libraries": []}
-    skip = ("_core/", "runpy", "__main__")
+    skip = ("_core/", "runpy", "__main__", "<module>", "main (", "run_double (")
     ranked = sorted(inclusive.items(), key=lambda item: -item[1])
     functions = [(name, n / total) for name, n in ranked if not any(s in name for s in skip)][:top]
     return {"functions": functions, "libraries": [(k, n / total) for k, n in libraries.items()]}
@@ -444,7 +453,9 @@ def main() -> None:
         help="requests per HTTP/2 connection before the FCM/APNs double sends GOAWAY (default 0: no limit)",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="sample A's stacks with py-spy during each flood"
+        "--profile",
+        action="store_true",
+        help="sample A's and the double's stacks with py-spy during each flood",
     )
     parser.add_argument("--double", choices=("fcm", "apns"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -462,17 +473,20 @@ def main() -> None:
         print(f"{kind}: connection memory, then {args.keys:,} pushes", flush=True)
         with open_stack(kind, args.apps, workdir, args.settle, args.double_max_requests) as stack:
             connection = scenario_connection(stack, args.apps, args.settle)
-            spy = workdir / f"{kind}-A.py-spy.txt"
+            spies = {"profile": (stack.a.pid, workdir / f"{kind}-A.py-spy.txt")}
+            spies["double_profile"] = (stack.sink.pid, workdir / f"{kind}-double.py-spy.txt")
             profile = args.profile and shutil.which("py-spy")
-            during = partial(py_spy, stack.a.pid, spy) if profile else nullcontext
+            during = partial(py_spies, list(spies.values())) if profile else nullcontext
             flood = scenario_dhtflood(
                 stack, args.keys, args.settle, subscribe=subscriptions(kind), during=during
             )
             print(f"  {json.dumps(flood)[:600]}", flush=True)
         if profile:
-            flood["profile"] = where_time_goes(spy)
-            for name, share in flood["profile"]["libraries"] + flood["profile"]["functions"]:
-                print(f"  {share:6.1%} {name}")
+            for what, (_, path) in spies.items():
+                flood[what] = where_time_goes(path)
+                print(f"  {what}:")
+                for name, share in flood[what]["libraries"] + flood[what]["functions"]:
+                    print(f"  {share:6.1%} {name}")
         results[kind] = {
             "keys": args.keys,
             "platform": PLATFORM[kind],
