@@ -12,8 +12,8 @@ process, so that the double is not what limits A:
 
 Each double process also serves ``GET /bench/stats`` and ``POST /bench/reset`` on a second HTTP/1.1 port,
 with the gorush sink's fields, so push_bench's ``Stack``, ``CpuMeter`` and ``scenario_dhtflood`` drive all
-three.
-Measures, per provider:
+three. The doubles' server (hypercorn) is set to send no GOAWAY after 1,000 requests on a connection, as it
+does by default (``--double-max-requests N`` brings it back). Measures, per provider:
 
 * ``connection``: memory per open provider connection. Each FCM/APNs stack has ``--apps`` apps (4), one topic
   each, so one HTTP/2 connection each, to the same double. VmRSS of A (with its HTTP worker) is read after
@@ -27,7 +27,10 @@ Measures, per provider:
   push - first put), with the CPU seconds of A, B, the double, the load client and everything else.
 
     python bench/provider_bench.py [--providers gorush,fcm,apns] [--keys 10000] [--apps 4] [--settle 5]
-        [--quick] [--no-write] [--output FILE]
+        [--double-max-requests N] [--profile] [--quick] [--no-write] [--output FILE]
+
+``--profile`` samples A's and the double's Python stacks with ``py-spy`` (if on PATH) during each flood and
+reports where A's samples were: the HTTP/2 libraries, Trio, TLS, trio_dht, the rest.
 
 Our program runs as in ``push_bench.py`` (``python -m trio_dht``, or ``TRIO_DHT_CMD``) with its HTTP worker
 process; FCM and APNs stacks add ``--config FILE``.
