@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,10 +240,19 @@ def drive(port: int, requests: Iterable[bytes], conns: int = CONNS) -> dict:
     return {"statuses": statuses, "latencies": latencies, "seconds": time.monotonic() - started}
 
 
-def subscribe_requests(keys: list[str], first_token: int = 0) -> Iterator[bytes]:
+def subscribe_requests(
+    keys: list[str], first_token: int = 0, platform: str = "android", topic: str = ""
+) -> Iterator[bytes]:
+    """One SUBSCRIBE per key, each with its own device token (``tok-N``; iOS: N as 64 hex digits, an APNs
+    device token) and, if given, ``topic`` (which push app serves it)."""
+    extra = b',"topic":"%s"' % topic.encode() if topic else b""
     for i, key in enumerate(keys):
-        body = b'{"key":"tok-%d","platform":"android","client_id":"bench","session_id":"s"}' % (
-            first_token + i
+        n = first_token + i
+        token = b"%064x" % n if platform == "ios" else b"tok-%d" % n
+        body = b'{"key":"%s","platform":"%s","client_id":"bench","session_id":"s"%s}' % (
+            token,
+            platform.encode(),
+            extra,
         )
         yield (
             b"SUBSCRIBE /key/%s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -509,12 +518,20 @@ def scenario_flood(stack: Stack, count: int = 10_000, settle: float = 5.0) -> di
     }
 
 
-def scenario_dhtflood(stack: Stack, count: int = 10_000, settle: float = 5.0, sources: int = 4) -> dict:
-    """10 k subscribed keys, then one value each arriving over the DHT: UDP ``put`` requests to A from
-    ``sources`` peers (64 in flight), as values from other devices reach a proxy's node. Measures the push
-    pipeline itself (value stored -> push delivered), without the proxy's POST path."""
+def scenario_dhtflood(
+    stack: Stack,
+    count: int = 10_000,
+    settle: float = 5.0,
+    sources: int = 4,
+    subscribe: Callable[[list[str]], Iterable[bytes]] = subscribe_requests,
+    during: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict:
+    """10 k subscribed keys (``subscribe``: their SUBSCRIBE requests), then one value each arriving over the
+    DHT: UDP ``put`` requests to A from ``sources`` peers (64 in flight), as values from other devices reach
+    a proxy's node. Measures the push pipeline itself (value stored -> push delivered), without the proxy's
+    POST path. ``during``: a context entered for the puts and the pushes (a profiler)."""
     keys = random_keys(count)
-    drive(stack.port, subscribe_requests(keys))
+    drive(stack.port, subscribe(keys))
     time.sleep(settle)
     stack.sink_reset()
     addr = ("127.0.0.1", stack.udp_port)
@@ -524,7 +541,7 @@ def scenario_dhtflood(stack: Stack, count: int = 10_000, settle: float = 5.0, so
         sock.setblocking(False)
     pending: dict[int, float] = {}
     replies = lost = 0
-    with CpuMeter(stack) as cpu:
+    with CpuMeter(stack) as cpu, during():
         t0 = time.monotonic()
         todo = iter(enumerate(keys, start=1000))
         exhausted = False

@@ -9,9 +9,11 @@ servers:
   and its CPU per verify, and gets of signed values it answers per second;
 * ``proxy_bench.py``: REST proxy GET one value, POST distinct keys, GET /node/info (wrk, 32 connections);
 * ``push_bench.py``: SUBSCRIBE distinct keys, memory per subscription, put -> push latency, push throughput;
-* ``client_bench.py``: proxy-client ``get`` round trips and listen fan-out to 1 000 streams.
+* ``client_bench.py``: proxy-client ``get`` round trips and listen fan-out to 1 000 streams;
+* ``provider_bench.py`` (ours only, in a table of its own): pushes/s through the FCM and the APNs doubles
+  against our gorush path, and memory per open provider connection.
 
-    python bench/run.py            # the full run, about 10 minutes on 2 cores; rewrites bench/RESULTS.md
+    python bench/run.py            # the full run, about 12 minutes on 2 cores; rewrites bench/RESULTS.md
     python bench/run.py --quick    # a ~1-minute smoke run into bench/quick/ (what CI runs)
 
 ``--quick`` exercises every workload with shorter runs and smaller counts, and starts the servers of a suite
@@ -57,6 +59,21 @@ class Row:
         if not self.dhtnode or not self.trio_dht:
             return float("nan")
         return self.trio_dht / self.dhtnode if self.higher_is_better else self.dhtnode / self.trio_dht
+
+
+@dataclass
+class ProviderRow:
+    """One workload of the direct push providers: ours through FCM or APNs against our gorush path."""
+
+    workload: str
+    unit: str
+    gorush_path: float
+    direct: float
+
+    @property
+    def ratio(self) -> float:
+        """Above 1: the direct provider does better than the gorush path."""
+        return self.direct / self.gorush_path if self.gorush_path and self.direct else float("nan")
 
 
 def run_suite(script: str, args: list[str], output: Path, env: dict[str, str], timeout: float) -> dict:
@@ -157,7 +174,53 @@ def client_rows(data: dict) -> list[Row]:
     ]
 
 
-def markdown(rows: list[Row], details: dict[str, str], command: str, started: str, elapsed: float) -> str:
+def provider_rows(data: dict) -> list[ProviderRow]:
+    r = data["results"]
+    gorush = r["gorush"]["dhtflood"]["push_rate"]
+    rows = [
+        ProviderRow(
+            f"push throughput through the {name} double, a DHT put per subscribed key",
+            "pushes/s",
+            gorush,
+            r[kind]["dhtflood"]["push_rate"],
+        )
+        for kind, name in (("fcm", "FCM"), ("apns", "APNs"))
+    ]
+    for kind, name in (("fcm", "FCM"), ("apns", "APNs")):
+        rows.append(
+            ProviderRow(
+                f"memory per open {name} connection (VmRSS growth)",
+                "KB",
+                float("nan"),
+                r[kind]["connection"]["kb_per_connection"],
+            )
+        )
+    return rows
+
+
+def provider_table(rows: list[ProviderRow]) -> list[str]:
+    lines = [
+        "Direct push providers, ours only (dhtnode pushes through gorush alone): ratio above 1 means the "
+        "direct provider does better than our gorush path.",
+        "",
+        "| workload | unit | our gorush path | trio_dht direct | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = f"{r.gorush_path:,.2f}" if r.gorush_path == r.gorush_path else "-"
+        ratio = f"**{r.ratio:.2f}**" if r.ratio == r.ratio else "-"
+        lines.append(f"| {r.workload} | {r.unit} | {base} | {r.direct:,.2f} | {ratio} |")
+    return lines
+
+
+def markdown(
+    rows: list[Row],
+    details: dict[str, str],
+    command: str,
+    started: str,
+    elapsed: float,
+    providers: list[ProviderRow] | None = None,
+) -> str:
     lines = [
         "# Benchmark results",
         "",
@@ -177,6 +240,8 @@ def markdown(rows: list[Row], details: dict[str, str], command: str, started: st
         lines.append(
             f"| {r.workload} | {r.unit} | {r.dhtnode:,.2f} | {r.trio_dht:,.2f} | **{r.ratio:.2f}** |"
         )
+    if providers:
+        lines += ["", *provider_table(providers)]
     lines += ["", "![ratios per workload](results.png)", ""]
     for title, text in details.items():
         lines += [f"## {title}", "", text, ""]
@@ -227,20 +292,30 @@ def main() -> None:
         ("REST proxy", "proxy_bench.py", [*quick, "--no-write"], proxy_rows),
         ("Push notifications", "push_bench.py", [*quick, "--no-write"], push_rows),
         ("Proxy client", "client_bench.py", quick, client_rows),
+        ("Direct push providers (ours only)", "provider_bench.py", [*quick, "--no-write"], provider_rows),
     ]
     rows: list[Row] = []
+    providers: list[ProviderRow] = []
     details: dict[str, str] = {}
     raw: dict[str, dict] = {}
     for title, script, extra, to_rows in suites:
         data = run_suite(script, extra, out / f"{Path(script).stem}.json", env, timeout=900)
         raw[script] = data
-        rows += to_rows(data)
+        for row in to_rows(data):
+            (providers if isinstance(row, ProviderRow) else rows).append(row)
         details[title] = data.get("table", "")
     elapsed = time.monotonic() - t0
     command = "python bench/run.py" + (" --quick" if args.quick else "")
-    (out / "RESULTS.md").write_text(markdown(rows, details, command, started, elapsed))
+    (out / "RESULTS.md").write_text(markdown(rows, details, command, started, elapsed, providers))
     (out / "results.json").write_text(
-        json.dumps({"rows": [asdict(r) | {"ratio": r.ratio} for r in rows], "suites": raw}, indent=1)
+        json.dumps(
+            {
+                "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
+                "provider_rows": [asdict(r) | {"ratio": r.ratio} for r in providers],
+                "suites": raw,
+            },
+            indent=1,
+        )
     )
     chart(rows, out / "results.png", f"trio_dht vs dhtnode 2.4.12 — {machine().split(',')[0]}, {started}")
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.png'} in {elapsed:.0f} s")

@@ -59,6 +59,15 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
     assert text.startswith("# Benchmark results")
     assert "| workload | unit | dhtnode | trio_dht | ratio |" in text
     assert text.count("\n| ") >= len(rows)
+    providers = results["provider_rows"]  # ours only: through FCM and APNs against our gorush path
+    assert [row["workload"].split(" (")[0] for row in providers] == [
+        "push throughput through the FCM double, a DHT put per subscribed key",
+        "push throughput through the APNs double, a DHT put per subscribed key",
+        "memory per open FCM connection",
+        "memory per open APNs connection",
+    ]
+    assert all(row["direct"] > 0 for row in providers[:2]), providers  # pushes/s; memory may round to 0
+    assert "| workload | unit | our gorush path | trio_dht direct | ratio |" in text
     png = (tmp_path / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
@@ -107,3 +116,43 @@ def test_signed_bench_smoke_run_verifies_every_put(tmp_path: Path) -> None:
         "UDP get of a signed value answered by one node",
     ]
     assert all(row.dhtnode > 0 and row.trio_dht > 0 for row in rows)
+
+
+def test_provider_bench_smoke_run_pushes_through_every_provider(tmp_path: Path) -> None:
+    """``bench/provider_bench.py --quick``: every subscribed key's push reaches the gorush, FCM and APNs
+    doubles exactly once, each FCM/APNs app over its own connection, and the memory per connection is
+    measured."""
+    if shutil.which("dhtnode") is None:
+        pytest.skip("needs dhtnode (apt-get install dhtnode)")
+    pytest.importorskip("cryptography")
+    output = tmp_path / "providers.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "provider_bench.py"), "--quick", "--output", str(output)],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    data = json.loads(output.read_text())
+    for kind, platform in (("gorush", "android"), ("fcm", "android"), ("apns", "ios")):
+        result = data["results"][kind]
+        flood = result["dhtflood"]
+        assert result["platform"] == platform
+        assert flood["pushes"] == flood["distinct_keys"] == result["keys"] == 1_000, (kind, flood)
+        assert flood["push_rate"] > 0
+        connection = result["connection"]
+        assert connection["rss_before_mb"] > 0
+        if kind == "gorush":
+            assert flood["gorush_requests"] <= flood["pushes"]  # gorush takes several pushes a request
+        else:
+            assert flood["gorush_requests"] == flood["pushes"]  # one request per push
+            assert connection["apps"] == connection["connections"] == 2  # one connection per app
+            assert "kb_per_connection" in connection
+    assert "| **pushes/s**, one value over the DHT per subscribed key |" in data["table"]
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from run import provider_rows
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = provider_rows(data)  # what bench/run.py puts in its summary
+    assert [row.unit for row in rows] == ["pushes/s", "pushes/s", "KB", "KB"]
+    assert all(row.gorush_path > 0 for row in rows[:2])
