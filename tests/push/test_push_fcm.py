@@ -88,6 +88,26 @@ async def test_wake_up_push_is_the_exact_v1_message():
     assert fcm.http_versions == {"2"}
 
 
+async def test_an_ios_subscription_through_fcm_carries_the_ios_push_as_its_apns_block():
+    """FCM sends a data-only message to iOS at low priority: the apns block shows OpenDHT's iOS push."""
+    ios = [
+        Push(1, PushKind.VALUES, "ios-1", Platform.IOS, "", {"key": KEY}, True),
+        Push(2, PushKind.VALUES, "ios-2", Platform.NONE, "", {"key": KEY}, False),  # no platform: as iOS
+    ]
+    async with fcm_setup() as (fcm, gateway):
+        assert await gateway.send(ios) == [Outcome.DELIVERED] * 2
+    alert, background = sorted(fcm.messages, key=lambda m: m["token"])
+    assert alert["apns"] == {
+        "headers": {"apns-push-type": "alert", "apns-priority": "10"},
+        "payload": {"aps": {"alert": alert["apns"]["payload"]["aps"]["alert"], "mutable-content": 1}},
+    }
+    assert background["apns"] == {
+        "headers": {"apns-push-type": "background", "apns-priority": "5"},
+        "payload": {"aps": {"content-available": 1}},
+    }
+    assert "apns" not in fcm_message(push())["message"]  # an Android subscription's has none
+
+
 async def test_timeout_push_is_the_exact_v1_message():
     current = timeout_data(
         Dialect.CURRENT, key_hex=KEY, client_id="client-1", session_id="sess-9", sub_token=7

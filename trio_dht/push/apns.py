@@ -183,22 +183,30 @@ def is_device_token(token: str) -> bool:
     return 0 < len(token) <= MAX_DEVICE_TOKEN and all(c in _HEX for c in token)
 
 
+def ios_style(push: Push) -> tuple[dict[str, Any], dict[str, str]]:
+    """How OpenDHT's iOS push shows: its ``aps`` and its ``apns-push-type`` and ``apns-priority`` headers (an
+    alert at priority 10 for a high-priority or timeout push, else a background push at 5). APNs and FCM's
+    ``apns`` block both use it."""
+    if push.high_priority or push.kind is PushKind.TIMEOUT:
+        return {"alert": dict(IOS_ALERT), "mutable-content": 1}, {
+            "apns-push-type": "alert",
+            "apns-priority": "10",
+        }
+    return {"content-available": 1}, {"apns-push-type": "background", "apns-priority": "5"}
+
+
 def apns_payload(push: Push) -> dict[str, Any]:
     """The notification's JSON: ``aps`` and the push's data keys beside it."""
-    if push.high_priority or push.kind is PushKind.TIMEOUT:
-        aps: dict[str, Any] = {"alert": dict(IOS_ALERT), "mutable-content": 1}
-    else:
-        aps = {"content-available": 1}
+    aps, _ = ios_style(push)
     return {"aps": aps, **{k: v for k, v in push.data.items() if k != "aps"}}
 
 
 def apns_headers(push: Push, *, topic: str, now_wall: float) -> dict[str, str]:
     """The ``apns-*`` headers of a push (without ``authorization`` and ``apns-id``)."""
-    alert = push.high_priority or push.kind is PushKind.TIMEOUT
+    _, style = ios_style(push)
     return {
         "apns-topic": topic,
-        "apns-push-type": "alert" if alert else "background",
-        "apns-priority": "10" if alert else "5",
+        **style,
         "apns-expiration": str(int(now_wall) + PUSH_TTL),
         "content-type": "application/json",
     }

@@ -58,7 +58,7 @@ from trio_dht.push.gateway import (
     raise_for_transient,
     reply_too_large,
 )
-from trio_dht.push.payloads import PUSH_TTL, Push
+from trio_dht.push.payloads import PUSH_TTL, Platform, Push
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -180,15 +180,21 @@ def jwt_assertion(account: ServiceAccount, now_wall: float, *, audience: str | N
 
 
 def fcm_message(push: Push) -> dict[str, Any]:
-    """The ``messages:send`` body for one push."""
+    """The ``messages:send`` body for one push. A push for an iOS subscription (or one without a platform,
+    which OpenDHT sends as iOS) also carries an ``apns`` block shown as OpenDHT's iOS push (an alert, or a
+    background push), since FCM would send a data-only message to iOS at low priority."""
     data = {k: v if isinstance(v, str) else _encode_json(v) for k, v in sorted(push.data.items())}
-    return {
-        "message": {
-            "android": {"priority": "high" if push.high_priority else "normal", "ttl": f"{PUSH_TTL}s"},
-            "data": data,
-            "token": push.token,
-        }
+    message: dict[str, Any] = {
+        "android": {"priority": "high" if push.high_priority else "normal", "ttl": f"{PUSH_TTL}s"},
+        "data": data,
+        "token": push.token,
     }
+    if push.platform in (Platform.IOS, Platform.NONE):
+        from trio_dht.push.apns import ios_style
+
+        aps, headers = ios_style(push)
+        message["apns"] = {"headers": headers, "payload": {"aps": aps}}
+    return {"message": message}
 
 
 def _error_of(reply: Reply) -> dict[str, Any]:

@@ -339,8 +339,10 @@ class FcmDouble:
         targets = [t for t in ("token", "topic", "condition") if t in message]
         if targets != ["token"] or not isinstance(message["token"], str) or not message["token"]:
             return _invalid("message", "Exactly one of token, topic or condition must be set (here: token)")
-        refused = self._check_data(message.get("data", {}), "message.data") or self._check_android(
-            message.get("android", {})
+        refused = (
+            self._check_data(message.get("data", {}), "message.data")
+            or self._check_android(message.get("android", {}))
+            or self._check_apns(message.get("apns", {}))
         )
         if refused is not None:
             return refused
@@ -385,6 +387,25 @@ class FcmDouble:
         if not isinstance(ttl, str) or not _TTL.fullmatch(ttl) or float(ttl[:-1]) > MAX_TTL:
             return _invalid("message.android.ttl", f"Invalid value: ttl {ttl!r} (0s to {MAX_TTL}s)")
         return self._check_data(android.get("data", {}), "message.android.data")
+
+    @staticmethod
+    def _check_apns(apns: Any) -> Reply | None:
+        if not isinstance(apns, dict) or not set(apns) <= {
+            "headers",
+            "payload",
+            "fcm_options",
+            "live_activity_token",
+        }:
+            return _invalid("message.apns", "apns must be an object of headers and payload")
+        headers = apns.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            return _invalid("message.apns.headers", "headers are a map of strings")
+        if headers.get("apns-priority", "10") not in ("5", "10"):
+            return _invalid("message.apns.headers", "apns-priority must be 5 or 10")
+        payload = apns.get("payload", {})
+        if not isinstance(payload, dict) or not isinstance(payload.get("aps", {}), dict):
+            return _invalid("message.apns.payload", "the payload is an object with an aps object")
+        return None
 
 
 @asynccontextmanager
