@@ -56,9 +56,9 @@ from trio_dht.testing.gorush import (
     Reply,
     Scope,
     Send,
-    _read_request,
-    _send_reply,
     answer_lifespan,
+    read_request,
+    send_reply,
     serve_on_loopback,
 )
 
@@ -424,9 +424,9 @@ async def open_fcm_double(
         double.in_flight += 1
         double.max_in_flight = max(double.max_in_flight, double.in_flight)
         try:
-            request = await _read_request(scope, receive)
+            request = await read_request(scope, receive)
             await trio.sleep(0)  # let the other streams of the connection arrive
-            await _send_reply(send, await double.handle(request))
+            await send_reply(send, await double.handle(request))
         finally:
             double.in_flight -= 1
 

@@ -78,7 +78,8 @@ class Reply:
     """If set, the body goes one byte at a time, this many seconds apart."""
 
 
-async def _read_request(scope: Scope, receive: Receive) -> RecordedRequest:
+async def read_request(scope: Scope, receive: Receive) -> RecordedRequest:
+    """The whole request of an ASGI ``http`` scope (the doubles record what they received)."""
     chunks = []
     while True:
         message = await receive()
@@ -94,7 +95,8 @@ async def _read_request(scope: Scope, receive: Receive) -> RecordedRequest:
     return RecordedRequest(scope["method"], path, headers, b"".join(chunks))
 
 
-async def _send_reply(send: Send, reply: Reply) -> None:
+async def send_reply(send: Send, reply: Reply) -> None:
+    """Send ``reply`` on an ASGI ``http`` scope (slowly, in pieces, when the reply is scripted so)."""
     headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
     if not any(k == b"content-type" for k, _ in headers) and reply.body:
         headers.append((b"content-type", b"application/json; charset=utf-8"))
@@ -152,8 +154,8 @@ async def open_loopback_server(handler: Handler) -> AsyncIterator[str]:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if await answer_lifespan(scope, receive, send) or scope["type"] != "http":
             return
-        request = await _read_request(scope, receive)
-        await _send_reply(send, await handler(request))
+        request = await read_request(scope, receive)
+        await send_reply(send, await handler(request))
 
     async with serve_on_loopback(app) as url:
         yield url
