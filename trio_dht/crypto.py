@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from trio_dht import purecrypto
 from trio_dht.infohash import InfoHash
+from trio_dht.small_files import FileTooLarge, read_small_file
 from trio_dht.value import InvalidValue, Value
 from trio_dht.wire.msgpack_codec import packb, unpackb
 
@@ -202,13 +203,11 @@ class Certificate:
 
 def _read(path: str | os.PathLike[str], what: str) -> bytes:
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_PEM_BYTES + 1)
+        return read_small_file(path, MAX_PEM_BYTES)
     except OSError as exc:
         raise CryptoError(f"{what} {os.fspath(path)!r}: {exc.strerror or exc}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise CryptoError(f"{what} {os.fspath(path)!r}: more than {MAX_PEM_BYTES} bytes")
-    return data
+    except FileTooLarge as exc:
+        raise CryptoError(f"{what} {os.fspath(path)!r}: {exc}") from None
 
 
 def _write(path: str | os.PathLike[str], data: bytes, mode: int) -> None:

@@ -337,6 +337,7 @@ def test_key_files(tmp_path, key):
         ),
         (write("rsa.p8", rsa_key), "not an elliptic-curve key"),
         (write("p384.p8", p384), "secp384r1 key; APNs keys are P-256"),
+        (write("huge.p8", key.pem + b"\n" * 70_000), "holds more than 65536 bytes"),
     ]
     for file, message in cases:
         with pytest.raises(ApnsKeyError, match=message):

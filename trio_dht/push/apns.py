@@ -56,12 +56,15 @@ from trio_dht.push.gateway import (
 )
 from trio_dht.push.gorush import IOS_ALERT
 from trio_dht.push.payloads import PUSH_TTL, Push, PushKind
+from trio_dht.small_files import FileTooLarge, read_small_file
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
 PRODUCTION_URL = "https://api.push.apple.com"
 SANDBOX_URL = "https://api.sandbox.push.apple.com"
+MAX_KEY_FILE_BYTES = 65536
+"""The largest ``.p8`` file read (Apple's are about 250 bytes)."""
 TOKEN_REFRESH = 50 * 60
 """Seconds a provider token is used before it is signed again (Apple: between 20 and 60 minutes)."""
 MAX_PAYLOAD = 4096
@@ -91,10 +94,11 @@ class ApnsKey:
     def load(cls, path: str | os.PathLike[str], *, key_id: str, team_id: str) -> ApnsKey:
         """Read a ``.p8`` file (PEM, unencrypted PKCS#8, as Apple issues them)."""
         try:
-            with open(path, "rb") as f:
-                pem = f.read(65536)
+            pem = read_small_file(path, MAX_KEY_FILE_BYTES)
         except OSError as exc:
             raise ApnsKeyError(f"cannot read the APNs key file {os.fspath(path)!r}: {exc.strerror}") from None
+        except FileTooLarge as exc:  # a .p8 key is about 250 bytes
+            raise ApnsKeyError(f"the APNs key file {os.fspath(path)!r} holds {exc}") from None
         return cls.from_pem(pem, key_id=key_id, team_id=team_id, source=repr(os.fspath(path)))
 
     @classmethod

@@ -59,6 +59,7 @@ from trio_dht.push.gateway import (
     reply_too_large,
 )
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
+from trio_dht.small_files import FileTooLarge, read_small_file
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -137,12 +138,13 @@ def load_service_account(path: str | os.PathLike[str]) -> ServiceAccount:
     """The service account in the JSON file at ``path``; :class:`FcmCredentialsError` if unusable."""
     what = f"FCM service-account file {os.fspath(path)!r}"
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CREDENTIALS_BYTES + 1)
+        data = read_small_file(path, MAX_CREDENTIALS_BYTES)
     except OSError as exc:
         raise FcmCredentialsError(f"{what}: cannot read it ({exc.strerror or exc})") from None
-    if len(data) > MAX_CREDENTIALS_BYTES:
-        raise FcmCredentialsError(f"{what}: over {MAX_CREDENTIALS_BYTES} bytes, not a service-account key")
+    except FileTooLarge:
+        raise FcmCredentialsError(
+            f"{what}: over {MAX_CREDENTIALS_BYTES} bytes, not a service-account key"
+        ) from None
     try:
         info = json.loads(data)
     except ValueError as exc:
