@@ -207,3 +207,11 @@ def machine() -> str:
         f"{os.cpu_count()} CPUs ({cpu}), {memory_gib} GiB, Linux {platform.release()}, "
         f"Python {platform.python_version()}, {dhtnode.splitlines()[0] if dhtnode else 'dhtnode'}"
     )
+
+
+def append_to_results(section: str) -> None:
+    """Append ``section`` (markdown) to ``bench/RESULTS.md``, which a script run on its own extends."""
+    results_md = HERE / "RESULTS.md"
+    existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
+    results_md.write_text(existing.rstrip("\n") + "\n" + section)
+    print(f"appended to {results_md}")

@@ -55,6 +55,7 @@ from typing import Any
 
 from common import (
     HERE,
+    append_to_results,
     free_port,
     machine,
     our_command,
@@ -510,10 +511,7 @@ def main() -> None:
         "DHT with `dhtnode -s -U`; each double in its own process.\n"
         f"Command: `{command.strip()}`.\n\n{text}\n"
     )
-    results_md = HERE / "RESULTS.md"
-    existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    results_md.write_text(existing.rstrip("\n") + "\n" + section)
-    print(f"appended to {results_md}")
+    append_to_results(section)
 
 
 if __name__ == "__main__":

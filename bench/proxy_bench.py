@@ -41,6 +41,7 @@ from pathlib import Path
 
 from common import (
     HERE,
+    append_to_results,
     cpu_seconds,
     free_port,
     machine,
@@ -243,10 +244,7 @@ def main() -> None:
         "`others` is busy CPU on the machine not used by A, B or wrk (other tenants); runs with a few "
         "CPU-s of it are noisier.\n"
     )
-    results_md = HERE / "RESULTS.md"
-    existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    results_md.write_text(existing.rstrip("\n") + "\n" + section)
-    print(f"appended to {results_md}")
+    append_to_results(section)
 
 
 if __name__ == "__main__":

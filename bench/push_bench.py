@@ -56,6 +56,7 @@ import msgpack
 import udp_load
 from common import (
     HERE,
+    append_to_results,
     cpu_seconds,
     free_port,
     machine,
@@ -855,10 +856,7 @@ def main() -> None:
         "-b 127.0.0.1:B --proxyserver PORT --proxy-addr 127.0.0.1 --pushserver 127.0.0.1:GORUSH`.\n"
         f"Command: `{command.strip()}`.\n\n{text}\n"
     )
-    results_md = HERE / "RESULTS.md"
-    existing = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    results_md.write_text(existing.rstrip("\n") + "\n" + section)
-    print(f"appended to {results_md}")
+    append_to_results(section)
 
 
 if __name__ == "__main__":

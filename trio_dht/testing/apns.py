@@ -64,7 +64,15 @@ import trio
 from hypercorn.config import Config
 
 from trio_dht.push.apns import ApnsKey
-from trio_dht.testing.gorush import Receive, RecordedRequest, Scope, Send, answer_lifespan, serve_on_loopback
+from trio_dht.testing.gorush import (
+    Receive,
+    RecordedRequest,
+    Scope,
+    Send,
+    answer_lifespan,
+    read_request,
+    serve_on_loopback,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -273,15 +281,9 @@ class ApnsDouble:
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if await answer_lifespan(scope, receive, send) or scope["type"] != "http":
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in scope["headers"]]
-        headers = dict(raw)
-        request = RecordedRequest(scope["method"], scope["path"], headers, b"".join(chunks))
+        request = await read_request(scope, receive)
+        names = [name.decode("latin-1").lower() for name, _ in scope["headers"]]  # to refuse duplicates
+        headers = request.headers
         self.requests.append(request)
         apns_id = headers.get("apns-id") or str(uuid.uuid4())
         reply_headers = {"apns-id": apns_id}
@@ -291,7 +293,7 @@ class ApnsDouble:
             connection = tuple(scope["client"])
             self.connections.add(connection)
             try:
-                status, reason, extra, delay = self._handle(request, raw, connection)
+                status, reason, extra, delay = self._handle(request, names, connection)
             except _Refused as refused:
                 status, reason, extra, delay = refused.status, refused.reason, {}, 0.0
             reply_headers |= extra
@@ -315,9 +317,8 @@ class ApnsDouble:
         await send({"type": "http.response.body", "body": body})
 
     def _handle(
-        self, request: RecordedRequest, raw: list[tuple[str, str]], connection: tuple[str, int]
+        self, request: RecordedRequest, names: list[str], connection: tuple[str, int]
     ) -> tuple[int, str, dict[str, str], float]:
-        names = [n for n, _ in raw]
         if len(set(names)) != len(names):
             raise _Refused(400, "DuplicateHeaders")
         if request.method != "POST":
