@@ -39,7 +39,10 @@ from typing import Any
 
 from trio_dht import cli
 from trio_dht.limits import Limits
+from trio_dht.small_files import FileTooLarge, read_small_file
 
+MAX_FILE_BYTES = 1024 * 1024
+"""The largest config file, and key or credential file it names, that is read."""
 PLATFORMS = ("android", "ios", "unifiedpush")
 """SUBSCRIBE ``platform`` values an app can serve; a subscription with none or another is routed as iOS."""
 
@@ -176,14 +179,20 @@ class ConfigFile:
 def load_config(path: Path) -> ConfigFile:
     """Read and check the file at ``path``."""
     try:
-        text = path.read_bytes()
+        text = read_small_file(path, MAX_FILE_BYTES)
     except OSError as exc:
         return ConfigFile(path, problems=(f"file: cannot read it: {exc.strerror or exc}",))
+    except FileTooLarge as exc:
+        return ConfigFile(path, problems=(f"file: {exc}",))
     return parse_config(text, path=path)
 
 
+def _read_key_file(path: Path) -> bytes:
+    return read_small_file(path, MAX_FILE_BYTES)
+
+
 def parse_config(
-    text: bytes | str, *, path: Path, read: Callable[[Path], bytes] = Path.read_bytes
+    text: bytes | str, *, path: Path, read: Callable[[Path], bytes] = _read_key_file
 ) -> ConfigFile:
     """Check a config file's ``text``; ``path`` names it and anchors relative paths; ``read`` reads keys."""
     try:
@@ -258,6 +267,8 @@ class _Checker:
             raise _Bad(f"no such file: {path}") from None
         except OSError as exc:
             raise _Bad(f"cannot read {path}: {exc.strerror or exc}") from None
+        except FileTooLarge as exc:
+            raise _Bad(f"{path}: {exc}") from None
 
     def existing_file(self, value: Any) -> Path:
         return self.file(value)[0]

@@ -498,3 +498,17 @@ url = "http://127.0.0.1:9"
     assert f"UnifiedPush requests signed with VAPID key {public}" in node.output
     assert "android and ios pushes through gorush at http://127.0.0.1:9" in node.output
     assert f"proxy on http://127.0.0.1:{port}" in node.output
+
+
+def test_files_past_their_size_are_refused_unread(tmp_path: Path) -> None:
+    from trio_dht.config_file import MAX_FILE_BYTES, load_config
+
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(b" " * (MAX_FILE_BYTES + 1))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[apps.a]\nkind = "fcm"\nservice_account = "{huge}"\n')
+    assert load_config(config).problems == (
+        f"apps.a.service_account: {huge}: more than {MAX_FILE_BYTES} bytes",
+    )
+    config.write_bytes(b"#" * (MAX_FILE_BYTES + 1))
+    assert load_config(config).problems == (f"file: more than {MAX_FILE_BYTES} bytes",)
