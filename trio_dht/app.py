@@ -134,7 +134,9 @@ async def _app_gateway(
         url = credentials.url or FCM_URL
         fcm_client = await stack.enter_async_context(new_fcm_client(limits, url))
         account = load_service_account(credentials.service_account)
-        return FcmGateway(fcm_client, account, fcm_url=url, token_uri=credentials.token_uri, limits=limits)
+        return await stack.enter_async_context(
+            FcmGateway(fcm_client, account, fcm_url=url, token_uri=credentials.token_uri, limits=limits)
+        )
     if isinstance(credentials, ApnsCredentials):
         from trio_dht.push.apns import ApnsGateway, ApnsKey
 

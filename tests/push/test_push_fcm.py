@@ -57,7 +57,8 @@ async def fcm_setup(*, limits=DEFAULT_LIMITS, clock=None, **double_options):
     async with open_fcm_double(**double_options) as fcm, new_fcm_client(limits, fcm.url) as client:
         account = parse_service_account(fcm.service_account())
         options = {"clock": clock} if clock else {}
-        yield fcm, FcmGateway(client, account, fcm_url=fcm.url, limits=limits, **options)
+        async with FcmGateway(client, account, fcm_url=fcm.url, limits=limits, **options) as gateway:
+            yield fcm, gateway
 
 
 # -- messages ------------------------------------------------------------------------------------------------
@@ -139,7 +140,8 @@ async def test_many_pushes_one_token_one_connection_in_flight_together():
         assert await gateway.send([push("again")]) == [Outcome.DELIVERED]
     assert fcm.token_requests == 1 and gateway.token_requests == 1
     assert len(fcm.messages) == 41
-    assert len(fcm.connections) == 1  # token and every message: streams of one HTTP/2 connection
+    assert gateway._origin.connections_made == 1  # every message: streams of one HTTP/2 connection
+    assert len(fcm.connections) == 2  # and one for the token endpoint
     assert fcm.http_versions == {"2"}
     assert fcm.max_in_flight > 1
     claims = fcm.assertions[0]
@@ -213,16 +215,16 @@ async def test_token_endpoint_failures():
 async def test_key_the_double_does_not_trust_is_refused():
     async with open_fcm_double() as fcm, new_fcm_client(fcm_url=fcm.url) as client:
         stranger = parse_service_account(new_service_account(token_uri=fcm.token_uri))
-        gateway = FcmGateway(client, stranger, fcm_url=fcm.url)
-        with pytest.raises(PermanentGatewayError, match="account not found"):
-            await gateway.send([push()])
+        async with FcmGateway(client, stranger, fcm_url=fcm.url) as gateway:
+            with pytest.raises(PermanentGatewayError, match="account not found"):
+                await gateway.send([push()])
         # the right e-mail with another key
         trusted = fcm.service_account()
         forged = new_service_account(token_uri=fcm.token_uri, client_email=trusted["client_email"])
         forged["private_key_id"] = trusted["private_key_id"]
-        gateway = FcmGateway(client, parse_service_account(forged), fcm_url=fcm.url)
-        with pytest.raises(PermanentGatewayError, match="Invalid JWT Signature"):
-            await gateway.send([push()])
+        async with FcmGateway(client, parse_service_account(forged), fcm_url=fcm.url) as gateway:
+            with pytest.raises(PermanentGatewayError, match="Invalid JWT Signature"):
+                await gateway.send([push()])
         assert fcm.messages == []
 
 

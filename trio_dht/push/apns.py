@@ -28,6 +28,7 @@ mean our credentials, topic or clock are wrong). A reply body is read up to ``Li
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,6 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
@@ -55,6 +55,7 @@ from trio_dht.push.gateway import (
     parse_retry_after,
 )
 from trio_dht.push.gorush import IOS_ALERT
+from trio_dht.push.http2 import Http2Origin, Request, StreamError, open_http2_origin
 from trio_dht.push.payloads import PUSH_TTL, Push, PushKind
 from trio_dht.small_files import FileTooLarge, read_small_file
 
@@ -216,20 +217,12 @@ def apns_headers(push: Push, *, topic: str, now_wall: float) -> dict[str, str]:
     }
 
 
-def new_apns_client(limits: Limits = DEFAULT_LIMITS, *, ca_file: str | None = None) -> httpx.AsyncClient:
-    """An HTTP/2 client for APNs: TLS verified against the system's CAs or ``ca_file``; no redirects, no
-    environment proxies; a few connections, since HTTP/2 carries every request of an origin on one."""
+def new_apns_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """TLS for APNs: verified against the system's CAs or ``ca_file``, TLS 1.2 at least (ALPN is set by the
+    connection)."""
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return httpx.AsyncClient(
-        http2=True,
-        verify=context,
-        follow_redirects=False,
-        trust_env=False,
-        timeout=httpx.Timeout(limits.push_request_timeout),
-        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=IDLE_CONNECTION),
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-    )
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +237,8 @@ class _Result:
 
 class ApnsGateway:
     """Pushes for ``ios`` subscriptions straight to APNs, ``max_batch`` streams at once per lane (``lanes``
-    lanes by subscription). Use it as ``async with ApnsGateway(...) as apns:``: it owns its HTTP/2 client."""
+    lanes by subscription). Use it as ``async with ApnsGateway(...) as apns:``: it owns its HTTP/2
+    connection."""
 
     name = "apns"
 
@@ -272,31 +266,62 @@ class ApnsGateway:
         self._max_body = limits.push_response_bytes
         self._clock = clock
         self.tokens = ProviderTokens(key, clock=clock)
-        self._client = new_apns_client(limits, ca_file=ca_file)
+        self._ssl_context = new_apns_ssl_context(ca_file)
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._origin: Http2Origin | None = None
         self._refusals = LogLimit()
 
     async def __aenter__(self) -> ApnsGateway:
+        self._origin = await self._exit_stack.enter_async_context(
+            open_http2_origin(
+                self.url, ssl_context=self._ssl_context, max_body=self._max_body, idle=IDLE_CONNECTION
+            )
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._exit_stack.aclose()
 
     def lane(self, push: Push) -> Hashable:
         return push.sid % self._lanes
 
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
         now_wall = self._clock()
-        results: list[_Result] = [_Result(Outcome.DROPPED)] * len(pushes)
-
-        async def one(i: int, push: Push) -> None:
-            results[i] = await self._send_one(push, now_wall)
-
-        async with trio.open_nursery() as nursery:
-            for i, push in enumerate(pushes):
-                nursery.start_soon(one, i, push)
+        timed_out = _Result(Outcome.RETRY, f"no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
+        results: list[_Result] = [timed_out] * len(pushes)
+        requests: dict[int, Request] = {}
+        for i, push in enumerate(pushes):
+            request = self._request_of(push, now_wall)
+            if isinstance(request, _Result):
+                results[i] = request
+            else:
+                requests[i] = request
+        with trio.move_on_after(self._timeout):
+            for attempt in range(2):
+                bearer = self.tokens.current()
+                authorization = (b"authorization", b"bearer " + bearer.encode("ascii"))
+                todo = list(requests)
+                answers = await self._request_many(
+                    [
+                        Request(requests[i].path, (authorization, *requests[i].headers), requests[i].body)
+                        for i in todo
+                    ]
+                )
+                expired = []
+                for i, (result, reason) in zip(todo, answers, strict=True):
+                    results[i] = result
+                    if reason == "ExpiredProviderToken":
+                        expired.append(i)
+                if not expired or attempt:
+                    break
+                self.tokens.expired(bearer)
+                requests = {i: requests[i] for i in expired}
+        for result in results:
+            if result.outcome is Outcome.DROPPED and result.why:
+                self._say_refused(result.why)
         if results and all(r.outcome is Outcome.RETRY for r in results):
             after = [r.retry_after for r in results if r.retry_after is not None]
             reasons = {r.reason for r in results}
@@ -304,7 +329,8 @@ class ApnsGateway:
             raise TemporaryGatewayError(f"APNs: {results[0].why}", max(after, default=None), reason=reason)
         return [r.outcome for r in results]
 
-    async def _send_one(self, push: Push, now_wall: float) -> _Result:
+    def _request_of(self, push: Push, now_wall: float) -> Request | _Result:
+        """The request of a push (without ``authorization``), or its result if it cannot be sent."""
         if not is_device_token(push.token):
             return _Result(Outcome.TOKEN_GONE)
         topic = push.topic or self._bundle_id
@@ -313,39 +339,34 @@ class ApnsGateway:
             return _Result(Outcome.DROPPED)
         headers = apns_headers(push, topic=topic, now_wall=now_wall)
         headers["apns-id"] = str(uuid.uuid4())
-        url = f"{self.url}/3/device/{push.token}"
-        result = _Result(Outcome.RETRY, f"no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
-        with trio.move_on_after(self._timeout):
-            for attempt in range(2):
-                bearer = self.tokens.current()
-                headers["authorization"] = f"bearer {bearer}"
-                result, reason = await self._request(url, headers, body)
-                if reason != "ExpiredProviderToken" or attempt:
-                    break
-                self.tokens.expired(bearer)
-        if result.outcome is Outcome.DROPPED and result.why:
-            self._say_refused(result.why)
-        return result
+        headers["user-agent"] = USER_AGENT
+        return Request(
+            f"/3/device/{push.token}".encode("ascii"),
+            tuple((name.encode(), value.encode()) for name, value in headers.items()),
+            body,
+        )
 
     def _say_refused(self, why: str) -> None:
         """Log a push Apple refused (our request, credentials or clock are wrong), at most once per 10 s."""
         if (line := self._refusals.line(f"APNs refused a push: {why}", trio.current_time())) is not None:
             log.warning("%s", line)
 
-    async def _request(self, url: str, headers: dict[str, str], body: bytes) -> tuple[_Result, str]:
-        """One request: its result and Apple's ``reason``."""
+    async def _request_many(self, requests: Sequence[Request]) -> list[tuple[_Result, str]]:
+        """Send the requests at once: each one's result and Apple's ``reason``."""
+        assert self._origin is not None, "use ApnsGateway as an async context manager"
         try:
-            reply = await gateway.post(
-                self._client, url, content=body, headers=headers, max_bytes=self._max_body
-            )
-        except httpx.TimeoutException as exc:
-            return _Result(Outcome.RETRY, f"timed out: {exc!r}", reason=TIMED_OUT), ""
-        except httpx.TransportError as exc:
-            return _Result(Outcome.RETRY, f"unreachable: {_describe(exc)}"), ""
-        except ReplyTooLarge as exc:
-            if exc.status_code == 429 or exc.status_code >= 500:
-                return _Result(Outcome.RETRY, f"answered {exc.status_code}", reason=gateway.OVERSIZED), ""
-            return _Result(Outcome.DROPPED, f"{exc.status_code} (a reply over {self._max_body} bytes)"), ""
+            replies = await self._origin.request_many(requests)
+        except (OSError, trio.BrokenResourceError) as exc:
+            return [(_Result(Outcome.RETRY, f"unreachable: {_describe(exc)}"), "")] * len(requests)
+        return [self._result_of(reply) for reply in replies]
+
+    def _result_of(self, reply: Reply | ReplyTooLarge | StreamError) -> tuple[_Result, str]:
+        if isinstance(reply, StreamError):
+            return _Result(Outcome.RETRY, f"no reply: {reply}"), ""
+        if isinstance(reply, ReplyTooLarge):
+            if reply.status_code == 429 or reply.status_code >= 500:
+                return _Result(Outcome.RETRY, f"answered {reply.status_code}", reason=gateway.OVERSIZED), ""
+            return _Result(Outcome.DROPPED, f"{reply.status_code} (a reply over {self._max_body} bytes)"), ""
         reason = _reason(reply)
         status = reply.status_code
         if status == 200:
@@ -370,7 +391,7 @@ def _reason(reply: Reply) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    """An exception and the first cause with a message (httpx's connection errors often have none; the TLS
+    """An exception and the first cause with a message (connection errors often have none; the TLS
     error under them says what failed)."""
     text = repr(exc)
     cause: BaseException | None = exc

@@ -9,10 +9,10 @@
   expires; one refresh is in flight at a time. A 401 from FCM renews it once (unless another push already
   did) and sends that push once more.
 - **Messages.** One ``POST {fcm_url}/v1/projects/{project_id}/messages:send`` per push; a batch's requests go
-  at once, as streams of one HTTP/2 connection (:func:`new_fcm_client`). The message carries what OpenDHT's
-  Android push carries through gorush: ``{"message": {"android": {"priority": "high"|"normal", "ttl":
-  "86400s"}, "data": {...}, "token": token}}``, with non-string ``data`` values written as JSON text, as
-  gorush does (FCM takes only strings).
+  at once, as streams of one write on one HTTP/2 connection (:mod:`trio_dht.push.http2`). The message
+  carries what OpenDHT's Android push carries through gorush: ``{"message": {"android": {"priority":
+  "high"|"normal", "ttl": "86400s"}, "data": {...}, "token": token}}``, with non-string ``data`` values
+  written as JSON text, as gorush does (FCM takes only strings).
 - **Replies.** 2xx delivered; ``UNREGISTERED``, or ``INVALID_ARGUMENT`` about the registration token alone,
   prunes the token; 429 and 5xx are temporary (``Retry-After`` honoured); any other reply drops the push.
   A batch whose every request failed temporarily (or timed out, or whose token could not be had) raises
@@ -29,10 +29,12 @@ zipapp on another Python, loading one fails with a clear :class:`FcmCredentialsE
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -49,6 +51,7 @@ from trio_dht.push import gateway
 from trio_dht.push.gateway import (
     TIMED_OUT,
     USER_AGENT,
+    USER_AGENT_BYTES,
     GatewayError,
     Outcome,
     PermanentGatewayError,
@@ -58,6 +61,7 @@ from trio_dht.push.gateway import (
     raise_for_transient,
     reply_too_large,
 )
+from trio_dht.push.http2 import Http2Origin, Request, StreamError, open_http2_origin
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
 from trio_dht.small_files import FileTooLarge, read_small_file
 
@@ -242,11 +246,12 @@ def classify_reply(reply: Reply) -> Outcome:
 
 
 def new_fcm_client(limits: Limits = DEFAULT_LIMITS, fcm_url: str = FCM_URL) -> httpx.AsyncClient:
-    """An HTTP/2 client for :class:`FcmGateway`: one connection per origin carries every request at once.
+    """The client :class:`FcmGateway` asks the token endpoint with (its messages go on its own connection).
 
-    An ``http://`` ``fcm_url`` (a double on loopback) is spoken HTTP/2 with prior knowledge (h2c), so both
-    endpoints on it must be. Like :func:`~trio_dht.push.gateway.new_http_client`: no redirects, no
-    environment proxies, bodies never decoded.
+    With an ``http://`` ``fcm_url`` (a double on loopback) it speaks HTTP/2 with prior knowledge (h2c), as the
+    messages do, since a double may serve both on one port. Like
+    :func:`~trio_dht.push.gateway.new_http_client`: no redirects, no environment proxies, bodies never
+    decoded.
     """
     return httpx.AsyncClient(
         http1=not fcm_url.lower().startswith("http://"),
@@ -266,8 +271,22 @@ def _alone(result: Outcome | GatewayError) -> Outcome:
     return Outcome.RETRY if isinstance(result, TemporaryGatewayError) else Outcome.DROPPED
 
 
+def _checked(what: str, reply: Reply | ReplyTooLarge | StreamError, now_wall: float) -> Reply | GatewayError:
+    """A reply to keep, or the error it is: temporary for a 429, a 5xx or a stream without a reply."""
+    if isinstance(reply, StreamError):
+        return TemporaryGatewayError(f"{what}: {reply}")
+    if isinstance(reply, ReplyTooLarge):
+        return reply_too_large(reply, now_wall)
+    try:
+        raise_for_transient(reply, now_wall)
+    except TemporaryGatewayError as exc:
+        return exc
+    return reply
+
+
 class FcmGateway:
-    """Android pushes through FCM's HTTP v1 API for one Firebase project (see the module docstring)."""
+    """Android pushes through FCM's HTTP v1 API for one Firebase project (see the module docstring). Use it as
+    ``async with FcmGateway(...) as fcm:``: it owns its HTTP/2 connection to ``fcm_url``."""
 
     name = "fcm"
 
@@ -278,17 +297,20 @@ class FcmGateway:
         *,
         fcm_url: str = FCM_URL,
         token_uri: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         max_batch: int = 64,
         lanes: int = 2,
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
-        """``client`` is an HTTP/2 client (:func:`new_fcm_client`); ``token_uri`` replaces the account's;
-        ``lanes`` batches of at most ``max_batch`` may be in flight at once. ``clock`` times the access
-        token's life."""
+        """``client`` asks the token endpoint (:func:`new_fcm_client`); ``token_uri`` replaces the account's;
+        ``ssl_context`` (for an ``https`` ``fcm_url``) replaces httpx's default (certifi's CAs). ``lanes``
+        batches of at most ``max_batch`` may be in flight at once. ``clock`` times the access token's life."""
         self._client = client
         self._account = account
-        self._send_url = f"{fcm_url.rstrip('/')}/v1/projects/{account.project_id}/messages:send"
+        self._fcm_url = fcm_url.rstrip("/")
+        self._ssl_context = ssl_context
+        self._send_path = f"/v1/projects/{account.project_id}/messages:send".encode()
         self._token_uri = token_uri or account.token_uri
         self.max_batch = max_batch
         self._lanes = lanes
@@ -301,6 +323,20 @@ class FcmGateway:
         self.token_requests = 0
         """Access tokens asked for so far."""
         self._drop_log = LogLimit()
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._origin: Http2Origin | None = None
+
+    async def __aenter__(self) -> FcmGateway:
+        context = self._ssl_context
+        if context is None and self._fcm_url.lower().startswith("https://"):
+            context = httpx.create_ssl_context()
+        self._origin = await self._exit_stack.enter_async_context(
+            open_http2_origin(self._fcm_url, ssl_context=context, max_body=self._max_body)
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._exit_stack.aclose()
 
     def lane(self, push: Push) -> Hashable:
         return push.sid % self._lanes
@@ -309,16 +345,23 @@ class FcmGateway:
         results: list[Outcome | GatewayError | None] = [None] * len(pushes)
         with trio.move_on_after(self._timeout):
             bearer = await self._bearer()
-
-            async def one(i: int) -> None:
-                results[i] = await self._send_one(pushes[i], bearer)
-
-            if len(pushes) == 1:
-                await one(0)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for i in range(len(pushes)):
-                        nursery.start_soon(one, i)
+            bodies = [_encode_json(fcm_message(push)).encode() for push in pushes]
+            replies = await self._post_messages(bodies, bearer)
+            refused = [
+                i
+                for i, reply in enumerate(replies)
+                if isinstance(reply, Reply)
+                and reply.status_code == 401
+                and error_code(_error_of(reply)) != "THIRD_PARTY_AUTH_ERROR"
+            ]
+            if refused:
+                try:
+                    again = await self._post_messages([bodies[i] for i in refused], await self._renew(bearer))
+                except GatewayError as exc:
+                    again = [exc] * len(refused)
+                for i, reply in zip(refused, again, strict=True):
+                    replies[i] = reply
+            results = [self._outcome(reply) for reply in replies]
         timed_out = TemporaryGatewayError(f"FCM: no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
         done = [timed_out if r is None else r for r in results]
         errors = [r for r in done if isinstance(r, GatewayError)]
@@ -332,17 +375,10 @@ class FcmGateway:
             )
         return [_alone(r) for r in done]
 
-    # -- one push ------------------------------------------------------------------------------------------
-
-    async def _send_one(self, push: Push, bearer: str) -> Outcome | GatewayError:
-        """The push's outcome, or the error of its request as a whole (the batch's, if every push has one)."""
-        body = _encode_json(fcm_message(push)).encode()
-        try:
-            reply = await self._post_message(body, bearer)
-            if reply.status_code == 401 and error_code(_error_of(reply)) != "THIRD_PARTY_AUTH_ERROR":
-                reply = await self._post_message(body, await self._renew(bearer))
-        except GatewayError as exc:
-            return exc
+    def _outcome(self, reply: Reply | GatewayError) -> Outcome | GatewayError:
+        """A push's outcome from its final reply, or the error of its request as a whole."""
+        if isinstance(reply, GatewayError):
+            return reply
         outcome = classify_reply(reply)
         if outcome is Outcome.DROPPED:
             text = f"FCM refused a push: {reply.status_code} {reply.content[:300].decode('utf-8', 'replace')}"
@@ -350,13 +386,23 @@ class FcmGateway:
                 log.warning("%s", line)
         return outcome
 
-    async def _post_message(self, body: bytes, bearer: str) -> Reply:
-        """One ``messages:send``; raises :class:`TemporaryGatewayError` for a 429, a 5xx or no reply."""
+    async def _post_messages(self, bodies: Sequence[bytes], bearer: str) -> list[Reply | GatewayError]:
+        """One ``messages:send`` per body, all at once on the HTTP/2 connection: each one's reply, or its
+        :class:`TemporaryGatewayError` (a 429, a 5xx, no reply) or oversized reply's error."""
+        assert self._origin is not None, "use FcmGateway as an async context manager"
+        headers = (
+            (b"authorization", b"Bearer " + bearer.encode("ascii")),
+            (b"content-type", b"application/json"),
+            (b"user-agent", USER_AGENT_BYTES),
+        )
+        requests = [Request(self._send_path, headers, body) for body in bodies]
         now_wall = time.time()
-        headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
-        reply = await self._post("FCM", self._send_url, body, headers, now_wall)
-        raise_for_transient(reply, now_wall)
-        return reply
+        try:
+            replies = await self._origin.request_many(requests)
+        except (OSError, trio.BrokenResourceError) as exc:
+            unreachable = TemporaryGatewayError(f"FCM unreachable: {exc!r}")
+            return [unreachable] * len(bodies)
+        return [_checked("FCM", reply, now_wall) for reply in replies]
 
     async def _post(
         self, what: str, url: str, body: bytes, headers: dict[str, str], now_wall: float

@@ -32,6 +32,7 @@ from trio_dht.limits import Limits
 from trio_dht.push.payloads import Push
 
 USER_AGENT = "trio-dht push"
+USER_AGENT_BYTES = USER_AGENT.encode()
 TIMED_OUT = "timeout"
 """The ``reason`` of a request that outlasted its deadline."""
 OVERSIZED = "oversized"
@@ -121,7 +122,8 @@ class Reply:
     """A gateway's reply, its body read whole (at most the cap) and not decoded."""
 
     status_code: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]
+    """Lower-case names (an httpx ``Headers`` is one too: it finds any case)."""
     content: bytes
 
     def json(self) -> Any:
