@@ -397,6 +397,7 @@ class Http2Origin:
             started: list[int] = []
             try:
                 while todo:
+                    freed = connection.slot_freed  # taken before the flush, which may see streams finish
                     while todo and connection.core.can_open:
                         i = todo.pop(0)
                         attempts[i] += 1
@@ -407,7 +408,7 @@ class Http2Origin:
                     connection.idle.deadline = float("inf")
                     await connection.flush()
                     if todo and not connection.core.goaway and not connection.closed:
-                        await connection.slot_freed.wait()
+                        await freed.wait()
                     else:
                         break
                 while any(batch.results[i] is None for i in started):
