@@ -199,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         "table and the push apps ([apps.<id>]); flags given here override it",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging: -v for INFO, -vv for DEBUG"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (by default trio-dht's INFO lines, other libraries' warnings): -v for every "
+        "library's INFO lines and trio-dht's DEBUG ones, -vv for every DEBUG line (and no rate limit)",
     )
     parser.add_argument(
         "-l",

@@ -95,7 +95,7 @@ class SystemdNotifier:
 
     def __init__(self, settings: NotifySettings) -> None:
         self.settings = settings
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # not inherited (PEP 446)
         self._socket.setblocking(False)
         self.sent = 0
         self.errors = 0
