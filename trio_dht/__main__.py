@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # SystemExit and the like keep their meaning
         if config.verbose:
             log.error("traceback of the failure", exc_info=exc)
+        if config.log_file is not None:  # the file says why the program stopped, too
+            log.error("stopped by a failure: %s", describe_failure(exc))
         print(f"trio-dht: error: {describe_failure(exc)}", file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,32 @@ def test_a_log_file_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr == f"trio-dht: error: cannot open the log file {missing}: No such file or directory\n"
     assert done.stdout == ""
+
+
+def test_a_failure_is_in_the_log_file_too(tmp_path: Path) -> None:
+    log_file = tmp_path / "trio-dht.log"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        command = [
+            *MODULE,
+            "-p",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--no-ipv6",
+            "--no-proxy",
+            "-l",
+            str(log_file),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("trio-dht: error: OSError: ") and "in use" in line
+    assert (
+        f"ERROR trio_dht: stopped by a failure: {line.removeprefix('trio-dht: error: ')}"
+        in log_file.read_text()
+    )
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
