@@ -7,6 +7,9 @@
   line after some were dropped is preceded by one saying how many.
 - :class:`JsonFormatter`: ``--log-format json``, one JSON object a line (``time`` in ISO 8601 UTC, ``level``,
   ``logger``, ``message``, and ``exc`` with a traceback).
+- :class:`JournalFormatter`: text lines on a stderr that systemd's journal reads (``$JOURNAL_STREAM``) start
+  with the syslog priority of their level (``<6>`` for INFO...), so ``journalctl -p warning`` filters them,
+  and leave the time out (the journal stamps each line).
 - :func:`configure`: the program's logging (stderr, or ``-l FILE``), set up once at start.
 """
 
@@ -17,9 +20,10 @@ import json
 import logging
 import logging.handlers
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -130,6 +134,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``, the priority being syslog's for the record's level (DEBUG 7, INFO 6,
+    WARNING 4, ERROR 3, CRITICAL 2)."""
+
+    PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self.PRIORITIES if record.levelno >= level), 7)
+        return f"<{priority}>{super().format(record)}"
+
+
+def to_journal(stream: IO[str], environ: Mapping[str, str]) -> bool:
+    """Whether ``stream`` is the journal's: ``$JOURNAL_STREAM`` (``device:inode``) names its file."""
+    try:
+        device, inode = (int(part) for part in environ.get("JOURNAL_STREAM", "").split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
 def formatter(log_format: str) -> logging.Formatter:
     """The formatter of ``--log-format`` (``text`` or ``json``)."""
     if log_format == "json":
@@ -151,15 +179,19 @@ def configure(
     log_format: str = "text",
     *,
     stream: IO[str] | None = None,
+    environ: Mapping[str, str] = os.environ,
 ) -> None:
     """The program's logging: trio_dht's lines from INFO (DEBUG with ``-v``), other libraries' from WARNING
-    (INFO with ``-v``, DEBUG with ``-vv``), through ``handler`` (default: ``stream``, stderr), rate-limited
-    (not with ``-vv``, which asks for every line). Like :func:`logging.basicConfig`, it adds no handler to a
-    root logger that has one already (an embedding program's, a test runner's)."""
+    (INFO with ``-v``, DEBUG with ``-vv``), through ``handler`` (default: ``stream``, stderr; as
+    :class:`JournalFormatter` lines when that is the journal's and the format is text), rate-limited (not
+    with ``-vv``, which asks for every line). Like :func:`logging.basicConfig`, it adds no handler to a root
+    logger that has one already (an embedding program's, a test runner's)."""
     root = logging.getLogger()
     if not root.handlers:
-        inner = handler if handler is not None else logging.StreamHandler(stream or sys.stderr)
-        inner.setFormatter(formatter(log_format))
+        stream = stream or sys.stderr
+        inner = handler if handler is not None else logging.StreamHandler(stream)
+        journal = handler is None and log_format == "text" and to_journal(stream, environ)
+        inner.setFormatter(JournalFormatter() if journal else formatter(log_format))
         root.addHandler(inner if verbose >= 2 else RateLimitedHandler(inner))
     elif handler is not None:
         handler.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -221,3 +222,34 @@ def test_the_log_format_is_a_choice(log_format: str) -> None:
     assert parse_args(["--log-format", log_format]).log_format == log_format
     with pytest.raises(SystemExit):
         parse_args(["--log-format", "xml"])
+
+
+def test_lines_to_the_journal_carry_their_priority_and_no_time(tmp_path: Path) -> None:
+    from trio_dht.logs import JournalFormatter, to_journal
+
+    formatter = JournalFormatter()
+    for level, priority in [(logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3)]:
+        assert formatter.format(record("peers found", level)) == f"<{priority}>trio_dht.test: peers found"
+    with (tmp_path / "stream").open("w") as stream, (tmp_path / "other").open("w") as other:
+        stat = os.fstat(stream.fileno())
+        environ = {"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+        assert to_journal(stream, environ)
+        assert not to_journal(other, environ)  # stderr was redirected elsewhere
+        assert not to_journal(stream, {}) and not to_journal(stream, {"JOURNAL_STREAM": "x"})
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level, logging.getLogger("trio_dht").level
+        root.handlers[:] = []
+        try:
+            configure(0, stream=stream, environ=environ)
+            logging.getLogger("trio_dht.test").warning("lost")
+            root.handlers[:] = []
+            other_stat = os.fstat(other.fileno())
+            other_journal = {"JOURNAL_STREAM": f"{other_stat.st_dev}:{other_stat.st_ino}"}
+            configure(0, log_format="json", stream=other, environ=other_journal)  # JSON stays JSON
+            logging.getLogger("trio_dht.test").warning("lost")
+        finally:
+            root.handlers[:], level, own = saved
+            root.setLevel(level)
+            logging.getLogger("trio_dht").setLevel(own)
+    assert (tmp_path / "stream").read_text() == "<4>trio_dht.test: lost\n"
+    assert json.loads((tmp_path / "other").read_text())["message"] == "lost"
