@@ -4,7 +4,7 @@
 ``trio-dht vapid-keygen PATH`` writes a new VAPID key (:mod:`trio_dht.push.vapid`).
 
 Exit codes: 0 after SIGINT/SIGTERM (or ``--help``/``--version``), 1 when a task failed (one line on stderr
-says why; ``-v`` adds the traceback), 2 for bad flags.
+says why; ``-v`` adds the traceback), 2 for bad flags or a log file (``-l``) that cannot be opened.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import trio
 
+from trio_dht import logs
 from trio_dht.app import run
 from trio_dht.cli import describe_failure, leaf_exceptions, parse_args
 
@@ -49,7 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return keygen_main(argv[1:])
     config = parse_args(argv)
-    configure_logging(config.verbose)
+    try:
+        handler = logs.open_log_file(config.log_file) if config.log_file is not None else None
+    except OSError as exc:
+        print(
+            f"trio-dht: error: cannot open the log file {config.log_file}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(config.verbose, handler, config.log_format)
     tune_garbage_collector()
     try:
         trio.run(run, config)
@@ -61,17 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # SystemExit and the like keep their meaning
         if config.verbose:
             log.error("traceback of the failure", exc_info=exc)
+        if config.log_file is not None:  # the file says why the program stopped, too
+            log.error("stopped by a failure: %s", describe_failure(exc))
         print(f"trio-dht: error: {describe_failure(exc)}", file=sys.stderr)
         return 1
     return 0
 
 
-def configure_logging(verbose: int) -> None:
-    """Log to stderr: trio_dht at INFO (the startup lines); ``-v``: all at INFO; ``-vv``: all at DEBUG."""
-    root_level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(root_level)
-    logging.getLogger("trio_dht").setLevel(logging.DEBUG if verbose else logging.INFO)
+def configure_logging(verbose: int, handler: logging.Handler | None = None, log_format: str = "text") -> None:
+    """Log to stderr, or through ``handler`` (``-l FILE``), as text or JSON lines: trio_dht at INFO (what an
+    operator needs: start, peers found and lost, gateway failures, limits hit); ``-v``: all at INFO and
+    trio_dht at DEBUG; ``-vv``: all at DEBUG (see :func:`trio_dht.logs.configure`)."""
+    logs.configure(verbose, handler, log_format)
 
 
 if __name__ == "__main__":

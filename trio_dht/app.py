@@ -6,6 +6,11 @@ This is the one place where the tree is put together. :func:`run` reads top to b
     run(config)                         returns after SIGINT/SIGTERM; raises when any task fails
     └── nursery
         ├── _cancel_on_signal           the first SIGINT or SIGTERM cancels the whole tree
+        ├── SystemdNotifier.run         with $NOTIFY_SOCKET (sd_notify.py): watchdog pings from the event
+        │                               loop; STOPPING=1 when cancelled (READY=1 is sent once all serve)
+        ├── _keep_node_state            with -f: the node's id, good nodes and values saved
+        ├── _watch_peers                logs peers found and lost per family; systemd's STATUS=
+        ├── _report_limits              one line a minute naming the limits reached (limits_hit.py)
         └── open_node(...)              the UDP node (node/dht.py), whose nursery runs:
             ├── UdpEndpoint.serve       per socket: a batch of datagrams per wake-up, answered at once
             ├── _request_timer          resends and timeouts of every request we await (one timer)
@@ -38,6 +43,10 @@ This is the one place where the tree is put together. :func:`run` reads top to b
 
 A task that fails cancels the others, and its exception leaves :func:`run` (inside ExceptionGroups); the CLI
 turns that into one line and exit code 1.
+
+What an operator needs is logged at INFO: the start (node id, UDP ports, proxy URLs, push apps), peers found
+and lost per address family, push gateway lanes failing and delivering again (``push/dispatcher.py``), and
+the limits reached (once a minute).
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +72,9 @@ from trio_dht.config_file import (
     route,
 )
 from trio_dht.infohash import InfoHash
+from trio_dht.limits_hit import REPORT_EVERY, LimitsHit
 from trio_dht.node import DhtNode, open_node
+from trio_dht.node.connectivity import Connectivity, family_name
 from trio_dht.node.ratelimit import UdpRateLimiter
 from trio_dht.node.saved_state import NodeState, bootstrap_addresses, capture, restore_values
 from trio_dht.persist import PersistError, StateStore
@@ -77,6 +88,7 @@ from trio_dht.push.gorush import GorushGateway
 from trio_dht.push.payloads import Platform
 from trio_dht.push.service import PushService
 from trio_dht.push.unifiedpush import UnifiedPushGateway
+from trio_dht.sd_notify import SystemdNotifier
 from trio_dht.wire import msgpack_codec
 
 if TYPE_CHECKING:
@@ -86,11 +98,14 @@ log = logging.getLogger(__name__)
 
 SAVE_NODE_STATE_EVERY = 300.0
 """Seconds between saves of the node's id and good nodes with ``-f``."""
+WATCH_PEERS_EVERY = 5.0
+"""Seconds between two looks at whether each family has good peers."""
 
 
 async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node and its front ends until SIGINT or SIGTERM; ``task_status`` gets the node once serving."""
     identity = _identity(config)
+    notifier = SystemdNotifier.from_environ()
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(StateStore(config.persist_path)) if config.persist_path else None
         saved = store.load_node_state() if store is not None else None
@@ -98,6 +113,8 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                if notifier is not None:
+                    await nursery.start(notifier.run)
                 async with open_node(
                     port=config.port,
                     host=config.bind,
@@ -112,9 +129,17 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                     _log_node(node, config)
                     if store is not None:
                         await nursery.start(_keep_node_state, node, store, saved)
+                    stats = _StatsDocument(node)
                     async with _open_push(node, config, store) as push, trio.open_nursery() as services:
-                        await _start_proxy(services, node, config, push)
+                        if config.proxy is not None:
+                            push = {**push, "on_stats": stats.use}
+                        urls = await _start_proxy(services, node, config, push) or []
+                        peers = Connectivity(trio.current_time())
+                        nursery.start_soon(_watch_peers, node, peers, notifier, urls)
+                        nursery.start_soon(_report_limits, stats)
                         log.info("running; SIGINT or SIGTERM stops")
+                        if notifier is not None:
+                            notifier.ready(_status(peers, urls))
                         task_status.started(node)
                         await trio.sleep_forever()
     log.info("stopped")
@@ -224,6 +249,53 @@ def _save_node_state(node: DhtNode, store: StateStore, *, with_values: bool) -> 
         store.save_node_state(state)
 
 
+class _StatsDocument:
+    """Builds the ``/node/stats`` document for the limits report: the proxy's once it serves, else the node's
+    counters alone."""
+
+    def __init__(self, node: DhtNode) -> None:
+        self.build: Callable[[float], dict[str, Any]] = lambda now: {"nodeInfo": node.info().extra}
+
+    def use(self, build: Callable[[float], dict[str, Any]]) -> None:
+        self.build = build
+
+
+async def _report_limits(stats: _StatsDocument) -> None:
+    """Every :data:`~trio_dht.limits_hit.REPORT_EVERY` seconds, one line naming the limits reached since."""
+    report = LimitsHit()
+    report.line(stats.build(trio.current_time()), 0.0)
+    while True:
+        await trio.sleep(REPORT_EVERY)
+        line = report.line(stats.build(trio.current_time()), REPORT_EVERY)
+        if line is not None:
+            log.info("%s", line)
+
+
+async def _watch_peers(
+    node: DhtNode, peers: Connectivity, notifier: SystemdNotifier | None, urls: list[str]
+) -> None:
+    """Every :data:`WATCH_PEERS_EVERY` seconds: log each family that found its first good peer or lost its
+    last one, and tell systemd the new status."""
+    while True:
+        await trio.sleep(WATCH_PEERS_EVERY)
+        now = trio.current_time()
+        tables = node.tables
+        changes = peers.update({v6: tables[v6].is_connected(now) for v6 in node.protocol.families}, now)
+        for v6, connected in changes:
+            good, dubious = tables[v6].counts(now)
+            if connected:
+                log.info("%s: peers found (%d good nodes)", family_name(v6), good)
+            else:
+                log.warning("%s: peers lost (no good node, %d dubious)", family_name(v6), dubious)
+        if changes and notifier is not None:
+            notifier.status(_status(peers, urls))
+
+
+def _status(peers: Connectivity, urls: list[str]) -> str:
+    """The service's status for systemd: the node's peers and where the proxy serves."""
+    return f"{peers.describe()}; {'proxy on ' + ', '.join(urls) if urls else 'no proxy'}"
+
+
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
     """Wait for the first SIGINT or SIGTERM, then cancel ``scope``."""
     async for signum in signals:
@@ -292,6 +364,8 @@ async def _open_push(
                 by_app[app.id] = CountingGateway(gateway, counts, name=app.id)
                 topics = f" for {', '.join(app.topics)}" if app.topics else ""
                 log.info("%s pushes%s through %s", " and ".join(app.platforms), topics, _describe(app))
+        if not by_app:
+            log.info("no push app for Android or iOS: their pushes are dropped (UnifiedPush is served)")
         router = AppGateways(config.apps, by_app, unifiedpush)
         # No batch window: an idle lane sends a push at once; under load, batches still form from what queues
         # while the lane's request is in flight, so a window would only add its length to every push's delay.
@@ -315,10 +389,12 @@ async def _open_push(
 
 async def _start_proxy(
     services: trio.Nursery, node: DhtNode, config: AppConfig, push: dict[str, Any]
-) -> None:
-    """Start the REST proxy (plain HTTP and/or HTTPS, as configured) in front of ``node``, if it is on."""
+) -> list[str]:
+    """Start the REST proxy (plain HTTP and/or HTTPS, as configured) in front of ``node``, if it is on; the
+    URLs it serves."""
     if config.proxy is None:
-        return
-    urls = await services.start(functools.partial(serve_proxy, **push), node, config.proxy)
+        return []
+    urls: list[str] = await services.start(functools.partial(serve_proxy, **push), node, config.proxy)
     for url in urls:
         log.info("proxy on %s", url)
+    return urls

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from trio_dht.limits import DEFAULT as DEFAULT_LIMITS
 from trio_dht.limits import Limits
+from trio_dht.logs import FORMATS
 from trio_dht.node import DEFAULT_PORT
 from trio_dht.proxy.settings import ProxyConfig, default_http_workers
 from trio_dht.push.subscriptions import DEFAULT_LIFETIME as DEFAULT_SUBSCRIPTION_LIFETIME
@@ -50,6 +51,8 @@ class AppConfig:
     bind6: str | None = "::"  # None: IPv4 only
     rate_limit: bool = True  # OpenDHT's limits on incoming requests (1024/s per IP, 8192/s in all)
     verbose: int = 0
+    log_file: Path | None = None  # -l FILE: log lines appended to FILE instead of stderr
+    log_format: str = "text"  # --log-format: text, or json (one object a line)
     identity: bool = False  # -i: run with a new identity (an RSA key and its certificate)
     certificate: Path | None = None  # --certificate and --privkey: run with this identity
     private_key: Path | None = None
@@ -196,7 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
         "table and the push apps ([apps.<id>]); flags given here override it",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging: -v for INFO, -vv for DEBUG"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (by default trio-dht's INFO lines, other libraries' warnings): -v for every "
+        "library's INFO lines and trio-dht's DEBUG ones, -vv for every DEBUG line (and no rate limit)",
+    )
+    parser.add_argument(
+        "-l",
+        "--logfile",
+        dest="log_file",
+        type=Path,
+        metavar="FILE",
+        help="append the log lines to FILE instead of stderr (reopened when moved, for log rotation)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="log lines as text, or as JSON objects (time, level, logger, message, exc), one a line",
     )
     parser.add_argument(
         "--limit",
@@ -406,6 +428,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         bind6=args.bind6,
         rate_limit=args.rate_limit,
         verbose=args.verbose,
+        log_file=args.log_file,
+        log_format=args.log_format,
         identity=args.identity,
         certificate=args.certificate,
         private_key=args.private_key,

@@ -39,6 +39,7 @@ from typing import Any
 
 from trio_dht import cli
 from trio_dht.limits import Limits
+from trio_dht.logs import FORMATS
 from trio_dht.small_files import FileTooLarge, read_small_file
 
 MAX_FILE_BYTES = 1024 * 1024
@@ -538,6 +539,12 @@ def _verbose(_: _Checker, value: Any) -> int:
     return value
 
 
+def _log_format(_: _Checker, value: Any) -> str:
+    if _expect(value, str) not in FORMATS:
+        raise _Bad(f"not a log format: {value!r} (use {' or '.join(FORMATS)})")
+    return value
+
+
 _SETTINGS: dict[str, tuple[str, Callable[[_Checker, Any], Any]]] = {
     "port": ("port", _parsed(cli.parse_port, int)),
     "bootstrap": ("bootstrap", _bootstrap),
@@ -547,6 +554,8 @@ _SETTINGS: dict[str, tuple[str, Callable[[_Checker, Any], Any]]] = {
     "no_ipv6": ("bind6", _flag(None)),
     "no_rate_limit": ("rate_limit", _flag(False)),
     "verbose": ("verbose", _verbose),
+    "logfile": ("log_file", _Checker.path),
+    "log_format": ("log_format", _log_format),
     "identity": ("identity", _boolean),
     "certificate": ("certificate", _Checker.existing_file),
     "privkey": ("private_key", _Checker.existing_file),

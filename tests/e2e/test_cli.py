@@ -27,7 +27,7 @@ LOOPBACK = AppConfig(port=0, bind="127.0.0.1", bind6=None, proxy=None)
 @pytest.fixture
 def quiet_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process runs of main() leave the test session's logging configuration alone."""
-    monkeypatch.setattr(cli, "configure_logging", lambda verbose: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,6 +73,8 @@ bind = "127.0.0.1"
 no_ipv6 = true
 no_rate_limit = true
 verbose = 1
+logfile = "trio-dht.log"
+log_format = "json"
 proxyserver = 8080
 proxy_addr = "127.0.0.1"
 http_workers = 0
@@ -130,6 +132,8 @@ def test_a_good_file_is_the_app_config(tmp_path: Path, keys: Path) -> None:
         bind6=None,
         rate_limit=False,
         verbose=1,
+        log_file=tmp_path / "trio-dht.log",  # relative to the file's folder
+        log_format="json",
         proxy=ProxyConfig(
             host="127.0.0.1",
             port=8080,
@@ -389,6 +393,8 @@ def test_every_problem_is_reported_at_once_one_line_each_exit_2(tmp_path: Path, 
         ("pushserver = 'gorush'", "pushserver: bad address 'gorush': no port"),
         ("http_workers = 65", "http_workers: not a count from 0 to 64: '65'"),
         ("config = 'other.toml'", "config: unknown key"),
+        ("log_format = 'xml'", "log_format: not a log format: 'xml' (use text or json)"),
+        ("logfile = 3", "logfile: expected a string, not an integer"),
         ("proxy-addr = '::1'", "proxy-addr: unknown key (keys are written with underscores: proxy_addr)"),
     ],
 )
@@ -422,6 +428,20 @@ def test_key_files_are_read_through_read(tmp_path: Path, keys: Path) -> None:
     assert loaded.problems == ()
     assert read_paths == [Path("/etc/trio-dht/k.pem")]
     assert loaded.apps[0].credentials.key_pem == key
+
+
+def test_every_long_flag_is_a_key() -> None:
+    """The file maps every flag but --config (and --limit/--limits, its [limits] table), by its long name."""
+    from trio_dht.cli import build_parser
+    from trio_dht.config_file import _SETTINGS
+
+    longs = {
+        option[2:].replace("-", "_")
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    assert longs - set(_SETTINGS) == {"help", "version", "config", "limit", "limits"}
 
 
 def test_defaults_are_untouched_without_a_file() -> None:

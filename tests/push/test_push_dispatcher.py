@@ -151,6 +151,37 @@ async def test_failed_requests_log_one_line_per_ten_seconds(autojump_clock, capl
         nursery.cancel_scope.cancel()
 
 
+async def test_a_lane_failing_and_delivering_again_is_logged(autojump_clock, caplog):
+    """What an operator needs: the lane that starts backing off, and when it delivers again."""
+    caplog.set_level(logging.INFO, logger="trio_dht.push.dispatcher")
+    gateway = ScriptedGateway()
+    dispatcher = Dispatcher({Platform.ANDROID: gateway}, queue=DeliveryQueue(batch_window=0, backoff_cap=5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        dispatcher.submit(vpush(1))
+        await trio.sleep(1)
+        assert caplog.records == []  # delivering: nothing to say
+        gateway.down = True
+        dispatcher.submit(vpush(1, t=2))
+        await trio.sleep(30)  # fails again and again: one line per 10 s
+        gateway.down = False
+        await trio.sleep(10)
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines[0] == "push gateway fake (lane 0): down; failing: backing off, retrying later"
+        assert all("still failing" in line for line in lines[1:-1]) and 1 <= len(lines[1:-1]) <= 3
+        assert lines[-1] == "push gateway fake (lane 0): delivers again"
+        assert {r.levelno for r in caplog.records} == {logging.INFO}
+        nursery.cancel_scope.cancel()
+
+
+def test_lane_names():
+    from trio_dht.push.dispatcher import _lane_name
+
+    assert _lane_name(("push.example.org", 443)) == "push.example.org:443"
+    assert _lane_name(("2001:db8::1", 8443)) == "[2001:db8::1]:8443"
+    assert _lane_name(3) == "lane 3"
+
+
 async def test_dispatcher_gateway_down_then_back_delivers_each_subscription_once(autojump_clock):
     gateway = ScriptedGateway()
     gone = []

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from trio_dht.limits import DEFAULT, Limits
 from trio_dht.signature import Verifier
+from trio_dht.token_bucket import TokenBucket
 from trio_dht.value import Value
 
 if TYPE_CHECKING:
@@ -52,9 +53,7 @@ class ValueScreen:
         self._decrypted: OrderedDict[bytes, Value | None] = OrderedDict()
         self._cache_bytes = 0
         self._max_cache_bytes = limits.decrypt_cache_bytes
-        self._rate = limits.decrypts_per_second
-        self._tokens = self._rate
-        self._refilled = clock()
+        self._budget = TokenBucket(limits.decrypts_per_second, limits.decrypts_per_second, clock())
         self._clock = clock
         self.over_budget = 0
         """Encrypted values handed over opaque because the decryption budget was spent."""
@@ -95,7 +94,7 @@ class ValueScreen:
         if digest in cache:
             cache.move_to_end(digest)
             known = cache[digest]
-        elif not self._spend():
+        elif not self._budget.take(self._clock()):
             self.over_budget += 1
             return value
         else:
@@ -115,16 +114,6 @@ class ValueScreen:
             # The same cypher under another id, or other push hints (which travel outside the cypher).
             known = replace(known, id=value.id, prio=value.prio, push_type=value.push_type, _packed=None)
         return known
-
-    def _spend(self) -> bool:
-        """Take one decryption from the budget, if there is one left."""
-        now = self._clock()
-        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
-        self._refilled = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 def _cost(value: Value | None) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -75,14 +76,18 @@ async def serve_proxy(
     blueprints: Iterable[Blueprint] = (),
     push: PushHooks | None = None,
     journal: PutJournal | None = None,
+    on_stats: Callable[[Callable[[float], dict[str, Any]]], None] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the REST proxy for ``dht`` until cancelled; ``task_status.started`` gets the bound URLs.
+    """Serve the REST proxy for ``dht`` until cancelled; ``task_status.started`` gets the bound URLs, and
+    ``on_stats`` (if given) the function that builds ``/node/stats`` from the time ``now``.
 
     On cancellation: open listen streams are ended (each gets its last chunk), no new connection is accepted,
     and requests in flight get ``config.graceful_timeout`` seconds to finish before connections are cut.
     """
     app = create_app(dht, config, blueprints=blueprints, push=push, journal=journal)
+    if on_stats is not None:
+        on_stats(app.state.stats)
     cfg = hypercorn_config(config)
     sockets = cfg.create_sockets()
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):

@@ -9,8 +9,10 @@ through the gateways, and feeds their results back to it.
   an idle lane is taken by a worker in the scheduling step after :meth:`Dispatcher.submit`. One loop starts
   workers for the rest (other lanes, retries, batch windows), sleeping until the queue's next due time.
 - **Failures.** A gateway's :class:`~trio_dht.push.gateway.TemporaryGatewayError` requeues the batch (with its
-  ``Retry-After``), a :class:`~trio_dht.push.gateway.PermanentGatewayError` or a bug drops it; each is logged
-  at most once per 10 s per gateway kind, since failing endpoints are chosen by strangers.
+  ``Retry-After``), a :class:`~trio_dht.push.gateway.PermanentGatewayError` or a bug drops it. A lane that
+  starts failing (its request failed after one that went well: it backs off) and one that delivers again
+  after failing are logged at INFO. Each kind of line is logged at most once per 10 s per gateway kind, with
+  the count of those left out, since failing endpoints are chosen by strangers.
 
 :class:`DeliveryQueue` and :class:`Batch` are importable from here too.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -80,7 +82,7 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         self._kicked = False
         self._token_gone: Callable[[str], None] = lambda token: None
-        self._logs: dict[tuple[int, str], LogLimit] = {}
+        self._logs: dict[tuple[int | str, str], LogLimit] = {}
 
     @property
     def stats(self) -> Counter[str]:
@@ -195,12 +197,15 @@ class Dispatcher:
             self._in_flight[kind] -= 1
             self._wake.set()
 
-    def _log(self, level: int, kind: str, text: str, *, exc_info: bool = False) -> None:
-        """Log ``text`` about gateway ``kind`` at most once per 10 s per (level, kind): failing endpoints are
-        chosen by strangers, one failed request per push."""
-        limit = self._logs.get((level, kind))
+    def _log(
+        self, level: int, kind: str, text: str, *, exc_info: bool = False, event: str | None = None
+    ) -> None:
+        """Log ``text`` about gateway ``kind`` at most once per 10 s per (``event`` or level, kind): failing
+        endpoints are chosen by strangers, one failed request per push."""
+        key = (event or level, kind)
+        limit = self._logs.get(key)
         if limit is None:
-            limit = self._logs[level, kind] = LogLimit()
+            limit = self._logs[key] = LogLimit()
         if (line := limit.line(text, trio.current_time())) is not None:
             log.log(level, "%s", line, exc_info=exc_info)
 
@@ -210,7 +215,11 @@ class Dispatcher:
         try:
             outcomes = await gateway.send(batch.pushes)
         except TemporaryGatewayError as exc:
-            self._log(logging.INFO, gateway.name, f"push gateway {gateway.name}: {exc}; retrying later")
+            state = "still failing" if batch.failing else "failing: backing off"
+            text = (
+                f"push gateway {gateway.name} ({_lane_name(batch.lane[1])}): {exc}; {state}, retrying later"
+            )
+            self._log(logging.INFO, gateway.name, text)
             if exc.reason:
                 stats[exc.reason] += 1
             self.queue.batch_failed(batch, trio.current_time(), exc.retry_after)
@@ -232,5 +241,16 @@ class Dispatcher:
                 self._log(logging.ERROR, gateway.name, text)
                 self.queue.batch_dropped(batch, trio.current_time())
             else:
+                if batch.failing:
+                    text = f"push gateway {gateway.name} ({_lane_name(batch.lane[1])}): delivers again"
+                    self._log(logging.INFO, gateway.name, text, event="recovered")
                 for token in self.queue.batch_done(batch, outcomes, trio.current_time()):
                     self._token_gone(token)
+
+
+def _lane_name(lane: Hashable) -> str:
+    """A lane for the log: an endpoint's ``host:port``, or a gateway connection's number."""
+    if isinstance(lane, tuple) and len(lane) == 2:
+        host, port = lane
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return f"lane {lane}"
