@@ -83,6 +83,9 @@ async def test_every_family_moves_with_its_work(workers: int) -> None:
                 before, "trio_dht_udp_datagrams_received_total"
             )
             assert value(after, "trio_dht_udp_requests_received_total", method="ping") >= 1
+            assert (
+                value(after, "trio_dht_udp_requests_sent_total", method="ping") >= 1
+            )  # it confirms the pinger
             assert value(after, "trio_dht_udp_datagrams_sent_total") > 0
             assert value(after, "trio_dht_stored_values") >= 1 and value(after, "trio_dht_stored_bytes") > 0
             assert value(after, "trio_dht_listens", kind="local") >= 1  # the subscription's DHT listen

@@ -6,8 +6,8 @@ read at scrape time. What nothing else counted is kept as plain ints by
 :mod:`~trio_dht.proxy.request_counts` (HTTP requests, put-to-push latency). The families (all prefixed
 ``trio_dht_``, in base units, labels with bounded values only):
 
-* UDP: datagrams received and sent, requests received by method, drops by reason; nodes per family and
-  state; stored values, bytes and keys; searches and listens;
+* UDP: datagrams received and sent, requests received and sent by method, drops by reason; nodes per
+  family and state; stored values and bytes; searches and listens;
 * HTTP: requests by route (the route table's names, ``other`` for none) and status, a latency histogram
   per route; requests answered by the front end for an HTTP worker (SUBSCRIBE, UNSUBSCRIBE) and for the
   connections workers hand over are counted there, so the numbers are whole;
@@ -124,6 +124,14 @@ class ProxyCollector:
         for method, count in sorted(getattr(counters, "requests", {}).items()):
             requests.add_metric([method], count)
         yield requests
+        sent = CounterMetricFamily(
+            "trio_dht_udp_requests_sent",
+            "UDP requests sent, by method (not their resends).",
+            labels=["method"],
+        )
+        for method, count in sorted(getattr(counters, "requests_sent", {}).items()):
+            sent.add_metric([method], count)
+        yield sent
         drops = CounterMetricFamily(
             "trio_dht_udp_dropped", "UDP datagrams dropped, by reason.", labels=["reason"]
         )
