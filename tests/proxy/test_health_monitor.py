@@ -3,6 +3,8 @@ and the routes /metrics, /healthz and /status in the one route table."""
 
 from __future__ import annotations
 
+import json
+
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,6 +19,9 @@ from trio_dht.proxy.http_worker import relayed_request
 from trio_dht.proxy.request_counts import RequestCounts
 from trio_dht.proxy.routes import ROUTES, Request
 from trio_dht.proxy.settings import ProxyConfig
+from trio_dht.push.payloads import Dialect, Platform
+from trio_dht.push.subscribe_bodies import parse_subscribe
+from trio_dht.push.subscriptions import SubscriptionBook
 from trio_dht.rest.health import ProxyStatus, peer_status
 from trio_dht.rest.paths import Route, canonical_path, match
 from trio_dht.testing import MemoryDht
@@ -148,3 +153,21 @@ async def test_handlers_answer_metrics_and_healthz() -> None:
         reply = ROUTES[Route.HEALTHZ].handler(state, Request())
         assert reply.status == 200 and b'"status":"ok"' in reply.body  # MemoryDht reports good peers
         nursery.cancel_scope.cancel()
+
+
+def test_the_book_counts_subscriptions_by_platform_and_dialect() -> None:
+    book = SubscriptionBook()
+    key = InfoHash.get("kinds")
+
+    def body(**fields: object) -> bytes:
+        return json.dumps({"key": "tok", "client_id": "c", "platform": "android", **fields}).encode()
+
+    sub, _ = book.subscribe(key, parse_subscribe(body()), 0.0)
+    book.subscribe(key, parse_subscribe(body(client_id="d", platform="ios")), 0.0)
+    assert book.kinds == {(Platform.ANDROID, Dialect.CURRENT): 1, (Platform.IOS, Dialect.CURRENT): 1}
+    book.subscribe(key, parse_subscribe(body(platform="ios", refresh=True)), 1.0)  # its platform changes
+    assert book.kinds == {(Platform.IOS, Dialect.CURRENT): 2}
+    book.remove(sub)
+    assert book.kinds == {(Platform.IOS, Dialect.CURRENT): 1}
+    book.remove_token("tok")
+    assert book.kinds == {}

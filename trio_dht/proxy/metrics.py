@@ -201,8 +201,8 @@ class ProxyCollector:
         )
         service = getattr(push, "service", None)
         if service is not None:
-            by_kind = Counter((sub.platform.value or "none", sub.dialect.value) for sub in service.book)
-            for (platform, dialect), count in sorted(by_kind.items()):
+            kinds = sorted((p.value or "none", d.value, n) for (p, d), n in service.book.kinds.items())
+            for platform, dialect, count in kinds:
                 subscriptions.add_metric([platform, dialect], count)
         yield subscriptions
         pushes = CounterMetricFamily(
