@@ -1,6 +1,7 @@
 """``GET /metrics`` of the ``trio-dht`` process: it parses with prometheus_client's own parser, and each
 family moves when the test does the matching work (a put, a SUBSCRIBE, a push through the gorush double, a
-refused request, a datagram), with and without an HTTP worker (whose requests are counted too)."""
+refused request, a datagram), with and without an HTTP worker (whose requests are counted too). And
+``GET /healthz`` while the push gateway fails every push, then recovers."""
 
 from __future__ import annotations
 
@@ -110,3 +111,36 @@ async def test_every_family_moves_with_its_work(workers: int) -> None:
             r = await http.get("/key/metrics")  # the key named "metrics" is still reachable
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
             assert (await http.get("/status")).status_code == 404  # reserved for the status page
+
+
+async def test_healthz_reports_a_gateway_that_fails_every_push_until_one_goes_through() -> None:
+    key = InfoHash.get("failing gateway")
+    async with open_gorush_double() as gorush:
+        port = free_tcp_port()
+        command = [
+            *MODULE, *LOOPBACK_NODE,
+            "--proxyserver", str(port), "--proxy-addr", "127.0.0.1",
+            "--pushserver", gorush.url.removeprefix("http://"),
+            "--health-isolated-after", "1h",  # a lone node: not a reason within this test
+            "--health-gateway-after", "1",
+        ]  # fmt: skip
+        async with (
+            trio_dht_process(command),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http,
+        ):
+            assert (await http.get("/healthz")).status_code == 200
+            gorush.script(503, b'{"error": "down"}', times=1000)  # every push fails (retried with backoff)
+            body = {"key": "tok", "platform": "android", "client_id": "c", "session_id": "s"}
+            assert (await http.request("SUBSCRIBE", f"/key/{key.hex()}", json=body)).status_code == 200
+            await http.post(f"/key/{key.hex()}", json={"data": "aGVsbG8=", "id": "8"})
+            with trio.fail_after(30):
+                while (r := await http.get("/healthz")).status_code != 503:
+                    await trio.sleep(0.1)
+            [reason] = r.json()["reasons"]
+            assert reason.startswith("push gateway ") and "has failed every push" in reason
+            assert r.json()["failingGateways"]
+            gorush._script.clear()  # the gateway is back: the next retry goes through
+            with trio.fail_after(30):
+                while (r := await http.get("/healthz")).status_code != 200:
+                    await trio.sleep(0.1)
+            assert gorush.notifications and "failingGateways" not in r.json()
