@@ -64,8 +64,8 @@ class PushHooks(Protocol):
 
 
 class ProxyState:
-    """The state behind one proxy app. :meth:`run` drives the permanent-put timers (``serve_proxy`` runs
-    it).
+    """The state behind one proxy app. :meth:`run` drives the permanent-put timers and the health
+    observations (``serve_proxy`` runs it).
     """
 
     def __init__(
@@ -214,6 +214,8 @@ class ProxyState:
         """Cancel permanent puts whose 24 h ran out and hand due refresh warnings to the push hooks.
 
         With a journal, the puts held before a restart are held again and re-announced first (spread out).
+        Beside them, every ``health.interval`` seconds, the health monitor is shown the node's peers and the
+        gateways' pushes (:meth:`observe_health`).
         """
         async with trio.open_nursery() as nursery:
             self.running = True
