@@ -33,6 +33,10 @@ whose client does not read is cut past ``http_send_buffer`` bytes held, a listen
 are counted per client address where they are accepted (or taken over from a worker); an ``accept`` out of
 file descriptors or memory pauses accepting (:class:`~trio_dht.proxy.conn_limits.AcceptPause`). Every limit
 reached is counted in ``/node/stats`` ``"http"``. Idle connections close at once on shutdown.
+
+Every request answered here is counted by route and status, with its latency, in the state's
+:class:`~trio_dht.proxy.request_counts.RequestCounts` (``/metrics``), those a worker relays included: the
+worker reads and writes them, this process answers them.
 """
 
 from __future__ import annotations
