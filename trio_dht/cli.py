@@ -338,6 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that accept the plain-HTTP connections beside the node's and relay SUBSCRIBE to it "
         "(default: 1 on Linux with 2 cores or more, else 0; 0: the node's process serves them all)",
     )
+    proxy.add_argument(
+        "--health-isolated-after",
+        type=_argparse_type(parse_lifetime, "duration"),
+        default=DEFAULT_PROXY.health_isolated_after,
+        metavar="DURATION",
+        help="GET /healthz answers 503 once the node has had no good peers this long "
+        f"(default {DEFAULT_PROXY.health_isolated_after:g} s)",
+    )
+    proxy.add_argument(
+        "--health-gateway-after",
+        type=_argparse_type(parse_lifetime, "duration"),
+        default=DEFAULT_PROXY.health_gateway_after,
+        metavar="DURATION",
+        help="GET /healthz answers 503 once a push gateway has failed every push this long "
+        f"(default {DEFAULT_PROXY.health_gateway_after:g} s)",
+    )
 
     push = parser.add_argument_group("push notifications")
     push.add_argument(
@@ -417,6 +433,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
                 private_key_password=args.proxy_private_key_password,
                 http_workers=default_http_workers() if args.http_workers is None else args.http_workers,
                 limits=limits,
+                health_isolated_after=args.health_isolated_after,
+                health_gateway_after=args.health_gateway_after,
             )
         except ValueError as exc:
             parser.error(str(exc))

@@ -569,6 +569,8 @@ _SETTINGS: dict[str, tuple[str, Callable[[_Checker, Any], Any]]] = {
     "proxy_privkey": ("proxy_private_key", _Checker.existing_file),
     "proxy_privkey_password": ("proxy_private_key_password", _text),
     "http_workers": ("http_workers", _parsed(cli.parse_workers, int)),
+    "health_isolated_after": ("health_isolated_after", _parsed(cli.parse_lifetime, int, float)),
+    "health_gateway_after": ("health_gateway_after", _parsed(cli.parse_lifetime, int, float)),
     "pushserver": ("push_server", _parsed(cli.parse_push_server)),
     "bundleid": ("bundle_id", _text),
     "subscription_lifetime": ("subscription_lifetime", _parsed(cli.parse_lifetime, int, float)),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from cli_process import LOOPBACK_NODE, free_tcp_port, ping, trio_dht_process
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -581,3 +582,26 @@ async def test_pyz_serves_on_a_bare_python_and_stops_on_sigterm(
         assert await node.stop() == 0
     assert "Traceback" not in node.output
     assert native_folder(pyz, cache_home).is_dir()  # with msgpack's C extension
+
+
+async def test_pyz_serves_metrics_and_healthz_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
+    """prometheus_client is carried: ``/metrics`` parses, ``/healthz`` answers (a lone node: 503 once the
+    threshold passed), also through an HTTP worker. (Read without prometheus_client: this test's process must
+    not need what only the zipapp carries.)"""
+    port = free_tcp_port()
+    command = [bare_python, pyz, *LOOPBACK_NODE, "--proxyserver", str(port), "--proxy-addr", "127.0.0.1",
+               "--http-workers", "1", "--health-isolated-after", "0.5"]  # fmt: skip
+    async with (
+        trio_dht_process(command, timeout=60) as node,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http,
+    ):
+        assert node.process.returncode is None, node.output
+        r = await http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        types = {line.split()[2] for line in r.text.splitlines() if line.startswith("# TYPE ")}
+        assert {"trio_dht_nodes", "trio_dht_http_requests_total", "process_cpu_seconds_total"} <= types
+        await trio.sleep(0.6)
+        r = await http.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "unhealthy", r.text
+        assert await node.stop() == 0
+    assert "Traceback" not in node.output

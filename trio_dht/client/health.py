@@ -1,31 +1,21 @@
 """How healthy a proxy is, from its ``GET /`` node info (sans-IO).
 
-OpenDHT's client trusts a proxy as *Connected* only when the info has a ``node_id`` and good nodes
-(``ipv4.good + ipv6.good > 0``), *Connecting* when it has only dubious ones. A proxy that answers HTTP but
-whose node has no peer at all is **isolated** (a "zombie" proxy, which OpenDHT's client takes for a healthy
-one): its GETs come from its local storage and its PUTs fail, so it is reported as such, not trusted as
-connected.
+An answer without a ``node_id`` is *disconnected*; otherwise the node's peers decide, by
+:func:`trio_dht.rest.health.peer_status` (the rule the proxy's own ``GET /healthz`` uses): *connected* with
+good peers, *connecting* with only dubious ones, **isolated** with none (a "zombie" proxy, which OpenDHT's
+client takes for a healthy one), reported as such, not trusted as connected.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from trio_dht.api import FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
+from trio_dht.rest.health import ProxyStatus, peer_status
 
-
-class ProxyStatus(enum.Enum):
-    CONNECTED = "connected"
-    """The proxy's node has good peers."""
-    CONNECTING = "connecting"
-    """Only dubious peers so far."""
-    ISOLATED = "isolated"
-    """The proxy answers but its node has no peers: values may be stale, puts fail."""
-    DISCONNECTED = "disconnected"
-    """The proxy did not answer, or not with node info."""
+__all__ = ["ProxyHealth", "ProxyStatus", "health_from_info", "unreachable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +78,5 @@ def health_from_info(doc: Any) -> ProxyHealth:
     ipv4, ipv6 = _family(doc.get("ipv4")), _family(doc.get("ipv6"))
     public_ip = doc.get("public_ip")
     public_ip = public_ip if isinstance(public_ip, str) else ""
-    good = ipv4.good + ipv6.good
-    dubious = ipv4.dubious + ipv6.dubious
-    if good:
-        status, error = ProxyStatus.CONNECTED, ""
-    elif dubious:
-        status, error = ProxyStatus.CONNECTING, "the proxy's node has only dubious peers"
-    else:
-        status, error = ProxyStatus.ISOLATED, "the proxy's node has no peers (isolated)"
+    status, error = peer_status(ipv4, ipv6)
     return ProxyHealth(status, node_id, ipv4, ipv6, public_ip, error)

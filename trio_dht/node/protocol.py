@@ -100,6 +100,9 @@ class Counters:
     """Fragmented replies (headers) whose ``t`` is no request we sent to that address (fragments starting no
     message are counted by the reassembler)."""
     requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Requests received, by method."""
+    requests_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Requests sent, by method (not their resends)."""
 
 
 def expiry(stored: StoredValue | None, value: Value, now: float) -> float:
@@ -542,6 +545,7 @@ class NodeProtocol:
             else [self.encoder.request(tid, method, args)]
         )
         request = PendingRequest(tid, addr, node_id, method, datagrams, on_done, on_slow, now)
+        self.counters.requests_sent[method] += 1
         if transactions.add(request) < self.requests_at:
             self.wake_requests()
         send = self.send

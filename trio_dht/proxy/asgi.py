@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -45,7 +46,7 @@ from trio_dht.proxy.routes import ROUTES, Answer, Later, Request, RouteSpec
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.state import ProxyState, PushHooks
 from trio_dht.proxy.streams import ListenStream
-from trio_dht.rest.paths import canonical_path, match
+from trio_dht.rest.paths import Route, canonical_path, match
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ STATE_KEY = "trio_dht.proxy"
 # -- the raw-ASGI path ---------------------------------------------------------------------------------------
 
 _BASE = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in BASE_HEADERS]
+_UNTYPED = [header for header in _BASE if header[0] != b"content-type"]
+"""The base headers of a reply with a ``Content-Type`` of its own (first of its headers)."""
 
 
 class BodyTooLarge(Exception):
@@ -67,8 +70,9 @@ class BodyTooLarge(Exception):
 
 
 async def send_reply(send: Send, reply: Reply) -> None:
-    """Send a reply with the proxy's headers (and a Content-Length, unless it is chunked)."""
-    headers = list(_BASE)
+    """Send a reply with the proxy's headers (and a Content-Length, unless it is chunked); a ``Content-Type``
+    first of its own headers replaces the base one."""
+    headers = list(_BASE) if not reply.headers or reply.headers[0][0] != "Content-Type" else list(_UNTYPED)
     if reply.chunks is None:
         headers.insert(0, (b"content-length", str(len(reply.body)).encode("ascii")))
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
@@ -122,6 +126,23 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+def counting_send(state: ProxyState, route: Route | None, send: Send) -> Send:
+    """``send``, counting the response in ``state.request_counts`` once it ends (its status from its start;
+    the latency from now)."""
+    start = perf_counter()
+    status = 0
+
+    async def counted(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            state.request_counts.observe(route, status, perf_counter() - start)
+
+    return counted
 
 
 async def serve_route(
@@ -315,6 +336,9 @@ class ProxyApp:
             await self.quart(scope, receive, send)
             return
         state = self.state
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        route = match(scope["method"], raw_path, state.served)
+        send = counting_send(state, None if route is None else route[0], send)
         client = scope.get("client")
         if state.limiter is not None and client and not state.limiter.allow(client[0], trio.current_time()):
             await send_reply(send, TOO_MANY_REQUESTS)
@@ -323,8 +347,6 @@ class ProxyApp:
             if name == b"content-length" and (not value.isdigit() or int(value) > state.config.max_body):
                 await send_reply(send, TOO_LARGE if value.isdigit() else BAD_CONTENT_LENGTH)
                 return
-        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
-        route = match(scope["method"], raw_path, state.served)
         if route is not None:
             await serve_route(ROUTES[route[0]], state, route[1], scope, receive, send)
             return

@@ -33,15 +33,21 @@ whose client does not read is cut past ``http_send_buffer`` bytes held, a listen
 are counted per client address where they are accepted (or taken over from a worker); an ``accept`` out of
 file descriptors or memory pauses accepting (:class:`~trio_dht.proxy.conn_limits.AcceptPause`). Every limit
 reached is counted in ``/node/stats`` ``"http"``. Idle connections close at once on shutdown.
+
+Every request answered here is counted by route and status, with its latency, in the state's
+:class:`~trio_dht.proxy.request_counts.RequestCounts` (``/metrics``), those a worker relays included: the
+worker reads and writes them, this process answers them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import select
 import socket
 import ssl
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -85,7 +91,7 @@ _INF = math.inf
 _IDLE, _HEAD, _BODY = Expiry.IDLE, Expiry.HEAD, Expiry.BODY
 ANSWERS_PER_TURN = 32
 """At most this many pipelined requests of one connection are answered before other tasks get a turn."""
-_RELAYED_ROUTES = {relay.SUBSCRIBE: ROUTES[Route.SUBSCRIBE], relay.UNSUBSCRIBE: ROUTES[Route.UNSUBSCRIBE]}
+_RELAYED_ROUTES = {relay.SUBSCRIBE: Route.SUBSCRIBE, relay.UNSUBSCRIBE: Route.UNSUBSCRIBE}
 
 
 class FrontEnd:
@@ -109,6 +115,8 @@ class FrontEnd:
         self.budgets = Budgets.from_limits(limits)
         self.connections_per_address = limits.http_connections_per_ip
         self.counters = app.state.http_counters
+        self.requests = app.state.request_counts
+        """Requests answered, by route and status, with their latency (``/metrics``)."""
         """The HTTP limits reached in this process (a worker's are added in :meth:`_limit_stats`)."""
         self._per_address = PerAddress(limits.http_connections_per_ip)
         self._accept_pause = AcceptPause()
@@ -145,6 +153,7 @@ class FrontEnd:
                         if self._poller is not None and self._push and self._http_workers > 0:
                             self._workers = [WorkerLink(self, plain) for _ in range(self._http_workers)]
                             self.state.stats_sources.append(self._worker_stats)
+                            self.state.parts.append(self._stopped_workers)
                             for link in self._workers:  # drained (not cancelled) on shutdown
                                 connections.start_soon(link.run, connections)
                             for link in self._workers:
@@ -181,6 +190,10 @@ class FrontEnd:
                 "droppedHandOvers": sum(link.dropped_hand_overs for link in links),
             }
         }
+
+    def _stopped_workers(self) -> list[str]:
+        """The HTTP workers not serving (restarting, or unable to start: the front end accepts instead)."""
+        return [f"HTTP worker {i + 1}" for i, link in enumerate(self._workers) if not link.ready]
 
     def _limit_stats(self) -> dict[str, Any]:
         counters = self.counters.total(self._per_address, self._accept_pause)
@@ -304,16 +317,14 @@ class FrontEnd:
                 return limiter
         return None
 
-    def _refusal(self, limiter: HttpRateLimiter | None, client: str, content_length: int) -> bytes | None:
-        """The response that refuses a request before it is read (over the rate or the body limit); the
+    def _refusal(self, limiter: HttpRateLimiter | None, client: str, content_length: int) -> Reply | None:
+        """The reply that refuses a request before it is read (over the rate or the body limit); the
         connection closes after it."""
         if limiter is not None and not limiter.allow(client, trio.current_time()):
-            refusal = TOO_MANY_REQUESTS
-        elif content_length > self._max_body:
-            refusal = TOO_LARGE
-        else:
-            return None
-        return self._response(refusal, close=True)
+            return TOO_MANY_REQUESTS
+        if content_length > self._max_body:
+            return TOO_LARGE
+        return None
 
     # -- serving: from bytes to a route's handler, and its answer back --------------------------------------
 
@@ -344,7 +355,7 @@ class FrontEnd:
             if next_step is Step.HAND_OVER:
                 return True
             assert isinstance(next_step, Pending)
-            head, spec, key, answer = next_step
+            head, spec, key, answer, route, start = next_step
             next_step = None
             conn.responding = False
             try:
@@ -358,7 +369,7 @@ class FrontEnd:
                     body = bytes(conn.buffer[head.size : end]) if head.content_length else b""
                     del conn.buffer[:end]
                     answer = spec.handler(self.state, Request(key, body, conn.client))
-                await self._respond(conn, head, answer)
+                await self._respond(conn, head, answer, route, start)
             except ClientGone:
                 raise
             except Exception:
@@ -366,6 +377,7 @@ class FrontEnd:
                     raise  # a stream cut short: closing the connection tells the client
                 log.exception("proxy front end failed on %s %r", head.method, head.target)
                 await conn.send(self._internal_error)
+                self.requests.observe(route, 500, perf_counter() - start)
                 return False
             if head.close or conn.ending or self._closing:
                 return False
@@ -404,45 +416,56 @@ class FrontEnd:
             if head is UNUSUAL:
                 return Step.HAND_OVER
             assert isinstance(head, Head)
-            route = match(head.method, head.target, self._served)
-            if route is None:
+            matched = match(head.method, head.target, self._served)
+            if matched is None:
                 return Step.HAND_OVER
+            start = perf_counter()
             conn.deadline = _INF
-            spec, key = ROUTES[route[0]], route[1]
+            route, key = matched
+            spec = ROUTES[route]
             refusal = self._refusal(conn.limiter, conn.client, head.content_length)
             if refusal is not None:  # the body (if any) is not read, so the connection ends
                 conn.ending = True
-                conn.pending = conn.send_now(refusal)
+                conn.pending = conn.send_now(self._response(refusal, close=True))
+                self.requests.observe(route, refusal.status, perf_counter() - start)
                 continue
             end = head.size + head.content_length
             if len(buffer) < end:
-                return Pending(head, spec, key)
+                return Pending(head, spec, key, None, route, start)
             body = bytes(buffer[head.size : end]) if head.content_length else b""
             del buffer[:end]
             try:
                 answer = spec.handler(state, Request(key, body, conn.client))
                 if not isinstance(answer, Reply):  # it needs waiting for: in the task
-                    return Pending(head, spec, key, answer)
+                    return Pending(head, spec, key, answer, route, start)
                 close = head.close or answer.close
                 response = self._reply_response(conn, answer, close)
+                status = answer.status
             except Exception:
                 log.exception("proxy front end failed on %s %r", head.method, head.target)
                 response = self._internal_error
                 close = True
+                status = 500
+            self.requests.observe(route, status, perf_counter() - start)
             conn.ending = close or self._closing
             conn.pending = conn.send_now(response)
         return Step.YIELD
 
-    async def _respond(self, conn: Connection, head: Head, answer: Answer) -> None:
-        """Send a route's answer."""
+    async def _respond(
+        self, conn: Connection, head: Head, answer: Answer, route: Route | None, start: float
+    ) -> None:
+        """Send a route's answer (counted once sent: a listen stream once its head is)."""
         if isinstance(answer, Later):
             answer = await answer.reply()
         if isinstance(answer, Reply):
             conn.ending = answer.close
             await conn.send(self._reply_response(conn, answer, head.close or answer.close))
+            self.requests.observe(route, answer.status, perf_counter() - start)
         elif isinstance(answer, GetStream):
             await write_get(conn, self.writer.stream_head(close=head.close), answer, self.counters)
+            self.requests.observe(route, 200, perf_counter() - start)
         else:
+            self.requests.observe(route, 200, perf_counter() - start)
             await self._listen(conn, head, answer)
 
     async def _listen(self, conn: Connection, head: Head, stream: Any) -> None:
@@ -480,22 +503,38 @@ class FrontEnd:
 
     def relayed_response(self, request: relay.Relayed) -> tuple[bytes | Later, bool]:
         """The response to a request a worker relayed, and whether its connection closes after it; or a
-        reply that still needs waiting for (:meth:`relayed_later_response`)."""
+        reply that still needs waiting for (:meth:`relayed_later_response`). Counted as the front end's own
+        requests are (the latency from here: the worker's reading and writing are not in it)."""
+        start = perf_counter()
+        route = _RELAYED_ROUTES[request.method]
         refusal = self._refusal(self._limiter_for(request.client), request.client, len(request.body))
         if refusal is not None:
-            return refusal, True
+            self.requests.observe(route, refusal.status, perf_counter() - start)
+            return self._response(refusal, close=True), True
         close = request.close or self._closing
-        spec = _RELAYED_ROUTES[request.method]
         try:
-            answer = spec.handler(self.state, Request(InfoHash(request.key), request.body, request.client))
+            answer = ROUTES[route].handler(
+                self.state, Request(InfoHash(request.key), request.body, request.client)
+            )
         except Exception:
             log.exception("proxy front end failed on a relayed %s", relay.METHOD_NAMES[request.method])
+            self.requests.observe(route, 500, perf_counter() - start)
             return self._internal_error, True
         if isinstance(answer, Later):
-            return answer, close
+            return Later(functools.partial(self._counted_later, answer, route, start)), close
         assert isinstance(answer, Reply)
+        self.requests.observe(route, answer.status, perf_counter() - start)
         close = close or answer.close
         return self._response(answer, close=close), close
+
+    async def _counted_later(self, later: Later, route: Route, start: float) -> Reply:
+        try:
+            reply = await later.reply()
+        except Exception:
+            self.requests.observe(route, 500, perf_counter() - start)
+            raise
+        self.requests.observe(route, reply.status, perf_counter() - start)
+        return reply
 
     async def relayed_later_response(self, later: Later, close: bool) -> tuple[bytes, bool]:
         """The response to a relayed request once its reply is ready."""

@@ -139,10 +139,12 @@ def _header_block(headers: tuple[tuple[str, str], ...]) -> bytes:
 
 
 class Writer:
-    """Response bytes with a fixed set of headers on every response (the proxy's ``BASE_HEADERS``)."""
+    """Response bytes with a fixed set of headers on every response (the proxy's ``BASE_HEADERS``); a
+    response's own ``Content-Type``, first of its headers, replaces the base one."""
 
     def __init__(self, base_headers: tuple[tuple[str, str], ...]) -> None:
         self._base = _header_block(base_headers)
+        self._base_untyped = _header_block(tuple(h for h in base_headers if h[0] != "Content-Type"))
         self._stream_head = _STATUS_LINES[200] + self._base + b"Transfer-Encoding: chunked\r\n\r\n"
 
     def reply(
@@ -150,11 +152,16 @@ class Writer:
     ) -> bytes:
         """A complete response with a Content-Length (and ``Connection: close`` when ``close``)."""
         head = _STATUS_LINES.get(status) or _status_line(status)
-        extra = _header_block(headers) if headers else b""
+        base = self._base
+        extra = b""
+        if headers:
+            extra = _header_block(headers)
+            if headers[0][0] == "Content-Type":
+                base = self._base_untyped
         connection = b"Connection: close\r\n" if close else b""
         return b"%s%s%s%sContent-Length: %d\r\n\r\n%s" % (
             head,
-            self._base,
+            base,
             extra,
             connection,
             len(body),

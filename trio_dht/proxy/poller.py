@@ -20,6 +20,7 @@ from trio_dht.proxy.http1 import Head
 if TYPE_CHECKING:
     from trio_dht.infohash import InfoHash
     from trio_dht.proxy.routes import Answer, RouteSpec
+    from trio_dht.rest.paths import Route
 
 _INF = math.inf
 _HANG_UP = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
@@ -34,6 +35,9 @@ class Pending(NamedTuple):
     spec: RouteSpec
     key: InfoHash | None
     answer: Answer | None = None
+    route: Route | None = None
+    start: float = 0.0
+    """When its head was read (``time.perf_counter``), for its latency."""
 
 
 class Step(enum.Enum):

@@ -14,11 +14,13 @@ bounds their attempts and their number.
 from __future__ import annotations
 
 import secrets
+import time
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 from trio_dht.proxy.permanent import PermanentPut
+from trio_dht.proxy.request_counts import PUSH_BUCKETS, Histogram
 from trio_dht.push.dispatcher import Dispatcher
 from trio_dht.push.gateway import LOOKUP_STUCK, OVERSIZED, TIMED_OUT, Gateway, Outcome
 from trio_dht.push.payloads import Platform, Push, PushKind
@@ -41,6 +43,9 @@ class PushCounts:
         self.counts: Counter[tuple[str, bool]] = Counter()
         self.by_gateway: Counter[tuple[str, str]] = Counter()
         """Outcomes per gateway (an app's name): (gateway, outcome) -> pushes."""
+        self.latency = Histogram(PUSH_BUCKETS)
+        """Seconds from a value reaching a subscribed key (the push's ``t``) to the gateway accepting its
+        push (``/metrics``)."""
 
     def count(self, push: Push) -> None:
         self.counts[(STATS_NAMES[push.platform], push.high_priority)] += 1
@@ -81,9 +86,20 @@ class CountingGateway:
         except Exception as exc:
             self._counts.by_gateway[(self.name, type(exc).__name__)] += len(pushes)
             raise
-        for outcome in outcomes:
-            self._counts.by_gateway[(self.name, outcome.value)] += 1
+        by_gateway = self._counts.by_gateway
+        now_ms = time.time() * 1000
+        observe = self._counts.latency.observe
+        for i, outcome in enumerate(outcomes):
+            by_gateway[(self.name, outcome.value)] += 1
+            if outcome is _DELIVERED and i < len(pushes) and pushes[i].kind is _VALUES:
+                t = pushes[i].data.get("t")
+                if t is not None:
+                    observe(max(0.0, now_ms - t) / 1000)
         return outcomes
+
+
+_DELIVERED = Outcome.DELIVERED
+_VALUES = PushKind.VALUES
 
 
 def _one_off_sid() -> int:

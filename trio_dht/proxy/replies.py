@@ -29,7 +29,8 @@ IDENTITY_OPTIONS_HEADERS = (
 
 
 class Reply(NamedTuple):
-    """A response whose whole body is known; :data:`BASE_HEADERS` are added by the HTTP layer.
+    """A response whose whole body is known; :data:`BASE_HEADERS` are added by the HTTP layer (a
+    ``Content-Type`` first of ``headers`` replaces theirs).
 
     ``chunks``: send the body chunked (``Transfer-Encoding: chunked``), one chunk each, instead of ``body``
     with a ``Content-Length`` (OpenDHT streams a SUBSCRIBE's values so). ``close``: the proxy's own HTTP/1.1

@@ -163,6 +163,22 @@ def node_stats(state: ProxyState, request: Request) -> Reply:
     return Reply(200, dumps(state.stats(trio.current_time())) + b"\n")
 
 
+def metrics(state: ProxyState, request: Request) -> Reply:
+    """``GET /metrics``: the Prometheus text format (:mod:`~trio_dht.proxy.metrics`)."""
+    from trio_dht.proxy import metrics  # prometheus_client: loaded on the first scrape
+
+    state.count_request()
+    return Reply(200, metrics.exposition(state), (("Content-Type", metrics.CONTENT_TYPE),))
+
+
+def healthz(state: ProxyState, request: Request) -> Reply:
+    """``GET /healthz``: 200 ``{"status": "ok", ...}``, or 503 ``{"status": "unhealthy", "reasons": [...],
+    ...}`` (:mod:`~trio_dht.proxy.health`)."""
+    state.count_request()
+    status, doc = state.healthz(trio.current_time())
+    return Reply(status, dumps(doc) + b"\n")
+
+
 def options(state: ProxyState, request: Request) -> Reply:
     """``OPTIONS /{hash}``, ``OPTIONS /key/{hash}/listen``, ``GET /key/{hash}/options``: the CORS
     preflight."""
@@ -385,6 +401,8 @@ def push_reply(reply: PushReply) -> Reply:
 ROUTES: dict[Route, RouteSpec] = {
     Route.NODE_INFO: RouteSpec(node_info),
     Route.NODE_STATS: RouteSpec(node_stats),
+    Route.METRICS: RouteSpec(metrics),
+    Route.HEALTHZ: RouteSpec(healthz),
     Route.OPTIONS: RouteSpec(options),
     Route.GET: RouteSpec(get),
     Route.PUT: RouteSpec(put, reads_body=True),

@@ -59,6 +59,10 @@ class ProxyConfig:
     the hot push routes move on other cores. Used only with push hooks and on Linux; 0: none."""
     limits: Limits = DEFAULT_LIMITS
     """The budgets of what clients may cost (``--limit NAME=VALUE``; see :mod:`trio_dht.limits`)."""
+    health_isolated_after: float = 60.0  # --health-isolated-after
+    """``GET /healthz`` answers 503 once the node has had no good peers for this many seconds."""
+    health_gateway_after: float = 300.0  # --health-gateway-after
+    """``GET /healthz`` answers 503 once a push gateway has failed every push for this many seconds."""
 
     def __post_init__(self) -> None:
         if self.http_workers < 0:
@@ -69,6 +73,8 @@ class ProxyConfig:
             raise ValueError("a TLS port needs both a certificate and a private key")
         if self.max_body < 1:
             raise ValueError("max_body must be positive")
+        if self.health_isolated_after <= 0 or self.health_gateway_after <= 0:
+            raise ValueError("the health thresholds must be positive")
 
     def binds(self) -> tuple[list[str], list[str]]:
         """hypercorn bind strings: (plain, TLS)."""

@@ -1,5 +1,5 @@
-"""What the proxy's routes share: the DHT, counters, held permanent puts, open listen streams, and push
-hooks.
+"""What the proxy's routes share: the DHT, counters, held permanent puts, open listen streams, push hooks,
+and the health monitor.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import trio
 from trio_dht.api import Dht, FamilyStats, NodeInfo
 from trio_dht.infohash import InfoHash
 from trio_dht.proxy.conn_limits import HttpCounters
+from trio_dht.proxy.health import HealthMonitor, gateway_totals
 from trio_dht.proxy.permanent import PermanentPut, PermanentPuts, PutJournal
 from trio_dht.proxy.ratelimit import HttpRateLimiter
 from trio_dht.proxy.replies import Reply
+from trio_dht.proxy.request_counts import RequestCounts
 from trio_dht.proxy.settings import ProxyConfig
 from trio_dht.proxy.streams import ListenRegistry
+from trio_dht.rest.health import peer_status
 from trio_dht.rest.paths import served_routes
 from trio_dht.rest.value_json import PushTarget
 
@@ -61,8 +64,8 @@ class PushHooks(Protocol):
 
 
 class ProxyState:
-    """The state behind one proxy app. :meth:`run` drives the permanent-put timers (``serve_proxy`` runs
-    it).
+    """The state behind one proxy app. :meth:`run` drives the permanent-put timers and the health
+    observations (``serve_proxy`` runs it).
     """
 
     def __init__(
@@ -100,6 +103,18 @@ class ProxyState:
         replies made from it by client address)."""
         self.stats_sources: list[Callable[[], dict[str, Any]]] = []
         """More of ``/node/stats``: each returns fields to add (the front end's HTTP workers)."""
+        self.request_counts = RequestCounts()
+        """HTTP requests answered, by route and status, with their latency (``/metrics``)."""
+        self.metrics_registry: Any = None
+        """The registry of ``/metrics`` (:mod:`~trio_dht.proxy.metrics`), made when first scraped."""
+        self.health = HealthMonitor(
+            isolated_after=config.health_isolated_after,
+            gateway_after=config.health_gateway_after,
+        )
+        self.parts: list[Callable[[], list[str]]] = [self._timers_stopped]
+        """Each names the parts of the proxy that should run and do not (``/healthz``)."""
+        self.running = False
+        """:meth:`run` runs (the permanent puts' timers and the health observations)."""
 
     # -- counters -------------------------------------------------------------------------------------------
 
@@ -115,6 +130,36 @@ class ProxyState:
             self._last_rate = (self.requests - count) / (now - start)
             self._window = (now, self.requests)
         return self._last_rate
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    def observe_health(self, now: float) -> None:
+        """Show the health monitor the node's peers and the gateways' pushes now."""
+        try:
+            info = self.dht.info()
+        except Exception:
+            log.exception("dht.info() failed")
+        else:
+            self.health.observe_peers(*peer_status(info.ipv4, info.ipv6), now)
+        counts = getattr(self.push, "counts", None)
+        by_gateway = getattr(counts, "by_gateway", None)
+        if by_gateway is not None:
+            for name, (accepted, failed) in gateway_totals(by_gateway).items():
+                self.health.observe_gateway(name, accepted, failed, now)
+
+    def healthz(self, now: float) -> tuple[int, dict[str, Any]]:
+        """``GET /healthz``'s status code and document (see :mod:`~trio_dht.proxy.health`)."""
+        self.observe_health(now)
+        stopped = [part for stopped in self.parts for part in stopped()]
+        return self.health.document(now, stopped, node_id=self.dht.node_id.hex())
+
+    def _timers_stopped(self) -> list[str]:
+        return [] if self.running else ["the proxy's timers"]
+
+    async def _observe_health(self) -> None:
+        while True:
+            self.observe_health(trio.current_time())
+            await trio.sleep(self.health.interval)
 
     # -- documents ------------------------------------------------------------------------------------------
 
@@ -169,8 +214,12 @@ class ProxyState:
         """Cancel permanent puts whose 24 h ran out and hand due refresh warnings to the push hooks.
 
         With a journal, the puts held before a restart are held again and re-announced first (spread out).
+        Beside them, every ``health.interval`` seconds, the health monitor is shown the node's peers and the
+        gateways' pushes (:meth:`observe_health`).
         """
         async with trio.open_nursery() as nursery:
+            self.running = True
+            nursery.start_soon(self._observe_health)
             journal = self.permanent.journal
             if journal is not None:
                 restored = journal.load()
@@ -179,7 +228,10 @@ class ProxyState:
                 if restored:
                     log.info("re-announcing %d permanent puts from the state file", len(restored))
                     nursery.start_soon(self._reannounce, restored)
-            await self._run_timers()
+            try:
+                await self._run_timers()
+            finally:
+                self.running = False
 
     async def _reannounce(self, restored: list[PermanentPut]) -> None:
         for held in restored:

@@ -180,6 +180,8 @@ class SubscriptionBook:
         self.total = total
         self.refused_full = 0
         """New subscriptions refused because the book held ``total`` already."""
+        self.kinds: dict[tuple[Platform, Dialect], int] = {}
+        """Subscriptions by platform and dialect (``/metrics``; none left: no entry)."""
 
     # -- queries ---------------------------------------------------------------------------------------------
 
@@ -283,7 +285,11 @@ class SubscriptionBook:
         if change.created:
             self._add(sub)
         else:
-            sub.platform, sub.topic, sub.session_id = change.platform, change.topic, change.session_id
+            if sub.platform is not change.platform:
+                self._count_kind(sub, -1)
+                sub.platform = change.platform
+                self._count_kind(sub, 1)
+            sub.topic, sub.session_id = change.topic, change.session_id
             sub.deadline = change.deadline
             sub.state = SubscriptionState.ACTIVE
         self._schedule(sub)
@@ -387,6 +393,16 @@ class SubscriptionBook:
         self._by_token.setdefault(sub.token, {})[sub.identity] = sub
         self._by_key.setdefault(sub.key, {})[sub.sid] = sub
         self._by_source[sub.source] = self._by_source.get(sub.source, 0) + 1
+        kind = (sub.platform, sub.dialect)  # (as _count_kind, without a call: SUBSCRIBE's path)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+    def _count_kind(self, sub: Subscription, change: int) -> None:
+        kind = (sub.platform, sub.dialect)
+        left = self.kinds.get(kind, 0) + change
+        if left:
+            self.kinds[kind] = left
+        else:
+            del self.kinds[kind]
 
     def _remove(self, sub: Subscription, state: SubscriptionState) -> None:
         sub.state = state
@@ -405,6 +421,7 @@ class SubscriptionBook:
             self._by_source[sub.source] = left
         else:
             del self._by_source[sub.source]
+        self._count_kind(sub, -1)
 
     def _schedule(self, sub: Subscription, not_before: float = -math.inf) -> None:
         if sub.state is SubscriptionState.ACTIVE:

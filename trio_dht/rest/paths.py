@@ -22,6 +22,10 @@ from trio_dht.infohash import InfoHash
 from trio_dht.rest.keys import decode_unreserved, hash_from_segment
 
 NODE_ROUTES = {b"info": "/node/info", b"stats": "/node/stats", b"pingpush": "/node/pingPush"}
+TOP_ROUTES = {b"metrics": "/metrics", b"healthz": "/healthz", b"status": "/status"}
+"""The one-segment paths that name a route of the proxy rather than the key ``/{hash}`` they hash to (``/key/
+{hash}`` still reaches those keys). ``/status`` is reserved for the status page: no route of the table has it
+yet, so it is answered 404."""
 KEY_SUFFIXES = {b"listen": "listen", b"options": "options", b"sign": "sign", b"encrypt": "encrypt"}
 
 
@@ -42,6 +46,9 @@ def canonical_path(raw_path: bytes) -> tuple[str, InfoHash | None] | None:
         return None
     first = segments[0].lower()
     if len(segments) == 1:
+        route = TOP_ROUTES.get(first)
+        if route is not None:
+            return route, None
         key = hash_from_segment(segments[0])
         return f"/{key.hex()}", key
     if first == b"node" and len(segments) == 2:
@@ -70,6 +77,8 @@ class Route(enum.Enum):
     UNSUBSCRIBE = "unsubscribe a push target"
     SIGN = "sign a value and put it"
     ENCRYPT = "encrypt a value for a recipient and put it"
+    METRICS = "the Prometheus metrics"
+    HEALTHZ = "the health check"
 
     __hash__ = object.__hash__
     """By identity, as members compare (``Enum``'s own hashes the name in Python: a lookup per request)."""
@@ -96,6 +105,8 @@ TABLE: tuple[tuple[str, str, Route], ...] = (
     ("GET", "/", Route.NODE_INFO),
     ("GET", "/node/info", Route.NODE_INFO),
     ("GET", "/node/stats", Route.NODE_STATS),
+    ("GET", "/metrics", Route.METRICS),
+    ("GET", "/healthz", Route.HEALTHZ),
     ("OPTIONS", BARE, Route.OPTIONS),
     ("OPTIONS", LISTEN, Route.OPTIONS),
     ("GET", OPTIONS, Route.OPTIONS),
