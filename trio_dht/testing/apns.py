@@ -71,8 +71,8 @@ from trio_dht.testing.gorush import (
     Send,
     answer_lifespan,
     read_request,
-    serve_on_loopback,
 )
+from trio_dht.testing.h2_server import H2Settings, serve_h2_on_loopback
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -424,10 +424,12 @@ async def open_apns_double(
     keys: Iterable[ApnsTestKey],
     bundle_ids: Iterable[str],
     clock: Callable[[], float] = time.time,
+    max_requests: int = 0,
 ) -> AsyncIterator[ApnsDouble]:
     """Run an :class:`ApnsDouble` on 127.0.0.1 (a free port) for the duration of the block: its ``url`` is
     ``https://127.0.0.1:P``, its ``ca_file`` the PEM of the CA that signed its certificate. ``keys`` are the
-    teams' keys it accepts, ``bundle_ids`` the topics; ``clock`` (wall time) judges provider tokens' age."""
+    teams' keys it accepts, ``bundle_ids`` the topics; ``clock`` (wall time) judges provider tokens' age;
+    ``max_requests``: requests per connection before the double sends GOAWAY (0: no limit)."""
     double = ApnsDouble(keys, bundle_ids, clock=clock)
     with tempfile.TemporaryDirectory(prefix="apns-double-") as directory:
         ca_file, certfile, keyfile = _make_tls(Path(directory))
@@ -436,7 +438,11 @@ async def open_apns_double(
         config.keyfile = str(keyfile)
         config.alpn_protocols = ["h2"]
         config.keep_alive_timeout = 3600
-        async with serve_on_loopback(double.app, config) as url:
+        settings = H2Settings(idle_timeout=3600, max_requests=max_requests)
+        ssl_context = config.create_ssl_context()
+        async with serve_h2_on_loopback(
+            double.app, ssl_context=ssl_context, settings=settings, config=config
+        ) as url:
             double.url = url
             double.ca_file = str(ca_file)
             yield double
