@@ -126,10 +126,13 @@ class H2Connection:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
             },
         )
+        self._h2.decoder.max_header_list_size = settings.max_header_list_size  # h2 sets it on a change only
         self._streams: dict[int, _Stream] = {}
         """Requests under way: from their headers to the end of their app."""
         self._requests = 0
         self._closing = False
+        """No new request: streams are refused, GOAWAY once those under way are done."""
+        self._goaway_sent = False
         self._lost = False
         self._dirty = trio.Event()
         """Set when h2 has bytes to write."""
@@ -156,6 +159,12 @@ class H2Connection:
                 self._finished = True
                 self._dirty.set()
                 io.cancel_scope.deadline = trio.current_time() + 1.0  # the last write (GOAWAY), if it can
+            if self._goaway_sent:  # the client's last bytes are read, lest closing resets the connection
+                with trio.move_on_after(1.0), suppress(*_BROKEN):
+                    if isinstance(self._io, trio.abc.HalfCloseableStream):
+                        await self._io.send_eof()
+                    while await self._io.receive_some(_RECEIVE):
+                        pass
             self._lost = True
             for stream in list(self._streams.values()):
                 stream.drop()
@@ -163,15 +172,17 @@ class H2Connection:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0), suppress(*_BROKEN):
                 await self._io.aclose()
 
-    def goaway(self) -> None:
-        """Close the connection: GOAWAY now; the requests under way finish, later ones are refused."""
-        if not self._closing:
-            self._closing = True
+    def goaway(self, *, now: bool = False) -> None:
+        """Close the connection with GOAWAY: ``now``, or once the requests under way are done (streams the
+        client opens meanwhile are refused: REFUSED_STREAM). h2 sends no frame after its GOAWAY, and neither
+        can an h2 client take one, so the GOAWAY comes last."""
+        self._closing = True
+        if (now or not self._streams) and not self._goaway_sent:
+            self._goaway_sent = True
             with suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection()
+            self._read_scope.cancel()
             self._dirty.set()
-            if not self._streams:
-                self._read_scope.cancel()
 
     async def wait_flushed(self) -> None:
         await self._flushed.wait()
@@ -183,10 +194,12 @@ class H2Connection:
                 try:
                     events = self._h2.receive_data(data)
                 except h2.exceptions.ProtocolError:  # h2 has queued a GOAWAY
+                    self._goaway_sent = True
                     return
                 self._handle(events)
                 self._dirty.set()
             if self._closing and not self._streams:
+                self.goaway()
                 return
             idle = not self._streams
             with trio.CancelScope() as self._read_scope:
@@ -196,9 +209,8 @@ class H2Connection:
                 if not data:
                     return
                 continue
-            if not self._closing:  # idle for too long
-                self.goaway()
-            if not self._streams:
+            self.goaway()  # idle for too long (no request under way), or the GOAWAY is sent
+            if self._goaway_sent:
                 return
 
     async def _write_loop(self) -> None:
@@ -332,7 +344,7 @@ class H2Connection:
         finally:
             self._streams.pop(stream.id, None)
             if self._closing and not self._streams:
-                self._read_scope.cancel()
+                self.goaway()
         if not stream.ended and not stream.gone and not self._lost:
             with suppress(h2.exceptions.ProtocolError):
                 if stream.started:
@@ -471,7 +483,7 @@ class _Server:
         the GOAWAYs to be written."""
         self.stopping = True
         for connection in list(self.connections):
-            connection.goaway()
+            connection.goaway(now=True)
         await self.context.terminated.set()
         with trio.move_on_after(1.0):
             for connection in list(self.connections):
