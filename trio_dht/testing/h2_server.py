@@ -6,22 +6,25 @@ chose ``h2`` or, on plain TCP, when its first bytes are the HTTP/2 preface (h2c 
 other connection (HTTP/1.1, TLS without ALPN ``h2``) goes, with the bytes already read, to a hypercorn
 connection serving the same app.
 
-An HTTP/2 connection (:class:`H2Connection`):
+An HTTP/2 connection (:class:`ServerConnection`):
 
 * reads, feeds the bytes to h2 (its header validation on: a malformed request is a protocol error, answered
   with GOAWAY), handles the events of that read, then writes ``data_to_send()`` once;
-* starts the app for a request once its body is complete: the scope is ASGI's ``http`` scope
-  (``http_version`` ``"2"``, the headers lower-case with ``host`` first, from ``:authority``), ``receive``
-  gives the whole body at once, then ``http.disconnect`` once the stream is gone;
+* starts the app for a request at its headers, one task per stream: the scope is ASGI's ``http`` scope
+  (``http_version`` ``"2"``, the headers lower-case with ``host`` first, from ``:authority``, a path that is
+  not ASCII is a 400); ``receive`` gives the whole body once it is complete, then ``http.disconnect`` once
+  the stream is gone;
 * sends a reply's body within the peer's flow-control windows (the app's ``send`` waits for a window
   update); a reply's headers and a body that fits go out in one write;
 * acknowledges received data (h2 sends WINDOW_UPDATE when a window is half used);
-* bounds: ``max_concurrent_streams`` (SETTINGS), ``max_header_list_size`` (SETTINGS; over it is a protocol
-  error), a body over ``max_body`` is answered 413 and the stream reset (the app is not called);
-* a stream reset by the client, or a lost connection: the app's sends are dropped, ``receive`` gives
-  ``http.disconnect``; the app runs to its end;
-* closes with GOAWAY after ``idle_timeout`` seconds without a request under way, after ``max_requests``
-  requests (if set), and when the server stops.
+* bounds: ``max_concurrent_streams`` (SETTINGS; a stream over it is a protocol error),
+  ``max_header_list_size`` (SETTINGS; over it is a protocol error), a body over ``max_body`` is answered 413
+  and the stream reset;
+* a stream reset by the client, a refused body, or a lost connection: an app still waiting for the body is
+  cancelled; an app past it runs to its end, its sends dropped, ``receive`` then gives ``http.disconnect``;
+* closes with GOAWAY after ``idle_timeout`` seconds without a request under way, and after ``max_requests``
+  requests once their answers are sent (streams opened meanwhile are refused: REFUSED_STREAM); when the
+  server stops, GOAWAY at once.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class _Stream:
             self.cancel.cancel()
 
 
-class H2Connection:
+class ServerConnection:
     """One HTTP/2 connection serving ``app``; :meth:`run` returns once it is closed and its apps are done."""
 
     def __init__(
@@ -221,7 +224,7 @@ class H2Connection:
                 data = self._h2.data_to_send()
                 if data:
                     await self._io.send_all(data)
-                if self._finished:
+                if self._finished and not self._dirty.is_set():
                     return
         except _BROKEN:
             pass
@@ -426,7 +429,7 @@ class _Server:
         self.config = config
         self.asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.context = WorkerContext(None)
-        self.connections: set[H2Connection] = set()
+        self.connections: set[ServerConnection] = set()
         self.stopping = False
 
     async def serve(self, sock: trio.SocketStream) -> None:
@@ -455,10 +458,12 @@ class _Server:
         if not h2_wanted:
             await TCPServer(self.asgi, self.config, self.context, {}, stream).run()
             return
-        connection = H2Connection(self.app, stream, self._scope(sock), self.settings, read)
-        self.connections.add(connection)
         if self.stopping:
-            connection.goaway()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0), suppress(*_BROKEN):
+                await stream.aclose()
+            return
+        connection = ServerConnection(self.app, stream, self._scope(sock), self.settings, read)
+        self.connections.add(connection)
         try:
             await connection.run()
         finally:
@@ -475,7 +480,6 @@ class _Server:
             "root_path": "",
             "client": (client[0], client[1]),
             "server": (server[0], server[1]),
-            "extensions": {},
         }
 
     async def stop(self) -> None:
