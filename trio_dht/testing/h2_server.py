@@ -75,10 +75,15 @@ class H2Settings:
     handshake_timeout: float = 10.0
 
 
+class _Gone(Exception):
+    """What ``receive`` raises into an app waiting for a body that will not come (the stream is gone); the
+    app ends as if cancelled."""
+
+
 class _Stream:
     """One request: its scope, its body as it arrives, and its reply's progress."""
 
-    __slots__ = ("arrived", "body", "cancel", "complete", "ended", "gone", "headers", "id", "scope", "size",
+    __slots__ = ("arrived", "body", "complete", "ended", "gone", "headers", "id", "scope", "size",
                  "started", "status")  # fmt: skip
 
     def __init__(self, stream_id: int, scope: Scope) -> None:
@@ -90,8 +95,6 @@ class _Stream:
         """The whole body is here."""
         self.arrived: trio.Event | None = None
         """Set when the body is complete, if the app is waiting for it."""
-        self.cancel: trio.CancelScope | None = None
-        """The app's, cancelled if the stream goes before its body is complete."""
         self.gone = False
         """Reset by the client, refused, or the connection is lost: the reply goes nowhere."""
         self.status = 0
@@ -102,10 +105,10 @@ class _Stream:
         """The reply is complete."""
 
     def drop(self) -> None:
-        """The stream is gone: an app still waiting for the body is cancelled."""
+        """The stream is gone: an app waiting for the body gets :class:`_Gone` from ``receive``."""
         self.gone = True
-        if not self.complete and self.cancel is not None:
-            self.cancel.cancel()
+        if self.arrived is not None:
+            self.arrived.set()
 
 
 class ServerConnection:
@@ -146,6 +149,11 @@ class ServerConnection:
         self._finished = False
         """The read loop has ended: the writer writes what is left and stops."""
         self._read_scope = trio.CancelScope()
+        """The read loop's: cancelled once the GOAWAY is sent."""
+        self._out = b""
+        """Bytes h2 made while reading, not yet written."""
+        self._idle_since = trio.current_time()
+        """When the last request under way ended."""
         self._apps: trio.Nursery | None = None
 
     # -- the Trio shell --------------------------------------------------------------------------------------
@@ -157,7 +165,8 @@ class ServerConnection:
             self._apps = apps
             async with trio.open_nursery() as io:
                 io.start_soon(self._write_loop)
-                with suppress(*_BROKEN):
+                io.start_soon(self._idle_timer)
+                with self._read_scope, suppress(*_BROKEN):
                     await self._read_loop()
                 self._finished = True
                 self._dirty.set()
@@ -200,21 +209,25 @@ class ServerConnection:
                     self._goaway_sent = True
                     return
                 self._handle(events)
-                self._dirty.set()
+                out = self._h2.data_to_send()  # most reads make no frame to send: no write then
+                if out:
+                    self._out += out
+                    self._dirty.set()
             if self._closing and not self._streams:
                 self.goaway()
                 return
-            idle = not self._streams
-            with trio.CancelScope() as self._read_scope:
-                if idle:
-                    self._read_scope.deadline = trio.current_time() + self._settings.idle_timeout
-                data = await self._io.receive_some(_RECEIVE)
-                if not data:
-                    return
-                continue
-            self.goaway()  # idle for too long (no request under way), or the GOAWAY is sent
-            if self._goaway_sent:
+            data = await self._io.receive_some(_RECEIVE)
+            if not data:
                 return
+
+    async def _idle_timer(self) -> None:
+        """GOAWAY once no request has been under way for ``idle_timeout`` seconds."""
+        while True:
+            idle_until = self._idle_since + self._settings.idle_timeout
+            if not self._streams and trio.current_time() >= idle_until:
+                self.goaway()
+                return
+            await trio.sleep_until(idle_until if not self._streams else trio.current_time() + 1.0)
 
     async def _write_loop(self) -> None:
         try:
@@ -222,6 +235,8 @@ class ServerConnection:
                 await self._dirty.wait()
                 self._dirty = trio.Event()
                 data = self._h2.data_to_send()
+                if self._out:
+                    data, self._out = self._out + data, b""
                 if data:
                     await self._io.send_all(data)
                 if self._finished and not self._dirty.is_set():
@@ -328,6 +343,8 @@ class ServerConnection:
                 if not stream.complete:
                     stream.arrived = trio.Event()
                     await stream.arrived.wait()
+                    if not stream.complete:
+                        raise _Gone
                 body = b"".join(stream.body)
                 stream.body.clear()
                 return {"type": "http.request", "body": body, "more_body": False}
@@ -339,15 +356,16 @@ class ServerConnection:
             await self._send(stream, message)
 
         try:
-            with trio.CancelScope() as stream.cancel:
-                if not stream.gone:
-                    await self._app(stream.scope, receive, send)
-        except Exception:  # the app's bug: a 500 or the stream reset, as hypercorn does
+            if not stream.gone:
+                await self._app(stream.scope, receive, send)
+        except Exception:  # _Gone, or the app's bug: a 500 or the stream reset, as hypercorn does
             pass
         finally:
             self._streams.pop(stream.id, None)
-            if self._closing and not self._streams:
-                self.goaway()
+            if not self._streams:
+                self._idle_since = trio.current_time()
+                if self._closing:
+                    self.goaway()
         if not stream.ended and not stream.gone and not self._lost:
             with suppress(h2.exceptions.ProtocolError):
                 if stream.started:
