@@ -10,9 +10,8 @@ Usage::
         fcm.expire_tokens()                              # every access token issued so far answers 401
         assert fcm.messages[0]["data"] == {...}
 
-It serves HTTP/2 (h2c, with prior knowledge) and HTTP/1.1 on 127.0.0.1
-(:mod:`trio_dht.testing.h2_server`), and counts the connections and
-HTTP versions it saw. What it checks, as Google does:
+It serves HTTP/2 (h2c, with prior knowledge) and HTTP/1.1 on 127.0.0.1 (:mod:`trio_dht.testing.h2_server`),
+and counts the connections and HTTP versions it saw. What it checks, as Google does:
 
 - ``POST /token``: a form with ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`` and an
   ``assertion``: a compact JWT, header ``alg`` RS256 (``kid``, if any, the account's ``private_key_id``),
