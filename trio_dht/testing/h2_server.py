@@ -150,6 +150,7 @@ class ServerConnection:
         """The read loop has ended: the writer writes what is left and stops."""
         self._read_scope = trio.CancelScope()
         """The read loop's: cancelled once the GOAWAY is sent."""
+        self._timer_scope = trio.CancelScope()
         self._out = b""
         """Bytes h2 made while reading, not yet written."""
         self._idle_since = trio.current_time()
@@ -168,6 +169,7 @@ class ServerConnection:
                 io.start_soon(self._idle_timer)
                 with self._read_scope, suppress(*_BROKEN):
                     await self._read_loop()
+                self._timer_scope.cancel()
                 self._finished = True
                 self._dirty.set()
                 io.cancel_scope.deadline = trio.current_time() + 1.0  # the last write (GOAWAY), if it can
@@ -222,10 +224,14 @@ class ServerConnection:
 
     async def _idle_timer(self) -> None:
         """GOAWAY once no request has been under way for ``idle_timeout`` seconds."""
+        with self._timer_scope:
+            await self._idle_wait()
+            self.goaway()
+
+    async def _idle_wait(self) -> None:
         while True:
             idle_until = self._idle_since + self._settings.idle_timeout
             if not self._streams and trio.current_time() >= idle_until:
-                self.goaway()
                 return
             await trio.sleep_until(idle_until if not self._streams else trio.current_time() + 1.0)
 
