@@ -9,7 +9,8 @@ connection serving the same app.
 An HTTP/2 connection (:class:`ServerConnection`):
 
 * reads, feeds the bytes to h2 (its header validation on: a malformed request is a protocol error, answered
-  with GOAWAY), handles the events of that read, then writes ``data_to_send()`` once;
+  with GOAWAY) and handles the events of that read; one writer task writes what h2 has to send once the
+  tasks the read woke have run (the replies of many streams in one write);
 * starts the app for a request at its headers, one task per stream: the scope is ASGI's ``http`` scope
   (``http_version`` ``"2"``, the headers lower-case with ``host`` first, from ``:authority``, a path that is
   not ASCII is a 400); ``receive`` gives the whole body once it is complete, then ``http.disconnect`` once
@@ -20,8 +21,9 @@ An HTTP/2 connection (:class:`ServerConnection`):
 * bounds: ``max_concurrent_streams`` (SETTINGS; a stream over it is a protocol error),
   ``max_header_list_size`` (SETTINGS; over it is a protocol error), a body over ``max_body`` is answered 413
   and the stream reset;
-* a stream reset by the client, a refused body, or a lost connection: an app still waiting for the body is
-  cancelled; an app past it runs to its end, its sends dropped, ``receive`` then gives ``http.disconnect``;
+* a stream reset by the client, a refused body, or a lost connection: an app still waiting for the body ends
+  (``receive`` raises, as a cancellation would); an app past it runs to its end, its sends dropped,
+  ``receive`` then gives ``http.disconnect``;
 * closes with GOAWAY after ``idle_timeout`` seconds without a request under way, and after ``max_requests``
   requests once their answers are sent (streams opened meanwhile are refused: REFUSED_STREAM); when the
   server stops, GOAWAY at once.
