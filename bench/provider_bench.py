@@ -12,8 +12,8 @@ process, so that the double is not what limits A:
 
 Each double process also serves ``GET /bench/stats`` and ``POST /bench/reset`` on a second HTTP/1.1 port,
 with the gorush sink's fields, so push_bench's ``Stack``, ``CpuMeter`` and ``scenario_dhtflood`` drive all
-three. The doubles' server (hypercorn) is set to send no GOAWAY after 1,000 requests on a connection, as it
-does by default (``--double-max-requests N`` brings it back). Measures, per provider:
+three. The doubles send no GOAWAY after a number of requests on a connection (``--double-max-requests N``:
+after N). Measures, per provider:
 
 * ``connection``: memory per open provider connection. Each FCM/APNs stack has ``--apps`` apps (4), one topic
   each, so one HTTP/2 connection each, to the same double. VmRSS of A (with its HTTP worker) is read after
@@ -99,19 +99,16 @@ class Arrivals(list):
 def run_double(kind: str, apps: int, directory: Path, max_requests: int) -> None:
     """Serve an FCM or APNs double on loopback, with its credentials for ``apps`` apps written to
     ``directory``; prints one JSON line (its URL, CA file, stats port, credentials) once serving.
-    ``max_requests``: requests per connection before the double's server (hypercorn) sends GOAWAY, 0 for no
-    limit (hypercorn's own default is 1,000)."""
+    ``max_requests``: requests per connection before the double sends GOAWAY, 0 for no limit."""
     import trio
-    from hypercorn.config import Config
 
-    Config.keep_alive_max_requests = max_requests or 2**62  # the default of every Config the doubles make
     from trio_dht.testing import generate_test_key, open_apns_double, open_fcm_double
     from trio_dht.testing.gorush import RecordedRequest, Reply, open_loopback_server
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             if kind == "fcm":
-                double = await nursery_context(nursery, open_fcm_double())
+                double = await nursery_context(nursery, open_fcm_double(max_requests=max_requests))
                 accounts = []
                 for i in range(apps):
                     path = directory / f"fcm-{i}.json"
@@ -122,7 +119,9 @@ def run_double(kind: str, apps: int, directory: Path, max_requests: int) -> None
             else:
                 key = generate_test_key()
                 bundles = [TOPIC["apns"].format(i) for i in range(apps)]
-                double = await nursery_context(nursery, open_apns_double(keys=[key], bundle_ids=bundles))
+                double = await nursery_context(
+                    nursery, open_apns_double(keys=[key], bundle_ids=bundles, max_requests=max_requests)
+                )
                 pushes = double.notifications = Arrivals(lambda note: note.payload["key"])
                 info = {"url": double.url, "ca_file": double.ca_file, "key_file": str(key.write(directory))}
                 info |= {"key_id": key.key_id, "team_id": key.team_id}

@@ -13,14 +13,15 @@ Usage::
 
 It needs the ``cryptography`` package (imported when used). At start it makes a throwaway CA and a server
 certificate for ``127.0.0.1`` and ``localhost`` (``ca_file`` is the CA's PEM, for the client's ``verify``);
-it offers only ``h2`` by ALPN and answers any HTTP/1.1 request with 505. Per request, in this order
-(Apple's replies: status and ``{"reason": ...}``):
+it offers only ``h2`` by ALPN (:mod:`trio_dht.testing.h2_server`) and answers any HTTP/1.1 request with
+505. Per request, in this order (Apple's replies: status and ``{"reason": ...}``):
 
 - ``POST /3/device/<64 hex digits>``: else 405 ``MethodNotAllowed``, 404 ``BadPath``, 400 ``BadDeviceToken``;
   a repeated header is 400 ``DuplicateHeaders``;
 - ``authorization: bearer <JWT>``: missing is 403 ``MissingProviderToken``; header ``alg`` ES256 and a ``kid``
   of a configured key, claims ``iss`` (that key's team) and an integer ``iat``, a valid raw ``r || s``
-  signature, else 403 ``InvalidProviderToken``; ``iat`` over an hour old (by ``clock``) or a token made
+  signature, else 403 ``InvalidProviderToken`` (a connection's last verified token is not verified again:
+  the same bytes verify the same way); ``iat`` over an hour old (by ``clock``) or a token made
   expired is 403 ``ExpiredProviderToken``; a new token on a connection whose token is under 20 minutes old
   (and not expired) is 429 ``TooManyProviderTokenUpdates``;
 - ``apns-topic`` present (400 ``MissingTopic``) and one of ``bundle_ids`` (400 ``TopicDisallowed``);
@@ -71,8 +72,8 @@ from trio_dht.testing.gorush import (
     Send,
     answer_lifespan,
     read_request,
-    serve_on_loopback,
 )
+from trio_dht.testing.h2_server import H2Settings, serve_h2_on_loopback
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -257,6 +258,8 @@ class ApnsDouble:
         self._expired: set[str] = set()
         self._seen: set[str] = set()
         self._connection_token: dict[tuple[str, int], tuple[str, float]] = {}
+        self._verified: dict[tuple[str, int], tuple[str, int]] = {}
+        """Per connection, the last provider token whose signature verified, and its ``iat``."""
 
     def fail_token(self, device_token: str, reason: str) -> None:
         """Pushes to ``device_token`` get this reason (``Unregistered``: 410, ``BadDeviceToken``: 400)."""
@@ -357,14 +360,35 @@ class ApnsDouble:
         return 200, "", {}, 0.0
 
     def _check_provider_token(self, authorization: str, connection: tuple[str, int]) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise _Refused(403, "MissingProviderToken")
+        verified = self._verified.get(connection)
+        if verified is not None and verified[0] == token:  # the same bytes verify the same way
+            iat = verified[1]
+        else:
+            iat = self._verify_provider_token(token)
+            self._verified[connection] = (token, iat)
+        now = self._clock()
+        if token in self._expired or now - iat > TOKEN_LIFETIME:
+            raise _Refused(403, "ExpiredProviderToken")
+        previous = self._connection_token.get(connection)
+        if previous is not None and previous[0] != token:
+            old, since = previous
+            if old not in self._expired and now - since < TOKEN_UPDATE_INTERVAL:
+                raise _Refused(429, "TooManyProviderTokenUpdates")
+        if previous is None or previous[0] != token:
+            self._connection_token[connection] = (token, now)
+        self._seen.add(token)
+
+    def _verify_provider_token(self, token: str) -> int:
+        """The ``iat`` of a provider token with a valid header, claims and signature; else 403
+        ``InvalidProviderToken``."""
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise _Refused(403, "MissingProviderToken")
         try:
             head_b64, claims_b64, signature_b64 = token.split(".")
             head = json.loads(_b64url_decode(head_b64))
@@ -383,17 +407,7 @@ class ApnsDouble:
             public_key.verify(der, f"{head_b64}.{claims_b64}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error, InvalidSignature):
             raise _Refused(403, "InvalidProviderToken") from None
-        now = self._clock()
-        if token in self._expired or now - claims["iat"] > TOKEN_LIFETIME:
-            raise _Refused(403, "ExpiredProviderToken")
-        previous = self._connection_token.get(connection)
-        if previous is not None and previous[0] != token:
-            old, since = previous
-            if old not in self._expired and now - since < TOKEN_UPDATE_INTERVAL:
-                raise _Refused(429, "TooManyProviderTokenUpdates")
-        if previous is None or previous[0] != token:
-            self._connection_token[connection] = (token, now)
-        self._seen.add(token)
+        return claims["iat"]
 
     @staticmethod
     def _check_payload(body: bytes, push_type: str, priority: str) -> dict[str, Any]:
@@ -424,10 +438,12 @@ async def open_apns_double(
     keys: Iterable[ApnsTestKey],
     bundle_ids: Iterable[str],
     clock: Callable[[], float] = time.time,
+    max_requests: int = 0,
 ) -> AsyncIterator[ApnsDouble]:
     """Run an :class:`ApnsDouble` on 127.0.0.1 (a free port) for the duration of the block: its ``url`` is
     ``https://127.0.0.1:P``, its ``ca_file`` the PEM of the CA that signed its certificate. ``keys`` are the
-    teams' keys it accepts, ``bundle_ids`` the topics; ``clock`` (wall time) judges provider tokens' age."""
+    teams' keys it accepts, ``bundle_ids`` the topics; ``clock`` (wall time) judges provider tokens' age;
+    ``max_requests``: requests per connection before the double sends GOAWAY (0: no limit)."""
     double = ApnsDouble(keys, bundle_ids, clock=clock)
     with tempfile.TemporaryDirectory(prefix="apns-double-") as directory:
         ca_file, certfile, keyfile = _make_tls(Path(directory))
@@ -436,7 +452,11 @@ async def open_apns_double(
         config.keyfile = str(keyfile)
         config.alpn_protocols = ["h2"]
         config.keep_alive_timeout = 3600
-        async with serve_on_loopback(double.app, config) as url:
+        settings = H2Settings(idle_timeout=3600, max_requests=max_requests)
+        ssl_context = config.create_ssl_context()
+        async with serve_h2_on_loopback(
+            double.app, ssl_context=ssl_context, settings=settings, config=config
+        ) as url:
             double.url = url
             double.ca_file = str(ca_file)
             yield double

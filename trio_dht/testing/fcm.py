@@ -10,8 +10,8 @@ Usage::
         fcm.expire_tokens()                              # every access token issued so far answers 401
         assert fcm.messages[0]["data"] == {...}
 
-It serves HTTP/1.1 and HTTP/2 (h2c, with prior knowledge) on 127.0.0.1, and counts the connections and
-HTTP versions it saw. What it checks, as Google does:
+It serves HTTP/2 (h2c, with prior knowledge) and HTTP/1.1 on 127.0.0.1 (:mod:`trio_dht.testing.h2_server`),
+and counts the connections and HTTP versions it saw. What it checks, as Google does:
 
 - ``POST /token``: a form with ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`` and an
   ``assertion``: a compact JWT, header ``alg`` RS256 (``kid``, if any, the account's ``private_key_id``),
@@ -59,8 +59,8 @@ from trio_dht.testing.gorush import (
     answer_lifespan,
     read_request,
     send_reply,
-    serve_on_loopback,
 )
+from trio_dht.testing.h2_server import H2Settings, serve_h2_on_loopback
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -410,10 +410,11 @@ class FcmDouble:
 
 @asynccontextmanager
 async def open_fcm_double(
-    *, project_id: str = "trio-dht-test", token_lifetime: int = 3600
+    *, project_id: str = "trio-dht-test", token_lifetime: int = 3600, max_requests: int = 0
 ) -> AsyncIterator[FcmDouble]:
     """Run an :class:`FcmDouble` on loopback for the duration of the block; its ``url`` is the FCM base URL,
-    its ``token_uri`` the token endpoint."""
+    its ``token_uri`` the token endpoint. ``max_requests``: requests per HTTP/2 connection before the double
+    sends GOAWAY (0: no limit)."""
     double = FcmDouble(project_id=project_id, token_lifetime=token_lifetime)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -430,6 +431,6 @@ async def open_fcm_double(
         finally:
             double.in_flight -= 1
 
-    async with serve_on_loopback(app) as url:
+    async with serve_h2_on_loopback(app, settings=H2Settings(max_requests=max_requests)) as url:
         double.url = url
         yield double
