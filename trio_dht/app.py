@@ -154,18 +154,21 @@ async def _app_gateway(
     if isinstance(credentials, GorushCredentials):
         return GorushGateway(client, credentials.url, bundle_id=credentials.bundle_id, limits=limits)
     if isinstance(credentials, FcmCredentials):
-        from trio_dht.push.fcm import FCM_URL, FcmGateway, load_service_account, new_fcm_client
+        from trio_dht.push.fcm import FCM_URL, FcmGateway, new_fcm_client
 
         url = credentials.url or FCM_URL
         fcm_client = await stack.enter_async_context(new_fcm_client(limits, url))
-        account = load_service_account(credentials.service_account)
         return await stack.enter_async_context(
-            FcmGateway(fcm_client, account, fcm_url=url, token_uri=credentials.token_uri, limits=limits)
+            FcmGateway(
+                fcm_client, credentials.account, fcm_url=url, token_uri=credentials.token_uri, limits=limits
+            )
         )
     if isinstance(credentials, ApnsCredentials):
         from trio_dht.push.apns import ApnsGateway, ApnsKey
 
-        key = ApnsKey.load(credentials.key_file, key_id=credentials.key_id, team_id=credentials.team_id)
+        key = credentials.key or ApnsKey.from_pem(
+            credentials.key_pem, key_id=credentials.key_id, team_id=credentials.team_id
+        )
         bundle_id = app.topics[0] if app.topics else ""
         ca_file = str(credentials.ca_file) if credentials.ca_file is not None else None
         return await stack.enter_async_context(
@@ -187,7 +190,7 @@ def _describe(app: AppSpec) -> str:
     if isinstance(credentials, GorushCredentials):
         return f"gorush at {credentials.url}"
     if isinstance(credentials, FcmCredentials):
-        return f"FCM project {credentials.project_id} (app {app.id})"
+        return f"FCM project {credentials.account.project_id} (app {app.id})"
     if isinstance(credentials, ApnsCredentials):
         host = credentials.url or ("APNs sandbox" if credentials.sandbox else "APNs")
         return f"{host} with key {credentials.key_id} of team {credentials.team_id} (app {app.id})"

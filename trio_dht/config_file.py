@@ -35,12 +35,16 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trio_dht import cli
 from trio_dht.limits import Limits
 from trio_dht.logs import FORMATS
 from trio_dht.small_files import FileTooLarge, read_small_file
+
+if TYPE_CHECKING:
+    from trio_dht.push.apns import ApnsKey
+    from trio_dht.push.fcm import ServiceAccount
 
 MAX_FILE_BYTES = 1024 * 1024
 """The largest config file, and key or credential file it names, that is read."""
@@ -65,10 +69,8 @@ class GorushCredentials:
 @dataclass(frozen=True, slots=True)
 class FcmCredentials:
     service_account: Path
-    project_id: str
-    client_email: str
-    private_key: str = field(repr=False)
-    """PEM, RSA."""
+    account: ServiceAccount = field(repr=False)
+    """The file's account, checked and its key loaded (once: the gateway uses this one)."""
     url: str | None = None
     """Instead of FCM's endpoint (tests)."""
     token_uri: str | None = None
@@ -86,6 +88,8 @@ class ApnsCredentials:
     ca_file: Path | None = None
     """CA certificates to trust for ``url`` (tests)."""
     key_pem: bytes = field(default=b"", repr=False)
+    key: ApnsKey | None = field(default=None, repr=False, compare=False)
+    """``key_pem`` loaded with the ids (once: the gateway uses this one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,51 +413,51 @@ class _Checker:
             return GorushCredentials(values["url"], values.get("bundleid", ""))
         if kind is AppKind.FCM:
             path, account = values["service_account"]
-            return FcmCredentials(
-                path,
-                account["project_id"],
-                account["client_email"],
-                account["private_key"],
-                values.get("url"),
-                values.get("token_uri"),
-            )
+            return FcmCredentials(path, account, values.get("url"), values.get("token_uri"))
         if kind is AppKind.APNS:
-            key_file, pem = values.pop("key_file")
-            return ApnsCredentials(key_file, key_pem=pem, **values)
+            key_file, pem, p8_key = values.pop("key_file")
+            key = _apns_key(p8_key, values["key_id"], values["team_id"])
+            return ApnsCredentials(key_file, key_pem=pem, key=key, **values)
         key_file, pem = values["vapid_private_key"]
         return WebPushCredentials(key_file, values["vapid_subject"], pem)
 
-    def service_account(self, value: Any) -> tuple[Path, dict[str, str]]:
+    def service_account(self, value: Any) -> tuple[Path, ServiceAccount]:
         path, data = self.file(value)
         try:
-            account = json.loads(data)
+            from trio_dht.push.fcm import FcmCredentialsError, parse_service_account
+        except ImportError:  # pragma: no cover (httpx and trio come with the package)
+            raise _Bad("FCM needs the httpx package") from None
+        try:
+            info = json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Bad(f"{path} is not JSON: {exc}") from None
-        if not isinstance(account, dict):
-            raise _Bad(f"{path} is not a service account (not a JSON object)")
-        missing = [
-            k for k in ("project_id", "client_email", "private_key") if not isinstance(account.get(k), str)
-        ]
-        if missing:
-            raise _Bad(f"{path} is not a service account: no {', '.join(missing)}")
-        key = _load_key(account["private_key"].encode(), f"{path}'s private_key")
-        from cryptography.hazmat.primitives.asymmetric import rsa
+        try:
+            return path, parse_service_account(info, str(path))
+        except FcmCredentialsError as exc:
+            raise _Bad(str(exc)) from None
 
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise _Bad(f"{path}'s private_key is not an RSA key")
-        return path, account
-
-    def apns_key(self, value: Any) -> tuple[Path, bytes]:
+    def apns_key(self, value: Any) -> tuple[Path, bytes, Any]:
         path, pem = self.file(value)
-        _p256(_load_key(pem, str(path)), path)
-        if b"-----BEGIN PRIVATE KEY-----" not in pem:
-            raise _Bad(f"{path} is not a PKCS#8 key (BEGIN PRIVATE KEY), as Apple's .p8 files are")
-        return path, pem
+        try:
+            from trio_dht.push.apns import ApnsKeyError, load_p8_key
+        except ImportError:  # pragma: no cover (trio comes with the package)
+            raise _Bad("APNs needs the trio package") from None
+        try:
+            return path, pem, load_p8_key(pem, str(path))
+        except ApnsKeyError as exc:
+            raise _Bad(str(exc)) from None
 
     def vapid_key(self, value: Any) -> tuple[Path, bytes]:
         path, pem = self.file(value)
         _p256(_load_key(pem, str(path)), path)
         return path, pem
+
+
+def _apns_key(p8_key: Any, key_id: str, team_id: str) -> ApnsKey:
+    """The team's key with its ids (checked already), as the gateway uses it."""
+    from trio_dht.push.apns import ApnsKey
+
+    return ApnsKey(p8_key, key_id, team_id)
 
 
 def _load_key(pem: bytes, what: str) -> Any:

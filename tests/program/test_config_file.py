@@ -47,6 +47,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "project_id": "my-project",
         "client_email": "push@my-project.iam.gserviceaccount.com",
         "private_key": pem(rsa_key).decode(),
+        "token_uri": "https://oauth2.googleapis.com/token",
     }
     (folder / "account.json").write_text(json.dumps(account))
     (folder / "account-no-key.json").write_text(json.dumps({"project_id": "p"}))
@@ -149,12 +150,15 @@ def test_a_good_file_is_the_app_config(tmp_path: Path, keys: Path) -> None:
     android, ios, up, legacy = config.apps
     assert android == AppSpec("android", AppKind.FCM, ("android",), ("org.example.app",), android.credentials)
     assert isinstance(android.credentials, FcmCredentials)
-    assert (android.credentials.project_id, android.credentials.client_email) == (
+    account = android.credentials.account
+    assert (account.project_id, account.client_email) == (
         "my-project",
         "push@my-project.iam.gserviceaccount.com",
     )
-    assert android.credentials.private_key.startswith("-----BEGIN PRIVATE KEY-----")
-    assert "private_key" not in repr(android.credentials)
+    assert account.private_key.key_size == 2048  # loaded, once, for the gateway
+    assert "private_key" not in repr(android.credentials) and "ServiceAccount" not in repr(
+        android.credentials
+    )
     assert ios.platforms == ("ios",) and ios.topics == ("org.example.app", "org.example.app.voip")
     assert ios.credentials == ApnsCredentials(
         keys / "AuthKey.p8",
@@ -338,12 +342,11 @@ EXPECTED = [
     "limits.udp_listeners: not a size: 'lots' (use e.g. 1000, 64K, 4M)",
     "limits.udp_nonsense: unknown limit (trio-dht --limits lists them)",
     "apps.a.service_account: no such file: {keys}/nowhere.json",
-    "apps.b.service_account: {keys}/account-no-key.json is not a service account: "
-    "no client_email, private_key",
-    "apps.c.key_file: {keys}/sec1.pem is not a PKCS#8 key (BEGIN PRIVATE KEY), as Apple's .p8 files are",
+    "apps.b.service_account: {keys}/account-no-key.json: 'client_email' is missing or not a non-empty string",
+    "apps.c.key_file: {keys}/sec1.pem is not a PEM PKCS#8 private key (a .p8 file)",
     "apps.c.key_id: not an Apple key or team id (10 capital letters and digits): 'short'",
     "apps.c.sandbox: expected a boolean, not a string",
-    "apps.d.key_file: {keys}/p384.p8 is not an EC P-256 private key",
+    "apps.d.key_file: {keys}/p384.p8 is a secp384r1 key; APNs keys are P-256 (secp256r1)",
     "apps.e.vapid_private_key: {keys}/rsa.pem is not an EC P-256 private key",
     "apps.e.vapid_subject: not a mailto: or https: URL: 'ops@example.org'",
     "apps.f.kind: unknown kind (use gorush, fcm, apns or webpush)",
@@ -352,7 +355,7 @@ EXPECTED = [
     "apps.h.vapid_private_key: {keys}/garbage.pem is not an unencrypted PEM private key",
     "apps.i.service_account: {keys}/not-json.json is not JSON",
     "apps.j.topics: expected an array, not a string",
-    "apps.j.service_account: {keys}/account-ec.json's private_key is not an RSA key",
+    "apps.j.service_account: {keys}/account-ec.json: private_key: private key: not an RSA key (ECPrivateKey)",
     "apps.ios2: ios topic 'org.example.app' is already apps.ios1's",
     "apps.up2: unifiedpush the default (no topics) is already apps.up1's",
 ]

@@ -105,29 +105,33 @@ class ApnsKey:
     @classmethod
     def from_pem(cls, pem: bytes, *, key_id: str, team_id: str, source: str = "the APNs key") -> ApnsKey:
         """Parse a ``.p8`` key's PEM text; ``source`` names it in errors."""
-        try:  # imported here: the zipapp runs without cryptography on another Python, and needs it only here
-            from cryptography.exceptions import UnsupportedAlgorithm
-            from cryptography.hazmat.primitives import serialization
-            from cryptography.hazmat.primitives.asymmetric import ec
-        except ImportError:
-            raise ApnsKeyError(
-                "APNs provider tokens need the cryptography package, which is missing"
-            ) from None
         for name, value in (("key id", key_id), ("team id", team_id)):
             if len(value) != 10 or not value.isascii() or not value.isalnum():
                 raise ApnsKeyError(f"the APNs {name} must be 10 letters or digits, not {value!r}")
-        if b"-----BEGIN PRIVATE KEY-----" not in pem:
-            hint = " (it is encrypted)" if b"ENCRYPTED PRIVATE KEY" in pem else ""
-            raise ApnsKeyError(f"{source} is not a PEM PKCS#8 private key (a .p8 file){hint}")
-        try:
-            key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise ApnsKeyError(f"{source} is not a usable private key: {exc}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ApnsKeyError(f"{source} is not an elliptic-curve key (APNs keys are P-256)")
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise ApnsKeyError(f"{source} is a {key.curve.name} key; APNs keys are P-256 (secp256r1)")
-        return cls(key, key_id, team_id)
+        return cls(load_p8_key(pem, source), key_id, team_id)
+
+
+def load_p8_key(pem: bytes, source: str = "the APNs key") -> ec.EllipticCurvePrivateKey:
+    """The P-256 private key of a ``.p8`` file's PEM text (unencrypted PKCS#8, as Apple issues them);
+    :class:`ApnsKeyError` naming ``source`` otherwise."""
+    try:  # imported here: the zipapp runs without cryptography on another Python, and needs it only here
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        raise ApnsKeyError("APNs provider tokens need the cryptography package, which is missing") from None
+    if b"-----BEGIN PRIVATE KEY-----" not in pem:
+        hint = " (it is encrypted)" if b"ENCRYPTED PRIVATE KEY" in pem else ""
+        raise ApnsKeyError(f"{source} is not a PEM PKCS#8 private key (a .p8 file){hint}")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ApnsKeyError(f"{source} is not a usable private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ApnsKeyError(f"{source} is not an elliptic-curve key (APNs keys are P-256)")
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ApnsKeyError(f"{source} is a {key.curve.name} key; APNs keys are P-256 (secp256r1)")
+    return key
 
 
 def _b64url(data: bytes) -> str:
