@@ -187,6 +187,16 @@ def test_garbage_ends_the_connection_and_every_stream_with_it():
     assert client.connection_lost() == []
 
 
+def test_reply_headers_over_the_cap_end_the_connection_not_the_process():
+    client, server = connected(max_concurrent_streams=10)
+    sid = client.request(b"/", [], b"x")
+    server.pump()
+    server.h2.send_headers(sid, [(b":status", b"200"), *[(b"x-%d" % i, b"v" * 1000) for i in range(20)]])
+    finished = client.receive(server.h2.data_to_send())
+    assert [type(e) for _, e in finished] == [StreamError] and "protocol error" in str(finished[0][1])
+    assert client.goaway
+
+
 def test_a_reset_request_is_forgotten():
     client, server = connected(max_concurrent_streams=10)
     sid = client.request(b"/", [], b"x")

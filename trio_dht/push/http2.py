@@ -23,8 +23,11 @@ the stream is reset and the reply is :class:`~trio_dht.push.gateway.ReplyTooLarg
 caller bounds each batch as a whole with a deadline: a cancelled batch resets the streams it left open.
 
 ``h2``'s header validation and normalisation are off for what we send: our headers are made here, lower-case
-and valid, and checking them again costs more than the rest of the request. ``authorization`` is therefore
-indexed in HPACK's table like any header: a connection carries one origin's requests, all ours.
+and valid, and checking them again costs more than the rest of the request. Without normalisation,
+``authorization`` is indexed in HPACK's table like any header (a connection carries one origin's requests,
+all ours), so its bearer is sent whole once per connection. Validation of reply headers is off too: their
+names are lower-cased here, and only ``:status``, ``content-length`` and ``retry-after`` are read, each
+checked where it is read (a reply's header list is still bounded by :data:`MAX_HEADER_LIST_SIZE`).
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class Http2Requests:
                 header_encoding=None,
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
+                validate_inbound_headers=False,
             )
         )
         self._streams: dict[int, _Stream] = {}
@@ -138,6 +142,8 @@ class Http2Requests:
         )
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(RECEIVE_WINDOW - 65535)
+        # h2 gives its HPACK decoder our MAX_HEADER_LIST_SIZE only when the setting changes, never the first
+        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
 
     @property
     def open_streams(self) -> int:
