@@ -5,6 +5,7 @@ arrive)."""
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from functools import partial
 
 import h2.config
@@ -14,12 +15,20 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import httpx
-import pytest
 import trio
 from hyperframe.frame import GoAwayFrame
 
 from trio_dht.push.gateway import Reply, ReplyTooLarge
-from trio_dht.push.http2 import Http2Requests, Request, StreamError, Unprocessed, open_http2_origin
+from trio_dht.push.http2 import (
+    LAST_STREAM_ID,
+    Http2Requests,
+    Request,
+    StreamError,
+    TimedOut,
+    Unprocessed,
+    Unreachable,
+    open_http2_origin,
+)
 from trio_dht.testing.fcm import open_fcm_double
 
 S = h2.settings.SettingCodes
@@ -197,6 +206,55 @@ def test_reply_headers_over_the_cap_end_the_connection_not_the_process():
     assert client.goaway
 
 
+def test_a_window_update_then_a_reset_of_a_held_back_body_fails_that_stream_only():
+    client, server = connected(initial_window_size=10, max_concurrent_streams=10)
+    held = client.request(b"/", [], b"x" * 100)
+    client.request(b"/", [], b"y")
+    server.pump()
+    server.h2.increment_flow_control_window(1000, stream_id=held)
+    server.h2.reset_stream(held, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    finished = dict(client.receive(server.h2.data_to_send()))  # h2 would refuse the rest of the body
+    assert type(finished[held]) is StreamError and client.open_streams == 1 and not client.goaway
+
+
+def test_a_window_update_then_goaway_with_an_error_ends_the_connection_without_raising():
+    client, server = connected(initial_window_size=10, max_concurrent_streams=10)
+    sid = client.request(b"/", [], b"x" * 100)
+    server.pump()
+    server.h2.increment_flow_control_window(1000, stream_id=sid)
+    server.h2.close_connection(h2.errors.ErrorCodes.INTERNAL_ERROR, last_stream_id=sid)
+    finished = dict(client.receive(server.h2.data_to_send()))
+    assert type(finished[sid]) is StreamError and client.goaway and client.open_streams == 0
+
+
+def test_an_early_reply_closes_the_stream_whose_body_was_held_back():
+    client, server = connected(initial_window_size=10, max_concurrent_streams=1)
+    sid = client.request(b"/", [], b"x" * 100)
+    server.pump()
+    server.reply(sid, 413)
+    [(done, reply)] = server.pump()
+    assert (done, reply.status_code) == (sid, 413)
+    assert client._h2.open_outbound_streams == 0 and client.can_open  # h2 counts it closed too
+    client.request(b"/", [], b"y")  # h2 would refuse a second stream over the server's limit of 1
+
+
+def test_goaway_marks_never_written_streams_unprocessed_whatever_its_last_stream_id():
+    client, server = connected(max_concurrent_streams=10)
+    sent = client.request(b"/", [], b"x")
+    server.pump()
+    held = client.request(b"/", [], b"y")  # started, not yet written when the GOAWAY comes
+    finished = dict(client.receive(GoAwayFrame(0, last_stream_id=2**31 - 1).serialize()))
+    assert set(finished) == {held} and isinstance(finished[held], Unprocessed) and client.open_streams == 1
+    assert sent == 1
+
+
+def test_a_connection_whose_stream_ids_run_short_takes_no_more_requests():
+    client, _ = connected(max_concurrent_streams=10)
+    client._h2.highest_outbound_stream_id = LAST_STREAM_ID
+    client.request(b"/", [], b"x")
+    assert client.goaway and not client.can_open
+
+
 def test_a_reset_request_is_forgotten():
     client, server = connected(max_concurrent_streams=10)
     sid = client.request(b"/", [], b"x")
@@ -212,9 +270,20 @@ def test_a_reset_request_is_forgotten():
 async def serve_h2(nursery, handler, *, max_streams=100):
     """An h2c server on 127.0.0.1: ``handler(conn, stream_id, body)`` -> (status, body) or None (no reply);
     returns its port and the list of connections' request counts."""
+    connection, served = h2c_connection_handler(handler, max_streams=max_streams)
+    listeners = await nursery.start(partial(trio.serve_tcp, connection, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1], served
+
+
+def h2c_connection_handler(handler, *, max_streams):
+    """The connection task of :func:`serve_h2`, and its list of request counts."""
     served = []
 
     async def connection(stream):
+        with suppress(trio.BrokenResourceError):  # a client that resets the connection
+            await serve_one(stream)
+
+    async def serve_one(stream):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         conn.initiate_connection()
         conn.update_settings({S.MAX_CONCURRENT_STREAMS: max_streams})
@@ -243,8 +312,7 @@ async def serve_h2(nursery, handler, *, max_streams=100):
                             conn.send_data(event.stream_id, answer[1], end_stream=True)
                 await stream.send_all(conn.data_to_send())
 
-    listeners = await nursery.start(partial(trio.serve_tcp, connection, 0, host="127.0.0.1"))
-    return listeners[0].socket.getsockname()[1], served
+    return connection, served
 
 
 def requests(n):
@@ -329,10 +397,56 @@ async def test_idle_connection_is_closed_and_a_new_one_made(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_unreachable_origin_raises_oserror():
+async def test_an_unreachable_origin_is_a_result_not_an_exception():
     async with open_http2_origin("http://127.0.0.1:9") as origin:
-        with pytest.raises(OSError):
-            await origin.request_many(requests(1))
+        replies = await origin.request_many(requests(2))
+    assert [type(r) for r in replies] == [Unreachable, Unreachable] and "127.0.0.1:9" in str(replies[0])
+
+
+async def test_a_failed_reconnect_keeps_the_replies_that_came():
+    accepting = trio.CancelScope()
+
+    def handler(conn, stream_id, body):  # answers the first, then goes away without the second
+        if accepting.cancel_called:
+            return None
+        conn.send_headers(stream_id, [(b":status", b"200")])
+        conn.send_data(stream_id, body, end_stream=True)
+        conn.close_connection(last_stream_id=stream_id)
+        accepting.cancel()  # and nothing listens any more
+        return None
+
+    async with trio.open_nursery() as handlers:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        serve, _ = h2c_connection_handler(handler, max_streams=100)
+
+        async def accept():
+            with accepting:
+                await trio.serve_listeners(serve, listeners, handler_nursery=handlers)
+
+        handlers.start_soon(accept)
+        async with open_http2_origin(f"http://127.0.0.1:{port}") as origin:
+            replies = await origin.request_many(requests(2))
+        handlers.cancel_scope.cancel()
+    assert replies[0].content == b"r0" and isinstance(replies[1], Unreachable)
+
+
+async def test_past_its_deadline_a_batch_keeps_its_replies_and_the_connection_serves_on():
+    def handler(conn, stream_id, body):
+        return None if body == b"r1" else (200, body)  # r1 never answered
+
+    async with trio.open_nursery() as nursery:
+        port, _ = await serve_h2(nursery, handler)
+        async with open_http2_origin(f"http://127.0.0.1:{port}") as origin:
+            replies = await origin.request_many(requests(3), deadline=trio.current_time() + 0.5)
+            assert [r.content if isinstance(r, Reply) else type(r) for r in replies] == [
+                b"r0",
+                TimedOut,
+                b"r2",
+            ]
+            assert (await origin.request_many(requests(1)))[0].content == b"r0"
+            assert origin.connections_made == 1
+        nursery.cancel_scope.cancel()
 
 
 # -- differential: the same requests through httpx and through ours reach the FCM double alike --------------

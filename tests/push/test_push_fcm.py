@@ -493,3 +493,11 @@ async def test_double_speaks_http1_too():
         reply = await client.post(f"{fcm.url}/v1/projects/trio-dht-test/messages:send", content=b"{}")
         assert reply.status_code == 401
         assert fcm.http_versions == {"1.1"}
+
+
+async def test_past_the_deadline_only_the_unanswered_pushes_are_retried():
+    limits = Limits(push_request_timeout=0.5, push_response_bytes=1024)
+    async with fcm_setup(limits=limits) as (fcm, gateway):
+        fcm.script(200, b'{"name": "x"}', times=1, byte_interval=1.0)  # the first push's reply trickles
+        outcomes = await gateway.send([push("slow", sid=1), push("b", sid=2), push("c", sid=3)])
+    assert outcomes == [Outcome.RETRY, Outcome.DELIVERED, Outcome.DELIVERED]  # b and c are not sent twice

@@ -55,7 +55,7 @@ from trio_dht.push.gateway import (
     parse_retry_after,
 )
 from trio_dht.push.gorush import IOS_ALERT
-from trio_dht.push.http2 import Http2Origin, Request, StreamError, open_http2_origin
+from trio_dht.push.http2 import Http2Origin, Request, StreamError, TimedOut, open_http2_origin
 from trio_dht.push.payloads import PUSH_TTL, Push, PushKind
 from trio_dht.small_files import FileTooLarge, read_small_file
 
@@ -303,26 +303,27 @@ class ApnsGateway:
                 results[i] = request
             else:
                 requests[i] = request
-        with trio.move_on_after(self._timeout):
-            for attempt in range(2):
-                bearer = self.tokens.current()
-                authorization = (b"authorization", b"bearer " + bearer.encode("ascii"))
-                todo = list(requests)
-                answers = await self._request_many(
-                    [
-                        Request(requests[i].path, (authorization, *requests[i].headers), requests[i].body)
-                        for i in todo
-                    ]
-                )
-                expired = []
-                for i, (result, reason) in zip(todo, answers, strict=True):
-                    results[i] = result
-                    if reason == "ExpiredProviderToken":
-                        expired.append(i)
-                if not expired or attempt:
-                    break
-                self.tokens.expired(bearer)
-                requests = {i: requests[i] for i in expired}
+        deadline = trio.current_time() + self._timeout
+        for attempt in range(2):
+            bearer = self.tokens.current()
+            authorization = (b"authorization", b"bearer " + bearer.encode("ascii"))
+            todo = list(requests)
+            answers = await self._request_many(
+                [
+                    Request(requests[i].path, (authorization, *requests[i].headers), requests[i].body)
+                    for i in todo
+                ],
+                deadline,
+            )
+            expired = []
+            for i, (result, reason) in zip(todo, answers, strict=True):
+                results[i] = result
+                if reason == "ExpiredProviderToken":
+                    expired.append(i)
+            if not expired or attempt:
+                break
+            self.tokens.expired(bearer)
+            requests = {i: requests[i] for i in expired}
         for result in results:
             if result.outcome is Outcome.DROPPED and result.why:
                 self._say_refused(result.why)
@@ -355,16 +356,16 @@ class ApnsGateway:
         if (line := self._refusals.line(f"APNs refused a push: {why}", trio.current_time())) is not None:
             log.warning("%s", line)
 
-    async def _request_many(self, requests: Sequence[Request]) -> list[tuple[_Result, str]]:
-        """Send the requests at once: each one's result and Apple's ``reason``."""
+    async def _request_many(self, requests: Sequence[Request], deadline: float) -> list[tuple[_Result, str]]:
+        """Send the requests at once: each one's result (by ``deadline`` at the latest) and Apple's
+        ``reason``."""
         assert self._origin is not None, "use ApnsGateway as an async context manager"
-        try:
-            replies = await self._origin.request_many(requests)
-        except (OSError, trio.BrokenResourceError) as exc:
-            return [(_Result(Outcome.RETRY, f"unreachable: {_describe(exc)}"), "")] * len(requests)
+        replies = await self._origin.request_many(requests, deadline=deadline)
         return [self._result_of(reply) for reply in replies]
 
     def _result_of(self, reply: Reply | ReplyTooLarge | StreamError) -> tuple[_Result, str]:
+        if isinstance(reply, TimedOut):
+            return _Result(Outcome.RETRY, str(reply), reason=TIMED_OUT), ""
         if isinstance(reply, StreamError):
             return _Result(Outcome.RETRY, f"no reply: {reply}"), ""
         if isinstance(reply, ReplyTooLarge):
@@ -392,13 +393,3 @@ def _reason(reply: Reply) -> str:
     except (ValueError, AttributeError):
         return ""
     return reason if isinstance(reason, str) else ""
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception and the first cause with a message (connection errors often have none; the TLS
-    error under them says what failed)."""
-    text = repr(exc)
-    cause: BaseException | None = exc
-    while cause is not None and not str(cause):
-        cause = cause.__cause__ or cause.__context__
-    return text if cause is None or cause is exc else f"{text}: {cause!r}"

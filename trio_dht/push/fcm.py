@@ -61,7 +61,7 @@ from trio_dht.push.gateway import (
     raise_for_transient,
     reply_too_large,
 )
-from trio_dht.push.http2 import Http2Origin, Request, StreamError, open_http2_origin
+from trio_dht.push.http2 import Http2Origin, Request, StreamError, TimedOut, open_http2_origin
 from trio_dht.push.payloads import PUSH_TTL, Platform, Push
 from trio_dht.small_files import FileTooLarge, read_small_file
 
@@ -274,7 +274,9 @@ def _alone(result: Outcome | GatewayError) -> Outcome:
 def _checked(what: str, reply: Reply | ReplyTooLarge | StreamError, now_wall: float) -> Reply | GatewayError:
     """A reply to keep, or the error it is: temporary for a 429, a 5xx or a stream without a reply."""
     if isinstance(reply, StreamError):
-        return TemporaryGatewayError(f"{what}: {reply}")
+        return TemporaryGatewayError(
+            f"{what}: {reply}", reason=TIMED_OUT if isinstance(reply, TimedOut) else None
+        )
     if isinstance(reply, ReplyTooLarge):
         return reply_too_large(reply, now_wall)
     try:
@@ -342,11 +344,15 @@ class FcmGateway:
         return push.sid % self._lanes
 
     async def send(self, pushes: Sequence[Push]) -> list[Outcome]:
-        results: list[Outcome | GatewayError | None] = [None] * len(pushes)
-        with trio.move_on_after(self._timeout):
+        deadline = trio.current_time() + self._timeout
+        timed_out = TemporaryGatewayError(f"FCM: no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
+        done: list[Outcome | GatewayError] = [timed_out] * len(pushes)
+        bearer: str | None = None
+        with trio.move_on_at(deadline):
             bearer = await self._bearer()
+        if bearer is not None:
             bodies = [_encode_json(fcm_message(push)).encode() for push in pushes]
-            replies = await self._post_messages(bodies, bearer)
+            replies = await self._post_messages(bodies, bearer, deadline)
             refused = [
                 i
                 for i, reply in enumerate(replies)
@@ -355,15 +361,17 @@ class FcmGateway:
                 and error_code(_error_of(reply)) != "THIRD_PARTY_AUTH_ERROR"
             ]
             if refused:
-                try:
-                    again = await self._post_messages([bodies[i] for i in refused], await self._renew(bearer))
-                except GatewayError as exc:
-                    again = [exc] * len(refused)
+                again: list[Reply | GatewayError] = [timed_out] * len(refused)
+                with trio.move_on_at(deadline):
+                    try:
+                        renewed = await self._renew(bearer)
+                    except GatewayError as exc:
+                        again = [exc] * len(refused)
+                    else:
+                        again = await self._post_messages([bodies[i] for i in refused], renewed, deadline)
                 for i, reply in zip(refused, again, strict=True):
                     replies[i] = reply
-            results = [self._outcome(reply) for reply in replies]
-        timed_out = TemporaryGatewayError(f"FCM: no whole reply in {self._timeout:g} s", reason=TIMED_OUT)
-        done = [timed_out if r is None else r for r in results]
+            done = [self._outcome(reply) for reply in replies]
         errors = [r for r in done if isinstance(r, GatewayError)]
         if errors and len(errors) == len(done):
             temporary = [e for e in errors if isinstance(e, TemporaryGatewayError)]
@@ -386,9 +394,12 @@ class FcmGateway:
                 log.warning("%s", line)
         return outcome
 
-    async def _post_messages(self, bodies: Sequence[bytes], bearer: str) -> list[Reply | GatewayError]:
+    async def _post_messages(
+        self, bodies: Sequence[bytes], bearer: str, deadline: float
+    ) -> list[Reply | GatewayError]:
         """One ``messages:send`` per body, all at once on the HTTP/2 connection: each one's reply, or its
-        :class:`TemporaryGatewayError` (a 429, a 5xx, no reply) or oversized reply's error."""
+        :class:`TemporaryGatewayError` (a 429, a 5xx, no reply by ``deadline``) or oversized reply's
+        error."""
         assert self._origin is not None, "use FcmGateway as an async context manager"
         headers = (
             (b"authorization", b"Bearer " + bearer.encode("ascii")),
@@ -397,11 +408,7 @@ class FcmGateway:
         )
         requests = [Request(self._send_path, headers, body) for body in bodies]
         now_wall = time.time()
-        try:
-            replies = await self._origin.request_many(requests)
-        except (OSError, trio.BrokenResourceError) as exc:
-            unreachable = TemporaryGatewayError(f"FCM unreachable: {exc!r}")
-            return [unreachable] * len(bodies)
+        replies = await self._origin.request_many(requests, deadline=deadline)
         return [_checked("FCM", reply, now_wall) for reply in replies]
 
     async def _post(

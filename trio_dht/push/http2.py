@@ -33,9 +33,10 @@ checked where it is read (a reply's header list is still bounded by :data:`MAX_H
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,10 @@ RECEIVE_WINDOW = 16 * 1024 * 1024
 ATTEMPTS = 3
 """A request the server did not process (GOAWAY, ``REFUSED_STREAM``) is sent at most this many times."""
 READ_SIZE = 65536
+WRITE_TIMEOUT = 30.0
+"""A write to the server that makes no progress this long ends the connection."""
+LAST_STREAM_ID = 2**31 - 1 - 2 * MAX_STREAMS
+"""Past this stream id a connection takes no new request (a new connection starts again at 1)."""
 
 _SETTINGS = h2.settings.SettingCodes
 
@@ -128,9 +133,15 @@ class Http2Requests:
             )
         )
         self._streams: dict[int, _Stream] = {}
+        self._started = 0
+        """The highest stream id started."""
+        self._written = 0
+        """The highest stream id whose HEADERS left in :meth:`data_to_send` (h2 drops what it still holds on
+        GOAWAY: a stream above this was never sent)."""
         self._max_streams = 1  # until the server's SETTINGS arrive: HTTP/2's default is unlimited, APNs' is 1
         self.goaway = False
-        """The server sent GOAWAY (or the connection failed): no new request may start here."""
+        """The server sent GOAWAY, the connection failed, or its stream ids ran short: no new request may
+        start here."""
         self._h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -166,6 +177,9 @@ class Http2Requests:
             end_stream=not body,
         )
         stream = self._streams[stream_id] = _Stream()
+        self._started = stream_id
+        if stream_id >= LAST_STREAM_ID:
+            self.goaway = True  # stream ids run short: this connection drains, the next starts again at 1
         if body:
             stream.pending = memoryview(body)
             self._send_body(stream_id, stream)
@@ -179,6 +193,7 @@ class Http2Requests:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the server now."""
+        self._written = self._started
         return self._h2.data_to_send()
 
     def connection_lost(self, why: str = "connection lost") -> list[Finished]:
@@ -189,8 +204,8 @@ class Http2Requests:
         return failed
 
     def receive(self, data: bytes) -> list[Finished]:
-        """Feed bytes from the server; the streams that finished. A protocol error ends the connection (every
-        open stream fails, :attr:`goaway` is set; :meth:`data_to_send` then holds our GOAWAY)."""
+        """Feed bytes from the server; the streams that finished. Never raises: a protocol error ends the
+        connection (every open stream fails, :attr:`goaway` is set; :meth:`data_to_send` holds our GOAWAY)."""
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -198,6 +213,7 @@ class Http2Requests:
                 self._h2.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return self.connection_lost(f"HTTP/2 protocol error from the server: {exc}")
         finished: list[Finished] = []
+        window_opened = False
         for event in events:
             kind = type(event)
             if kind is h2.events.DataReceived:
@@ -205,29 +221,27 @@ class Http2Requests:
             elif kind is h2.events.ResponseReceived:
                 self._on_response(event, finished)
             elif kind is h2.events.StreamEnded:
-                stream = self._streams.pop(event.stream_id, None)
-                if stream is not None:
-                    finished.append(
-                        (event.stream_id, Reply(stream.status, stream.headers, bytes(stream.body)))
-                    )
+                self._on_end(event.stream_id, finished)
             elif kind is h2.events.StreamReset:
                 if self._streams.pop(event.stream_id, None) is not None:
                     refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
                     error = Unprocessed if refused else StreamError
-                    finished.append(
-                        (event.stream_id, error(f"stream reset by the server ({event.error_code!r})"))
-                    )
-            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
-                if kind is h2.events.RemoteSettingsChanged:
-                    self._on_settings()
-                for stream_id, stream in list(self._streams.items()):
-                    if stream.pending is not None:
-                        self._send_body(stream_id, stream)
+                    why = f"stream reset by the server ({event.error_code!r})"
+                    finished.append((event.stream_id, error(why)))
+            elif kind is h2.events.WindowUpdated:
+                window_opened = True
+            elif kind is h2.events.RemoteSettingsChanged:
+                self._on_settings()
+                window_opened = True
             elif kind is h2.events.ConnectionTerminated:
                 finished.extend(self._on_goaway(event))
             # InformationalResponseReceived (1xx), TrailersReceived, PingReceived, SettingsAcknowledged,
             # PriorityUpdated: nothing to do (h2 answers pings and settings itself); PushedStreamReceived
             # cannot happen with ENABLE_PUSH 0 (h2 refuses such a frame as a protocol error).
+        if window_opened and not self.goaway:  # after every frame of this read is applied to h2's state
+            for stream_id, stream in list(self._streams.items()):
+                if stream.pending is not None:
+                    self._send_body(stream_id, stream, finished)
         return finished
 
     # -- events ----------------------------------------------------------------------------------------------
@@ -247,6 +261,15 @@ class Http2Requests:
         length = headers.get("content-length", "")
         if length.isdecimal() and int(length) > self.max_body:
             self._too_large(event.stream_id, stream, finished)
+
+    def _on_end(self, stream_id: int, finished: list[Finished]) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if stream.pending is not None:  # answered before its whole body was sent: close our side too
+            with suppress(h2.exceptions.H2Error):
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        finished.append((stream_id, Reply(stream.status, stream.headers, bytes(stream.body))))
 
     def _on_data(self, event: h2.events.DataReceived, finished: list[Finished]) -> None:
         self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -269,6 +292,7 @@ class Http2Requests:
         """Streams above the last one the server processes are unprocessed; the others may still finish."""
         self.goaway = True
         last = event.last_stream_id if event.last_stream_id is not None else 0
+        last = min(last, self._written)  # h2 dropped the frames it still held: those streams were never sent
         why = f"GOAWAY from the server ({event.error_code!r})"
         unprocessed = [sid for sid in self._streams if sid > last]
         finished: list[Finished] = [(sid, Unprocessed(why)) for sid in unprocessed]
@@ -278,16 +302,23 @@ class Http2Requests:
             finished.extend(self.connection_lost(why))
         return finished
 
-    def _send_body(self, stream_id: int, stream: _Stream) -> None:
-        """Send as much of the held-back body as flow control allows."""
+    def _send_body(self, stream_id: int, stream: _Stream, finished: list[Finished] | None = None) -> None:
+        """Send as much of the held-back body as flow control allows; a stream h2 no longer lets us send on
+        fails (``finished``)."""
         pending = stream.pending
         assert pending is not None
-        size = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
-        while size > 0 and pending:
-            chunk, pending = pending[:size], pending[size:]
-            self._h2.send_data(stream_id, chunk.tobytes(), end_stream=not pending)
-            if pending:
+        try:
+            while pending:
                 size = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                chunk, pending = pending[:size], pending[size:]
+                self._h2.send_data(stream_id, chunk.tobytes(), end_stream=not pending)
+        except h2.exceptions.H2Error as exc:
+            del self._streams[stream_id]
+            if finished is not None:
+                finished.append((stream_id, StreamError(f"cannot send the rest of the body: {exc!r}")))
+            return
         stream.pending = pending if pending else None
 
 
@@ -303,6 +334,14 @@ class Request:
     body: bytes
 
 
+class TimedOut(StreamError):
+    """No whole reply by the batch's deadline: the stream was reset (the server may have processed it)."""
+
+
+class Unreachable(StreamError):
+    """No connection could be made for the request: it was not sent."""
+
+
 class _Batch:
     """One :meth:`Http2Origin.request_many` call's streams in flight; woken as each finishes."""
 
@@ -314,29 +353,26 @@ class _Batch:
 
 
 class _Connection:
-    """One HTTP/2 connection: its stream, its core, and which batch awaits each stream."""
+    """One HTTP/2 connection: its stream, its core, which batch awaits each stream, and its two tasks (one
+    reads, one writes: a batch's deadline never cuts a write short, which would break the connection for
+    every other batch on it)."""
 
-    def __init__(self, stream: trio.abc.Stream, core: Http2Requests) -> None:
+    def __init__(self, stream: trio.abc.Stream, core: Http2Requests, idle: float) -> None:
         self.stream = stream
         self.core = core
+        self.idle = idle
         self.waiting: dict[int, tuple[_Batch, int]] = {}
-        self.send_lock = trio.StrictFIFOLock()
         self.closed = False
         self.slot_freed = trio.Event()
-        self.idle = trio.CancelScope()
+        self.write_wanted = trio.Event()
+        self.scope = trio.CancelScope()
+        """Cancels both tasks: the connection ends."""
+        self.idle_scope = trio.CancelScope()
         """Cancels the reading task once the connection has been idle too long (no deadline while in use)."""
 
-    async def flush(self) -> None:
-        """Write what the core has to send (one writer at a time); a failed write closes the connection."""
-        async with self.send_lock:
-            data = self.core.data_to_send()
-            if data and not self.closed:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.closed = True
-                    self.deliver(self.core.connection_lost(f"write failed: {exc!r}"))
-                    await trio.aclose_forcefully(self.stream)  # ends the reading task
+    def write(self) -> None:
+        """Have the writing task send what the core holds."""
+        self.write_wanted.set()
 
     def deliver(self, finished: list[Finished]) -> None:
         for stream_id, result in finished:
@@ -348,12 +384,26 @@ class _Connection:
         if finished or self.core.can_open or self.closed:  # a stream slot, or the server's SETTINGS
             self.slot_freed.set()
             self.slot_freed = trio.Event()
+        if self.core.open_streams:
+            self.idle_scope.deadline = math.inf
+        elif self.core.goaway:
+            self.scope.cancel()  # drained after GOAWAY: nothing more can come
+        elif self.idle_scope.deadline == math.inf:
+            self.idle_scope.deadline = trio.current_time() + self.idle
+
+    def end(self, why: str) -> None:
+        """The connection is over: every open request fails with ``why``, both tasks stop."""
+        if not self.closed:
+            self.closed = True
+            self.deliver(self.core.connection_lost(why))
+        self.scope.cancel()
 
 
 class Http2Origin:
     """POSTs to one origin over HTTP/2, one connection at a time (a new one after GOAWAY or a failure).
 
-    Use :func:`open_http2_origin`, which owns the tasks that read each connection.
+    Use :func:`open_http2_origin`, which owns each connection's tasks. An ``ssl_context`` given is used as is
+    but for its ALPN protocols, set to ``h2``.
     """
 
     def __init__(
@@ -364,78 +414,95 @@ class Http2Origin:
         ssl_context: ssl.SSLContext | None = None,
         max_body: int = 64 * 1024,
         idle: float = 600.0,
-        connect: Callable[[str, int], Any] | None = None,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"not an http(s) origin: {url!r}")
         self.scheme = parts.scheme
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
         default_port = 443 if parts.scheme == "https" else 80
+        self.port = parts.port or default_port
         self.authority = parts.netloc.rsplit("@", 1)[-1] if self.port != default_port else self.host
-        self._ssl_context = ssl_context if parts.scheme == "https" else None
-        if self._ssl_context is None and parts.scheme == "https":
-            self._ssl_context = ssl.create_default_context()
-        if self._ssl_context is not None:
+        self._ssl_context = None
+        if parts.scheme == "https":
+            self._ssl_context = ssl_context or ssl.create_default_context()
             self._ssl_context.set_alpn_protocols(["h2"])
         self._nursery = nursery
         self._max_body = max_body
         self._idle = idle
-        self._connect_tcp = connect or trio.open_tcp_stream
+        self._write_timeout = write_timeout
         self._connection: _Connection | None = None
         self._connect_lock = trio.Lock()
         self.connections_made = 0
         """Connections opened so far."""
 
-    async def request_many(self, requests: Sequence[Request]) -> list[Reply | ReplyTooLarge | StreamError]:
-        """Send every request; each one's reply (its body read whole, up to ``max_body``) or its failure.
+    async def request_many(
+        self, requests: Sequence[Request], *, deadline: float = math.inf
+    ) -> list[Reply | ReplyTooLarge | StreamError]:
+        """Send every request; each one's reply (its body read whole, up to ``max_body``) or why it has none.
 
-        Raises ``OSError`` (``ssl.SSLError`` among them) or ``trio.BrokenResourceError`` only when no
-        connection can be made at all. A deadline the caller sets cancels it (the batch's open streams are
-        reset).
+        Never raises for the server's or the network's doing: a request that could not be sent is
+        :class:`Unreachable`, one without a whole reply by ``deadline`` (Trio time) :class:`TimedOut` (its
+        stream reset), one its connection lost :class:`StreamError`. The replies that came are returned
+        whatever befell the others.
         """
         batch = _Batch(len(requests))
         todo = list(range(len(requests)))
         attempts = [0] * len(requests)
-        while todo:
-            connection = await self._usable_connection()
-            started: list[int] = []
-            try:
+        used: set[_Connection] = set()
+        try:
+            with trio.move_on_at(deadline):
                 while todo:
-                    freed = connection.slot_freed  # taken before the flush, which may see streams finish
-                    while todo and connection.core.can_open:
-                        i = todo.pop(0)
-                        attempts[i] += 1
-                        r = requests[i]
-                        sid = connection.core.request(r.path, r.headers, r.body)
-                        connection.waiting[sid] = (batch, i)
-                        started.append(i)
-                    connection.idle.deadline = float("inf")
-                    await connection.flush()
-                    if todo and not connection.core.goaway and not connection.closed:
-                        await freed.wait()
-                    else:
+                    try:
+                        connection = await self._usable_connection()
+                    except (OSError, trio.BrokenResourceError) as exc:
+                        failed = Unreachable(f"cannot connect to {self.authority}: {describe(exc)}")
+                        for i in todo:
+                            batch.results[i] = failed
                         break
-                while any(batch.results[i] is None for i in started):
-                    await batch.progress.wait()
-                    batch.progress = trio.Event()
-            finally:
-                self._forget(connection, batch)
-            for i in started:
-                if isinstance(batch.results[i], Unprocessed) and attempts[i] < ATTEMPTS:
-                    batch.results[i] = None
-                    todo.append(i)
-        return [r if r is not None else StreamError("not sent") for r in batch.results]
+                    used.add(connection)
+                    started = await self._start(connection, batch, requests, todo, attempts)
+                    for i in started:
+                        if isinstance(batch.results[i], Unprocessed) and attempts[i] < ATTEMPTS:
+                            batch.results[i] = None
+                            todo.append(i)
+        finally:  # the deadline passed, or the caller was cancelled
+            for connection in used:
+                _forget(connection, batch)
+        timed_out = TimedOut(f"no whole reply from {self.authority} by the deadline")
+        return [timed_out if r is None else r for r in batch.results]
 
-    def _forget(self, connection: _Connection, batch: _Batch) -> None:
-        """Reset the streams a cancelled batch left open; their replies are not awaited any more."""
-        left = [sid for sid, (owner, _) in connection.waiting.items() if owner is batch]
-        for sid in left:
-            del connection.waiting[sid]
-            connection.core.reset(sid)
-        if left:
-            self._nursery.start_soon(connection.flush)
+    async def _start(
+        self,
+        connection: _Connection,
+        batch: _Batch,
+        requests: Sequence[Request],
+        todo: list[int],
+        attempts: list[int],
+    ) -> list[int]:
+        """Start what of ``todo`` the connection takes (taking it off ``todo``), as streams free up; the
+        indexes started, once each has its result."""
+        started: list[int] = []
+        core = connection.core
+        while todo and not connection.closed:
+            freed = connection.slot_freed  # taken before anything can see a stream finish
+            while todo and core.can_open:
+                i = todo.pop(0)
+                attempts[i] += 1
+                request = requests[i]
+                stream_id = core.request(request.path, request.headers, request.body)
+                connection.waiting[stream_id] = (batch, i)
+                started.append(i)
+            connection.idle_scope.deadline = math.inf
+            connection.write()
+            if not todo or core.goaway:
+                break
+            await freed.wait()
+        while any(batch.results[i] is None for i in started):
+            await batch.progress.wait()
+            batch.progress = trio.Event()
+        return started
 
     async def _usable_connection(self) -> _Connection:
         async with self._connect_lock:
@@ -445,63 +512,100 @@ class Http2Origin:
             return connection
 
     async def _open(self) -> _Connection:
-        tcp = await self._connect_tcp(self.host, self.port)
+        tcp = await trio.open_tcp_stream(self.host, self.port)
         stream: trio.abc.Stream = tcp
         try:
             if self._ssl_context is not None:
                 tls = trio.SSLStream(tcp, self._ssl_context, server_hostname=self.host, https_compatible=True)
+                stream = tls
                 await tls.do_handshake()
                 if tls.selected_alpn_protocol() != "h2":
                     raise ssl.SSLError(f"{self.authority} did not agree to HTTP/2 (ALPN h2)")
-                stream = tls
-            connection = _Connection(
-                stream, Http2Requests(self.authority, scheme=self.scheme, max_body=self._max_body)
-            )
-            await connection.flush()
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+        core = Http2Requests(self.authority, scheme=self.scheme, max_body=self._max_body)
+        connection = _Connection(stream, core, self._idle)
         self.connections_made += 1
-        self._nursery.start_soon(self._read, connection)
+        self._nursery.start_soon(self._run, connection)
+        connection.write()  # the preface and our SETTINGS
         return connection
 
-    async def _read(self, connection: _Connection) -> None:
-        """Read one connection until it ends: hand each finished stream to its batch, answer what h2 must.
-        The connection closes once idle (no open stream) for ``idle`` seconds, or drained after GOAWAY."""
-        core = connection.core
-        why = "the server closed the connection"
+    async def _run(self, connection: _Connection) -> None:
+        """The connection's two tasks, until it ends; then its stream is closed."""
         try:
-            with connection.idle:
-                connection.idle.deadline = trio.current_time() + self._idle
-                while True:
-                    data = await connection.stream.receive_some(READ_SIZE)
-                    if not data:
-                        return
-                    connection.deliver(core.receive(data))
-                    await connection.flush()
-                    if connection.closed or (core.goaway and not core.open_streams):
-                        why = "closed after GOAWAY" if core.goaway else why
-                        return
-                    if not core.open_streams:
-                        connection.idle.deadline = trio.current_time() + self._idle
-            why = f"idle for {self._idle:g} s"
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            why = f"read failed: {exc!r}"
+            with connection.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, connection)
+                    await self._read(connection)
+                    nursery.cancel_scope.cancel()
         finally:
-            connection.closed = True
-            connection.deliver(core.connection_lost(why))
+            connection.end("closed")
             if self._connection is connection:
                 self._connection = None
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(connection.stream)
+
+    async def _read(self, connection: _Connection) -> None:
+        """Hand each finished stream to its batch; the connection closes once idle for ``idle`` seconds."""
+        why = "the server closed the connection"
+        try:
+            with connection.idle_scope:
+                connection.idle_scope.deadline = trio.current_time() + self._idle
+                while data := await connection.stream.receive_some(READ_SIZE):
+                    connection.deliver(connection.core.receive(data))
+                    connection.write()
+            if connection.idle_scope.cancelled_caught:
+                why = f"idle for {self._idle:g} s"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            why = f"read failed: {describe(exc)}"
+        connection.end(why)
+
+    async def _write(self, connection: _Connection) -> None:
+        """Write what the core holds whenever asked; a write stalled for ``write_timeout`` ends the
+        connection."""
+        while True:
+            await connection.write_wanted.wait()
+            connection.write_wanted = trio.Event()
+            data = connection.core.data_to_send()
+            if not data:
+                continue
+            try:
+                with trio.move_on_after(self._write_timeout) as stalled:
+                    await connection.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                connection.end(f"write failed: {describe(exc)}")
+                return
+            if stalled.cancelled_caught:
+                connection.end(f"a write made no progress in {self._write_timeout:g} s")
+                return
 
     async def aclose(self) -> None:
         """Close the connection (its open requests fail)."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.closed = True
-            connection.deliver(connection.core.connection_lost("closed"))
-            await trio.aclose_forcefully(connection.stream)
+            connection.end("closed")
+
+
+def _forget(connection: _Connection, batch: _Batch) -> None:
+    """Reset the streams ``batch`` left open on ``connection``; their replies are not awaited any more."""
+    left = [stream_id for stream_id, (owner, _) in connection.waiting.items() if owner is batch]
+    for stream_id in left:
+        del connection.waiting[stream_id]
+        connection.core.reset(stream_id)
+    if left:
+        connection.write()
+        connection.deliver([])  # the idle clock, or the end of a connection drained after GOAWAY
+
+
+def describe(exc: BaseException) -> str:
+    """An exception and the first cause with a message (connection errors often have none; the TLS error
+    under them says what failed)."""
+    text = repr(exc)
+    cause: BaseException | None = exc
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    return text if cause is None or cause is exc else f"{text}: {cause!r}"
 
 
 @asynccontextmanager
@@ -513,6 +617,5 @@ async def open_http2_origin(url: str, **options: Any) -> AsyncIterator[Http2Orig
         try:
             yield origin
         finally:
+            await origin.aclose()
             nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await origin.aclose()
