@@ -266,12 +266,17 @@ class _StatsDocument:
 async def _report_limits(stats: _StatsDocument) -> None:
     """Every :data:`~trio_dht.limits_hit.REPORT_EVERY` seconds, one line naming the limits reached since."""
     report = LimitsHit()
-    report.line(stats.build(trio.current_time()), 0.0)
+    elapsed = 0.0
     while True:
+        try:  # a report is not worth the process: a failure here is logged, as /node/stats answers 500
+            line = report.line(stats.build(trio.current_time()), elapsed)
+        except Exception:
+            log.exception("the limits report failed")
+        else:
+            if line is not None:
+                log.info("%s", line)
         await trio.sleep(REPORT_EVERY)
-        line = report.line(stats.build(trio.current_time()), REPORT_EVERY)
-        if line is not None:
-            log.info("%s", line)
+        elapsed = REPORT_EVERY
 
 
 async def _watch_peers(

@@ -11,52 +11,55 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-LIMIT_COUNTERS: tuple[str, ...] = (
+LIMIT_COUNTERS: dict[str, str] = {
     # The UDP node (``nodeInfo``).
-    "nodeInfo.dropped_rate",
-    "nodeInfo.dropped_unsolicited_fragments",
-    "nodeInfo.reassembly_dropped_budget",
-    "nodeInfo.listeners_refused",
-    "nodeInfo.confirm_dropped_full",
-    "nodeInfo.confirm_dropped_stale",
-    "nodeInfo.rate_sources_evicted",
-    "nodeInfo.validation_evicted",
-    "nodeInfo.amplification_limited",
-    "nodeInfo.verify_refused_keys",
-    "nodeInfo.values_over_decrypt_budget",
-    "nodeInfo.send_queue_dropped",
+    "nodeInfo.dropped_rate": "udp_rate",
+    "nodeInfo.dropped_unsolicited_fragments": "udp_unsolicited_fragments",
+    "nodeInfo.reassembly_dropped_budget": "udp_reassembly_bytes",
+    "nodeInfo.listeners_refused": "udp_listeners",
+    "nodeInfo.confirm_dropped_full": "udp_confirm_queue",
+    "nodeInfo.confirm_dropped_stale": "udp_confirm_age",
+    "nodeInfo.rate_sources_evicted": "udp_rate_sources",
+    "nodeInfo.validation_evicted": "udp_validated_addresses",
+    "nodeInfo.amplification_limited": "udp_amplification",
+    "nodeInfo.verify_refused_keys": "rsa_max_bits",
+    "nodeInfo.values_over_decrypt_budget": "decrypts_per_second",
+    "nodeInfo.send_queue_dropped": "udp_send_queue",
     # The HTTP proxy.
-    "http.headTimeouts",
-    "http.bodyTimeouts",
-    "http.sendTimeouts",
-    "http.sendBufferOverflows",
-    "http.connectionsRefused",
-    "http.listensRefused",
-    "http.acceptPauses",
-    "http.handOversDropped",
-    "rateLimit.refused",
-    "rateLimit.evicted",
-    "permanentPuts.refusedPerSource",
-    "permanentPuts.refusedFull",
+    "http.headTimeouts": "http_head_timeout",
+    "http.bodyTimeouts": "http_body_timeout",
+    "http.sendTimeouts": "http_send_timeout",
+    "http.sendBufferOverflows": "http_send_buffer",
+    "http.connectionsRefused": "http_connections_per_ip",
+    "http.listensRefused": "http_listens_per_ip",
+    "http.acceptPauses": "accept_pause",
+    "http.handOversDropped": "http_worker_hand_over",
+    "rateLimit.refused": "http_rate",
+    "rateLimit.evicted": "http_rate_clients",
+    "permanentPuts.refusedPerSource": "permanent_puts_per_source",
+    "permanentPuts.refusedFull": "permanent_puts_bytes",
     # Push.
-    "pushSubscriptions.refusedPerSource",
-    "pushSubscriptions.refusedFull",
-    "pushDelivery.timeouts",
-    "pushDelivery.oversizedReplies",
-    "pushDelivery.oneOffGaveUp",
-    "pushDelivery.expired",
-    "pushDelivery.laneFull",
-    "pushDelivery.queueFull",
-    "pushDelivery.lookupStuck",
-)
-"""The counters of ``/node/stats`` that count a limit reached (``section.name``)."""
+    "pushSubscriptions.refusedPerSource": "subscriptions_per_source",
+    "pushSubscriptions.refusedFull": "subscriptions_total",
+    "pushDelivery.timeouts": "push_request_timeout",
+    "pushDelivery.oversizedReplies": "push_response_bytes",
+    "pushDelivery.oneOffGaveUp": "push_one_off_attempts",
+    "pushDelivery.expired": "push_max_age",
+    "pushDelivery.laneFull": "push_lane_queue",
+    "pushDelivery.queueFull": "push_queue",
+    "pushDelivery.lookupStuck": "push_lookup_stuck",
+}
+"""The counters of ``/node/stats`` that count a limit reached (``section.name``), each with the limit it
+counts: a :class:`~trio_dht.limits.Limits` name, or the rule's (the ``limit`` label of ``/metrics``'
+``trio_dht_limit_hits_total``, read from this one table)."""
 
 REPORT_EVERY = 60.0
 """Seconds between two readings by the program."""
 
 
 def read_counters(stats: Mapping[str, Any]) -> dict[str, int]:
-    """The :data:`LIMIT_COUNTERS` found in a ``/node/stats`` document (a missing section is left out)."""
+    """The :data:`LIMIT_COUNTERS` found in a ``/node/stats`` document, by path (a missing section is left
+    out)."""
     counters = {}
     for path in LIMIT_COUNTERS:
         section, _, name = path.partition(".")

@@ -1,4 +1,4 @@
-"""Whether the node has good peers per family, and since when (sans-IO)."""
+"""Whether the node has good peers per family (sans-IO)."""
 
 from trio_dht.node.connectivity import Connectivity, family_name
 
@@ -7,18 +7,17 @@ V4, V6 = False, True
 
 def test_changes_per_family() -> None:
     peers = Connectivity(now=0)
-    assert peers.describe() == "no good peer yet" and peers.isolated_since() == 0
+    assert peers.describe() == "no good peer yet"
     assert peers.update({V4: False, V6: False}, now=5) == []  # nothing at the start, nothing changed
     assert peers.update({V4: True, V6: False}, now=10) == [(V4, True)]
-    assert peers.isolated_since() is None and peers.describe() == "good peers over IPv4"
+    assert peers.describe() == "good peers over IPv4"
     assert peers.update({V4: True, V6: False}, now=15) == []  # per family, not per node
     assert peers.update({V4: True, V6: True}, now=20) == [(V6, True)]
     assert peers.describe() == "good peers over IPv4 and IPv6"
     assert peers.update({V4: False, V6: False}, now=30) == [(V4, False), (V6, False)]
-    assert peers.isolated_since() == 30 and peers.describe() == "no good peer (all lost)"
+    assert peers.describe() == "no good peer (all lost)"
     assert peers.update({V4: False, V6: True}, now=40) == [(V6, True)]
     assert peers.update({V4: False, V6: False}, now=50) == [(V6, False)]
-    assert peers.isolated_since() == 50
 
 
 def test_family_names() -> None:

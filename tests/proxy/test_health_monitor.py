@@ -90,14 +90,29 @@ def test_gateway_failing_every_push_past_the_threshold() -> None:
     assert m.reasons(501.0) == [] and m.failing_gateways() == []
 
 
-def test_gateway_totals_split_accepted_from_failed() -> None:
+def test_gateway_totals_count_whole_request_failures_only() -> None:
     by_gateway = {
         ("a", "delivered"): 3,
         ("a", "token-gone"): 1,
-        ("a", "retry"): 2,
+        ("a", "retry"): 2,  # one device's 429: the gateway answered
+        ("a", "dropped"): 1,
         ("b", "TemporaryGatewayError"): 4,
+        ("unifiedpush", "TemporaryGatewayError"): 9,  # endpoints strangers choose
     }
-    assert gateway_totals(by_gateway) == {"a": (4, 2), "b": (0, 4)}
+    assert gateway_totals(by_gateway) == {"a": (7, 0), "b": (0, 4)}
+
+
+def test_a_strangers_dead_unifiedpush_endpoint_leaves_the_proxy_healthy() -> None:
+    m = _monitor()
+    for t in range(0, 1001, 10):
+        m.observe_peers(*peer_status(GOOD, NONE), float(t))
+        for name, (accepted, failed) in gateway_totals({("unifiedpush", "TemporaryGatewayError"): t}).items():
+            m.observe_gateway(name, accepted, failed, float(t))
+    assert m.reasons(1000.0) == []
+
+
+def test_a_tiny_threshold_does_not_make_a_busy_loop() -> None:
+    assert HealthMonitor(isolated_after=0.001, gateway_after=0.001).interval == 0.05
 
 
 def test_stopped_parts_are_reasons_at_once() -> None:

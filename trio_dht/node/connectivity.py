@@ -1,10 +1,10 @@
-"""Whether the node has good peers, per address family, and since when (sans-IO).
+"""Whether the node has good peers, per address family (sans-IO).
 
 A family is *connected* while its routing table holds a good node (one that answered us in the last 2 h
 and was heard from in the last 10 min, :mod:`trio_dht.node.routing`); the node is *isolated* when no family
-is, the state in which the device client calls a proxy isolated. :meth:`Connectivity.update` takes what the
-tables say now and returns the changes, which the program logs ("peers found", "peers lost") and tells
-systemd as its status.
+is, the state in which the device client calls a proxy isolated (since when is ``/healthz``'s to know:
+:mod:`trio_dht.proxy.health`). :meth:`Connectivity.update` takes what the tables say now and returns the
+changes, which the program logs ("peers found", "peers lost") and tells systemd as its status.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ def family_name(v6: bool) -> str:
 
 
 class Connectivity:
-    """Per family (``v6``: False for IPv4, True for IPv6): connected or not, and the time of the last change
-    (the start, before any). Nothing is connected at the start."""
+    """Per family (``v6``: False for IPv4, True for IPv6): connected or not. Nothing is connected at the
+    start."""
 
     def __init__(self, now: float) -> None:
         self.started = now
         self.connected: dict[bool, bool] = {}
-        self.changed_at: dict[bool, float] = {}
         self.ever_connected = False
 
     def update(self, connected: Mapping[bool, bool], now: float) -> list[tuple[bool, bool]]:
@@ -32,16 +31,9 @@ class Connectivity:
         for v6, is_connected in sorted(connected.items()):
             if self.connected.get(v6, False) != is_connected:
                 changes.append((v6, is_connected))
-                self.changed_at[v6] = now
             self.connected[v6] = is_connected
         self.ever_connected = self.ever_connected or any(connected.values())
         return changes
-
-    def isolated_since(self) -> float | None:
-        """When the node last had a good peer in any family (the start if never); None while it has one."""
-        if any(self.connected.values()):
-            return None
-        return max(self.changed_at.values(), default=self.started)
 
     def describe(self) -> str:
         """The families with good peers, in words (a status line)."""

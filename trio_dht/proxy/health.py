@@ -5,10 +5,12 @@ A :class:`HealthMonitor` is shown what it needs every :attr:`HealthMonitor.inter
 
 * the node's peers, classified by :func:`trio_dht.rest.health.peer_status` (the device client's rule): the
   proxy is unhealthy once its node has had no good peers for ``isolated_after`` seconds;
-* each push gateway's pushes so far, accepted (delivered, or the token found gone) and failed (anything
-  else: retried, dropped, a failed request): a gateway is failing from the first failure after its last
-  accepted push, and the proxy is unhealthy once a gateway's failures have gone on for ``gateway_after``
-  seconds with none accepted (one accepted push ends it);
+* each push gateway's pushes so far, accepted (any per-push outcome: the gateway answered) and failed (its
+  whole request failed: unreachable, 5xx, timed out): a gateway is failing from the first failure after its
+  last accepted push, and the proxy is unhealthy once a gateway's failures have gone on for
+  ``gateway_after`` seconds with none accepted (one accepted push ends it). A push retried or dropped alone
+  is the device's or the payload's doing, not the gateway's. UnifiedPush is left out: its endpoints are
+  chosen by whoever subscribes, so a stranger's dead endpoint could otherwise make the proxy unhealthy;
 * the parts that must run (HTTP workers, the proxy's timers): any that has stopped makes it unhealthy at once.
 """
 
@@ -18,6 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from trio_dht.push.gateway import Outcome
 from trio_dht.rest.health import ProxyStatus
 
 DEFAULT_ISOLATED_AFTER = 60.0
@@ -54,8 +57,8 @@ class HealthMonitor:
 
     @property
     def interval(self) -> float:
-        """How often to observe: a quarter of the shorter threshold, at most a second."""
-        return min(1.0, self.isolated_after / 4, self.gateway_after / 4)
+        """How often to observe: a quarter of the shorter threshold, at most a second, at least 50 ms."""
+        return max(0.05, min(1.0, self.isolated_after / 4, self.gateway_after / 4))
 
     def observe_peers(self, status: ProxyStatus, detail: str, now: float) -> None:
         """The node's peers now (:func:`~trio_dht.rest.health.peer_status`)."""
@@ -113,12 +116,15 @@ class HealthMonitor:
 
 
 def gateway_totals(by_gateway: Mapping[tuple[str, str], int]) -> dict[str, tuple[int, int]]:
-    """Each gateway's ``(accepted, failed)`` pushes from ``PushCounts.by_gateway`` ((gateway, outcome) ->
-    pushes): accepted = delivered or token gone, failed = anything else."""
+    """Each operator-configured gateway's ``(accepted, failed)`` pushes from ``PushCounts.by_gateway``
+    ((gateway, outcome or exception name) -> pushes): accepted = a per-push outcome, failed = a failed whole
+    request (an exception's name). ``unifiedpush`` is left out (see the module docstring)."""
     totals: dict[str, tuple[int, int]] = {}
     for (name, outcome), count in by_gateway.items():
+        if name in NOT_WATCHED:
+            continue
         accepted, failed = totals.get(name, (0, 0))
-        if outcome in ACCEPTED:
+        if outcome in PER_PUSH_OUTCOMES:
             accepted += count
         else:
             failed += count
@@ -126,5 +132,7 @@ def gateway_totals(by_gateway: Mapping[tuple[str, str], int]) -> dict[str, tuple
     return totals
 
 
-ACCEPTED = frozenset({"delivered", "token-gone"})
-"""The per-push outcomes (``Outcome`` values) of a gateway that works."""
+PER_PUSH_OUTCOMES = frozenset(outcome.value for outcome in Outcome)
+"""What a gateway that answered says of each push (``Outcome`` values)."""
+NOT_WATCHED = frozenset({"unifiedpush"})
+"""Gateways whose endpoints strangers choose."""

@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from trio_dht.limits_hit import LIMIT_COUNTERS, read_counters
 from trio_dht.proxy.request_counts import Histogram
 
 if TYPE_CHECKING:
@@ -59,26 +60,6 @@ UDP_DROPS = {
     "send_queue_full": "send_queue_dropped",
 }
 """``reason`` label -> the node's counter (``/node/stats`` ``nodeInfo``)."""
-NODE_LIMITS = {
-    "udp_listeners": "listeners_refused",
-    "udp_rate_sources": "rate_sources_evicted",
-    "udp_amplification": "amplification_limited",
-    "udp_validated_addresses": "validation_evicted",
-    "rsa_max_bits": "verify_refused_keys",
-    "decrypts_per_second": "values_over_decrypt_budget",
-}
-"""``limit`` label (a ``Limits`` name) -> the node's counter of that limit reached."""
-HTTP_LIMITS = {
-    "http_head_timeout": "headTimeouts",
-    "http_body_timeout": "bodyTimeouts",
-    "http_send_timeout": "sendTimeouts",
-    "http_send_buffer": "sendBufferOverflows",
-    "http_connections_per_ip": "connectionsRefused",
-    "http_listens_per_ip": "listensRefused",
-    "accept_pause": "acceptPauses",
-    "http_worker_hand_over": "handOversDropped",
-}
-"""``limit`` label -> the ``/node/stats`` ``http`` counter (the front end's and its workers')."""
 PUSH_OUTCOMES = {
     "delivered": "sent",
     "retry": "retried",
@@ -112,7 +93,7 @@ class ProxyCollector:
         yield from self._node(info)
         yield from self._http(doc)
         yield from self._push(doc)
-        yield from self._limits(doc, info)
+        yield from self._limits(doc)
 
     def _udp(self, info: dict[str, Any]) -> Iterator[Metric]:
         yield _counter("udp_datagrams_received", "UDP datagrams received.", info.get("received", 0))
@@ -242,28 +223,13 @@ class ProxyCollector:
         queues.add_metric(["udp_reassembly_bytes"], info.get("reassembly_bytes", 0))
         yield queues
 
-    def _limits(self, doc: dict[str, Any], info: dict[str, Any]) -> Iterator[Metric]:
+    def _limits(self, doc: dict[str, Any]) -> Iterator[Metric]:
         hits = CounterMetricFamily(
             "trio_dht_limit_hits", "Times a limit was reached (a Limits name, or the rule).", labels=["limit"]
         )
-        for limit, name in NODE_LIMITS.items():
-            hits.add_metric([limit], info.get(name, 0))
-        http = doc.get("http", {})
-        for limit, name in HTTP_LIMITS.items():
-            hits.add_metric([limit], http.get(name, 0))
-        hits.add_metric(["http_rate"], doc.get("rateLimit", {}).get("refused", 0))
-        permanent = doc.get("permanentPuts", {})
-        hits.add_metric(["permanent_puts_per_source"], permanent.get("refusedPerSource", 0))
-        hits.add_metric(["permanent_puts_bytes"], permanent.get("refusedFull", 0))
-        subscriptions = doc.get("pushSubscriptions", {})
-        hits.add_metric(["subscriptions_per_source"], subscriptions.get("refusedPerSource", 0))
-        hits.add_metric(["subscriptions_total"], subscriptions.get("refusedFull", 0))
-        delivery = doc.get("pushDelivery", {})
-        hits.add_metric(["push_request_timeout"], delivery.get("timeouts", 0))
-        hits.add_metric(["push_response_bytes"], delivery.get("oversizedReplies", 0))
-        hits.add_metric(["push_queue"], delivery.get("queueFull", 0))
-        hits.add_metric(["push_lane_queue"], delivery.get("laneFull", 0))
-        hits.add_metric(["push_max_age"], delivery.get("expired", 0))
+        counters = read_counters(doc)
+        for path, limit in LIMIT_COUNTERS.items():
+            hits.add_metric([limit], counters.get(path, 0))
         yield hits
 
 
