@@ -5,7 +5,8 @@ fd 4, each message a JSON object followed by a NUL byte: no port, no websocket, 
 :func:`open_page` starts a browser with a fresh profile, opens one page (a target attached in flat mode, so
 its messages carry a ``sessionId``) with the Runtime, Log and Page domains on, and collects what a page
 reports as an error: console calls of type ``error`` or ``assert``, uncaught exceptions, and log entries
-of level ``error`` (failed loads, Content-Security-Policy violations). Every wait has a deadline.
+of level ``error`` (failed loads, Content-Security-Policy violations). It yields once the page has loaded.
+Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Page:
     session: str = ""
     errors: list[ConsoleError] = field(default_factory=list)
     """What the page reported as an error so far."""
+    loaded: trio.Event = field(default_factory=trio.Event)
+    """Set when the page's load event fired (``Page.loadEventFired``)."""
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
 
@@ -113,6 +116,8 @@ class Page:
 
     def _event(self, message: dict[str, Any]) -> None:
         method, params = message.get("method"), message.get("params", {})
+        if method == "Page.loadEventFired":
+            self.loaded.set()
         if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
             text = " ".join(
                 str(arg.get("value", arg.get("description", ""))) for arg in params.get("args", [])
@@ -216,7 +221,14 @@ async def open_page(url: str) -> AsyncIterator[Page]:
                 page.session = attached["sessionId"]
                 for domain in ("Runtime", "Log", "Page"):
                     await page.call(f"{domain}.enable")
+                page.loaded = trio.Event()
                 await page.call("Page.navigate", {"url": url})
+                with trio.move_on_after(REPLY_TIMEOUT):
+                    await page.loaded.wait()
+                if not page.loaded.is_set():
+                    raise AssertionError(
+                        f"{url} did not load in {REPLY_TIMEOUT} s; chromium said:\n{page.stderr_tail()}"
+                    )
                 yield page
                 with trio.move_on_after(5), contextlib.suppress(BrowserGone):
                     await page.call("Browser.close", browser=True)
