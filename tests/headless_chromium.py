@@ -39,14 +39,25 @@ def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium")
 
 
+MISSING = "Debian's chromium is not installed (apt-get install chromium)"
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+needs_chromium = pytest.mark.skipif(chromium_path() is None and not _ci(), reason=MISSING)
+"""Marks a browser test: skipped with the reason when ``chromium`` is missing, except with ``CI=true``,
+where the test runs and :func:`require_chromium` fails it."""
+
+
 def require_chromium() -> str:
     """The ``chromium`` program; skips the test without it, or fails it with ``CI=true`` (CI installs it)."""
     path = chromium_path()
     if path is None:
-        reason = "Debian's chromium is not installed (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason} (CI=true: the browser test must run)", pytrace=False)
-        pytest.skip(reason)
+        if _ci():
+            pytest.fail(f"{MISSING} (CI=true: the browser test must run)", pytrace=False)
+        pytest.skip(MISSING)
     return path
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 from cli_process import LOOPBACK_NODE, free_tcp_port, trio_dht_process
-from headless_chromium import Page, open_page, require_chromium
+from headless_chromium import Page, needs_chromium, open_page, require_chromium
 
 from trio_dht.infohash import InfoHash
 from trio_dht.testing.gorush import open_gorush_double
@@ -56,6 +56,7 @@ def number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
+@needs_chromium
 @pytest.mark.parametrize("workers", [0, 1])
 async def test_the_status_page_shows_the_node_and_its_counters_move(workers: int) -> None:
     require_chromium()
