@@ -110,7 +110,8 @@ async def test_every_family_moves_with_its_work(workers: int) -> None:
 
             r = await http.get("/key/metrics")  # the key named "metrics" is still reachable
             assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-            assert (await http.get("/status")).status_code == 404  # reserved for the status page
+            r = await http.get("/status")  # the status page, no longer the key's legacy route
+            assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
 
 
 async def test_healthz_reports_a_gateway_that_fails_every_push_until_one_goes_through() -> None:

@@ -584,10 +584,10 @@ async def test_pyz_serves_on_a_bare_python_and_stops_on_sigterm(
     assert native_folder(pyz, cache_home).is_dir()  # with msgpack's C extension
 
 
-async def test_pyz_serves_metrics_and_healthz_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
+async def test_pyz_serves_metrics_healthz_and_status_on_a_bare_python(pyz: Path, bare_python: Path) -> None:
     """prometheus_client is carried: ``/metrics`` parses, ``/healthz`` answers (a lone node: 503 once the
-    threshold passed), also through an HTTP worker. (Read without prometheus_client: this test's process must
-    not need what only the zipapp carries.)"""
+    threshold passed), also through an HTTP worker; the status page is carried and served from the zip.
+    (Read without prometheus_client: this test's process must not need what only the zipapp carries.)"""
     port = free_tcp_port()
     command = [bare_python, pyz, *LOOPBACK_NODE, "--proxyserver", str(port), "--proxy-addr", "127.0.0.1",
                "--http-workers", "1", "--health-isolated-after", "0.5"]  # fmt: skip
@@ -600,6 +600,12 @@ async def test_pyz_serves_metrics_and_healthz_on_a_bare_python(pyz: Path, bare_p
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
         types = {line.split()[2] for line in r.text.splitlines() if line.startswith("# TYPE ")}
         assert {"trio_dht_nodes", "trio_dht_http_requests_total", "process_cpu_seconds_total"} <= types
+        r = await http.get("/status")
+        assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+        assert (
+            '<canvas id="peers-chart">' in r.text
+            and "script-src 'sha256-" in r.headers["content-security-policy"]
+        )
         await trio.sleep(0.6)
         r = await http.get("/healthz")
         assert r.status_code == 503 and r.json()["status"] == "unhealthy", r.text

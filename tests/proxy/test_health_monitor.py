@@ -126,7 +126,8 @@ def test_the_three_names_are_routes_and_key_still_reaches_their_keys() -> None:
     for target in (b"/metrics", b"/METRICS/", b"/metrics?x=1"):
         assert match("GET", target) == (Route.METRICS, None)
     assert match("GET", b"/healthz") == (Route.HEALTHZ, None)
-    assert match("GET", b"/status") is None and canonical_path(b"/status") == ("/status", None)
+    assert match("GET", b"/status") == (Route.STATUS, None)
+    assert canonical_path(b"/status") == ("/status", None)
     for name in ("metrics", "healthz", "status"):
         assert match("GET", f"/key/{name}".encode()) == (Route.GET, InfoHash.get(name))
         assert match("POST", f"/key/{name}".encode()) == (Route.PUT, InfoHash.get(name))

@@ -27,6 +27,7 @@ import trio
 from trio_dht.api import RecipientNotFound
 from trio_dht.infohash import InfoHash
 from trio_dht.persist import PersistError
+from trio_dht.proxy import status_page
 from trio_dht.proxy.permanent import TooManyPuts
 from trio_dht.proxy.replies import (
     IDENTITY_OPTIONS_HEADERS,
@@ -177,6 +178,13 @@ def healthz(state: ProxyState, request: Request) -> Reply:
     state.count_request()
     status, doc = state.healthz(trio.current_time())
     return Reply(status, dumps(doc) + b"\n")
+
+
+def status(state: ProxyState, request: Request) -> Reply:
+    """``GET /status``: the live status page, an HTML page that reads ``/node/info``, ``/node/stats`` and
+    ``/healthz`` (:mod:`~trio_dht.proxy.status_page`)."""
+    state.count_request()
+    return status_page.reply()
 
 
 def options(state: ProxyState, request: Request) -> Reply:
@@ -403,6 +411,7 @@ ROUTES: dict[Route, RouteSpec] = {
     Route.NODE_STATS: RouteSpec(node_stats),
     Route.METRICS: RouteSpec(metrics),
     Route.HEALTHZ: RouteSpec(healthz),
+    Route.STATUS: RouteSpec(status),
     Route.OPTIONS: RouteSpec(options),
     Route.GET: RouteSpec(get),
     Route.PUT: RouteSpec(put, reads_body=True),

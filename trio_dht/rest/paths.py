@@ -24,8 +24,7 @@ from trio_dht.rest.keys import decode_unreserved, hash_from_segment
 NODE_ROUTES = {b"info": "/node/info", b"stats": "/node/stats", b"pingpush": "/node/pingPush"}
 TOP_ROUTES = {b"metrics": "/metrics", b"healthz": "/healthz", b"status": "/status"}
 """The one-segment paths that name a route of the proxy rather than the key ``/{hash}`` they hash to (``/key/
-{hash}`` still reaches those keys). ``/status`` is reserved for the status page: no route of the table has it
-yet, so it is answered 404."""
+{hash}`` still reaches those keys)."""
 KEY_SUFFIXES = {b"listen": "listen", b"options": "options", b"sign": "sign", b"encrypt": "encrypt"}
 
 
@@ -79,6 +78,7 @@ class Route(enum.Enum):
     ENCRYPT = "encrypt a value for a recipient and put it"
     METRICS = "the Prometheus metrics"
     HEALTHZ = "the health check"
+    STATUS = "the status page"
 
     __hash__ = object.__hash__
     """By identity, as members compare (``Enum``'s own hashes the name in Python: a lookup per request)."""
@@ -107,6 +107,7 @@ TABLE: tuple[tuple[str, str, Route], ...] = (
     ("GET", "/node/stats", Route.NODE_STATS),
     ("GET", "/metrics", Route.METRICS),
     ("GET", "/healthz", Route.HEALTHZ),
+    ("GET", "/status", Route.STATUS),
     ("OPTIONS", BARE, Route.OPTIONS),
     ("OPTIONS", LISTEN, Route.OPTIONS),
     ("GET", OPTIONS, Route.OPTIONS),
