@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from peers import free_port, needs_dhtnode, open_dhtnode_peer, require_dhtnode
+from peers import free_port, needs_dhtnode, open_dhtnode_peer, open_dhtnode_prompt, require_dhtnode
 
 from trio_dht.infohash import InfoHash
 
@@ -138,6 +138,9 @@ def test_listen_prints_a_value_another_client_puts(terminal: type[Terminal]) -> 
     _banner(term)
     term.send("l foo")
     term.expect(r"^Listening, token: 1$")
+    term.expect(r">> ")
+    os.write(term.master, b"g fo")  # half a line typed when the value comes
+    term.expect(r"g fo")
     put = subprocess.run(
         [*MODULE, "client", "--proxy", f"http://127.0.0.1:{port}", "put", "foo", "from-the-proxy"],
         capture_output=True,
@@ -149,6 +152,9 @@ def test_listen_prints_a_value_another_client_puts(terminal: type[Terminal]) -> 
     term.expect(
         rf'^\tValue\[id:[0-9a-f]+ data(\(text/plain\):"from-the-proxy"|:{b"from-the-proxy".hex()})\]$'
     )
+    term.expect(r"^>> g fo$")  # the output went above the line being typed, which is written again
+    term.send("o")  # the line is still whole in readline
+    term.expect(r"Get: completed, took .* \(total 1\)$")
     term.send("ls")
     term.expect(rf"^Search {InfoHash.get('foo').hex()} 1 listens open on 0 nodes$")
     term.send("cl foo 1")
@@ -204,3 +210,23 @@ async def test_get_finds_what_dhtnode_put_and_back(terminal: type[Terminal]) -> 
         assert [(v["data"], v["utype"]) for v in values] == [(b"hello-dhtnode", "text/plain")]
         term.send("x")
         assert await trio.to_thread.run_sync(term.wait) == 0
+
+
+async def test_the_driver_of_dhtnode_s_prompt_drives_ours() -> None:
+    """The test suite's driver of dhtnode's prompt (over pipes: no terminal, no prompt) reads our answers as
+    it reads dhtnode's: puts, gets, ``ll``, and a listen's values."""
+    async with open_dhtnode_prompt(
+        [*LOOPBACK_NODE, "--no-proxy"], program=[*MODULE, "--interactive"]
+    ) as prompt:
+        assert await prompt.put("foo", "word")
+        values = await prompt.get("foo")
+        assert [(v["data"], v["utype"]) for v in values] == [(b"word", "text/plain")]
+        info = await prompt.node_info()
+        assert (info["node_id"], info["port"], info["values"]) == (prompt.node_id.hex(), prompt.port, 1)
+        assert info["ipv4"] == {"good": 0, "dubious": 0, "incoming": 0, "searches": 0, "cached": 0}
+        async with prompt.listen("bar") as events:
+            assert await prompt.put("bar", "heard")
+            with trio.fail_after(WAIT):
+                event = await events.receive()
+            assert (event["data"], event["expired"]) == (b"heard", False)
+        assert await prompt.command("ld") != []
