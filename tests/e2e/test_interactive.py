@@ -208,6 +208,10 @@ async def test_get_finds_what_dhtnode_put_and_back(terminal: type[Terminal]) -> 
         await trio.to_thread.run_sync(term.expect, r"Put: success, took .*Value ID: [0-9a-f]+$")
         values = await peer.prompt.get("from-trio")
         assert [(v["data"], v["utype"]) for v in values] == [(b"hello-dhtnode", "text/plain")]
+        term.send("lr")
+        dhtnode_id = (await peer.node_id()).hex()
+        pattern = rf"^    Node {dhtnode_id} 127\.0\.0\.1:{peer.port} updated: .* ago \[(good|dubious)\]$"
+        await trio.to_thread.run_sync(term.expect, pattern)
         term.send("x")
         assert await trio.to_thread.run_sync(term.wait) == 0
 

@@ -14,6 +14,8 @@ from trio_dht.interactive.commands import (
     CommandError,
     KeyStorage,
     Op,
+    RoutingBucket,
+    RoutingNode,
     SearchSummary,
     banner,
     format_duration,
@@ -26,6 +28,7 @@ from trio_dht.interactive.commands import (
     parse,
     parse_key,
     put_done,
+    routing_log,
     searches_log,
     storage_log,
     text_value,
@@ -249,5 +252,21 @@ def test_searches_log() -> None:
         "    127.0.0.1:4402",
         "",
         "Total: 1 searches.",
+        "",
+    ]
+
+
+def test_routing_log() -> None:
+    assert parse("lr") == Command(Op.ROUTING)
+    node = RoutingNode(FOO, "127.0.0.1:4402", 1.22, "good")
+    assert routing_log("IPv4", [RoutingBucket(InfoHash(), 1.22, [node])]) == [
+        "IPv4 routing table:",
+        "0000000000000000000000000000000000000000 count: 1 updated: 1.22 s ago",
+        f"    Node {FOO.hex()} 127.0.0.1:4402 updated: 1.22 s ago [good]",
+        "",
+    ]
+    assert routing_log("IPv6", [RoutingBucket(InfoHash(), float("inf"), [])]) == [
+        "IPv6 routing table:",
+        "0000000000000000000000000000000000000000 count: 0 updated: never",
         "",
     ]

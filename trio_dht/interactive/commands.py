@@ -40,6 +40,7 @@ Node information:
   ls [key]   Print basic information about current search(es).
   ld [key]   Print basic information about currenty stored values on this node (or key).
   la         Print the public addresses reported by other nodes.
+  lr         Print the full current routing table of this node.
 
 Operations on the DHT:
   g <key>               Get values at <key>.
@@ -60,6 +61,7 @@ class Op(enum.Enum):
     SEARCHES = "ls"
     STORAGE = "ld"
     ADDRESSES = "la"
+    ROUTING = "lr"
     GET = "g"
     LISTEN = "l"
     CANCEL_LISTEN = "cl"
@@ -305,3 +307,36 @@ def searches_log(searches: Iterable[SearchSummary]) -> list[str]:
 def addresses(public: Iterable[str]) -> list[str]:
     """``la``: the public addresses other nodes reported."""
     return ["Reported public addresses:", *public]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingNode:
+    node_id: InfoHash
+    address: str
+    heard_ago: float
+    """Seconds since it was last heard from (infinite: never)."""
+    state: str
+    """``good``, ``dubious`` or ``expired``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingBucket:
+    first: InfoHash
+    changed_ago: float
+    nodes: list[RoutingNode]
+
+
+def _ago(seconds: float) -> str:
+    return f"{format_duration(seconds)} ago" if seconds < float("inf") else "never"
+
+
+def routing_log(family: str, buckets: Iterable[RoutingBucket]) -> list[str]:
+    """``lr``: one family's buckets (the first id of each) and their nodes."""
+    lines = [f"{family} routing table:"]
+    for bucket in buckets:
+        lines.append(f"{bucket.first.hex()} count: {len(bucket.nodes)} updated: {_ago(bucket.changed_ago)}")
+        lines += [
+            f"    Node {n.node_id.hex()} {n.address} updated: {_ago(n.heard_ago)} [{n.state}]"
+            for n in bucket.nodes
+        ]
+    return [*lines, ""]

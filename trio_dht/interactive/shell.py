@@ -30,6 +30,7 @@ import trio
 
 from trio_dht.api import NoIdentity, RecipientNotFound, ValueEvent
 from trio_dht.cli import format_host_port
+from trio_dht.infohash import InfoHash
 from trio_dht.interactive.commands import (
     HELP,
     ONE_SHOT,
@@ -37,6 +38,8 @@ from trio_dht.interactive.commands import (
     CommandError,
     KeyStorage,
     Op,
+    RoutingBucket,
+    RoutingNode,
     SearchSummary,
     addresses,
     banner,
@@ -47,6 +50,7 @@ from trio_dht.interactive.commands import (
     node_info,
     parse,
     put_done,
+    routing_log,
     searches_log,
     storage_log,
     text_value,
@@ -56,7 +60,6 @@ from trio_dht.value import random_value_id
 
 if TYPE_CHECKING:
     from trio_dht.api import ListenHandle
-    from trio_dht.infohash import InfoHash
     from trio_dht.node import DhtNode
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,9 @@ class Prompt:
         elif op is Op.ADDRESSES:
             public = node.public_address
             self.print(addresses([format_host_port(*public)] if public is not None else []))
+        elif op is Op.ROUTING:
+            for v6, family in ((False, "IPv4"), (True, "IPv6")):
+                self.print(routing_log(family, self._routing(v6)))
         elif op is Op.LISTEN:
             self._listen(command)
         elif op is Op.CANCEL_LISTEN:
@@ -248,6 +254,28 @@ class Prompt:
                 nodes = tuple(format_host_port(*t.node.addr) for t in key_listen.targets.values())
             summaries.append(SearchSummary(key, key in getting, count, nodes))
         return summaries
+
+    def _routing(self, v6: bool) -> list[RoutingBucket]:
+        now = trio.current_time()
+        table = self.node.tables.get(v6)
+        if table is None:
+            return []
+        return [
+            RoutingBucket(
+                InfoHash.from_int(bucket.first),
+                now - bucket.last_changed,
+                [
+                    RoutingNode(
+                        node.id,
+                        format_host_port(*node.addr),
+                        now - node.last_heard,
+                        "good" if node.is_good(now) else "expired" if node.expired else "dubious",
+                    )
+                    for node in bucket.nodes
+                ],
+            )
+            for bucket in table.buckets
+        ]
 
     def _cancel_listens(self) -> None:
         for _, handle in self.listens.values():
