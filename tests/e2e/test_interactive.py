@@ -175,7 +175,8 @@ def test_end_of_input_quits(terminal: type[Terminal]) -> None:
 
 def test_sigterm_at_the_prompt_exits_0_and_gives_the_terminal_back(terminal: type[Terminal]) -> None:
     """readline changes the terminal's settings while it reads; a signal stops the program in the middle
-    of a read, and the settings are put back."""
+    of a read, and the settings are put back. The log line about the signal is written above the line
+    being typed."""
     term = terminal(*LOOPBACK_NODE, "--no-proxy")
     _banner(term)
     term.expect(r">> ")
@@ -184,7 +185,7 @@ def test_sigterm_at_the_prompt_exits_0_and_gives_the_terminal_back(terminal: typ
     assert termios.tcgetattr(term.slave) != term.settings  # readline's raw mode
     term.process.send_signal(signal.SIGTERM)
     assert term.wait() == 0
-    term.expect(r"got SIGTERM, shutting down")
+    term.expect(r"got SIGTERM, shutting down\n>> g fo")  # a log line goes above the line being typed too
     assert termios.tcgetattr(term.slave) == term.settings
 
 

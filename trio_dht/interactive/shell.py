@@ -7,7 +7,9 @@ the puts run as tasks of the prompt's nursery, and their lines come when the nod
 
 Output that comes while a line is being read (a get's result, a listen's value) is written over the prompt
 line on a terminal: the line is cleared, the output written, then the prompt and what was typed so far are
-written again (``readline.get_line_buffer``), so the output does not split the line being typed.
+written again (``readline.get_line_buffer``), so the output does not split the line being typed. The
+program's log lines, when they go to the same terminal (stderr, no ``-l FILE``), go the same way while the
+prompt runs.
 
 A thread blocked in ``input()`` cannot be interrupted: when the program stops for another reason than the
 prompt (SIGINT, SIGTERM, a failure), the read is abandoned (``abandon_on_cancel``; the thread is a daemon
@@ -20,7 +22,9 @@ program as SIGTERM does; at end of input the gets and puts still running are wai
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -321,9 +325,14 @@ class Prompt:
             import termios
 
             saved = termios.tcgetattr(self.stdin.fileno())
+        moved = _log_handlers_on(self.stdout)
+        for handler in moved:
+            handler.setStream(_AbovePrompt(self))
         try:
             yield
         finally:
+            for handler in moved:
+                handler.setStream(sys.stderr)
             if saved is not None:
                 with contextlib.suppress(OSError):
                     termios.tcsetattr(self.stdin.fileno(), termios.TCSADRAIN, saved)
@@ -334,3 +343,29 @@ def _is_terminal(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class _AbovePrompt(io.TextIOBase):
+    """A log handler's stream while the prompt runs: whole lines, written as the prompt writes its output."""
+
+    def __init__(self, prompt: Prompt) -> None:
+        self.prompt = prompt
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        if lines:
+            self.prompt.print(lines)
+        return len(text)
+
+
+def _log_handlers_on(terminal: IO[str]) -> list[logging.StreamHandler[Any]]:
+    """The program's log handlers that write to stderr when stderr is ``terminal``'s terminal."""
+    try:
+        same = sys.stderr.isatty() and os.ttyname(sys.stderr.fileno()) == os.ttyname(terminal.fileno())
+    except (AttributeError, ValueError, OSError):
+        same = False
+    if not same:
+        return []
+    handlers = [getattr(h, "inner", h) for h in logging.getLogger().handlers]  # logs.RateLimitedHandler
+    return [h for h in handlers if type(h) is logging.StreamHandler and h.stream is sys.stderr]
