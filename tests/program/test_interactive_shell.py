@@ -116,3 +116,27 @@ def test_the_flag() -> None:
 def test_the_config_file_has_no_interactive_setting() -> None:
     loaded = parse_config("interactive = true\n", path=Path("/etc/trio-dht/config.toml"))
     assert loaded.problems == ("interactive: unknown key",)
+
+
+async def test_permanent_put_and_its_cancel() -> None:
+    async with open_node(port=0, host="127.0.0.1", host6=None) as node:
+        out = io.StringIO()
+        prompt = Prompt(node, _Stops(), stdin=io.StringIO(""), stdout=out)
+        async with trio.open_nursery() as tasks:
+            prompt.execute("pp foo kept", tasks)
+            with trio.fail_after(5):
+                while "Put: " not in out.getvalue():
+                    await trio.sleep(0.01)
+            value_id = _lines(out)[-1].rsplit(" ", 1)[1]
+            prompt.execute(f"cpp {FOO.hex()} {value_id}", tasks)
+            assert _lines(out)[-1].startswith("Put: success")  # nothing printed: cancelled
+            prompt.execute(f"cpp {FOO.hex()} {value_id}", tasks)
+            assert _lines(out)[-1] == f"No permanent put of value {value_id} on {FOO.hex()}"
+
+
+async def test_signing_needs_an_identity() -> None:
+    async with open_node(port=0, host="127.0.0.1", host6=None) as node:
+        out = io.StringIO()
+        await Prompt(node, _Stops(), stdin=io.StringIO("s foo x\ne foo 00 x\n"), stdout=out).run()
+        needed = "An identity is needed to sign or encrypt (-i, or --certificate and --privkey)"
+        assert _lines(out).count(needed) == 2
