@@ -21,6 +21,9 @@ This is the one place where the tree is put together. :func:`run` reads top to b
                 ├── Dispatcher.run      push delivery: batching, retries, one lane per gateway
                 ├── PushService.run     subscriptions: deadlines, DHT listens, pushes
                 └── services nursery    what serves the node to the outside; stops first
+                    ├── Prompt.run      with --interactive: dhtnode's prompt (interactive/shell.py), its
+                    │                   line reads in a worker thread, its gets and puts in its nursery;
+                    │                   x, q or end of input stop the whole tree as SIGTERM does
                     └── serve_proxy     the REST proxy: --proxyserver PORT (default 8000), --proxyserverssl
                         ├── ProxyState.run              permanent puts: expiry, refresh pushes, restore
                         └── FrontEnd.serve              (shielded; on cancellation drained, then cut)
@@ -140,6 +143,8 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                         log.info("running; SIGINT or SIGTERM stops")
                         if notifier is not None:
                             notifier.ready(_status(peers, urls))
+                        if config.interactive:
+                            await services.start(_prompt(node, nursery.cancel_scope).run)
                         task_status.started(node)
                         await trio.sleep_forever()
     log.info("stopped")
@@ -302,6 +307,17 @@ async def _watch_peers(
 def _status(peers: Connectivity, urls: list[str]) -> str:
     """The service's status for systemd: the node's peers and where the proxy serves."""
     return f"{peers.describe()}; {'proxy on ' + ', '.join(urls) if urls else 'no proxy'}"
+
+
+def _prompt(node: DhtNode, scope: trio.CancelScope) -> Any:
+    """dhtnode's prompt over ``node``; quitting it cancels ``scope`` (the whole tree)."""
+    from trio_dht.interactive import Prompt
+
+    def stop() -> None:
+        log.info("quit at the prompt, shutting down")
+        scope.cancel()
+
+    return Prompt(node, stop)
 
 
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

@@ -66,6 +66,7 @@ class AppConfig:
     allow_private_endpoints: bool = False  # UnifiedPush endpoints on loopback/private addresses (tests, LANs)
     limits: Limits = DEFAULT_LIMITS  # --limit NAME=VALUE: the budget of every input (trio_dht.limits)
     apps: tuple[AppSpec, ...] = ()  # push apps: the config file's [apps], and --pushserver's gorush app
+    interactive: bool = False  # --interactive: dhtnode's prompt on stdin and stdout
 
 
 def parse_duration(text: str) -> float:
@@ -230,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--limits", action=_ListLimits, nargs=0, help="list every limit with its default, and exit"
+    )
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="dhtnode's prompt on stdin and stdout over the running node (h lists its commands; x, q or "
+        "Ctrl-D stops the program); not a config file setting",
     )
 
     node = parser.add_argument_group("DHT node")
@@ -461,6 +468,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
         allow_private_endpoints=args.allow_private_endpoints,
         limits=limits,
         apps=apps,
+        interactive=args.interactive,
     )
 
 

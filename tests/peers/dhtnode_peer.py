@@ -404,15 +404,18 @@ def _host_port(host: str, port: int) -> str:
 
 @asynccontextmanager
 async def open_dhtnode_prompt(
-    args: Sequence[str], *, start_timeout: float = 15.0
+    args: Sequence[str], *, start_timeout: float = 15.0, program: Sequence[str] | None = None
 ) -> AsyncIterator[DhtnodePrompt]:
-    """Run ``dhtnode ARGS`` in interactive mode and wait for its banner."""
-    program = dhtnode_path()
+    """Run ``dhtnode ARGS`` in interactive mode and wait for its banner; ``program``: instead of dhtnode,
+    another command that speaks its prompt (``trio-dht --interactive``)."""
+    prompt = DhtnodePrompt(" ".join([*(program or ["dhtnode"]), *args]))
     if program is None:
-        raise PeerUnavailable("dhtnode is not installed")
-    prompt = DhtnodePrompt("dhtnode " + " ".join(args))
+        path = dhtnode_path()
+        if path is None:
+            raise PeerUnavailable("dhtnode is not installed")
+        program = [path]
     async with open_child(
-        [program, *args],
+        [*program, *args],
         name=prompt.name,
         on_stdout=prompt._on_stdout,
         stop=prompt._stop,

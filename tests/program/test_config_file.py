@@ -434,7 +434,8 @@ def test_key_files_are_read_through_read(tmp_path: Path, keys: Path) -> None:
 
 
 def test_every_long_flag_is_a_key() -> None:
-    """The file maps every flag but --config (and --limit/--limits, its [limits] table), by its long name."""
+    """The file maps every flag but --config (and --limit/--limits, its [limits] table), by its long name;
+    --interactive is not a setting: the prompt needs the terminal of whoever started the program."""
     from trio_dht.cli import build_parser
     from trio_dht.config_file import _SETTINGS
 
@@ -444,7 +445,7 @@ def test_every_long_flag_is_a_key() -> None:
         for option in action.option_strings
         if option.startswith("--")
     }
-    assert longs - set(_SETTINGS) == {"help", "version", "config", "limit", "limits"}
+    assert longs - set(_SETTINGS) == {"help", "version", "config", "limit", "limits", "interactive"}
 
 
 def test_defaults_are_untouched_without_a_file() -> None:
