@@ -56,6 +56,10 @@ class LogLimit:
         return f"{text} ({count} such events since the last such line)" if count > 1 else text
 
 
+ALWAYS_LOGGED = frozenset({"trio_dht", "trio_dht.app"})
+"""Loggers whose ERROR lines bypass the rate limit: the program's start and stop, never a stranger's doing."""
+
+
 class RateLimitedHandler(logging.Handler):
     """Hands records to ``inner`` while a token bucket (``rate`` a second, ``burst`` at once) allows, and
     drops the rest. The first record to pass after some were dropped is preceded by a WARNING saying how many,
@@ -82,35 +86,45 @@ class RateLimitedHandler(logging.Handler):
         self._reported_at = -math.inf
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Pass ``record`` on if the budget allows. The program's own ERROR lines (its loggers in
+        :data:`ALWAYS_LOGGED`: the failure that stops it) always pass, whatever came before them."""
         now = self._clock()
-        if not self._bucket.take(now):
+        always = record.levelno >= logging.ERROR and record.name in ALWAYS_LOGGED
+        if not always and not self._bucket.take(now):
             self.dropped += 1
             self._unreported += 1
             return
-        if self._unreported and now - self._reported_at >= self.REPORT_EVERY:
-            self._reported_at = now
-            count, self._unreported = self._unreported, 0
-            note = logging.LogRecord(
-                __name__,
-                logging.WARNING,
-                __file__,
-                0,
-                "%d log lines dropped (more than %g a second)",
-                (count, self.rate),
-                None,
-            )
-            self.inner.handle(note)
+        due = now - self._reported_at >= self.REPORT_EVERY
+        if self._unreported and (due or always):
+            self._report_dropped(now)
         self.inner.handle(record)
+
+    def _report_dropped(self, now: float) -> None:
+        self._reported_at = now
+        count, self._unreported = self._unreported, 0
+        note = logging.LogRecord(
+            __name__,
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log lines dropped (more than %g a second)",
+            (count, self.rate),
+            None,
+        )
+        self.inner.handle(note)
+
+    def close(self) -> None:
+        """Say how many lines were dropped since the last such note, then close."""
+        if self._unreported:
+            self._report_dropped(self._clock())
+        self.inner.close()
+        super().close()
 
     def setFormatter(self, fmt: logging.Formatter | None) -> None:
         self.inner.setFormatter(fmt)
 
     def flush(self) -> None:
         self.inner.flush()
-
-    def close(self) -> None:
-        self.inner.close()
-        super().close()
 
 
 class JsonFormatter(logging.Formatter):

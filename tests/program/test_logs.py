@@ -81,6 +81,21 @@ def test_the_handler_passes_a_burst_then_the_rate_and_counts_what_it_drops() -> 
     assert inner.messages[10:] == ["quiet"]  # nothing dropped since: no note
 
 
+def test_the_programs_failure_line_passes_a_flood_and_close_tells_what_was_dropped() -> None:
+    clock = FakeClock()
+    inner = Collect()
+    handler = RateLimitedHandler(inner, rate=10, burst=5, clock=clock)
+    for i in range(50):
+        handler.handle(record(f"flood {i}"))
+    failure = logging.LogRecord("trio_dht", logging.ERROR, __file__, 0, "stopped by a failure", None, None)
+    handler.handle(failure)  # no token left, but the program's own failure always reaches the log
+    assert inner.messages[5:] == ["45 log lines dropped (more than 10 a second)", "stopped by a failure"]
+    strangers = logging.LogRecord("trio_dht.node.dht", logging.ERROR, __file__, 0, "any error", None, None)
+    handler.handle(strangers)  # other loggers' errors keep to the budget
+    handler.close()
+    assert inner.messages[7:] == ["1 log lines dropped (more than 10 a second)"]
+
+
 def test_a_steady_flood_writes_the_rate_a_second() -> None:
     clock = FakeClock()
     inner = Collect()

@@ -26,7 +26,8 @@ TEXT_PLAIN = "text/plain"
 CERTIFICATE_TYPE = 8
 """OpenDHT's value type of a certificate (printed as ``Certificate``)."""
 HEX_UP_TO = 1024
-"""Values with fewer bytes than this are printed in hex; larger ones as their size."""
+"""Values with fewer bytes than this are printed in hex; larger ones as their size. A text value is printed up
+to this many bytes, then its size (a stranger's 64 KiB value is one line of at most ~4 KB escaped)."""
 BANNER_HINT = " (type 'h' or 'help' for a list of possible commands)"
 
 HELP = """\
@@ -190,7 +191,9 @@ def format_value(value: Value) -> str:
         if value.type == CERTIFICATE_TYPE:
             parts.append("Certificate")
         elif value.utype == TEXT_PLAIN:
-            parts.append(f'data(text/plain):"{_escaped(value.data.decode("utf-8", "replace"))}"')
+            text = _escaped(value.data[:HEX_UP_TO].decode("utf-8", "replace"))
+            more = f"... ({len(value.data)} bytes)" if len(value.data) > HEX_UP_TO else ""
+            parts.append(f'data(text/plain):"{text}"{more}')
         else:
             parts.append(f"data({_escaped(value.utype)}):" if value.utype else "data:")
             data = value.data

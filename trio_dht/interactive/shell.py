@@ -11,6 +11,18 @@ written again (``readline.get_line_buffer``), so the output does not split the l
 program's log lines, when they go to the same terminal (stderr, no ``-l FILE``), go the same way while the
 prompt runs.
 
+Output never blocks the node: :meth:`Prompt.print` queues lines (at most :data:`MAX_QUEUED_LINES`; past it
+lines are dropped and counted, and the count is printed when there is room), and one task writes them from a
+worker thread. A terminal that stops reading (Ctrl-S, a stalled SSH session, a paused pager) then holds up the
+output only, never the node: a listen prints what peers store, at their rate. ``readline.get_line_buffer`` is
+read from that thread while ``input()`` edits the line in the other; CPython gives no lock for it, so a redraw
+may show a line being edited as it was a moment before.
+
+Input: on a terminal, ``input()``; otherwise ``os.read`` on stdin's descriptor (no buffered reader, whose lock
+a thread abandoned in it would hold at exit), split into lines of at most :data:`MAX_LINE` bytes (a longer
+one is ignored, with a line saying so), decoded as UTF-8 with replacement. Whatever a command raises is
+printed and the prompt goes on: nothing typed can stop the node but ``x``.
+
 A thread blocked in ``input()`` cannot be interrupted: when the program stops for another reason than the
 prompt (SIGINT, SIGTERM, a failure), the read is abandoned (``abandon_on_cancel``; the thread is a daemon
 that dies with the process) and the terminal's settings, which readline changes while it reads, are put
@@ -27,6 +39,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
@@ -70,6 +83,14 @@ log = logging.getLogger(__name__)
 
 PROMPT = ">> "
 _CLEAR_LINE = "\r\x1b[K"
+MAX_QUEUED_LINES = 10_000
+"""Lines waiting for the terminal at most; more are dropped (and counted)."""
+MAX_LINE = 64 * 1024
+"""The longest line of input taken, in bytes."""
+TOO_LONG = "\x00too long"
+"""What :meth:`Prompt._read_line` returns for a line over :data:`MAX_LINE` (a NUL cannot be typed)."""
+_CLOSE_TIMEOUT = 2.0
+"""Seconds the last lines get to reach the terminal when the prompt ends."""
 
 
 class Prompt:
@@ -94,34 +115,55 @@ class Prompt:
         self._reading = False
         self._running = 0  # gets and puts in progress
         self._idle = trio.Event()
+        self._queued: deque[str] = deque()
+        self._queued_wake = trio.Event()
+        self._queue_emptied = trio.Event()
+        self.dropped_lines = 0
+        """Lines dropped because the terminal did not take them fast enough."""
+        self._unreported_drops = 0
+        self._fd = _fileno(self.stdin) if not self.terminal else None
+        self._input = b""
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Print the banner, then read and run commands until one quits or input ends."""
         with self._terminal_kept(), contextlib.ExitStack() as listens:
+            listens.callback(self._write_left)
             listens.callback(self._cancel_listens)
-            self.print(banner(self.node.node_id, self.node.bound_port))
-            task_status.started()
-            async with trio.open_nursery() as tasks:
-                while True:
-                    line = await trio.to_thread.run_sync(self._read_line, abandon_on_cancel=True)
-                    if line is None:  # end of input: what runs ends first
-                        while self._running:
-                            await self._idle.wait()
-                        break
-                    if self.execute(line, tasks) is Op.QUIT:
-                        tasks.cancel_scope.cancel()
-                        break
-            self.print(["", "Stopping node..."])
+            async with trio.open_nursery() as output:
+                output.start_soon(self._write_queued)
+                self._write(banner(self.node.node_id, self.node.bound_port))  # before the first prompt
+                task_status.started()
+                async with trio.open_nursery() as tasks:
+                    while True:
+                        await self._written()  # a command's answer before the next prompt, as dhtnode
+                        line = await trio.to_thread.run_sync(self._read_line, abandon_on_cancel=True)
+                        if line is None:  # end of input: what runs ends first
+                            while self._running:
+                                await self._idle.wait()
+                            break
+                        if line == TOO_LONG:
+                            self.print([f"Line over {MAX_LINE} bytes: ignored"])
+                        elif self.execute(line, tasks) is Op.QUIT:
+                            tasks.cancel_scope.cancel()
+                            break
+                self.print(["", "Stopping node..."])
+                with trio.move_on_after(_CLOSE_TIMEOUT):
+                    await self._written()
+                output.cancel_scope.cancel()
         self.stop()
 
     def execute(self, line: str, tasks: trio.Nursery) -> Op | None:
-        """Run the command on ``line``: at once, or as a task in ``tasks``; its op, or None."""
+        """Run the command on ``line``: at once, or as a task in ``tasks``; its op, or None. What it raises is
+        printed: the prompt goes on."""
         try:
             command = parse(line)
         except CommandError as exc:
             self.print(str(exc).split("\n"))
+            return None
+        except Exception as exc:  # e.g. a key that is no text (surrogates from undecodable input)
+            self.print([f"Error: {exc}"])
             return None
         if command is None:
             return None
@@ -131,8 +173,12 @@ class Prompt:
         if command.op in ONE_SHOT:
             self._running += 1
             tasks.start_soon(self._one_shot, command)
-        else:
+            return command.op
+        try:
             self._at_once(command)
+        except Exception as exc:
+            log.debug("%s failed", line, exc_info=True)
+            self.print([f"Error: {exc!r}"])
         return command.op
 
     def _at_once(self, command: Command) -> None:
@@ -187,6 +233,9 @@ class Prompt:
                 await self._get(command)
             else:
                 await self._put(command)
+        except Exception as exc:  # the prompt goes on
+            log.debug("%s failed", command.op, exc_info=True)
+            self.print([f"Error: {exc!r}"])
         finally:
             self._running -= 1
             if not self._running:
@@ -289,10 +338,15 @@ class Prompt:
     # -- the terminal ---------------------------------------------------------------------------------------
 
     def _read_line(self) -> str | None:
-        """One line of input (in a worker thread); None at end of input."""
+        """One line of input (in a worker thread); None at end of input, :data:`TOO_LONG` for a line over
+        :data:`MAX_LINE` bytes."""
         if not self.terminal:
-            line = self.stdin.readline()
-            return line.rstrip("\n") if line else None
+            if self._fd is None:  # a stream without a descriptor (tests)
+                line = self.stdin.readline(MAX_LINE + 1)
+                if len(line.encode("utf-8", "replace")) > MAX_LINE:
+                    return TOO_LONG
+                return line.rstrip("\n") if line else None
+            return self._read_fd_line(self._fd)
         self._reading = True  # from here on, output is written above the prompt that input() writes
         try:
             return input(PROMPT)
@@ -301,13 +355,77 @@ class Prompt:
         finally:
             self._reading = False
 
+    def _read_fd_line(self, fd: int) -> str | None:
+        skipping = False
+        while True:
+            end = self._input.find(b"\n")
+            if end >= 0:
+                line, self._input = self._input[:end], self._input[end + 1 :]
+                return TOO_LONG if skipping or len(line) > MAX_LINE else line.decode("utf-8", "replace")
+            if len(self._input) > MAX_LINE:
+                self._input, skipping = b"", True
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                line, self._input = self._input, b""
+                if skipping:
+                    return TOO_LONG
+                return line.decode("utf-8", "replace") if line else None
+            self._input += chunk
+
     def print(self, lines: list[str]) -> None:
-        """Write ``lines``; on a terminal where a line is being typed, above it (see the module's doc)."""
+        """Queue ``lines`` for the terminal (see the module's doc); past :data:`MAX_QUEUED_LINES` waiting,
+        they are dropped and counted."""
+        if len(self._queued) + len(lines) > MAX_QUEUED_LINES:
+            self.dropped_lines += len(lines)
+            self._unreported_drops += len(lines)
+            return
+        if self._unreported_drops:
+            self._queued.append(f"({self._unreported_drops} lines not printed: the terminal was too slow)")
+            self._unreported_drops = 0
+        self._queued.extend(lines)
+        self._queued_wake.set()
+
+    def _write_left(self) -> None:
+        """Write what is still queued, now (the prompt ends, perhaps cancelled: a few lines at most, such as
+        the log line of the signal that stops the program)."""
+        lines, self._queued = list(self._queued), deque()
+        if lines:
+            with contextlib.suppress(OSError):
+                self._write(lines)
+
+    async def _written(self) -> None:
+        """Wait until every queued line is written."""
+        while self._queued:
+            await self._queue_emptied.wait()
+
+    async def _write_queued(self) -> None:
+        """Write the queued lines, all that wait at once, from a worker thread."""
+        while True:
+            await self._queued_wake.wait()
+            self._queued_wake = trio.Event()
+            while self._queued:
+                lines = list(self._queued)
+                try:
+                    await trio.to_thread.run_sync(self._write, lines, abandon_on_cancel=True)
+                except OSError as exc:  # the terminal is gone: nothing more can be shown
+                    log.debug("the prompt's output failed: %r", exc)
+                    self._queued.clear()
+                    return
+                for _ in lines:
+                    self._queued.popleft()
+            self._queue_emptied.set()
+            self._queue_emptied = trio.Event()
+
+    def _write(self, lines: list[str]) -> None:
+        """Write ``lines`` now (in a worker thread); on a terminal where a line is being typed, above it."""
         text = "".join(line + "\n" for line in lines)
         if self.terminal and self._reading:
             typed = self.readline.get_line_buffer() if self.readline is not None else ""
             text = f"{_CLEAR_LINE}{text}{PROMPT}{typed}"
-        self.stdout.write(text)
+        try:
+            self.stdout.write(text)
+        except UnicodeEncodeError:  # a terminal whose encoding cannot show a peer's text
+            self.stdout.write(text.encode("ascii", "backslashreplace").decode("ascii"))
         self.stdout.flush()
 
     @contextlib.contextmanager
@@ -336,6 +454,13 @@ class Prompt:
             if saved is not None:
                 with contextlib.suppress(OSError):
                     termios.tcsetattr(self.stdin.fileno(), termios.TCSADRAIN, saved)
+
+
+def _fileno(stream: IO[str]) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _is_terminal(stream: IO[str]) -> bool:
