@@ -419,7 +419,6 @@ class FrontEnd:
             matched = match(head.method, head.target, self._served)
             if matched is None:
                 return Step.HAND_OVER
-            start = perf_counter()
             conn.deadline = _INF
             route, key = matched
             spec = ROUTES[route]
@@ -427,17 +426,17 @@ class FrontEnd:
             if refusal is not None:  # the body (if any) is not read, so the connection ends
                 conn.ending = True
                 conn.pending = conn.send_now(self._response(refusal, close=True))
-                self.requests.observe(route, refusal.status, perf_counter() - start)
+                self.requests.answered_at_once(route, refusal.status)
                 continue
             end = head.size + head.content_length
             if len(buffer) < end:
-                return Pending(head, spec, key, None, route, start)
+                return Pending(head, spec, key, None, route, perf_counter())
             body = bytes(buffer[head.size : end]) if head.content_length else b""
             del buffer[:end]
             try:
                 answer = spec.handler(state, Request(key, body, conn.client))
                 if not isinstance(answer, Reply):  # it needs waiting for: in the task
-                    return Pending(head, spec, key, answer, route, start)
+                    return Pending(head, spec, key, answer, route, perf_counter())
                 close = head.close or answer.close
                 response = self._reply_response(conn, answer, close)
                 status = answer.status
@@ -446,7 +445,7 @@ class FrontEnd:
                 response = self._internal_error
                 close = True
                 status = 500
-            self.requests.observe(route, status, perf_counter() - start)
+            self.requests.answered_at_once(route, status)
             conn.ending = close or self._closing
             conn.pending = conn.send_now(response)
         return Step.YIELD
@@ -505,11 +504,10 @@ class FrontEnd:
         """The response to a request a worker relayed, and whether its connection closes after it; or a
         reply that still needs waiting for (:meth:`relayed_later_response`). Counted as the front end's own
         requests are (the latency from here: the worker's reading and writing are not in it)."""
-        start = perf_counter()
         route = _RELAYED_ROUTES[request.method]
         refusal = self._refusal(self._limiter_for(request.client), request.client, len(request.body))
         if refusal is not None:
-            self.requests.observe(route, refusal.status, perf_counter() - start)
+            self.requests.answered_at_once(route, refusal.status)
             return self._response(refusal, close=True), True
         close = request.close or self._closing
         try:
@@ -518,12 +516,12 @@ class FrontEnd:
             )
         except Exception:
             log.exception("proxy front end failed on a relayed %s", relay.METHOD_NAMES[request.method])
-            self.requests.observe(route, 500, perf_counter() - start)
+            self.requests.answered_at_once(route, 500)
             return self._internal_error, True
         if isinstance(answer, Later):
-            return Later(functools.partial(self._counted_later, answer, route, start)), close
+            return Later(functools.partial(self._counted_later, answer, route, perf_counter())), close
         assert isinstance(answer, Reply)
-        self.requests.observe(route, answer.status, perf_counter() - start)
+        self.requests.answered_at_once(route, answer.status)
         close = close or answer.close
         return self._response(answer, close=close), close
 

@@ -68,11 +68,21 @@ class RouteCounts:
 
 class RequestCounts:
     """Requests answered, by route (None: no route of the table) and status, with their latency: from the
-    request's head read to its response handed to the socket (a GET's last value; a listen stream's head)."""
+    request's head read to its response handed to the socket (a GET's last value; a listen stream's head);
+    a request answered at once is in the first bucket, untimed (:meth:`answered_at_once`)."""
 
     def __init__(self) -> None:
         self.routes: dict[Route | None, RouteCounts] = {route: RouteCounts() for route in Route}
         self.routes[None] = RouteCounts()
+
+    def answered_at_once(self, route: Route | None, status: int) -> None:
+        """A request answered from the bytes already read, its handler replying without waiting: counted in
+        the first latency bucket, with nothing added to the sum (its handler's own microseconds are not
+        timed: two clock reads would cost more than the count, on the proxy's fastest path)."""
+        counts = self.routes[route]
+        statuses = counts.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        counts.latency.counts[0] += 1
 
     def observe(self, route: Route | None, status: int, seconds: float) -> None:
         counts = self.routes[route]
