@@ -16,7 +16,8 @@ three. The doubles send no GOAWAY after a number of requests on a connection (``
 after N). Measures, per provider:
 
 * ``connection``: memory per open provider connection. Each FCM/APNs stack has ``--apps`` apps (4), one topic
-  each, so one HTTP/2 connection each, to the same double. VmRSS of A (with its HTTP worker) is read after
+  each, so one HTTP/2 connection each for the pushes (FCM also asks its token endpoint once, on a connection
+  closed after), to the same double. VmRSS of A (with its HTTP worker) is read after
   ``--settle`` s before the first push, after one push through the first app (its connection open, its
   token got, the modules it needs loaded), and after one push through each other app: the figure per
   connection is the growth over the other apps' pushes / their count; the first push's growth is reported

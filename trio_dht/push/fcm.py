@@ -259,7 +259,9 @@ def new_fcm_client(limits: Limits = DEFAULT_LIMITS, fcm_url: str = FCM_URL) -> h
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(limits.push_request_timeout),
-        limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+        limits=httpx.Limits(
+            max_connections=4, max_keepalive_connections=0
+        ),  # a token an hour: none kept open
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
     )
 
