@@ -137,7 +137,7 @@ async def run(config: AppConfig, *, task_status: trio.TaskStatus[DhtNode] = trio
                         if config.proxy is not None:
                             push = {**push, "on_stats": stats.use}
                         urls = await _start_proxy(services, node, config, push) or []
-                        peers = Connectivity(trio.current_time())
+                        peers = Connectivity()
                         nursery.start_soon(_watch_peers, node, peers, notifier, urls)
                         nursery.start_soon(_report_limits, stats)
                         log.info("running; SIGINT or SIGTERM stops")

@@ -6,7 +6,7 @@ V4, V6 = False, True
 
 
 def test_changes_per_family() -> None:
-    peers = Connectivity(now=0)
+    peers = Connectivity()
     assert peers.describe() == "no good peer yet"
     assert peers.update({V4: False, V6: False}, now=5) == []  # nothing at the start, nothing changed
     assert peers.update({V4: True, V6: False}, now=10) == [(V4, True)]

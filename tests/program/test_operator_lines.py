@@ -52,7 +52,7 @@ async def test_peers_found_and_lost_per_family(autojump_clock: Any, caplog: pyte
     caplog.set_level(logging.INFO, logger="trio_dht.app")
     node, notifier = FakeNode(), FakeNotifier()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(app._watch_peers, node, Connectivity(0), notifier, ["http://127.0.0.1:8000"])
+        nursery.start_soon(app._watch_peers, node, Connectivity(), notifier, ["http://127.0.0.1:8000"])
         await trio.sleep(12)
         node.tables[False].good = 3
         await trio.sleep(6)

@@ -20,8 +20,7 @@ class Connectivity:
     """Per family (``v6``: False for IPv4, True for IPv6): connected or not. Nothing is connected at the
     start."""
 
-    def __init__(self, now: float) -> None:
-        self.started = now
+    def __init__(self) -> None:
         self.connected: dict[bool, bool] = {}
         self.ever_connected = False
 

@@ -98,13 +98,12 @@ class _Connection(TCPServer):
             await self._initiate_server_close()
 
 
-class _DeadlineStream(trio.abc.HalfCloseableStream):
-    """A socket stream whose first reads return the bytes already taken off the socket, and whose sends
-    break the connection (counted) when the client does not take them in time."""
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A socket stream whose first read returns the bytes already taken off the socket (``prefix``): what a
+    server read to decide how to serve a connection, handed to hypercorn with the rest."""
 
-    def __init__(self, stream: trio.SocketStream, link: HypercornLink, prefix: bytes = b"") -> None:
+    def __init__(self, stream: trio.SocketStream, prefix: bytes = b"") -> None:
         self._stream = stream
-        self._link = link
         self._prefix = prefix
         self.socket = stream.socket
 
@@ -116,12 +115,7 @@ class _DeadlineStream(trio.abc.HalfCloseableStream):
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.move_on_after(self._link.send_timeout):
-            await self._stream.send_all(data)
-            return
-        self._link.counters.send_timeouts += 1
-        await self._stream.aclose()
-        raise trio.BrokenResourceError("the client did not take the response in time")
+        await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -134,6 +128,23 @@ class _DeadlineStream(trio.abc.HalfCloseableStream):
 
     def setsockopt(self, *args: Any) -> None:
         self._stream.setsockopt(*args)
+
+
+class _DeadlineStream(PrefixedStream):
+    """A :class:`PrefixedStream` whose sends break the connection (counted) when the client does not take
+    them in time."""
+
+    def __init__(self, stream: trio.SocketStream, link: HypercornLink, prefix: bytes = b"") -> None:
+        super().__init__(stream, prefix)
+        self._link = link
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self._link.send_timeout):
+            await self._stream.send_all(data)
+            return
+        self._link.counters.send_timeouts += 1
+        await self._stream.aclose()
+        raise trio.BrokenResourceError("the client did not take the response in time")
 
 
 def url(sock: socket.socket, scheme: str) -> str:

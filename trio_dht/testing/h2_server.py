@@ -50,6 +50,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
+from trio_dht.proxy.hypercorn_link import PrefixedStream
+
 Scope = dict[str, Any]
 App = Callable[[Scope, Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
                Awaitable[None]]  # fmt: skip
@@ -414,37 +416,6 @@ class ServerConnection:
         self._dirty.set()
 
 
-class _Prefixed(trio.abc.HalfCloseableStream):
-    """A socket stream whose first read returns the bytes already taken off it (for hypercorn)."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self.socket = stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    def setsockopt(self, *args: Any) -> None:
-        self._stream.setsockopt(*args)
-
-
 class _Server:
     """The listener's side: sorts each connection to HTTP/2 or to hypercorn."""
 
@@ -476,7 +447,7 @@ class _Server:
                         read += chunk
                 h2_wanted = read.startswith(PREFACE)
                 if not h2_wanted:
-                    stream = _Prefixed(sock, read)
+                    stream = PrefixedStream(sock, read)
         except (*_BROKEN, trio.TooSlowError):
             with trio.CancelScope(shield=True), suppress(*_BROKEN):
                 await sock.aclose()
