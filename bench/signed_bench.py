@@ -180,6 +180,19 @@ def load(port: int, method: str, seconds: float, values: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def is_ready(ports: tuple[int, int]) -> bool:
+    """The node answers a ping and, for ours, its HTTP port answers ``/node/stats``: the HTTP port is bound
+    after the UDP one, so a server that lost the race for it exits after answering pings (and is started
+    again)."""
+    udp, http = ports
+    if not answers_ping(udp):
+        return False
+    try:
+        return not http or isinstance(node_info(http), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def node_info(http_port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/node/stats", timeout=5) as response:
         return json.load(response).get("nodeInfo", {})
@@ -201,7 +214,7 @@ def measure(
         servers = start_all(
             procs,
             {kind: spawner(kind, identity, verify_cache, workdir) for kind in kinds},
-            lambda ports: answers_ping(ports[0]),
+            is_ready,
         )
         time.sleep(settle)
         for method in METHODS:
