@@ -9,7 +9,10 @@ lines.
 The program sends ``READY=1`` (with ``STATUS=`` and ``MAINPID=``) once the node and the proxy serve,
 ``STATUS=`` lines when the node's peers change, ``WATCHDOG=1`` every half of ``$WATCHDOG_USEC`` from a Trio
 task (so a stuck event loop stops the pings and systemd restarts the service), and ``STOPPING=1`` when the
-tree starts shutting down. Without ``$NOTIFY_SOCKET`` nothing is sent.
+tree starts shutting down. Without ``$NOTIFY_SOCKET`` nothing is sent. ``READY=1`` is the one message that
+must arrive (systemd stops a service that never sends it, after ``TimeoutStartSec=``, 90 s by default): a
+``READY=1`` that could not be sent (the socket's queue full) is sent again every
+:data:`READY_RETRY_EVERY` s, :data:`READY_ATTEMPTS` times at most.
 
 :func:`read_environ` is the sans-IO core (what the environment asks for, and what in it is wrong);
 :class:`SystemdNotifier` is the shell: a non-blocking socket, where a failed send is counted and logged
@@ -28,6 +31,11 @@ from dataclasses import dataclass
 import trio
 
 log = logging.getLogger(__name__)
+
+READY_RETRY_EVERY = 0.5
+"""Seconds between attempts to send a ``READY=1`` that failed."""
+READY_ATTEMPTS = 180
+"""Attempts at ``READY=1`` (180 x 0.5 s: systemd's default start timeout, 90 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,10 @@ class SystemdNotifier:
         self.errors = 0
         """Sends that failed (the first one logged)."""
         self._status: str | None = None
+        self._ready_attempts = 0
+        """Attempts at a ``READY=1`` not yet sent (0: none pending)."""
+        self._wake = trio.Event()
+        """Set when :meth:`run` has something new to do (a ``READY=1`` that failed)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SystemdNotifier | None:
@@ -125,27 +137,54 @@ class SystemdNotifier:
         return True
 
     def ready(self, status: str) -> None:
-        """The service is up: ``READY=1``, its ``STATUS=`` and ``MAINPID=`` (this process)."""
+        """The service is up: ``READY=1``, its ``STATUS=`` and ``MAINPID=`` (this process). If it cannot be
+        sent now, :meth:`run` sends it again (see :data:`READY_ATTEMPTS`)."""
         self._status = status
-        self.send(message(READY=1, STATUS=status, MAINPID=os.getpid()))
+        self._ready_attempts = 0
+        self._send_ready()
+        self._wake.set()
+
+    def _send_ready(self) -> None:
+        self._ready_attempts += 1
+        if self.send(message(READY=1, STATUS=self._status, MAINPID=os.getpid())):
+            self._ready_attempts = 0  # sent: nothing pending
+        elif self._ready_attempts >= READY_ATTEMPTS:
+            log.error("gave up notifying systemd that the service is ready after %d attempts", READY_ATTEMPTS)
+            self._ready_attempts = 0
+
+    @property
+    def ready_pending(self) -> bool:
+        """A ``READY=1`` is still to be sent."""
+        return self._ready_attempts > 0
 
     def status(self, status: str) -> None:
-        """``STATUS=status``, if it differs from the last one sent."""
+        """``STATUS=status``, if it differs from the last one sent (a pending ``READY=1`` carries it)."""
         if status != self._status:
             self._status = status
-            self.send(message(STATUS=status))
+            if not self.ready_pending:
+                self.send(message(STATUS=status))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Ping the watchdog every ``settings.watchdog_every`` seconds until cancelled (from this task, so
-        that the pings stop when the event loop does), then send ``STOPPING=1`` and close the socket."""
+        """Ping the watchdog every ``settings.watchdog_every`` seconds, and send a pending ``READY=1`` again,
+        until cancelled (from this task, so that the pings stop when the event loop does); then send
+        ``STOPPING=1`` and close the socket."""
         every = self.settings.watchdog_every
         if every is not None:
             log.info("pinging systemd's watchdog every %g s", every)
         task_status.started()
+        next_ping = trio.current_time() + every if every is not None else math.inf
         try:
             while True:
-                await trio.sleep(every if every is not None else math.inf)
-                self.send(message(WATCHDOG=1))
+                retry_at = trio.current_time() + READY_RETRY_EVERY if self.ready_pending else math.inf
+                with trio.move_on_at(min(next_ping, retry_at)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                now = trio.current_time()
+                if self.ready_pending and now >= retry_at:
+                    self._send_ready()
+                if every is not None and now >= next_ping:
+                    self.send(message(WATCHDOG=1))
+                    next_ping = now + every
         finally:
             self.send(message(STOPPING=1, STATUS="stopping"))
             self._socket.close()

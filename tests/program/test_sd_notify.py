@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from cli_process import LOOPBACK_NODE, free_tcp_port
 
+from trio_dht import sd_notify
 from trio_dht.sd_notify import NotifySettings, SystemdNotifier, message, read_environ
 
 MODULE = (sys.executable, "-m", "trio_dht")
@@ -147,6 +149,44 @@ async def test_the_notifier_through_an_abstract_socket() -> None:
             assert received(sock) == []
             nursery.cancel_scope.cancel()
         assert received(sock)[-1] == b"STOPPING=1\nSTATUS=stopping"
+
+
+async def test_a_ready_that_could_not_be_sent_is_sent_again(autojump_clock: trio.testing.MockClock) -> None:
+    """systemd's queue is full when READY=1 goes out: it is sent again (with the latest status) once there is
+    room, and the statuses meanwhile are not sent alone."""
+    address = abstract_name()
+    with systemd_socket(address) as sock:
+        notifier = SystemdNotifier(NotifySettings(address))
+        filler = 0
+        while notifier.send(b"WATCHDOG=1"):  # fill the receiving queue
+            filler += 1
+            assert filler < 100_000
+        notifier.ready("no good peer yet")
+        assert notifier.ready_pending
+        notifier.status("good peers over IPv4")  # carried by the READY=1 to come
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.run)
+            await trio.sleep(10 * sd_notify.READY_RETRY_EVERY)
+            assert notifier.ready_pending  # still full
+            assert received(sock) == [b"WATCHDOG=1"] * filler  # now there is room
+            await trio.sleep(sd_notify.READY_RETRY_EVERY)
+            assert not notifier.ready_pending
+            assert received(sock) == [f"READY=1\nSTATUS=good peers over IPv4\nMAINPID={os.getpid()}".encode()]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_ready_that_never_goes_out_is_given_up(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    notifier = SystemdNotifier(NotifySettings(abstract_name()))  # nobody listens there
+    async with trio.open_nursery() as nursery:
+        await nursery.start(notifier.run)
+        notifier.ready("up")
+        await trio.sleep(sd_notify.READY_ATTEMPTS * sd_notify.READY_RETRY_EVERY + 1)
+        assert not notifier.ready_pending
+        assert notifier.errors == sd_notify.READY_ATTEMPTS
+        nursery.cancel_scope.cancel()
+    assert any(r.getMessage().startswith("gave up notifying systemd") for r in caplog.records)
 
 
 def test_a_failed_send_is_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
