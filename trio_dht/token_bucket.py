@@ -14,10 +14,19 @@ class TokenBucket:
         self._tokens = burst
         self._at = now
 
+    @property
+    def updated(self) -> float:
+        """The time of the last :meth:`take`."""
+        return self._at
+
     def take(self, now: float) -> bool:
-        """Spend one token if one is held now; False (and nothing spent) if none is."""
-        tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
+        """Spend one token if one is held now; False (and nothing spent) if none is. A time earlier than the
+        last one adds nothing."""
+        if now > self._at:
+            tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        else:
+            tokens = self._tokens
         if tokens < 1:
             self._tokens = tokens
             return False

@@ -56,6 +56,14 @@ def test_token_bucket_starts_full_and_refills_at_its_rate() -> None:
     assert not TokenBucket(rate=0, burst=0, now=0.0).take(10.0)
 
 
+def test_a_token_bucket_gains_nothing_from_a_clock_going_back() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=10.0)
+    assert bucket.take(10.0)
+    assert not bucket.take(5.0) and bucket.updated == 10.0
+    assert not bucket.take(10.5)  # half a token since 10.0, not 5.5 s worth
+    assert bucket.take(11.0)
+
+
 def test_the_handler_passes_a_burst_then_the_rate_and_counts_what_it_drops() -> None:
     clock = FakeClock()
     inner = Collect()

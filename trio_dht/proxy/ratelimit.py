@@ -7,16 +7,9 @@ ones (:func:`~trio_dht.sources.evict_oldest`): a flood of new clients costs amor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from trio_dht.proxy.settings import RateLimit
 from trio_dht.sources import client_key, evict_oldest
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
+from trio_dht.token_bucket import TokenBucket
 
 
 class HttpRateLimiter:
@@ -25,7 +18,7 @@ class HttpRateLimiter:
     def __init__(self, limit: RateLimit, *, max_clients: int = 100_000) -> None:
         self.limit = limit
         self.max_clients = max_clients
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self.refused = 0
         self.evicted = 0
         """Clients forgotten to make room."""
@@ -41,13 +34,9 @@ class HttpRateLimiter:
         if bucket is None:
             if len(self._buckets) >= self.max_clients:
                 self._prune(now)
-            bucket = self._buckets[key[0]] = _Bucket(float(self.limit.burst), now)
-        else:
-            elapsed = max(0.0, now - bucket.updated)
-            bucket.tokens = min(float(self.limit.burst), bucket.tokens + elapsed * self.limit.per_second)
-            bucket.updated = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+            limit = self.limit
+            bucket = self._buckets[key[0]] = TokenBucket(limit.per_second, limit.burst, now)
+        if bucket.take(now):
             return True
         self.refused += 1
         return False
