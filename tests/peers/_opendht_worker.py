@@ -43,11 +43,15 @@ Binding facts (opendht 4.4.2, from its .pyx and by running it):
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import queue
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 # Keep the protocol channel private: C++ logging and stray prints go to stderr.
@@ -57,15 +61,61 @@ sys.stdout = sys.stderr
 
 import opendht  # noqa: E402  (after the redirection on purpose)
 
-_write_lock = threading.Lock()
+_lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+
+def _write_lines() -> None:
+    while (line := _lines.get()) is not None:
+        _protocol.write(line + "\n")
+        _protocol.flush()
+
+
+_writer = threading.Thread(target=_write_lines, name="protocol writer", daemon=True)
+_writer.start()
 
 
 def emit(message: dict[str, Any]) -> None:
-    """Write one protocol line (from any thread)."""
-    line = json.dumps(message, separators=(",", ":"))
-    with _write_lock:
-        _protocol.write(line + "\n")
-        _protocol.flush()
+    """Queue one protocol line (from any thread); the writer thread writes it. A callback on the DHT thread
+    so never waits on I/O, during which the GIL is free (see :func:`dht_callback`)."""
+    _lines.put(json.dumps(message, separators=(",", ":")))
+
+
+def close_protocol() -> None:
+    """Write the queued lines, then stop the writer."""
+    _lines.put(None)
+    _writer.join(5.0)
+
+
+# The binding deadlocks if it is called carelessly: the DHT thread runs its loop holding the runner's mutex
+# and calls Python callbacks from there, taking the GIL; the runner's queries (getStorageLog,
+# getRoutingTablesLog, getNodeMessageStats) and join() take that mutex while holding the GIL. A query made
+# while a callback waits for the GIL never returns. So callbacks never release the GIL on purpose (no I/O:
+# emit queues), and a query first waits until no callback runs (quiet_dht).
+_callbacks_running = 0  # changed on the DHT thread only
+
+
+def dht_callback(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` as a callback for the binding, counted while it runs."""
+
+    @functools.wraps(function)
+    def counted(*args: Any) -> Any:
+        global _callbacks_running
+        _callbacks_running += 1
+        try:
+            return function(*args)
+        finally:
+            _callbacks_running -= 1
+
+    return counted
+
+
+def quiet_dht(timeout: float = 5.0) -> None:
+    """Wait (GIL released) until no callback runs, then 20 ms more for the DHT thread to leave the binding's
+    wrapper of the last one, so that a query that follows does not deadlock (see above)."""
+    deadline = time.monotonic() + timeout
+    while _callbacks_running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.02)
 
 
 def owner_id(value: opendht.Value) -> str | None:
@@ -179,6 +229,7 @@ class Worker:
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
+        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
@@ -189,6 +240,7 @@ class Worker:
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
+        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
@@ -199,6 +251,7 @@ class Worker:
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
+        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
@@ -210,10 +263,12 @@ class Worker:
         values: list[dict[str, Any]] = []
         value_type = args.get("type")
 
+        @dht_callback
         def on_value(value: opendht.Value) -> bool:
             values.append(encode_value(value, value_type))
             return True
 
+        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "values": values}})
 
@@ -222,6 +277,7 @@ class Worker:
     def do_listen(self, request_id: int, args: dict[str, Any]) -> None:
         listen_id = int(args["listen"])
 
+        @dht_callback
         def on_value(value: opendht.Value, expired: bool) -> bool:
             if listen_id in self.cancelled:
                 return False
@@ -256,6 +312,7 @@ class Worker:
         emit({"id": request_id, "ok": True, "result": self.node_id()})
 
     def do_routing(self, request_id: int, args: dict[str, Any]) -> None:
+        quiet_dht()
         result = {
             "ipv4": routing_counts(self.dht.getRoutingTablesLog(socket.AF_INET)),
             "ipv6": routing_counts(self.dht.getRoutingTablesLog(socket.AF_INET6)),
@@ -264,6 +321,7 @@ class Worker:
         emit({"id": request_id, "ok": True, "result": result})
 
     def do_storage_log(self, request_id: int, args: dict[str, Any]) -> None:
+        quiet_dht()
         emit({"id": request_id, "ok": True, "result": self.dht.getStorageLog()})
 
     def shutdown(self) -> None:
@@ -271,8 +329,9 @@ class Worker:
             return
         self.running = False
         done = threading.Event()
-        self.dht.shutdown(done.set)
+        self.dht.shutdown(dht_callback(done.set))
         done.wait(5.0)
+        quiet_dht()
         self.dht.join()
 
 
@@ -303,4 +362,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_protocol()
