@@ -12,12 +12,13 @@ import h2.settings
 import hpack
 import httpx
 import trio
+import trio.testing
 from h2.errors import ErrorCodes
 from hyperframe.frame import HeadersFrame
 
 from trio_dht.testing.apns import _make_tls
 from trio_dht.testing.gorush import Reply, read_request, send_reply
-from trio_dht.testing.h2_server import H2Settings, serve_h2_on_loopback
+from trio_dht.testing.h2_server import _MAX_UNWRITTEN, H2Settings, ServerConnection, serve_h2_on_loopback
 
 
 class App:
@@ -382,3 +383,40 @@ async def test_goaway_on_shutdown():
         await server.__aexit__(None, None, None)
         goaway = await raw.goaway()
         assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, sid)
+
+
+async def test_an_app_failing_the_last_request_before_goaway_still_answers_500():
+    """The last request under way before a GOAWAY fails in the app: its 500 goes out before the GOAWAY."""
+
+    async def failing(scope, receive, send) -> None:
+        await read_request(scope, receive)
+        raise RuntimeError("the app's bug")
+
+    async with serving(failing, settings=H2Settings(max_requests=1)) as url, RawClient.connect(url) as raw:
+        sid = raw.request("/only")
+        await raw.flush()
+        assert await raw.response(sid) == (500, b"", "end")
+        assert (await raw.goaway()).error_code == ErrorCodes.NO_ERROR
+
+
+async def test_a_client_that_pings_and_never_reads_is_read_no_further():
+    """Each PING makes an ack to write; from a client that never reads, the connection reads no further once
+    the acks held reach the bound: what it holds stays bounded, whatever the client sends."""
+    client_end, server_end = trio.testing.lockstep_stream_pair()  # a write waits for the reader
+    connection = ServerConnection(App(), server_end, {"type": "http"}, H2Settings())
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client_end.send_all(client.data_to_send())
+        with trio.move_on_after(2) as blocked:
+            while sent < 64 * 1024 * 1024:
+                for i in range(1000):
+                    client.ping(i.to_bytes(8, "big"))
+                burst = client.data_to_send()  # 17 KB of pings: 17 KB of acks to write
+                await client_end.send_all(burst)
+                sent += len(burst)
+        assert blocked.cancelled_caught, "the server kept reading a client that never reads"
+        assert len(connection._out) <= _MAX_UNWRITTEN + 65536  # the bound, and one read's acks
+        nursery.cancel_scope.cancel()

@@ -59,6 +59,8 @@ App = Callable[[Scope, Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[s
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _RECEIVE = 65536
 _CONNECTION_WINDOW = 1 << 24
+_MAX_UNWRITTEN = 256 * 1024
+"""Bytes of frames made by reading (acks of pings and settings, resets) held while a write is under way."""
 """The connection's receive window: many streams' bodies arrive without waiting for a WINDOW_UPDATE."""
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError)
 _DISCONNECT = {"type": "http.disconnect"}
@@ -156,7 +158,10 @@ class ServerConnection:
         """The read loop's: cancelled once the GOAWAY is sent."""
         self._timer_scope = trio.CancelScope()
         self._out = b""
-        """Bytes h2 made while reading, not yet written."""
+        """Bytes h2 made while reading, not yet written (about :data:`_MAX_UNWRITTEN` at most: past it, the
+        read loop waits for the writer)."""
+        self._wrote = trio.Event()
+        """Set (and replaced) after each write."""
         self._idle_since = trio.current_time()
         """When the last request under way ended."""
         self._apps: trio.Nursery | None = None
@@ -222,6 +227,10 @@ class ServerConnection:
             if self._closing and not self._streams:
                 self.goaway()
                 return
+            while len(self._out) > _MAX_UNWRITTEN:  # a client that sends (pings) and never reads waits
+                if self._flushed.is_set():  # the writer is gone: nothing more can be written
+                    return
+                await self._wrote.wait()
             data = await self._io.receive_some(_RECEIVE)
             if not data:
                 return
@@ -249,12 +258,15 @@ class ServerConnection:
                     data, self._out = self._out + data, b""
                 if data:
                     await self._io.send_all(data)
+                    self._wrote.set()
+                    self._wrote = trio.Event()
                 if self._finished and not self._dirty.is_set():
                     return
         except _BROKEN:
             pass
         finally:
             self._flushed.set()
+            self._wrote.set()
 
     def _wake_senders(self) -> None:
         self._window.set()
@@ -371,18 +383,19 @@ class ServerConnection:
         except Exception:  # _Gone, or the app's bug: a 500 or the stream reset, as hypercorn does
             pass
         finally:
+            # A reply left unfinished is ended before a GOAWAY that waited for this stream (none after it).
+            if not stream.ended and not stream.gone and not self._lost:
+                with suppress(h2.exceptions.ProtocolError):
+                    if stream.started:
+                        self._h2.reset_stream(stream.id, ErrorCodes.INTERNAL_ERROR)
+                    else:
+                        self._h2.send_headers(stream.id, [(b":status", b"500")], end_stream=True)
+                self._dirty.set()
             self._streams.pop(stream.id, None)
             if not self._streams:
                 self._idle_since = trio.current_time()
                 if self._closing:
                     self.goaway()
-        if not stream.ended and not stream.gone and not self._lost:
-            with suppress(h2.exceptions.ProtocolError):
-                if stream.started:
-                    self._h2.reset_stream(stream.id, ErrorCodes.INTERNAL_ERROR)
-                else:
-                    self._h2.send_headers(stream.id, [(b":status", b"500")], end_stream=True)
-            self._dirty.set()
 
     async def _send(self, stream: _Stream, message: dict[str, Any]) -> None:
         kind = message["type"]
