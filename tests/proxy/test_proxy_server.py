@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from proxy_layers import serve_with_asgi, serve_with_quart
 
 from trio_dht.infohash import InfoHash
@@ -145,6 +146,33 @@ async def test_listen_stream(base_url: str, dht: MemoryDht) -> None:
             while dht.listener_count(key):
                 await trio.sleep(0.01)
         assert (await c.get("/node/stats")).json()["listenCount"] == 0
+
+
+@pytest.mark.parametrize("layer", [None, serve_with_asgi], ids=["fast", "asgi"])
+async def test_a_listen_stream_is_counted_once_its_head_is_sent(
+    layer, nursery: trio.Nursery, dht: MemoryDht, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front end and the raw-ASGI path (the layers that serve routes) count a listen stream in
+    ``/metrics`` as it starts, not when it ends (hours later)."""
+    if layer is not None:
+        layer(monkeypatch)
+    urls = await nursery.start(serve_proxy, dht, ProxyConfig(host="127.0.0.1", port=0))
+    base_url = urls[0]
+
+    def listens_counted(text: str) -> float:
+        families = text_string_to_metric_families(text)
+        requests = next(f for f in families if f.name == "trio_dht_http_requests")
+        return sum(s.value for s in requests.samples if s.labels.get("route") == "listen")
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=None) as c:
+        assert listens_counted((await c.get("/metrics")).text) == 0
+        async with c.stream("GET", "/key/counted/listen") as r:
+            assert r.status_code == 200
+            with trio.fail_after(BOUND):
+                while listens_counted((await c.get("/metrics")).text) != 1:
+                    await trio.sleep(0.01)
+        await trio.sleep(0.1)  # the stream's end is not counted again
+        assert listens_counted((await c.get("/metrics")).text) == 1
 
 
 async def test_legacy_listen_method(base_url: str, dht: MemoryDht) -> None:

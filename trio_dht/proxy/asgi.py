@@ -129,17 +129,22 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 def counting_send(state: ProxyState, route: Route | None, send: Send) -> Send:
-    """``send``, counting the response in ``state.request_counts`` once it ends (its status from its start;
-    the latency from now)."""
+    """``send``, counting the response in ``state.request_counts`` once it ends, or a listen stream once its
+    head is sent, as the front end counts them (its status from its start; the latency from now)."""
     start = perf_counter()
     status = 0
+    counted_at_head = route is Route.LISTEN
 
     async def counted(message: dict[str, Any]) -> None:
         nonlocal status
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             status = message["status"]
         await send(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
+        stream = counted_at_head and status == 200
+        if (kind == "http.response.start" and stream) or (
+            kind == "http.response.body" and not message.get("more_body", False) and not stream
+        ):
             state.request_counts.observe(route, status, perf_counter() - start)
 
     return counted
