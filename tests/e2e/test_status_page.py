@@ -104,6 +104,10 @@ async def test_the_status_page_shows_the_node_and_its_counters_move(workers: int
                 assert "delivered 1" in outcomes, after
                 assert after["banner"] is None and after["nodeId"] == node_id
                 assert page.errors == [], page.errors
+                if workers == 0:  # the page finds the proxy's routes however its own path is written
+                    async with open_page(f"http://127.0.0.1:{port}/%73tatus/") as spelled:
+                        again = await until(spelled, "the node's id", lambda s: s.get("nodeId") == node_id)
+                        assert again["values"] == "2" and spelled.errors == [], (again, spelled.errors)
 
                 assert await process.stop() == 0
                 gone = await until(page, "the banner", lambda s: s.get("banner") is not None)
