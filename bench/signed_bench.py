@@ -44,6 +44,7 @@ starts them all at once, 0.5 s per workload and 256 values.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shlex
 import shutil
@@ -184,12 +185,12 @@ def is_ready(ports: tuple[int, int]) -> bool:
     """The node answers a ping and, for ours, its HTTP port answers ``/node/stats``: the HTTP port is bound
     after the UDP one, so a server that lost the race for it exits after answering pings (and is started
     again)."""
-    udp, http = ports
+    udp, http_port = ports
     if not answers_ping(udp):
         return False
     try:
-        return not http or isinstance(node_info(http), dict)
-    except (OSError, ValueError):
+        return not http_port or isinstance(node_info(http_port), dict)
+    except (OSError, ValueError, http.client.HTTPException):
         return False
 
 

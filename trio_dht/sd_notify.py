@@ -112,7 +112,7 @@ class SystemdNotifier:
         self._ready_attempts = 0
         """Attempts at a ``READY=1`` not yet sent (0: none pending)."""
         self._wake = trio.Event()
-        """Set when :meth:`run` has something new to do (a ``READY=1`` that failed)."""
+        """Set by :meth:`ready`: :meth:`run` sees whether a ``READY=1`` is pending."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SystemdNotifier | None:
@@ -173,15 +173,20 @@ class SystemdNotifier:
             log.info("pinging systemd's watchdog every %g s", every)
         task_status.started()
         next_ping = trio.current_time() + every if every is not None else math.inf
+        retry_at = math.inf  # kept across wake-ups: watchdog pings do not put a retry off
         try:
             while True:
-                retry_at = trio.current_time() + READY_RETRY_EVERY if self.ready_pending else math.inf
+                if not self.ready_pending:
+                    retry_at = math.inf
+                elif retry_at == math.inf:
+                    retry_at = trio.current_time() + READY_RETRY_EVERY
                 with trio.move_on_at(min(next_ping, retry_at)):
                     await self._wake.wait()
                 self._wake = trio.Event()
                 now = trio.current_time()
                 if self.ready_pending and now >= retry_at:
                     self._send_ready()
+                    retry_at = math.inf
                 if every is not None and now >= next_ping:
                     self.send(message(WATCHDOG=1))
                     next_ping = now + every

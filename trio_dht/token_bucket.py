@@ -16,7 +16,7 @@ class TokenBucket:
 
     @property
     def updated(self) -> float:
-        """The time of the last :meth:`take`."""
+        """The latest time :meth:`take` was given."""
         return self._at
 
     def take(self, now: float) -> bool:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import json
 import os
 import queue
@@ -62,12 +63,18 @@ sys.stdout = sys.stderr
 import opendht  # noqa: E402  (after the redirection on purpose)
 
 _lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+_broken = False
+"""The parent stopped reading (a write failed): lines are dropped from then on."""
 
 
 def _write_lines() -> None:
-    while (line := _lines.get()) is not None:
-        _protocol.write(line + "\n")
-        _protocol.flush()
+    global _broken
+    try:
+        while (line := _lines.get()) is not None:
+            _protocol.write(line + "\n")
+            _protocol.flush()
+    except OSError:
+        _broken = True
 
 
 _writer = threading.Thread(target=_write_lines, name="protocol writer", daemon=True)
@@ -77,45 +84,71 @@ _writer.start()
 def emit(message: dict[str, Any]) -> None:
     """Queue one protocol line (from any thread); the writer thread writes it. A callback on the DHT thread
     so never waits on I/O, during which the GIL is free (see :func:`dht_callback`)."""
-    _lines.put(json.dumps(message, separators=(",", ":")))
+    if not _broken:
+        _lines.put(json.dumps(message, separators=(",", ":")))
 
 
 def close_protocol() -> None:
-    """Write the queued lines, then stop the writer."""
+    """Write the queued lines, then stop the writer; if it is stuck in a write (the parent no longer reads),
+    end the process at once (a daemon thread inside a write would abort the interpreter's exit)."""
     _lines.put(None)
     _writer.join(5.0)
+    if _writer.is_alive():
+        os._exit(1)
 
 
 # The binding deadlocks if it is called carelessly: the DHT thread runs its loop holding the runner's mutex
 # and calls Python callbacks from there, taking the GIL; the runner's queries (getStorageLog,
 # getRoutingTablesLog, getNodeMessageStats) and join() take that mutex while holding the GIL. A query made
 # while a callback waits for the GIL never returns. So callbacks never release the GIL on purpose (no I/O:
-# emit queues), and a query first waits until no callback runs (quiet_dht).
-_callbacks_running = 0  # changed on the DHT thread only
+# emit queues), and a query first waits until no callback runs and no get or put is under way (quiet_dht).
+# That narrows the window to a callback starting on its own (a listen's) within a query; it cannot close it.
+# Both records change with single list and set calls, atomic under the GIL (a lock could make a callback
+# wait, GIL released, before it is counted).
+_callbacks_running: list[None] = []
+"""One entry per callback under way on the DHT thread."""
+_ops_under_way: set[int] = set()
+"""The gets and puts whose done callback has not run yet."""
+_op_ids = itertools.count()
 
 
-def dht_callback(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` as a callback for the binding, counted while it runs."""
+def dht_callback(function: Callable[..., Any], ends_op: int | None = None) -> Callable[..., Any]:
+    """``function`` as a callback for the binding, counted while it runs; as the done callback of operation
+    ``ends_op`` (see :func:`operation`), it also ends that operation."""
 
     @functools.wraps(function)
     def counted(*args: Any) -> Any:
-        global _callbacks_running
-        _callbacks_running += 1
+        _callbacks_running.append(None)
         try:
             return function(*args)
         finally:
-            _callbacks_running -= 1
+            if ends_op is not None:
+                _ops_under_way.discard(ends_op)
+            _callbacks_running.pop()
 
     return counted
 
 
+def operation(done: Callable[..., Any]) -> Callable[..., Any]:
+    """``done`` as the done callback of a get or put about to be handed to the binding: the operation is
+    under way until it has run."""
+    op = next(_op_ids)
+    _ops_under_way.add(op)
+    return dht_callback(done, ends_op=op)
+
+
 def quiet_dht(timeout: float = 5.0) -> None:
-    """Wait (GIL released) until no callback runs, then 20 ms more for the DHT thread to leave the binding's
-    wrapper of the last one, so that a query that follows does not deadlock (see above)."""
+    """Wait (GIL released) until no callback runs and no get or put is under way, twice 20 ms apart (the DHT
+    thread leaves the binding's wrapper of the last callback meanwhile), so that a query that follows does
+    not deadlock (see above); at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while _callbacks_running and time.monotonic() < deadline:
-        time.sleep(0.001)
-    time.sleep(0.02)
+    while time.monotonic() < deadline:
+        if _callbacks_running or _ops_under_way:
+            time.sleep(0.001)
+            continue
+        time.sleep(0.02)
+        if not _callbacks_running and not _ops_under_way:
+            return
 
 
 def owner_id(value: opendht.Value) -> str | None:
@@ -229,35 +262,33 @@ class Worker:
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
-        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
-        self.dht.put(self.key(args), value, done_cb=done, permanent=bool(args.get("permanent", False)))
+        permanent = bool(args.get("permanent", False))
+        self.dht.put(self.key(args), value, done_cb=operation(done), permanent=permanent)
 
     def do_put_signed(self, request_id: int, args: dict[str, Any]) -> None:
         value = opendht.Value(base64.b64decode(args["data"]), int(args.get("type") or 0))
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
-        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
-        self.dht.putSigned(self.key(args), value, done_cb=done)
+        self.dht.putSigned(self.key(args), value, done_cb=operation(done))
 
     def do_put_encrypted(self, request_id: int, args: dict[str, Any]) -> None:
         value = opendht.Value(base64.b64decode(args["data"]), int(args.get("type") or 0))
         if args.get("value_id") is not None:
             value.id = int(args["value_id"])
 
-        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "id": value.id}})
 
         # 4.x takes the recipient's long key id (PkId) and finds its certificate on the DHT.
         to = opendht.PkId(str(args["to"]).encode())
-        self.dht.putEncrypted(self.key(args), value, to, done_cb=done)
+        self.dht.putEncrypted(self.key(args), value, to, done_cb=operation(done))
 
     def do_get(self, request_id: int, args: dict[str, Any]) -> None:
         values: list[dict[str, Any]] = []
@@ -268,11 +299,10 @@ class Worker:
             values.append(encode_value(value, value_type))
             return True
 
-        @dht_callback
         def done(ok: bool, _nodes: Any) -> None:
             emit({"id": request_id, "ok": True, "result": {"ok": bool(ok), "values": values}})
 
-        self.dht.get(self.key(args), get_cb=on_value, done_cb=done, where=self.where(args))
+        self.dht.get(self.key(args), get_cb=on_value, done_cb=operation(done), where=self.where(args))
 
     def do_listen(self, request_id: int, args: dict[str, Any]) -> None:
         listen_id = int(args["listen"])

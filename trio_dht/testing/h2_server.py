@@ -59,9 +59,9 @@ App = Callable[[Scope, Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[s
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _RECEIVE = 65536
 _CONNECTION_WINDOW = 1 << 24
+"""The connection's receive window: many streams' bodies arrive without waiting for a WINDOW_UPDATE."""
 _MAX_UNWRITTEN = 256 * 1024
 """Bytes of frames made by reading (acks of pings and settings, resets) held while a write is under way."""
-"""The connection's receive window: many streams' bodies arrive without waiting for a WINDOW_UPDATE."""
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError)
 _DISCONNECT = {"type": "http.disconnect"}
 
