@@ -125,6 +125,26 @@ def test_streams_wait_for_the_servers_limit_one_until_its_settings_arrive():
     assert [sid for sid, _ in server.pump()] == [1] and client.can_open
 
 
+def test_h2_counts_the_cores_open_streams_and_still_forgets_closed_ones():
+    """h2 takes the core's count of requests under way (no walk over its streams per request), which is its
+    own exact count whenever a request may start, and still forgets closed streams: thousands of requests
+    leave it holding a bounded number."""
+    client, server = connected(max_concurrent_streams=300)
+    held = []
+    for _ in range(30):
+        ids = [client.request(b"/", [], b"x") for _ in range(250)]
+        connection = client._h2
+        exact = sum(1 for sid, stream in connection.streams.items() if stream.open and sid % 2)  # no sweep
+        assert connection.open_outbound_streams == exact == 250
+        server.pump()
+        for sid in ids[:-1]:
+            server.reply(sid)
+        server.h2.reset_stream(ids[-1])  # one ends reset, not answered
+        assert len(server.pump()) == 250 and client.open_streams == 0
+        held.append(len(connection.streams))
+    assert max(held) <= 2 * 250 + 64  # 7,500 requests
+
+
 def test_a_body_larger_than_the_window_is_sent_as_the_server_opens_it():
     client, server = connected(initial_window_size=100, max_concurrent_streams=10)
     body = bytes(range(256)) * 4

@@ -36,7 +36,7 @@ import logging
 import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +64,8 @@ ATTEMPTS = 3
 READ_SIZE = 65536
 WRITE_TIMEOUT = 30.0
 """A write to the server that makes no progress this long ends the connection."""
+_SWEEP_SLACK = 64
+"""Closed streams ``h2`` may hold beyond the open ones before it is made to forget them."""
 LAST_STREAM_ID = 2**31 - 1 - 2 * MAX_STREAMS
 """Past this stream id a connection takes no new request (a new connection starts again at 1)."""
 
@@ -93,13 +95,33 @@ Finished = tuple[int, "Reply | ReplyTooLarge | StreamError"]
 
 
 class _DrainingConnection(h2.connection.H2Connection):
-    """``h2``'s client connection, except that a graceful GOAWAY (``NO_ERROR``) does not end it.
+    """``h2``'s client connection, except that a graceful GOAWAY (``NO_ERROR``) does not end it, and that a
+    new stream does not cost a walk over every stream.
 
     ``h2`` closes its connection state machine on any GOAWAY and then refuses every later frame as a protocol
     error, so the replies of the streams the server still finishes (those up to GOAWAY's last stream id) would
     be lost and their pushes sent twice. RFC 9113 (6.8) has the server finish them: after a ``NO_ERROR``
     GOAWAY the state goes back to open (our core opens no new stream once it has seen one).
+
+    ``h2`` counts the open streams before each new one by walking all it holds (forgetting the closed ones on
+    the way): with 1,000 requests in flight that walk was a third of a request's cost (in process, 164 µs a
+    request with it, 107 µs without; 115 and 107 µs with 64 in flight). The core's own count of
+    requests under way (``count_open``) is the same number whenever a stream may start (it forgets a request
+    only once its stream is closed, or once the connection takes no new one), so ``h2`` is given that, and
+    its walk runs only when it holds twice as many streams as are open (plus :data:`_SWEEP_SLACK`): closed
+    streams are still forgotten, at an amortised constant cost.
     """
+
+    def __init__(self, config: h2.config.H2Configuration, count_open: Callable[[], int]) -> None:
+        super().__init__(config)
+        self._count_open = count_open
+
+    @property
+    def open_outbound_streams(self) -> int:
+        open_now = self._count_open()
+        if len(self.streams) >= 2 * open_now + _SWEEP_SLACK:
+            return self._open_streams(1)  # h2's walk: the exact count, closed streams forgotten
+        return open_now
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
         frames, events = super()._receive_goaway_frame(frame)
@@ -123,6 +145,7 @@ class Http2Requests:
             (b":authority", authority.encode()),
         ]
         self.max_body = max_body
+        self._streams: dict[int, _Stream] = {}
         self._h2 = _DrainingConnection(
             h2.config.H2Configuration(
                 client_side=True,
@@ -130,9 +153,9 @@ class Http2Requests:
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
                 validate_inbound_headers=False,
-            )
+            ),
+            self._streams.__len__,
         )
-        self._streams: dict[int, _Stream] = {}
         self._started = 0
         """The highest stream id started."""
         self._written = 0
