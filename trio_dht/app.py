@@ -171,9 +171,7 @@ async def _app_gateway(
     if isinstance(credentials, ApnsCredentials):
         from trio_dht.push.apns import ApnsGateway, ApnsKey
 
-        key = credentials.key or ApnsKey.from_pem(
-            credentials.key_pem, key_id=credentials.key_id, team_id=credentials.team_id
-        )
+        key = ApnsKey(credentials.private_key, credentials.key_id, credentials.team_id)
         bundle_id = app.topics[0] if app.topics else ""
         ca_file = str(credentials.ca_file) if credentials.ca_file is not None else None
         return await stack.enter_async_context(
@@ -370,10 +368,10 @@ async def _open_push(
         webpush = route(config.apps, Platform.UNIFIEDPUSH.value, "")
         vapid = None
         if webpush is not None and isinstance(webpush.credentials, WebPushCredentials):
-            from trio_dht.push.vapid import Vapid, load_private_key
+            from trio_dht.push.vapid import Vapid
 
             credentials = webpush.credentials
-            vapid = Vapid(load_private_key(credentials.key_pem), credentials.vapid_subject)
+            vapid = Vapid(credentials.private_key, credentials.vapid_subject)
             log.info("UnifiedPush requests signed with VAPID key %s", vapid.public_key)
         unifiedpush = CountingGateway(
             UnifiedPushGateway(

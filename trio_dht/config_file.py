@@ -43,7 +43,8 @@ from trio_dht.logs import FORMATS
 from trio_dht.small_files import FileTooLarge, read_small_file
 
 if TYPE_CHECKING:
-    from trio_dht.push.apns import ApnsKey
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from trio_dht.push.fcm import ServiceAccount
 
 MAX_FILE_BYTES = 1024 * 1024
@@ -87,16 +88,16 @@ class ApnsCredentials:
     """Instead of Apple's production or sandbox host (tests)."""
     ca_file: Path | None = None
     """CA certificates to trust for ``url`` (tests)."""
-    key_pem: bytes = field(default=b"", repr=False)
-    key: ApnsKey | None = field(default=None, repr=False, compare=False)
-    """``key_pem`` loaded with the ids (once: the gateway uses this one)."""
+    private_key: ec.EllipticCurvePrivateKey = field(kw_only=True, repr=False, compare=False)
+    """The ``.p8`` key, checked and loaded (once: the gateway uses this one)."""
 
 
 @dataclass(frozen=True, slots=True)
 class WebPushCredentials:
     vapid_private_key: Path
     vapid_subject: str
-    key_pem: bytes = field(default=b"", repr=False)
+    private_key: ec.EllipticCurvePrivateKey = field(kw_only=True, repr=False, compare=False)
+    """The VAPID key, checked and loaded (once: the gateway uses this one)."""
 
 
 Credentials = GorushCredentials | FcmCredentials | ApnsCredentials | WebPushCredentials
@@ -415,11 +416,10 @@ class _Checker:
             path, account = values["service_account"]
             return FcmCredentials(path, account, values.get("url"), values.get("token_uri"))
         if kind is AppKind.APNS:
-            key_file, pem, p8_key = values.pop("key_file")
-            key = _apns_key(p8_key, values["key_id"], values["team_id"])
-            return ApnsCredentials(key_file, key_pem=pem, key=key, **values)
-        key_file, pem = values["vapid_private_key"]
-        return WebPushCredentials(key_file, values["vapid_subject"], pem)
+            key_file, private_key = values.pop("key_file")
+            return ApnsCredentials(key_file, private_key=private_key, **values)
+        key_file, private_key = values["vapid_private_key"]
+        return WebPushCredentials(key_file, values["vapid_subject"], private_key=private_key)
 
     def service_account(self, value: Any) -> tuple[Path, ServiceAccount]:
         path, data = self.file(value)
@@ -436,46 +436,27 @@ class _Checker:
         except FcmCredentialsError as exc:
             raise _Bad(str(exc)) from None
 
-    def apns_key(self, value: Any) -> tuple[Path, bytes, Any]:
+    def apns_key(self, value: Any) -> tuple[Path, ec.EllipticCurvePrivateKey]:
         path, pem = self.file(value)
         try:
             from trio_dht.push.apns import ApnsKeyError, load_p8_key
         except ImportError:  # pragma: no cover (trio comes with the package)
             raise _Bad("APNs needs the trio package") from None
         try:
-            return path, pem, load_p8_key(pem, str(path))
+            return path, load_p8_key(pem, str(path))
         except ApnsKeyError as exc:
             raise _Bad(str(exc)) from None
 
-    def vapid_key(self, value: Any) -> tuple[Path, bytes]:
+    def vapid_key(self, value: Any) -> tuple[Path, ec.EllipticCurvePrivateKey]:
         path, pem = self.file(value)
-        _p256(_load_key(pem, str(path)), path)
-        return path, pem
+        from trio_dht.push.vapid import MISSING, VapidKeyError, load_private_key
 
-
-def _apns_key(p8_key: Any, key_id: str, team_id: str) -> ApnsKey:
-    """The team's key with its ids (checked already), as the gateway uses it."""
-    from trio_dht.push.apns import ApnsKey
-
-    return ApnsKey(p8_key, key_id, team_id)
-
-
-def _load_key(pem: bytes, what: str) -> Any:
-    try:
-        from cryptography.hazmat.primitives import serialization
-    except ImportError:
-        raise _Bad("loading the key needs the cryptography package") from None
-    try:
-        return serialization.load_pem_private_key(pem, password=None)
-    except Exception as exc:  # ValueError, TypeError (encrypted), UnsupportedAlgorithm
-        raise _Bad(f"{what} is not an unencrypted PEM private key ({exc})") from None
-
-
-def _p256(key: Any, path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise _Bad(f"{path} is not an EC P-256 private key")
+        if MISSING is not None:
+            raise _Bad(MISSING)
+        try:
+            return path, load_private_key(pem)
+        except VapidKeyError as exc:
+            raise _Bad(f"{path} is {exc}") from None
 
 
 def _http_url(value: Any) -> str:

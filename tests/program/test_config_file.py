@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_process import LOOPBACK_NODE, trio_dht_process
@@ -167,15 +168,19 @@ def test_a_good_file_is_the_app_config(tmp_path: Path, keys: Path) -> None:
         sandbox=True,
         url="https://127.0.0.1:8443",
         ca_file=keys / "ca.pem",
-        key_pem=(keys / "AuthKey.p8").read_bytes(),
+        private_key=ios.credentials.private_key,
     )
+    assert_same_key(ios.credentials.private_key, keys / "AuthKey.p8")  # loaded, once, for the gateway
     assert up == AppSpec(
         "up",
         AppKind.WEBPUSH,
         ("unifiedpush",),
         (),
-        WebPushCredentials(keys / "sec1.pem", "mailto:ops@example.org", (keys / "sec1.pem").read_bytes()),
+        WebPushCredentials(
+            keys / "sec1.pem", "mailto:ops@example.org", private_key=up.credentials.private_key
+        ),
     )
+    assert_same_key(up.credentials.private_key, keys / "sec1.pem")
     assert legacy.credentials == GorushCredentials("http://gorush.internal:8088", "org.example.old")
     assert legacy.platforms == ("android", "ios") and legacy.topics == ()
 
@@ -406,6 +411,11 @@ def test_one_problem(tmp_path: Path, text: str, problem: str) -> None:
     assert [p for p in loaded.problems if p.startswith(problem)] == [loaded.problems[0]], loaded.problems
 
 
+def assert_same_key(private_key: Any, pem_file: Path) -> None:
+    """``private_key`` is the key in ``pem_file``."""
+    assert private_key.private_numbers() == load_private_key(pem_file.read_bytes()).private_numbers()
+
+
 def test_an_unreadable_file_is_a_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--config", str(tmp_path / "nope.toml")])
@@ -430,7 +440,7 @@ def test_key_files_are_read_through_read(tmp_path: Path, keys: Path) -> None:
     loaded = parse_config(text, path=Path("/etc/trio-dht/config.toml"), read=read)
     assert loaded.problems == ()
     assert read_paths == [Path("/etc/trio-dht/k.pem")]
-    assert loaded.apps[0].credentials.key_pem == key
+    assert_same_key(loaded.apps[0].credentials.private_key, keys / "AuthKey.p8")
 
 
 def test_every_long_flag_is_a_key() -> None:
